@@ -1,0 +1,458 @@
+"""Structured configs: the single source of truth for every default.
+
+A job spec is one YAML file merged over :class:`JobSpec` (OmegaConf structured config), then CLI
+``key=value`` overrides. Unknown keys and wrong types are rejected by OmegaConf and re-raised as a
+one-line :class:`~diclip.errors.ConfigError` naming the key; value checks live in ``__post_init__``
+methods, which run when the merged config is turned into objects (``OmegaConf.to_object``).
+
+Defaults follow the reference implementation (PASCAL VOC, ViT-B/16, SD 2.1-base); ``configs/demo.yaml``
+shrinks everything to tiny random models and synthetic data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diclip.errors import ConfigError
+
+STAGE_NAMES = ("synthesize", "generate", "mask", "cache", "correlate", "train", "evaluate", "infer")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StorageConfig:
+    endpoint_url: Optional[str] = None
+    """S3-compatible endpoint (e.g. ``http://minio:9000``). None: ``AWS_ENDPOINT_URL`` or real AWS.
+    Credentials always come from the environment (``AWS_ACCESS_KEY_ID`` ...), never from the spec."""
+    region: Optional[str] = None
+    """None: ``AWS_REGION``/``AWS_DEFAULT_REGION``, else us-east-1."""
+    max_attempts: int = 3
+    """S3 request attempts before a stage reports the store unreachable."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_attempts >= 1, "storage.max_attempts must be >= 1")
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """None: start (or join) a local Ray instance; ``auto`` or ``ray://`` to join a cluster."""
+    num_cpus: Optional[int] = None
+    """CPUs for a local Ray instance (None: all)."""
+    progress_bars: bool = True
+    """Ray Data progress bars; turn off for non-TTY logs (CI, cluster jobs)."""
+
+
+@dataclass
+class ClipConfig:
+    name: str = "ViT-B-16"
+    """open_clip model name; ``diclip-tiny`` is the bundled tiny config used by the demo."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag, a local checkpoint path, or "" for random init (seeded)."""
+    seed: int = 0
+    """Seed of the random init when ``pretrained`` is empty (every actor builds the same model)."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Input normalisation. The reference feeds CLIP with ImageNet statistics, not CLIP's own."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    surgery_blocks: int = 3
+    """Last blocks that get the dual (surgery + VCE) attention path; the reference uses 3."""
+    prompt_template: str = "a clean origami {}."
+
+    def __post_init__(self) -> None:
+        _check(self.surgery_blocks >= 1, "model.clip.surgery_blocks must be >= 1")
+        _check(len(self.mean) == 3 and len(self.std) == 3, "model.clip.mean/std need 3 values")
+        _check("{}" in self.prompt_template, "model.clip.prompt_template must contain '{}'")
+
+
+@dataclass
+class DiffusionConfig:
+    source: str = "stabilityai/stable-diffusion-2-1-base"
+    """Hugging Face id (from the local HF cache), a local diffusers directory, or ``tiny``."""
+    seed: int = 0
+    """Seed of the tiny random model and of the noise added before the UNet pass."""
+    num_inference_steps: int = 50
+    timestep_index: int = 45
+    """Noise level: ``scheduler.timesteps[timestep_index]`` of ``num_inference_steps`` DDIM steps."""
+    vce_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn1"
+    """Self-attention whose q k^T (resized to the CLIP grid) becomes the VCE correlation."""
+    rar_layer: str = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
+    """High-resolution self-attention whose softmax map drives the RAR random walk."""
+    heads: list[int] = field(default_factory=lambda: [1, 2])
+    """Heads used for both maps (reference: heads 1 and 2)."""
+    dtype: str = "auto"
+    """auto: fp16 on CUDA, fp32 on CPU (no fp16 CPU kernels)."""
+    enable_xformers: bool = True
+    """Use xformers for the layers we do not capture, when importable on CUDA."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.timestep_index < self.num_inference_steps,
+               "model.diffusion.timestep_index must be in [0, num_inference_steps)")
+        _check(self.dtype in ("auto", "float16", "bfloat16", "float32"),
+               f"model.diffusion.dtype must be auto|float16|bfloat16|float32, got {self.dtype!r}")
+        _check(len(self.heads) >= 1, "model.diffusion.heads must list at least one head")
+
+
+@dataclass
+class ModelConfig:
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    adapter_size: int = 312
+    """KV adapter hidden units (VOC 312, COCO 512); must be >= number of cache entries."""
+    embedding_dim: int = 256
+    """Segmenter fusion / decoder width."""
+    decoder_layers: int = 3
+    decoder_heads: int = 8
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.adapter_size > 0 and self.embedding_dim > 0, "model sizes must be positive")
+        _check(self.embedding_dim % self.decoder_heads == 0,
+               "model.embedding_dim must be divisible by model.decoder_heads")
+
+
+@dataclass
+class MethodConfig:
+    """Thresholds and weights of the method; defaults are the reference's VOC values."""
+
+    corr_threshold: float = 0.2
+    """ACR: attention entries below this (after column-max normalisation) are zeroed."""
+    num_clusters: int = 9
+    """ACR anchor grid is arange(0, size, size // sqrt(num_clusters))."""
+    cluster_iters: int = 5
+    caa_threshold: float = 0.79
+    """Box threshold of the CLIP-affinity propagation (VOC 0.79, COCO 0.88)."""
+    caa_layers: int = 6
+    """Last CLIP layers whose attention forms the affinity."""
+    rar_steps: int = 5
+    """Random-walk steps on the diffusion attention (VOC 5, COCO 10)."""
+    retrieval_weight: float = 0.5
+    """CAM = minmax(retrieval_weight * retrieval CAM + surgery CAM)."""
+    adapter_cam_weight: float = 0.1
+    """Once the adapter CAM is used: CAM = minmax(w * relu(adapter) + surgery CAM)."""
+    adapter_cam_from_iter: int = 0
+    """Iteration from which the adapter replaces cache retrieval in the CAM (VOC 0, COCO 60000)."""
+    seg_attn_from_iter: int = 4000
+    """Iteration from which the decoder's affinity gates CLIP's affinity (VOC 4000, COCO 40000)."""
+    aff_label_from_seg_iter: int = 34000
+    """Iteration from which affinity labels come from the segmenter (VOC never, COCO 80000)."""
+    aff_radius: int = 8
+    """Affinity loss window radius in tokens (17x17 window)."""
+    aff_loss_weight: float = 0.1
+    adapter_loss_weight: float = 0.1
+    label_threshold: float = 0.4
+    """Image-level label probability above which a class is present."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_clusters >= 1, "method.num_clusters must be >= 1")
+        _check(0.0 <= self.caa_threshold <= 1.0, "method.caa_threshold must be in [0, 1]")
+        _check(self.rar_steps >= 0, "method.rar_steps must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "voc"
+    """Class set: voc | coco | synthetic."""
+    root: str = "data/VOC2012"
+    """Dataset root (path or s3:// URI) in the WSSS layout."""
+    layout: str = "voc"
+    """voc (JPEGImages/, SegmentationClass[Aug]/) or coco (JPEGImages/{train,val}/ ...)."""
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    labels_file: str = "cls_labels.npy"
+    list_dir: Optional[str] = None
+    """Folder of split lists; None: ``root/ImageSets/Segmentation``."""
+    mask_dir: Optional[str] = None
+    skip_bad: bool = False
+    """Log and skip missing/corrupt items instead of failing."""
+    crop_size: int = 320
+    rescale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.layout in ("voc", "coco"), f"data.layout must be voc|coco, got {self.layout!r}")
+        _check(self.crop_size > 0 and self.crop_size % 16 == 0, "data.crop_size must be a positive multiple of 16")
+        _check(len(self.rescale_range) == 2 and 0 < self.rescale_range[0] <= self.rescale_range[1],
+               "data.rescale_range must be [low, high] with 0 < low <= high")
+
+
+@dataclass
+class Resources:
+    """Per-actor / per-worker resources of a Ray stage."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    """GPUs per actor; 0 runs on CPU (fp32)."""
+    concurrency: int = 1
+    """Actors in the pool (Ray Data) or workers (Ray Train)."""
+    batch_size: int = 4
+    """Items per actor call (Ray Data) or per worker step (Ray Train)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus > 0, "resources.num_cpus must be > 0")
+        _check(self.num_gpus >= 0, "resources.num_gpus must be >= 0")
+        _check(self.concurrency >= 1, "resources.concurrency must be >= 1")
+        _check(self.batch_size >= 1, "resources.batch_size must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SynthesizeConfig:
+    """Writes the synthetic dataset (demo/tests) into ``data.root``."""
+
+    num_train: int = 32
+    num_val: int = 16
+    image_size: list[int] = field(default_factory=lambda: [128, 128])
+    """[height, width]."""
+    max_objects: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_train > 0 and self.num_val > 0, "synthesize.num_train/num_val must be > 0")
+        _check(len(self.image_size) == 2 and min(self.image_size) >= 16, "synthesize.image_size must be [h, w] >= 16")
+
+
+@dataclass
+class StageBase:
+    output: str = MISSING
+    """Where the stage writes (``{output_uri}/{stage}`` by default)."""
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class GenerateConfig(StageBase):
+    output: str = "${output_uri}/generate"
+    source: str = "runwayml/stable-diffusion-v1-5"
+    """Text-to-image model (HF id, local dir, or ``tiny``); the reference generated with SD 1.5."""
+    images_per_class: int = 50
+    num_inference_steps: int = 45
+    guidance_scale: float = 10.0
+    size: int = 384
+    """Generation size; images are then resized to ``save_size`` as in the reference."""
+    save_size: int = 512
+    seed: int = 4307
+    """Base seed; each image's seed derives from (class, index, seed)."""
+    prompt_template: str = (
+        "a realistic photograph of a fully visible, entire {} with natural colors, centered in the image, "
+        "with a clear and distinct background, high color contrast, and the {} should not occupy the entire "
+        "image frame, ensuring the {} is completely visible without any part being cropped."
+    )
+    classes: list[str] = field(default_factory=list)
+    """Restrict generation to these class names (empty: every foreground class)."""
+    shard_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.images_per_class >= 1, "generate.images_per_class must be >= 1")
+        _check(self.size % 8 == 0, "generate.size must be a multiple of 8")
+
+
+@dataclass
+class MaskConfig(StageBase):
+    output: str = "${output_uri}/mask"
+    images: str = "${generate.output}"
+    image_size: int = 320
+    """Generated images are resized to this square before the CAM path."""
+    rar_steps: int = 10
+    min_foreground: float = 0.02
+    """Masks covering less than this fraction of the image are filtered out."""
+    max_foreground: float = 0.95
+    """... and more than this fraction."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_foreground < self.max_foreground <= 1, "mask.min_foreground < mask.max_foreground in [0, 1]")
+        _check(self.image_size % 16 == 0, "mask.image_size must be a multiple of 16")
+
+
+@dataclass
+class CacheConfig(StageBase):
+    output: str = "${output_uri}/cache"
+    images: str = "${generate.output}"
+    masks: str = "${mask.output}"
+    image_size: int = 320
+    clusters_per_class: int = 10
+    """k-means centroids per foreground class (VOC 10, COCO 5)."""
+    background_clusters: int = 25
+    kmeans_iters: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.clusters_per_class >= 1 and self.background_clusters >= 1, "cache cluster counts must be >= 1")
+
+
+@dataclass
+class CorrelateConfig(StageBase):
+    output: str = "${output_uri}/correlate"
+    splits: list[str] = field(default_factory=lambda: ["${data.train_split}", "${data.val_split}"])
+    rar_codec: str = "qk_fp16"
+    """Compact form of the RAR attention map (see diclip.method.codecs)."""
+    max_side: int = 512
+    """Longest side (px) at which whole images are extracted; the grid covers the whole image."""
+    shard_size: int = 32
+
+
+@dataclass
+class TrainConfig(StageBase):
+    output: str = "${output_uri}/train"
+    cache: str = "${cache.output}"
+    correlation: str = "${correlate.output}"
+    mode: str = "stored"
+    """stored: read correlation maps written by ``correlate``; online: run diffusion in the step."""
+    num_workers: int = 2
+    use_gpu: bool = False
+    batch_per_worker: int = 4
+    max_iters: int = 20000
+    warmup_iters: int = 50
+    lr: float = 2e-4
+    """Base LR; the trainable groups run at ``lr * lr_mult`` (reference: 10x)."""
+    lr_mult: float = 10.0
+    warmup_ratio: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    power: float = 1.0
+    deepspeed_config: str = "configs/deepspeed.yaml"
+    zero_stage: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 0.0
+    eval_every: int = 2000
+    log_every: int = 200
+    val_limit: int = 0
+    """Validate on the first N val images (0: all)."""
+    seed: int = 0
+    resume_from: Optional[str] = None
+    max_failures: int = 1
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("stored", "online"), f"train.mode must be stored|online, got {self.mode!r}")
+        _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.batch_per_worker >= 1, "train.batch_per_worker must be >= 1")
+        _check(self.max_iters >= 1, "train.max_iters must be >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0..3")
+        _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+
+
+@dataclass
+class EvaluateConfig(StageBase):
+    output: str = "${output_uri}/evaluate"
+    checkpoint: str = "${train.output}/export"
+    split: str = "${data.val_split}"
+    cam_split: str = "${data.train_split}"
+    scales: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.2, 1.5])
+    flip: bool = True
+    crf: bool = False
+    num_pictures: int = 8
+    limit: int = 0
+    """Evaluate the first N images (0: all)."""
+
+
+@dataclass
+class InferConfig(StageBase):
+    output: str = "${output_uri}/infer"
+    checkpoint: str = "${train.output}/export"
+    input: str = "${data.root}/JPEGImages"
+    overlays: bool = True
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["generate", "mask", "cache", "correlate", "train", "evaluate"])
+    """Stages `diclip run` executes, in order; completed stages (manifest present) are skipped."""
+    force: list[str] = field(default_factory=list)
+    """Stages to re-run even when complete."""
+
+    def __post_init__(self) -> None:
+        for s in list(self.stages) + list(self.force):
+            _check(s in STAGE_NAMES, f"pipeline: unknown stage {s!r}; known stages: {', '.join(STAGE_NAMES)}")
+
+
+@dataclass
+class JobSpec:
+    name: str = "diclip"
+    output_uri: str = "runs/${name}"
+    """Root URI of every artifact of this job (path or s3://bucket/prefix)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    correlate: CorrelateConfig = field(default_factory=CorrelateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),
+               f"name {self.name!r} must be letters, digits, '.', '_' or '-'")
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+def _one_line(e: OmegaConfBaseException, source: str) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    key = getattr(e, "full_key", None)
+    where = f" (key '{key}')" if key and f"'{key}'" not in msg and key not in msg else ""
+    return f"{source}: {msg}{where}"
+
+
+def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Build a validated :class:`JobSpec` from defaults, an optional YAML file and ``key=value`` overrides."""
+    base = OmegaConf.structured(JobSpec)
+    layers = []
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((path, OmegaConf.load(path)))
+        except Exception as e:  # yaml syntax errors
+            raise ConfigError(f"{path}: cannot parse YAML: {' '.join(str(e).split())}") from e
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_one_line(e, "command line")) from e
+    cfg = base
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_one_line(e, source)) from e
+    try:
+        spec = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e, path or "config")) from e
+    assert isinstance(spec, JobSpec)
+    return spec
+
+
+def to_dict(obj: Any) -> dict:
+    """Plain-dict view of a config dataclass (for manifests, hashing and logging)."""
+    return dataclasses.asdict(obj)
+
+
+def to_yaml(obj: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(obj)))

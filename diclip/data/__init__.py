@@ -1,0 +1,39 @@
+"""Datasets: class lists, image-level label files, WSSS-layout readers and a synthetic generator."""
+from __future__ import annotations
+
+from diclip.data.classes import (
+    COCO_CLASSES,
+    VOC_CLASSES,
+    SYNTHETIC_CLASSES,
+    ClassSet,
+    get_class_set,
+    known_class_sets,
+)
+from diclip.data.datasets import (
+    ClassListMismatch,
+    Sample,
+    SegDataset,
+    decode_image,
+    decode_mask,
+    open_dataset,
+)
+from diclip.data.labels import load_cls_labels, save_cls_labels
+from diclip.data.synthetic import generate_synthetic
+
+__all__ = [
+    "COCO_CLASSES",
+    "VOC_CLASSES",
+    "SYNTHETIC_CLASSES",
+    "ClassSet",
+    "get_class_set",
+    "known_class_sets",
+    "ClassListMismatch",
+    "Sample",
+    "SegDataset",
+    "decode_image",
+    "decode_mask",
+    "open_dataset",
+    "load_cls_labels",
+    "save_cls_labels",
+    "generate_synthetic",
+]

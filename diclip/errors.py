@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+A ``DiclipError`` is a mistake the user can fix (bad config key, missing file, unreachable store,
+cache/model mismatch). The CLI prints ``error: <message>`` on one line and exits with status 2
+instead of a traceback; everything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class DiclipError(Exception):
+    """A problem with the user's inputs, stated in one line that names the culprit and the fix."""
+
+    def __init__(self, message: str):
+        # Keep it to one line so logs and CLI output stay greppable.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(DiclipError):
+    """Unknown key, wrong type or invalid value in a config or job spec."""
+
+
+class StorageError(DiclipError):
+    """A URI cannot be read or written (missing object, unreachable endpoint, bad scheme)."""
+
+
+class DataError(DiclipError):
+    """A dataset item is missing or corrupt, or the class list does not match the data."""
+
+
+class ModelError(DiclipError):
+    """Weights cannot be loaded, or two artifacts disagree (e.g. cache dim vs CLIP embed dim)."""

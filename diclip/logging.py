@@ -1,0 +1,41 @@
+"""One logging setup for the CLI, Ray Data actors and Ray Train workers."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_FORMAT = "[diclip] %(asctime)s %(levelname)s %(name)s: %(message)s"
+_warned: set[str] = set()
+
+
+def init_logging(level: str | int | None = None) -> None:
+    """Configure the ``diclip`` logger once per process (idempotent).
+
+    Level comes from the argument, else ``DICLIP_LOG_LEVEL``, else INFO.
+    """
+    level = level or os.environ.get("DICLIP_LOG_LEVEL", "INFO")
+    root = logging.getLogger("diclip")
+    if not any(getattr(h, "_diclip", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        handler._diclip = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level if isinstance(level, int) else str(level).upper())
+    for name in ("ray_jobs",):
+        lg = logging.getLogger(name)
+        lg.handlers = root.handlers
+        lg.propagate = False
+        lg.setLevel(root.level)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name if name.startswith(("diclip", "ray_jobs")) else f"diclip.{name}")
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log a warning the first time this exact message is seen in this process."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)

@@ -1,0 +1,1 @@
+"""Model wrappers: open_clip CLIP with VCE, diffusers attention capture, KV adapter, segmenter."""

@@ -1,0 +1,161 @@
+"""Diffusion factory on diffusers.
+
+``source`` is a Hugging Face id (resolved from the local HF cache), a local diffusers directory
+(``save_pretrained`` layout), or ``tiny``: a seeded random Stable Diffusion of the same classes and
+topology (4 down/up blocks, 2 layers per block, so layer names like
+``up_blocks.1.attentions.2.transformer_blocks.0.attn1`` exist) but a few hundred kB of weights. The tiny
+text encoder uses open_clip's bundled BPE vocabulary, so no download is needed.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+import diclip  # noqa: F401
+from diclip.config import DiffusionConfig
+from diclip.errors import ModelError
+from diclip.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """fp16 on CUDA for ``auto``; CPU has no fp16 kernels for LayerNorm/GroupNorm, so fp32 there."""
+    dev = torch.device(device)
+    if name == "auto":
+        return torch.float16 if dev.type == "cuda" else torch.float32
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    if dev.type == "cpu" and dtype == torch.float16:
+        raise ModelError("model.diffusion.dtype=float16 needs a GPU; use auto or float32 on CPU")
+    return dtype
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict, list]:
+    from open_clip.tokenizer import SimpleTokenizer
+
+    st = SimpleTokenizer()
+    vocab = dict(st.encoder)
+    # open_clip names the special tokens differently from Hugging Face's CLIP tokenizer.
+    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
+    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
+    merges = [p for p, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return vocab, merges
+
+
+def tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """Seeded random UNet, VAE, text encoder, tokenizer and DDIM scheduler (CPU-friendly sizes)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=40,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(32, 32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=(4, 4, 8, 8),  # heads per block (diffusers' naming); up_blocks[1]: 8, up_blocks[3]: 4
+            norm_num_groups=8,
+            use_linear_projection=True,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            latent_channels=4,
+            norm_num_groups=4,
+            layers_per_block=1,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+                projection_dim=32,
+            )
+        )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), scheduler=scheduler)
+
+
+def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype: str = "auto"):
+    """A frozen ``StableDiffusionPipeline`` with a DDIM scheduler, on ``device``.
+
+    The scheduler is always DDIM (the method's noise level is ``timesteps[45]`` of 50 DDIM steps),
+    built from the checkpoint's own scheduler config when loading real weights.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch_dtype = resolve_dtype(dtype, device)
+    if source == "tiny":
+        pipe = StableDiffusionPipeline(
+            **tiny_components(seed), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    else:
+        if (source.startswith((".", "/")) or os.path.sep in source and os.path.exists(os.path.dirname(source) or ".")) \
+                and not os.path.isdir(source):
+            raise ModelError(f"diffusion model directory not found: {source}")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except Exception as e:
+            raise ModelError(
+                f"cannot load diffusion model {source!r} (a local diffusers folder or an id in the HF cache): "
+                f"{' '.join(str(e).split())[:300]}"
+            ) from e
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(device=device, dtype=torch_dtype)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_diffusion_from_config(cfg: DiffusionConfig, device: str | torch.device = "cpu"):
+    return build_diffusion(cfg.source, seed=cfg.seed, device=device, dtype=cfg.dtype)
+
+
+def maybe_enable_xformers(pipe, enabled: bool = True) -> bool:
+    """xformers for the whole UNet on CUDA when importable (call before installing capture processors)."""
+    if not enabled or pipe.device.type != "cuda":
+        return False
+    try:
+        import xformers  # noqa: F401
+
+        pipe.enable_xformers_memory_efficient_attention()
+        return True
+    except Exception as e:  # not installed or not supported on this GPU
+        log.info("xformers not used: %s", " ".join(str(e).split())[:120])
+        return False
