@@ -72,7 +72,7 @@ def symmetric_kl(anchors: torch.Tensor, points: torch.Tensor, eps: float = 1e-5)
 
 
 def cluster_ids(
-    m: torch.Tensor, num_clusters: int = 9, iters: int = 5, size: Size = 20, dtype: torch.dtype = torch.float32
+    m: torch.Tensor, num_clusters: int = 9, iters: int = 5, size: Size = 20, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """KL k-means of the tokens' attention columns; returns compact cluster ids [B, N] (int64).
 
@@ -86,6 +86,7 @@ def cluster_ids(
         m = m[None]
     b, n, _ = m.shape
     _grid_hw(size, n)
+    dtype = dtype or torch.promote_types(m.dtype, torch.float32)
     x = m.transpose(-1, -2).to(dtype)
     x = torch.where(x == 0, torch.full_like(x, 1e-6), x)
     idx = anchor_indices(size, num_clusters, device=m.device)
@@ -170,7 +171,7 @@ def refine_correlation_compact(
     """VCE input in compact form from raw per-head ``q k^T`` maps [B, H, N, N]."""
     n = attn.shape[-1]
     grid = _grid_hw(size, n)
-    a = normalize_attention(attn[:, list(heads)].float(), threshold)
+    a = normalize_attention(attn[:, list(heads)].to(torch.promote_types(attn.dtype, torch.float32)), threshold)
     m = chain_heads(a, tuple(range(len(heads))))
     ids = cluster_ids(m, num_clusters, iters, grid)
     rows = cluster_rows(m, ids, rounds)

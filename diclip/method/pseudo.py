@@ -22,6 +22,11 @@ import torch.nn.functional as F
 _TINY = 1e-12
 
 
+def _real(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (keeps float64 for exact checks; fp16/bf16 maps are upcast)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _side(n: int) -> int:
     s = int(round(math.sqrt(n)))
     if s * s != n:
@@ -48,10 +53,10 @@ def clip_affinity(attn_weights: torch.Tensor, layers: int = 6, seg_attn: torch.T
     ``seg_attn`` [B, N, N]: keep the layers whose total difference ``sum(seg_attn - W_l)`` is at most
     the mean difference, average them and multiply by ``seg_attn`` (reference, from iteration 4000).
     """
-    w = attn_weights[:, -layers:, 1:, 1:].float()
+    w = _real(attn_weights[:, -layers:, 1:, 1:])
     if seg_attn is None:
         return w.mean(1)
-    seg_attn = seg_attn.float()
+    seg_attn = seg_attn.to(w.dtype)
     diff = (seg_attn[:, None] - w).flatten(2).sum(-1)  # [B, L]
     keep = (diff <= diff.mean(1, keepdim=True)).float()[:, :, None, None]
     w = (keep * w).sum(1) / (keep.sum(1) + 1e-5)
@@ -160,7 +165,7 @@ def rar_transition(attn: torch.Tensor, heads: Sequence[int] = (1, 2)) -> torch.T
     Mean of the chosen heads, divided by its column max, plus ``0.02 * log10(e * P)`` where P > 0
     (which zeroes entries below ~2.5% of the column max), clamped at 0 and row-normalised.
     """
-    p = attn[:, list(heads)].float().mean(1)
+    p = _real(attn[:, list(heads)]).mean(1)
     return rar_transition_from_mean(p)
 
 
@@ -183,10 +188,10 @@ def rar_walk_with_transition(
     b, n, k = cam.shape
     h, w = _grid(n, grid)
     ah, aw = _grid(transition.shape[-1], attn_grid)
-    x = cam.float().transpose(1, 2).reshape(b, k, h, w)
+    x = _real(cam).transpose(1, 2).reshape(b, k, h, w)
     x = F.interpolate(x, size=(ah, aw), mode="bilinear", align_corners=False).reshape(b, k, ah * aw).transpose(1, 2)
     x = _min_sum_normalize(x)
-    t = transition.float()
+    t = transition.to(x.dtype)
     for _ in range(steps):
         x = _min_sum_normalize(t @ x)
     return x
@@ -275,7 +280,7 @@ def pseudo_labels(
     transition (see :func:`rar_transition`), ``labels`` [B, K] the image-level multi-hot labels.
     """
     trans = sinkhorn_transition(clip_affinity(clip_attn, caa_layers, seg_attn))
-    refined = caa_refine(cams.float(), trans, caa_threshold, labels, grid)
+    refined = caa_refine(_real(cams), trans.to(_real(cams).dtype), caa_threshold, labels, grid)
     walked = rar_walk_with_transition(refined, rar_trans, rar_steps, grid, attn_grid)
     full = rar_cams(walked, labels, out_size, attn_grid, inter_size)
     return cams_to_label(full, labels, label_threshold)

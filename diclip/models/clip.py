@@ -7,6 +7,8 @@ same classes as ViT-B/16, used by the demo and the tests.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +24,18 @@ from diclip.logging import get_logger
 
 log = get_logger(__name__)
 _REGISTERED = False
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence open_clip's "no pretrained weights" warning for intentional random inits."""
+    lg = logging.getLogger() if logger_name == "root" else logging.getLogger(logger_name)
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
 
 
 def register_bundled_configs() -> None:
@@ -69,7 +83,7 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> ClipBundl
                     raise ModelError(f"CLIP checkpoint not found: {cfg.pretrained}")
             model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device=device)
         else:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _quiet("root"):
                 torch.manual_seed(cfg.seed)
                 model = open_clip.create_model(cfg.name, pretrained=None, device=device)
     except ModelError:

@@ -49,7 +49,7 @@ def tiny_tokenizer():
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_bpe()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges))
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
 
 
 def tiny_components(seed: int = 0) -> dict:
@@ -128,7 +128,7 @@ def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = 
             raise ModelError(f"diffusion model directory not found: {source}")
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                source, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+                source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
             )
         except Exception as e:
             raise ModelError(
@@ -136,7 +136,9 @@ def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = 
                 f"{' '.join(str(e).split())[:300]}"
             ) from e
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe = pipe.to(device=device, dtype=torch_dtype)
+    if source == "tiny" and torch_dtype != torch.float32:
+        pipe = pipe.to(dtype=torch_dtype)
+    pipe = pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
