@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine (see README):  make demo  /  make test
+# Both create .venv when it is missing. pip (not uv/poetry) so the local CPU torch wheel is used.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.diclip-installed
+
+# DeepSpeed on CPU; its JIT-built ops go to a per-torch-version folder (a stale one can hang).
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions/torch-2.13
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED ?= 1
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 torchvision==0.28.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/diclip run configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,148 @@
+"""``diclip`` command line.
+
+    diclip run SPEC [key=value ...]        run the spec's pipeline (skips complete stages)
+    diclip <stage> SPEC [key=value ...]    run one stage (synthesize, generate, mask, cache, ...)
+    diclip validate SPEC [key=value ...]   check a spec without running anything
+    diclip show SPEC [key=value ...]       print the merged spec
+    diclip submit SPEC --address URL       submit the spec as a Ray job (then status/logs/stop JOB)
+    diclip cluster render SPEC --out DIR   fill the cluster manifests from the spec
+
+User mistakes (bad keys, missing files, unreachable stores, mismatched artifacts) print one line,
+``error: ...``, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import diclip  # noqa: F401  (torchvision shim)
+from diclip.errors import DiclipError
+from diclip.logging import get_logger, init_logging
+
+log = get_logger("diclip.cli")
+
+
+def _stage_help() -> str:
+    from ray_jobs import DESCRIPTIONS
+
+    return "\n".join(f"  {name:<10} {text}" for name, text in DESCRIPTIONS.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diclip",
+        description="DiCLIP weakly supervised segmentation as a Ray pipeline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="stages (each also a subcommand: diclip <stage> SPEC):\n" + _stage_help(),
+    )
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def spec_cmd(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("spec", help="job spec YAML (e.g. configs/demo.yaml)")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_iters=10")
+        return sp
+
+    spec_cmd("run", "run the spec's pipeline on local Ray (or ray.address)")
+    spec_cmd("validate", "check a spec: stages, URIs, resources, inputs")
+    spec_cmd("show", "print the merged spec as YAML")
+    from ray_jobs import DESCRIPTIONS
+
+    for name, text in DESCRIPTIONS.items():
+        spec_cmd(name, text)
+    sp = spec_cmd("submit", "submit the spec as a Ray job to a running cluster")
+    sp.add_argument("--address", required=False, default=None, help="Ray dashboard, e.g. http://HOST:8265")
+    sp.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    for name in ("status", "logs", "stop"):
+        jp = sub.add_parser(name, help=f"{name} of a submitted job")
+        jp.add_argument("job_id")
+        jp.add_argument("--address", default=None)
+        if name == "logs":
+            jp.add_argument("--follow", action="store_true")
+    cp = sub.add_parser("cluster", help="cluster manifests")
+    csub = cp.add_subparsers(dest="cluster_command", metavar="ACTION")
+    rp = csub.add_parser("render", help="fill Dockerfile/KubeRay/cluster-launcher templates from a spec")
+    rp.add_argument("spec")
+    rp.add_argument("overrides", nargs="*")
+    rp.add_argument("--out", default="cluster/rendered")
+    rp.add_argument("--image", default=None, help="container image (default: from cluster/ settings)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    init_logging(args.log_level)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args)
+    except DiclipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args):
+    from diclip.config import load_spec
+
+    return load_spec(args.spec, args.overrides)
+
+
+def _dispatch(args) -> int:
+    from ray_jobs import STAGES
+
+    cmd = args.command
+    if cmd == "show":
+        from diclip.config import to_yaml
+
+        print(to_yaml(_load(args)), end="")
+        return 0
+    if cmd == "validate":
+        from ray_jobs.validate import validate_spec
+
+        spec = _load(args)
+        validate_spec(spec)
+        print(f"ok: {args.spec} ({', '.join(spec.pipeline.stages)})")
+        return 0
+    if cmd == "run" or cmd in STAGES:
+        from ray_jobs.common import init_ray
+        from ray_jobs.pipeline import run_pipeline
+
+        spec = _load(args)
+        stages = None if cmd == "run" else [cmd]
+        if cmd == "run":
+            from ray_jobs.validate import validate_spec
+
+            validate_spec(spec)
+        if any(s != "synthesize" for s in (stages or spec.pipeline.stages)):
+            init_ray(spec)
+        results = run_pipeline(spec, stages)
+        print(json.dumps({"job": spec.name, "output_uri": spec.output_uri, "stages": results}, indent=2, default=str))
+        return 0
+    if cmd in ("submit", "status", "logs", "stop"):
+        from ray_jobs import submit
+
+        return submit.main(args)
+    if cmd == "cluster":
+        from ray_jobs import cluster_render
+
+        if args.cluster_command != "render":
+            print("usage: diclip cluster render SPEC [--out DIR]", file=sys.stderr)
+            return 2
+        spec = _load(args)
+        paths = cluster_render.render_all(spec, args.out, image=args.image)
+        for p in paths:
+            print(p)
+        return 0
+    raise DiclipError(f"unknown command {cmd!r}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""What every Ray stage shares: Ray start-up, per-actor setup, atomic shards, resume and manifests.
+
+Artifact convention (DESIGN section 5): ``{stage_uri}/shards/part-*.parquet`` data shards,
+``failures.parquet`` (item_id, error) and ``manifest.json`` written last; a stage is complete exactly
+when its manifest exists.
+
+Exactly-once under kills and retries:
+
+* each actor call writes **one** shard for its batch, named by a hash of the batch's item ids, with an
+  atomic write - a retried batch overwrites the same object, a killed actor leaves nothing visible;
+* a (re-)run first lists the committed shards and only schedules items that are not in one;
+* :func:`finalize` drops rows whose item id already appears in an earlier shard (possible only if a
+  killed run and its re-run batched the same item differently), then writes failures and manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+
+import diclip
+from diclip import storage
+from diclip.config import JobSpec, Resources, to_dict
+from diclip.logging import get_logger, init_logging
+from diclip.storage import Manifest, ShardInfo
+from diclip.storage.manifest import config_hash
+
+log = get_logger("ray_jobs.common")
+ID = "item_id"
+SHARD_DIR = "shards"
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray and per-process setup
+# ----------------------------------------------------------------------------------------------
+def worker_env(spec: JobSpec) -> dict[str, str]:
+    """Environment every Ray worker needs (credentials stay in the user's environment, never the spec)."""
+    env = {
+        "DICLIP_LOG_LEVEL": os.environ.get("DICLIP_LOG_LEVEL", "INFO"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HF_HOME", "HF_HUB_OFFLINE",
+                "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    if spec.storage.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = spec.storage.endpoint_url
+    return env
+
+
+def init_ray(spec: JobSpec) -> None:
+    """Start or join Ray as the spec says; no-op when this process is already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env(spec)}, "log_to_driver": True}
+    if spec.ray.address:
+        kwargs["address"] = spec.ray.address
+    else:
+        kwargs["include_dashboard"] = False
+        if spec.ray.num_cpus:
+            kwargs["num_cpus"] = spec.ray.num_cpus
+    ray.init(**kwargs)
+    configure_data_context(spec)
+
+
+def configure_data_context(spec: JobSpec) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(spec.ray.progress_bars)
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+def setup_process(spec: JobSpec) -> None:
+    """Per-actor/worker setup: logging, storage endpoint, CPU threads."""
+    init_logging()
+    storage.configure(storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region,
+                                             max_attempts=spec.storage.max_attempts))
+
+
+def configure_driver(spec: JobSpec) -> None:
+    setup_process(spec)
+
+
+def actor_device(res: Resources) -> str:
+    import torch
+
+    return "cuda" if res.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def map_batches_kwargs(res: Resources) -> dict[str, Any]:
+    """Ray Data actor-pool arguments from a stage's resources.
+
+    GPU stages need an explicit batch size (Ray refuses the CPU default), and ``num_gpus`` must stay
+    None (not 0) on CPU stages or Ray treats them as GPU stages.
+    """
+    kw: dict[str, Any] = {"batch_size": res.batch_size, "concurrency": res.concurrency, "num_cpus": res.num_cpus}
+    if res.num_gpus > 0:
+        kw["num_gpus"] = res.num_gpus
+    return kw
+
+
+# ----------------------------------------------------------------------------------------------
+# shards, resume, failures, manifest
+# ----------------------------------------------------------------------------------------------
+def shard_uri(stage_uri: str, ids: Iterable[str]) -> str:
+    digest = hashlib.sha1("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:20]
+    return storage.join(stage_uri, SHARD_DIR, f"part-{digest}.parquet")
+
+
+def write_shard(stage_uri: str, table: pa.Table) -> str:
+    """Atomically write one batch's rows (must include ``item_id``); returns the shard URI."""
+    if table.num_rows == 0:
+        return ""
+    uri = shard_uri(stage_uri, table.column(ID).to_pylist())
+    storage.write_parquet(uri, table)
+    return uri
+
+
+def list_shards(stage_uri: str) -> list[str]:
+    return storage.list_files(storage.join(stage_uri, SHARD_DIR), suffix=".parquet")
+
+
+def committed_ids(stage_uri: str) -> dict[str, str]:
+    """item id -> shard URI for every row already committed (first shard wins)."""
+    out: dict[str, str] = {}
+    for shard in list_shards(stage_uri):
+        for i in storage.read_parquet(shard, columns=[ID]).column(ID).to_pylist():
+            out.setdefault(i, shard)
+    return out
+
+
+def dedupe_shards(stage_uri: str) -> list[ShardInfo]:
+    """Rewrite shards so every item id appears exactly once; returns the surviving shards."""
+    seen: set[str] = set()
+    infos: list[ShardInfo] = []
+    prefix = storage.join(stage_uri, "")
+    for shard in list_shards(stage_uri):
+        ids = storage.read_parquet(shard, columns=[ID]).column(ID).to_pylist()
+        dup = [i in seen for i in ids]
+        if all(dup):
+            storage.delete(shard)
+            continue
+        if any(dup):
+            table = storage.read_parquet(shard)
+            table = table.filter(pa.array([not d for d in dup]))
+            storage.write_parquet(shard, table)
+            ids = [i for i, d in zip(ids, dup) if not d]
+        seen.update(ids)
+        rel = shard[len(prefix):] if shard.startswith(prefix) else shard
+        infos.append(ShardInfo(path=rel.lstrip("/"), rows=len(ids)))
+    return infos
+
+
+def finalize(stage_uri: str, stage: str, spec: JobSpec, section: Any, failures: list[tuple[str, str]],
+             models: dict[str, str] | None = None, extra: dict | None = None) -> Manifest:
+    """Dedupe shards, write ``failures.parquet`` then ``manifest.json`` (last: the commit point)."""
+    shards = dedupe_shards(stage_uri)
+    storage.write_failures(stage_uri, failures)
+    cfg = to_dict(section)
+    manifest = Manifest(
+        stage=stage,
+        shards=shards,
+        num_items=sum(s.rows for s in shards),
+        num_failed=len(failures),
+        config=cfg,
+        config_hash=config_hash(cfg),
+        package_version=diclip.__version__,
+        models=models or {},
+        extra=extra or {},
+    )
+    storage.write_manifest(stage_uri, manifest)
+    return manifest
+
+
+def read_stage_table(stage_uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows of a complete stage, via its manifest."""
+    manifest = storage.read_manifest(stage_uri)
+    if manifest is None:
+        from diclip.errors import StorageError
+
+        raise StorageError(f"stage output {stage_uri} is not complete (no manifest.json); run that stage first")
+    tables = [storage.read_parquet(storage.join(stage_uri, s.path), columns=columns) for s in manifest.shards]
+    if not tables:
+        return pa.table({ID: pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="default")
+
+
+# ----------------------------------------------------------------------------------------------
+# running an actor pool over items
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PoolResult:
+    rows: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    outputs: list[dict] = field(default_factory=list)
+
+    @property
+    def items_per_s(self) -> float:
+        return (self.rows + len(self.failures)) / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, *, desc: str,
+             collect: Callable[[dict], None] | None = None) -> PoolResult:
+    """Fan ``items`` (small dicts with ``item_id``) out to an actor pool; gather each call's report.
+
+    ``actor_cls(**ctor_kwargs)`` loads models once; its ``__call__(batch)`` processes the batch, writes
+    its own shard and returns one report row per item: ``item_id``, ``ok`` (bool), ``error`` (str).
+    """
+    import ray.data
+    from tqdm import tqdm
+
+    result = PoolResult()
+    if not items:
+        return result
+    start = time.perf_counter()
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
+    ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
+                        **map_batches_kwargs(res))
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not _progress_enabled(), leave=False)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        for row in batch.to_dict("records"):
+            if row.get("ok"):
+                result.rows += 1
+            else:
+                result.failures.append((str(row[ID]), str(row.get("error", "unknown error"))))
+            if collect is not None:
+                collect(row)
+            bar.update(1)
+            bar.set_postfix(failed=len(result.failures))
+    bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _progress_enabled() -> bool:
+    try:
+        import ray.data
+
+        return bool(ray.data.DataContext.get_current().enable_progress_bars)
+    except Exception:
+        return True
+
+
+def report_row(item_id: str, ok: bool, error: str = "") -> dict:
+    return {ID: item_id, "ok": ok, "error": error}
+
+
+def short_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

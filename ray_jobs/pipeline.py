@@ -1,0 +1,51 @@
+"""Run a job spec: its stages in order on local Ray (or the cluster it is submitted to).
+
+A stage whose outputs are complete (manifest present) is skipped unless listed in
+``pipeline.force``, so a spec can be re-run after a failure, or started from any stage once earlier
+artifacts exist.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from diclip import storage
+from diclip.config import JobSpec, to_yaml
+from diclip.logging import get_logger
+from ray_jobs import stage_module
+from ray_jobs.common import configure_driver
+
+log = get_logger("ray_jobs.pipeline")
+
+
+def stage_complete(spec: JobSpec, name: str) -> bool:
+    mod = stage_module(name)
+    if hasattr(mod, "is_complete"):
+        return bool(mod.is_complete(spec))
+    return storage.is_complete(mod.output_uri(spec))
+
+
+def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
+    mod = stage_module(name)
+    if not force and stage_complete(spec, name):
+        log.info("stage %-9s complete at %s - skipped", name, mod.output_uri(spec))
+        return {"stage": name, "skipped": True, "output": mod.output_uri(spec)}
+    if force and hasattr(mod, "output_uri") and name != "synthesize":
+        storage.delete(storage.join(mod.output_uri(spec), storage.MANIFEST_NAME))
+    t0 = time.perf_counter()
+    log.info("stage %-9s starting -> %s", name, mod.output_uri(spec))
+    summary = dict(mod.run(spec) or {})
+    summary.update(stage=name, seconds=round(time.perf_counter() - t0, 1), output=mod.output_uri(spec))
+    log.info("stage %-9s done in %.1fs: %s", name, summary["seconds"],
+             json.dumps({k: v for k, v in summary.items() if k not in ("stage", "output")}, default=str)[:400])
+    return summary
+
+
+def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> list[dict]:
+    configure_driver(spec)
+    log.debug("job spec:\n%s", to_yaml(spec))
+    stages = list(stages or spec.pipeline.stages)
+    results = []
+    for name in stages:
+        results.append(run_stage(spec, name, force=name in spec.pipeline.force))
+    return results
