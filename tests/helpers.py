@@ -30,3 +30,21 @@ def random_cache(embed_dim: int, classes: list[str], per_class: int = 2, backgro
 
 def fast_method_config() -> MethodConfig:
     return MethodConfig()
+
+
+def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None):
+    """The demo spec shrunk further for tests, writing under ``output_uri``."""
+    from diclip.config import load_spec
+
+    base = [
+        f"output_uri={output_uri}",
+        "ray.progress_bars=false",
+        "synthesize.num_train=6",
+        "synthesize.num_val=4",
+        "synthesize.image_size=[64,80]",
+        "correlate.max_side=80",
+        "correlate.resources.batch_size=3",
+    ]
+    if endpoint_url:
+        base.append(f"storage.endpoint_url={endpoint_url}")
+    return load_spec("configs/demo.yaml", base + list(overrides))

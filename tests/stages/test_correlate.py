@@ -1,0 +1,109 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diclip import storage
+from diclip.data.correlation import CorrelationStore, batch_maps
+from diclip.method.acr import refine_correlation
+from diclip.method.codecs import get_codec
+from diclip.method.resample import Geometry
+from diclip.models.attention_capture import DiffusionAttention
+from diclip.models.correlation import noise_seed
+from diclip.models.diffusion import build_diffusion_from_config
+from ray_jobs import correlate, synthesize
+from ray_jobs.common import list_shards
+from tests.helpers import tiny_spec
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _prepare(root, *overrides, endpoint_url=None):
+    spec = tiny_spec(root, *overrides, endpoint_url=endpoint_url)
+    synthesize.run(spec)
+    return spec
+
+
+def test_correlate_two_actors_and_roundtrip_local(ray_session, tmp_path):
+    spec = _prepare(str(tmp_path / "run"))
+    out = correlate.run(spec)
+    assert out["images"] == 10 and out["failed"] == 0
+    manifest = storage.read_manifest(spec.correlate.output)
+    assert manifest.num_items == 10 and manifest.extra["rar_codec"] == "qk_fp16"
+    assert sum(s.rows for s in manifest.shards) == 10 and len(manifest.shards) >= 2  # several actor batches
+    # A record expands to exactly what the model computes for that image.
+    store = CorrelationStore(spec.correlate.output)
+    rec = store.get(["synth_train_00000"])[0]
+    assert rec.grid == (4, 5) and rec.rar_grid == (8, 10) and rec.src_size == (64, 80)
+    from diclip.data import get_class_set, open_dataset
+
+    ds = open_dataset(spec.data.root, "train", get_class_set("synthetic"))
+    img = torch.from_numpy(ds.load("synth_train_00000").image).permute(2, 0, 1)[None].float() / 255
+    diff = DiffusionAttention(build_diffusion_from_config(spec.model.diffusion), spec.model.diffusion)
+    cap = diff(img, [noise_seed("synth_train_00000", spec.model.diffusion.seed)])
+    want_vce = refine_correlation(cap.vce, size=cap.clip_grid)
+    vce, rar = batch_maps([rec], None, None, None)
+    # (batched vs single-image CPU kernels differ in the last bits, then fp16 storage)
+    torch.testing.assert_close(vce, want_vce.float(), rtol=2e-3, atol=2e-5)
+    want_rar = cap.rar_dense().mean(1)
+    torch.testing.assert_close(rar, want_rar, rtol=2e-3, atol=2e-5)
+    # identity geometry through the training reader returns the stored map exactly
+    vce_id, _ = batch_maps([rec], [Geometry.identity((64, 80))], (4, 5), (8, 10))
+    assert torch.equal(vce_id, vce)
+    # re-running a complete stage does nothing
+    again = correlate.run(spec)
+    assert again["extracted_now"] == 0 and again["images"] == 10
+
+
+def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server):
+    spec = _prepare(f"{s3_bucket}/run", endpoint_url=moto_server)
+    bad = storage.join(spec.data.root, "JPEGImages", "synth_val_00001.jpg")
+    storage.write_bytes(bad, b"this is not a jpeg")
+    out = correlate.run(spec)
+    assert out["images"] == 9 and out["failed"] == 1
+    failures = storage.read_failures(spec.correlate.output)
+    assert failures[0][0] == "synth_val_00001" and "synth_val_00001" in failures[0][1]
+    store = CorrelationStore(spec.correlate.output)
+    assert "synth_val_00001" not in store and len(store.index) == 9
+    rec = store.get(["synth_val_00000"])[0]
+    vce, rar = batch_maps([rec], None, None, None)
+    assert vce.shape == (1, 20, 20) and torch.isfinite(rar).all()
+
+
+def test_resume_after_killing_the_driver(tmp_path):
+    root = str(tmp_path / "run")
+    overrides = ["synthesize.num_train=24", "synthesize.num_val=8", "correlate.resources.batch_size=2",
+                 "correlate.resources.concurrency=1"]
+    spec = _prepare(root, *overrides)
+    env = dict(os.environ, DICLIP_LOG_LEVEL="WARNING")
+    cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/demo.yaml", f"output_uri={root}",
+           "ray.progress_bars=false", "synthesize.image_size=[64,80]", "correlate.max_side=80", *overrides]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list_shards(spec.correlate.output)) < 3:
+            time.sleep(0.5)
+        assert len(list_shards(spec.correlate.output)) >= 3, "no shards appeared before the deadline"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    subprocess.run(["pkill", "-9", "-f", "ray::Correlator"], check=False)
+    assert not storage.is_complete(spec.correlate.output)
+    partial = len(list_shards(spec.correlate.output))
+    # every visible shard is complete and readable (atomic writes)
+    for s in list_shards(spec.correlate.output):
+        storage.read_parquet(s)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = storage.read_manifest(spec.correlate.output)
+    ids = []
+    for s in manifest.shards:
+        ids += storage.read_parquet(storage.join(spec.correlate.output, s.path), columns=["item_id"]).column(
+            "item_id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 32  # every image exactly once, no holes
+    assert len(manifest.shards) >= partial
