@@ -54,21 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in DESCRIPTIONS.items():
         spec_cmd(name, text)
     sp = spec_cmd("submit", "submit the spec as a Ray job to a running cluster")
-    sp.add_argument("--address", required=False, default=None, help="Ray dashboard, e.g. http://HOST:8265")
+    address_help = "Ray dashboard, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"
+    sp.add_argument("--address", required=False, default=None, help=address_help)
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sp.add_argument("--timeout", type=float, default=0.0,
+                    help="stop waiting (exit 2, the job keeps running) after this many seconds; 0: no limit")
     for name in ("status", "logs", "stop"):
         jp = sub.add_parser(name, help=f"{name} of a submitted job")
         jp.add_argument("job_id")
-        jp.add_argument("--address", default=None)
+        jp.add_argument("--address", default=None, help=address_help)
         if name == "logs":
-            jp.add_argument("--follow", action="store_true")
+            jp.add_argument("--follow", action="store_true", help="stream new log lines until the job ends")
     cp = sub.add_parser("cluster", help="cluster manifests")
     csub = cp.add_subparsers(dest="cluster_command", metavar="ACTION")
     rp = csub.add_parser("render", help="fill Dockerfile/KubeRay/cluster-launcher templates from a spec")
     rp.add_argument("spec")
     rp.add_argument("overrides", nargs="*")
     rp.add_argument("--out", default="cluster/rendered")
-    rp.add_argument("--image", default=None, help="container image (default: from cluster/ settings)")
+    rp.add_argument("--image", default=None, help="container image (default: diclip:latest)")
     return p
 
 

@@ -314,6 +314,8 @@ class TrainConfig(StageBase):
     num_workers: int = 2
     use_gpu: bool = False
     batch_per_worker: int = 4
+    global_batch: Optional[int] = None
+    """If set, the batch per worker is derived from it (must divide by num_workers x grad_accum)."""
     max_iters: int = 20000
     warmup_iters: int = 50
     lr: float = 2e-4

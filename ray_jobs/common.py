@@ -117,12 +117,12 @@ def shard_uri(stage_uri: str, ids: Iterable[str]) -> str:
     return storage.join(stage_uri, SHARD_DIR, f"part-{digest}.parquet")
 
 
-def write_shard(stage_uri: str, table: pa.Table) -> str:
+def write_shard(stage_uri: str, table: pa.Table, row_group_size: int | None = None) -> str:
     """Atomically write one batch's rows (must include ``item_id``); returns the shard URI."""
     if table.num_rows == 0:
         return ""
     uri = shard_uri(stage_uri, table.column(ID).to_pylist())
-    storage.write_parquet(uri, table)
+    storage.write_parquet(uri, table, row_group_size=row_group_size)
     return uri
 
 

@@ -134,7 +134,8 @@ class Correlator:
                 })
                 reports.append(report_row(item_id, True))
         if rows:
-            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA))
+            # one row per row group: training fetches single images' maps with one ranged read
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
         return pd.DataFrame(reports)
 
 

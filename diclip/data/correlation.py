@@ -114,7 +114,6 @@ class CorrelationStore:
             raise StorageError(f"no correlation maps at {uri} (manifest.json missing); run the correlate stage first")
         self.manifest = manifest
         self._index: dict[str, tuple[str, int]] | None = None
-        self._tables: dict[str, pa.Table] = {}
 
     @property
     def index(self) -> dict[str, tuple[str, int]]:
@@ -133,13 +132,15 @@ class CorrelationStore:
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.index
 
+    def locate(self, item_id: str) -> tuple[str, int]:
+        if item_id not in self.index:
+            raise DataError(f"no correlation map for image {item_id!r} in {self.uri}; re-run correlate for its split")
+        return self.index[item_id]
+
     def get(self, item_ids: list[str]) -> list[CorrelationRecord]:
-        out = []
-        for item in item_ids:
-            if item not in self.index:
-                raise DataError(f"no correlation map for image {item!r} in {self.uri}; re-run correlate for this split")
-            path, row = self.index[item]
-            if path not in self._tables:
-                self._tables[path] = storage.read_parquet(path)
-            out.append(CorrelationRecord.from_row(self._tables[path].slice(row, 1).to_pylist()[0]))
-        return out
+        return [read_record(*self.locate(i)) for i in item_ids]
+
+
+def read_record(shard: str, row: int) -> CorrelationRecord:
+    """One image's maps: a single ranged read (shards are written with one row per row group)."""
+    return CorrelationRecord.from_row(storage.read_parquet_rows(shard, [row]).to_pylist()[0])

@@ -37,7 +37,7 @@ def apply_geometry(array: np.ndarray, geom: Geometry, *, is_mask: bool = False, 
     img = Image.fromarray(array)
     if tuple(geom.scaled_size) != tuple(geom.src_size):
         img = img.resize((geom.scaled_size[1], geom.scaled_size[0]), Image.NEAREST if is_mask else Image.BILINEAR)
-    scaled = np.asarray(img)
+    scaled = np.array(img)
     if geom.flip:
         scaled = scaled[:, ::-1]
     oh, ow = geom.out_size

@@ -481,9 +481,13 @@ def delete_dir(uri: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
-    """Atomic zstd-compressed Parquet (good ratio, fast decode for embeddings and ids)."""
-    _atomic_write(uri, lambda f: pq.write_table(table, f, compression="zstd"))
+def write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) -> None:
+    """Atomic zstd-compressed Parquet (good ratio, fast decode for embeddings and ids).
+
+    ``row_group_size`` small (e.g. 1) makes single rows cheap to fetch with :func:`read_parquet_rows`
+    (one ranged read on S3 instead of the whole file).
+    """
+    _atomic_write(uri, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=row_group_size))
 
 
 @contextmanager
@@ -515,6 +519,29 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
             return pf.read(columns=columns)
         except (OSError, pa.ArrowException) as e:
             raise StorageError(f"not a valid Parquet file: {uri}: {_short(e)}") from e
+
+
+def read_parquet_rows(uri: str, rows: list[int], columns: list[str] | None = None) -> pa.Table:
+    """Only the given rows (in the given order), reading just the row groups that hold them."""
+    with _parquet_file(uri) as pf:
+        md = pf.metadata
+        starts, acc = [], 0
+        for g in range(md.num_row_groups):
+            starts.append(acc)
+            acc += md.row_group(g).num_rows
+        if any(r < 0 or r >= acc for r in rows):
+            raise StorageError(f"row index out of range for {uri} ({acc} rows)")
+        groups = sorted({max(g for g in range(len(starts)) if starts[g] <= r) for r in rows})
+        try:
+            table = pf.read_row_groups(groups, columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise StorageError(f"not a valid Parquet file: {uri}: {_short(e)}") from e
+        offset = {g: sum(md.row_group(x).num_rows for x in groups[:i]) for i, g in enumerate(groups)}
+        take = []
+        for r in rows:
+            g = max(x for x in groups if starts[x] <= r)
+            take.append(offset[g] + r - starts[g])
+        return table.take(pa.array(take, pa.int64()))
 
 
 def parquet_num_rows(uri: str) -> int:

@@ -514,3 +514,22 @@ def test_env_endpoint_used_when_options_unset(s3_bucket, moto_server):
     storage.write_bytes(f"{s3_bucket}/env.bin", b"via env")
     assert storage.read_bytes(f"{s3_bucket}/env.bin") == b"via env"
     assert storage.get_options().endpoint_url is None
+
+
+def test_read_parquet_rows_reads_selected_rows_in_order(storage_root):
+    import pyarrow as pa
+
+    from diclip import storage
+
+    table = pa.table({"item_id": [f"i{k}" for k in range(10)], "v": list(range(10))})
+    uri = storage.join(storage_root, "rows.parquet")
+    storage.write_parquet(uri, table, row_group_size=3)
+    got = storage.read_parquet_rows(uri, [7, 0, 4, 7])
+    assert got.column("item_id").to_pylist() == ["i7", "i0", "i4", "i7"]
+    assert storage.read_parquet_rows(uri, [9], columns=["v"]).column("v").to_pylist() == [9]
+    import pytest
+
+    from diclip.errors import StorageError
+
+    with pytest.raises(StorageError):
+        storage.read_parquet_rows(uri, [10])

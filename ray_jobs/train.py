@@ -1,0 +1,397 @@
+"""Stage ``train``: Ray Train ``TorchTrainer`` whose workers run DeepSpeed on the adapter + segmenter.
+
+    index tables (driver) -> per-rank Ray Datasets (load + augment, streamed, order preserved)
+    -> train_loop_per_worker: DiCLIPTrainer + deepspeed.initialize -> steps
+    -> every eval_every: validation (confusion matrices all-reduced), DeepSpeed checkpoint on every
+       rank, ray.train.report(metrics, checkpoint) -> {train.output}/ray/...
+    -> rank 0 exports adapter + segmenter (safetensors) + cache + spec to {train.output}/export
+
+Determinism: sample ``pos`` and its crop are functions of (seed, pos); a resumed run restarts from the
+checkpoint's step with the same LR (scheduler state), optimizer state and per-rank RNG, so the next
+step's loss matches the uninterrupted run. The datasets are factories, rebuilt by Ray Train after a
+worker failure, starting at the last reported step (``progress.json``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from diclip import storage
+from diclip.config import JobSpec, to_dict, to_yaml
+from diclip.errors import ConfigError, DiclipError
+from diclip.logging import get_logger
+from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
+from ray_jobs.common import configure_data_context, init_ray, setup_process
+
+log = get_logger("ray_jobs.train")
+STAGE = "train"
+PROGRESS = "progress.json"
+METRICS = "metrics.jsonl"
+STATE = "diclip_state.json"
+DS_TAG = "ds"
+
+
+def output_uri(spec: JobSpec) -> str:
+    return spec.train.output
+
+
+# ----------------------------------------------------------------------------------------------
+# storage for Ray Train
+# ----------------------------------------------------------------------------------------------
+def ray_storage(uri: str):
+    """(storage_path, storage_filesystem) for RunConfig; S3 goes through our endpoint settings."""
+    if storage.is_remote(uri):
+        fs, path = storage.resolve(uri)
+        return path, fs
+    return os.path.abspath(storage.local_path(uri) or uri), None
+
+
+def checkpoint_from_uri(uri: str):
+    from ray.train import Checkpoint
+
+    path, fs = ray_storage(uri)
+    return Checkpoint(path=path, filesystem=fs) if fs is not None else Checkpoint(path=path)
+
+
+def read_checkpoint_step(uri: str) -> int:
+    state_uri = storage.join(uri, STATE)
+    if not storage.exists(state_uri):
+        raise ConfigError(f"train.resume_from: {uri} is not a diclip training checkpoint (no {STATE})")
+    return int(storage.read_json(state_uri)["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets
+# ----------------------------------------------------------------------------------------------
+def resume_step(spec: JobSpec) -> int:
+    """The step the workers will resume from: Ray Train's latest registered checkpoint of this run
+    (its snapshot file, read in the controller right before workers start), else ``resume_from``."""
+    snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
+    try:
+        if storage.exists(snapshot):
+            latest = storage.read_json(snapshot).get("latest_checkpoint_result")
+            if latest and "step" in (latest.get("metrics") or {}):
+                return int(latest["metrics"]["step"])
+    except (DiclipError, ValueError, TypeError, KeyError):
+        log.warning("could not read %s; starting the data at the resume step", snapshot)
+    return read_checkpoint_step(spec.train.resume_from) if spec.train.resume_from else 0
+
+
+class RankDatasetFactory:
+    """Builds rank ``r``'s dataset starting at the last reported step (called again after failures)."""
+
+    def __init__(self, spec: JobSpec, items_table, rank: int):
+        self.spec = spec
+        self.items = items_table
+        self.rank = rank
+
+    def __call__(self):
+        import ray.data
+
+        from diclip.train.data import load_rows, rank_table
+
+        spec, t = self.spec, self.spec.train
+        setup_process(spec)
+        # Runs in Ray Train's controller: the dataset captures *this* process's DataContext.
+        configure_data_context(spec)
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        start = resume_step(spec)
+        b = per_worker_batch(spec)
+        table = rank_table(self.items, self.rank, t.num_workers, b, start * t.grad_accum, t.max_iters * t.grad_accum,
+                           t.seed)
+        ds = ray.data.from_arrow(table, override_num_blocks=max(1, math.ceil(table.num_rows / (8 * b))))
+        return ds.map_batches(
+            load_rows, batch_size=b, batch_format="numpy", num_cpus=0.25,
+            fn_kwargs=dict(crop=spec.data.crop_size, scale_range=tuple(spec.data.rescale_range), flip=spec.data.flip,
+                           seed=t.seed, with_maps=t.mode == "stored",
+                           storage_options=dict(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region,
+                                                max_attempts=spec.storage.max_attempts)),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# worker
+# ----------------------------------------------------------------------------------------------
+def _append_metrics(uri: str, record: dict) -> None:
+    old = storage.read_text(uri) if storage.exists(uri) else ""
+    storage.write_text(uri, old + json.dumps(record, default=float) + "\n")
+
+
+def _save_rng(path: str, rank: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"cpu": torch.get_rng_state()}, os.path.join(path, f"rng_rank{rank}.safetensors"))
+
+
+def _load_rng(path: str, rank: int) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    f = os.path.join(path, f"rng_rank{rank}.safetensors")
+    if os.path.exists(f):
+        torch.set_rng_state(load_file(f)["cpu"])
+
+
+def _validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) -> dict:
+    """Seg and CAM mIoU on the val split, confusion matrices summed over ranks (exact)."""
+    import torch
+    import torch.distributed as dist
+
+    from diclip.data import open_dataset
+    from diclip.method import metrics as metriclib
+    from diclip.train.data import dataset_kwargs
+
+    ds = open_dataset(spec.data.root, spec.data.val_split, trainer.class_set, **dataset_kwargs(spec))
+    ids = ds.ids[: spec.train.val_limit] if spec.train.val_limit else ds.ids
+    k = trainer.class_set.num_classes
+    cms = np.zeros((2, k, k), dtype=np.int64)
+    for item in ids[rank::world]:
+        if store is not None and item not in store:
+            continue  # failed in correlate (recorded there)
+        sample = ds.load(item)
+        if sample.mask is None:
+            continue
+        rec = store.get([item])[0] if store is not None else None
+        seg, cam = trainer.validate_sample(sample.image, sample.mask, sample.label, rec, step)
+        cms[0] += seg
+        cms[1] += cam
+    t = torch.from_numpy(cms)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    seg_s = metriclib.summarize(t[0].numpy(), trainer.class_set.classes)
+    cam_s = metriclib.summarize(t[1].numpy(), trainer.class_set.classes)
+    return {"val_miou": seg_s["miou"], "val_cam_miou": cam_s["miou"], "val_pixel_acc": seg_s["pixel_accuracy"],
+            "val_images": len(ids)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from diclip.method.schedule import poly_warmup_multiplier
+    from diclip.train.trainer import DiCLIPTrainer, batch_from_rows
+
+    spec: JobSpec = config["spec"]
+    t = spec.train
+    setup_process(spec)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if t.use_gpu and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(t.resources.num_cpus)))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    import deepspeed
+
+    torch.manual_seed(t.seed)  # identical trainable init on every rank (DeepSpeed also broadcasts rank 0's)
+    trainer = DiCLIPTrainer(spec, device)
+    ds_cfg = build_deepspeed_config(spec, use_gpu=device.type == "cuda")
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: poly_warmup_multiplier(s, t.max_iters, t.warmup_iters, t.warmup_ratio, t.power))
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=trainer.model, model_parameters=trainer.param_groups(), config=ds_cfg, lr_scheduler=schedule,
+        dist_init_required=False)
+    torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
+    start = 0
+    # A restart after a failure resumes from this run's latest checkpoint; a fresh run may resume
+    # from train.resume_from (Ray Train v2 has no trainer-level resume argument).
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and t.resume_from:
+        ckpt = checkpoint_from_uri(t.resume_from)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
+            with open(os.path.join(d, STATE)) as f:
+                start = int(json.load(f)["step"])
+            _load_rng(d, rank)
+            if dist.is_initialized():
+                dist.barrier()  # keep the directory alive until every rank has read it
+    store = None
+    if t.mode == "stored":
+        from diclip.data.correlation import CorrelationStore
+
+        store = CorrelationStore(t.correlation)
+    b = per_worker_batch(spec)
+    g = b * world
+    it = ray.train.get_dataset_shard(f"train_{rank}").iter_batches(batch_size=b, batch_format="numpy",
+                                                                    prefetch_batches=2)
+    it = iter(it)
+
+    def next_rows(micro: int) -> dict:
+        want = micro * g + rank * b
+        while True:
+            rows = next(it)
+            first = int(rows["pos"][0])
+            if first == want:
+                return rows
+            if first > want:
+                raise RuntimeError(f"rank {rank}: data starts at position {first}, expected {want}")
+
+    fault = os.environ.get("DICLIP_FAULT_AT_STEP")
+    engine.train()
+    running: dict[str, float] = {}
+    t_last = time.perf_counter()
+    for step in range(start, t.max_iters):
+        for m in range(t.grad_accum):
+            batch = batch_from_rows(next_rows(step * t.grad_accum + m), device)
+            losses = trainer.losses(batch, step, forward=engine)
+            engine.backward(losses["loss"])
+            engine.step()
+            for k_, v in losses.items():
+                running[k_] = running.get(k_, 0.0) + float(v.detach()) / t.grad_accum
+        if fault and int(fault.split(":")[0]) == step and rank == int(fault.split(":")[1]):
+            marker = fault.split(":", 2)[2]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                time.sleep(5)  # let the controller register the last report first
+                os._exit(1)  # test hook: simulate a worker dying mid-run
+        done = step + 1
+        is_eval = done % t.eval_every == 0 or done == t.max_iters
+        metrics: dict[str, Any] = {"step": done, "lr": optimizer.param_groups[0]["lr"]}
+        if done % t.log_every == 0 or is_eval:
+            n = t.log_every if done % t.log_every == 0 else (done - start) % t.log_every or 1
+            names = sorted(running)
+            vals = torch.tensor([running[k_] / max(1, n) for k_ in names], dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(vals)
+                vals /= world
+            metrics.update(dict(zip(names, vals.tolist())))
+            now = time.perf_counter()
+            metrics["samples_per_s"] = n * b * t.grad_accum * world / max(1e-9, now - t_last)
+            t_last = now
+            running = {}
+            if rank == 0:
+                log.info("step %d/%d loss %.4f seg %.4f aff %.4f adapter %.4f lr %.3e %.1f samples/s", done,
+                         t.max_iters, metrics.get("loss", float("nan")), metrics.get("seg_loss", float("nan")),
+                         metrics.get("aff_loss", float("nan")), metrics.get("adapter_loss", float("nan")),
+                         metrics["lr"], metrics["samples_per_s"])
+                if not is_eval:
+                    _append_metrics(storage.join(t.output, METRICS), {"kind": "train", **metrics})
+        if not is_eval:
+            continue
+        metrics.update(_validate(trainer, spec, rank, world, done, store))
+        tmp = tempfile.mkdtemp(prefix=f"diclip-ckpt-{rank}-")
+        try:
+            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
+            _save_rng(tmp, rank)
+            if rank == 0:
+                with open(os.path.join(tmp, STATE), "w") as f:
+                    json.dump({"step": done, "seed": t.seed, "world": world, "metrics": metrics}, f, default=float)
+            if dist.is_initialized():
+                dist.barrier()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            _append_metrics(storage.join(t.output, METRICS), {"kind": "eval", **metrics})
+            storage.write_json(storage.join(t.output, PROGRESS), {"step": done})
+            log.info("step %d: val mIoU %.4f, CAM mIoU %.4f (checkpoint reported)", done, metrics["val_miou"],
+                     metrics["val_cam_miou"])
+    if rank == 0:
+        export(spec, trainer, engine.module)
+
+
+def export(spec: JobSpec, trainer, module) -> None:
+    """Everything inference needs besides CLIP/diffusion weights: trainable weights, cache, spec, card."""
+    from diclip.models.kv_cache import save_cache
+
+    out = storage.join(spec.train.output, "export")
+    state = {k: v.detach().float().cpu().contiguous() for k, v in module.trainable_state_dict().items()}
+    storage.save_tensors(storage.join(out, "model.safetensors"), state, {"format": "diclip-trainable-v1"})
+    save_cache(storage.join(out, "cache"), trainer.cache)
+    storage.write_text(storage.join(out, "spec.yaml"), to_yaml(spec))
+    storage.write_json(storage.join(out, "card.json"), {
+        "classes": list(trainer.class_set.classes),
+        "dataset": spec.data.dataset,
+        "clip": trainer.clip.model_id,
+        "crop_size": spec.data.crop_size,
+        "steps": spec.train.max_iters,
+        "mode": spec.train.mode,
+    })
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def run(spec: JobSpec) -> dict:
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from diclip.storage import Manifest
+    from diclip.storage.manifest import config_hash
+    from diclip.train.data import build_items
+
+    t = spec.train
+    check_train_spec(spec)
+    build_deepspeed_config(spec)  # fail fast on config errors, before any worker starts
+    init_ray(spec)
+    b = per_worker_batch(spec)
+    log.info("train: %d workers x %d per worker x %d accumulation = effective batch %d; lr %.2e (x%g for adapter "
+             "and segmenter), %s maps, ZeRO-%d, %s", t.num_workers, b, t.grad_accum, t.num_workers * b * t.grad_accum,
+             t.lr, t.lr_mult, t.mode, t.zero_stage, "GPU" if t.use_gpu else "CPU (gloo)")
+    items = build_items(spec, spec.data.train_split, t.correlation if t.mode == "stored" else None)
+    start = 0
+    if t.resume_from:
+        start = read_checkpoint_step(t.resume_from)
+        log.info("train: resuming from %s at step %d", t.resume_from, start)
+    storage.write_json(storage.join(t.output, PROGRESS), {"step": start})
+    ctx = ray.data.DataContext.get_current()
+    configure_data_context(spec)
+    ctx.execution_options.preserve_order = True  # each rank's samples arrive in position order
+    datasets = {f"train_{r}": RankDatasetFactory(spec, items, r) for r in range(t.num_workers)}
+    path, fs = ray_storage(storage.join(t.output, "ray"))
+    resources = {"CPU": t.resources.num_cpus}
+    if t.use_gpu:
+        resources["GPU"] = max(1.0, t.resources.num_gpus)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{spec.name}-train", storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_miou",
+                                               checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface user errors as one line
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, DiclipError):
+            cause = cause.__cause__
+        if isinstance(cause, DiclipError):
+            raise cause from e
+        raise
+    seconds = time.perf_counter() - t0
+    metrics = dict(result.metrics or {})
+    best = None
+    if result.best_checkpoints:
+        best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1))
+        best = {"path": best_ckpt.path, "val_miou": best_metrics.get("val_miou"), "step": best_metrics.get("step")}
+    manifest = Manifest(stage=STAGE, shards=[], num_items=len(items), num_failed=0, config=to_dict(t),
+                        config_hash=config_hash(to_dict(t)), models={"clip": spec.model.clip.name},
+                        extra={"final_metrics": metrics, "best_checkpoint": best,
+                               "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
+                               "export": storage.join(t.output, "export"), "seconds": round(seconds, 1)})
+    storage.write_manifest(t.output, manifest)
+    return {"steps": t.max_iters, "val_miou": metrics.get("val_miou"), "val_cam_miou": metrics.get("val_cam_miou"),
+            "loss": metrics.get("loss"), "checkpoint": manifest.extra["last_checkpoint"],
+            "best_checkpoint": best, "seconds": round(seconds, 1)}

@@ -1,0 +1,145 @@
+import json
+import os
+
+import pytest
+import torch
+
+from diclip import storage
+from diclip.data import get_class_set
+from diclip.errors import ConfigError
+from diclip.models.kv_cache import save_cache
+from diclip.train.data import build_items, load_rows, rank_positions, rank_table
+from diclip.train.deepspeed_config import build_deepspeed_config
+from diclip.train.trainer import DiCLIPTrainer, batch_from_rows
+from ray_jobs import correlate, synthesize, train
+from tests.helpers import random_cache, tiny_spec
+
+pytestmark = pytest.mark.timeout(600)
+TRAIN = ["train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4", "train.warmup_iters=1"]
+
+
+def _prepare(root, *overrides, endpoint_url=None):
+    spec = tiny_spec(root, *TRAIN, *overrides, endpoint_url=endpoint_url)
+    synthesize.run(spec)
+    correlate.run(spec)
+    save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
+    return spec
+
+
+def _metrics(spec):
+    lines = storage.read_text(storage.join(spec.train.output, "metrics.jsonl")).splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, tmp_path_factory):
+    spec = _prepare(str(tmp_path_factory.mktemp("train") / "run"))
+    summary = train.run(spec)
+    return spec, summary
+
+
+def test_positions_are_disjoint_and_deterministic():
+    p0 = rank_positions(0, 2, 3, 0, 4)
+    p1 = rank_positions(1, 2, 3, 0, 4)
+    assert not set(p0) & set(p1) and sorted(set(p0) | set(p1)) == list(range(24))
+    assert list(rank_positions(1, 2, 3, 2, 4)) == list(p1[6:])  # resuming at micro-step 2
+
+
+def test_loss_decreases_on_a_fixed_batch(ray_session, tmp_path):
+    spec = _prepare(str(tmp_path / "run"), "model.dropout=0.0")
+    items = build_items(spec, "train", spec.correlate.output)
+    rows = load_rows(rank_table(items, 0, 1, 4, 0, 1, 0).to_pydict() | {}, crop=64, scale_range=(0.75, 1.5),
+                     flip=True, seed=0, with_maps=True)
+    torch.manual_seed(0)
+    trainer = DiCLIPTrainer(spec)
+    batch = batch_from_rows(rows, "cpu")
+    opt = torch.optim.AdamW([p for g in trainer.param_groups() for p in g["params"]], lr=1e-3)
+    clip_before = [p.clone() for p in trainer.clip.model.parameters()]
+    names = {id(p) for g in trainer.param_groups() for p in g["params"]}
+    assert names == {id(p) for m in trainer.model.trainable_modules().values() for p in m.parameters()}
+    losses = []
+    for step in range(8):
+        out = trainer.losses(batch, step=0)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(torch.equal(a, b) for a, b in zip(clip_before, trainer.clip.model.parameters()))
+
+
+def test_two_worker_run_writes_metrics_checkpoints_and_export(local_run):
+    spec, summary = local_run
+    assert summary["steps"] == 4 and 0 <= summary["val_miou"] <= 1
+    m = _metrics(spec)
+    assert [r["step"] for r in m if r["kind"] == "eval"] == [2, 4]
+    assert [r["step"] for r in m if r["kind"] == "train"] == [1, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m)
+    manifest = storage.read_manifest(spec.train.output)
+    assert manifest.extra["best_checkpoint"]["step"] in (2, 4)
+    export = storage.join(spec.train.output, "export")
+    tensors, meta = storage.load_tensors(storage.join(export, "model.safetensors"))
+    assert any(k.startswith("adapter.") for k in tensors) and any(k.startswith("segmenter.") for k in tensors)
+    assert not any(k.startswith("encoder.") for k in tensors)
+    assert storage.exists(storage.join(export, "cache", "kv_cache.safetensors"))
+
+
+def test_resume_reproduces_the_next_step_exactly(local_run, ray_session):
+    spec, summary = local_run
+    first = {r["step"]: r for r in _metrics(spec)}
+    ckpts = sorted(p for p in os.listdir(os.path.join(spec.train.output, "ray", "demo-train"))
+                   if p.startswith("checkpoint_") and not p.endswith(".json"))
+    step2 = [c for c in ckpts
+             if json.load(open(os.path.join(spec.train.output, "ray", "demo-train", c, "diclip_state.json")))["step"] == 2]
+    assert step2, ckpts
+    resumed = tiny_spec(spec.output_uri, *TRAIN, f"train.output={spec.output_uri}/train_resumed",
+                        f"train.resume_from={spec.train.output}/ray/demo-train/{step2[0]}")
+    train.run(resumed)
+    again = {r["step"]: r for r in _metrics(resumed)}
+    assert 3 in again and 4 in again and 1 not in again
+    for k in ("loss", "seg_loss", "aff_loss", "adapter_loss", "lr"):
+        assert again[3][k] == first[3][k], k  # bit-for-bit
+    assert again[4]["val_miou"] == first[4]["val_miou"]
+
+
+def test_checkpoints_go_to_moto_s3(ray_session, s3_bucket, moto_server):
+    spec = _prepare(f"{s3_bucket}/run", "train.max_iters=2", endpoint_url=moto_server)
+    summary = train.run(spec)
+    ckpt = summary["checkpoint"]
+    assert ckpt and not ckpt.startswith("/")
+    files = storage.list_files(f"s3://{ckpt}")
+    assert any(f.endswith("diclip_state.json") for f in files)
+    assert any("mp_rank_00_model_states.pt" in f or "zero_pp_rank_1" in f for f in files)
+    assert storage.exists(storage.join(spec.train.output, "export", "model.safetensors"))
+
+
+def test_bad_train_configs_fail_with_one_line(tmp_path):
+    spec = tiny_spec(str(tmp_path), "train.zero_stage=3")
+    with pytest.raises(ConfigError) as e:
+        build_deepspeed_config(spec)
+    assert "zero_stage=3" in str(e.value) and "\n" not in str(e.value)
+    spec = tiny_spec(str(tmp_path), "train.global_batch=5")
+    with pytest.raises(ConfigError) as e:
+        build_deepspeed_config(spec)
+    assert "divisible" in str(e.value)
+    spec = tiny_spec(str(tmp_path), "train.global_batch=8", "train.grad_accum=2")
+    assert build_deepspeed_config(spec)["train_micro_batch_size_per_gpu"] == 2
+
+
+def test_worker_failure_is_recovered_from_the_last_checkpoint(tmp_path):
+    import ray
+
+    marker = tmp_path / "crashed"
+    ray.shutdown()  # needs its own session: the fault hook travels in the job's environment
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DICLIP_FAULT_AT_STEP": f"2:1:{marker}"}})
+    try:
+        spec = _prepare(str(tmp_path / "run"), "train.max_failures=2")
+        summary = train.run(spec)
+    finally:
+        ray.shutdown()
+    assert marker.exists()  # rank 1 really died at step 3 (after the step-2 checkpoint)
+    assert summary["steps"] == 4
+    m = _metrics(spec)
+    assert [r["step"] for r in m if r["kind"] == "eval"] == [2, 4]
+    assert [r["step"] for r in m if r["kind"] == "train"] == [1, 3]  # restarted at step 2, nothing re-run
