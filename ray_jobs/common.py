@@ -55,19 +55,24 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
 
 
 def init_ray(spec: JobSpec) -> None:
-    """Start or join Ray as the spec says; no-op when this process is already connected."""
+    """Start or join Ray as the spec says; no-op when this process is already connected.
+
+    Inside a submitted Ray job (``RAY_JOB_ID`` set) the driver joins the job's cluster and inherits
+    its runtime env; passing resources or env vars again there is refused by Ray.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env(spec)}, "log_to_driver": True}
-    if spec.ray.address:
-        kwargs["address"] = spec.ray.address
+    in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
+    if spec.ray.address or in_job:
+        ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
-        kwargs["include_dashboard"] = False
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env(spec)}, "log_to_driver": True,
+                                  "include_dashboard": False}
         if spec.ray.num_cpus:
             kwargs["num_cpus"] = spec.ray.num_cpus
-    ray.init(**kwargs)
+        ray.init(**kwargs)
     configure_data_context(spec)
 
 

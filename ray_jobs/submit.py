@@ -31,13 +31,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlparse
 
 from diclip.config import JobSpec, load_spec, to_yaml
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import worker_env
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 log = get_logger("ray_jobs.submit")
 
@@ -211,7 +214,7 @@ def _api_errors(address: str, job_id: str | None = None) -> Iterator[None]:
         raise
 
 
-def connect(address: Optional[str]):
+def connect(address: Optional[str]) -> "JobSubmissionClient":
     """A JobSubmissionClient for ``address`` (it checks the dashboard's version on creation)."""
     addr = resolve_address(address)
     _check_reachable(addr)
@@ -230,7 +233,7 @@ def _tail(text: str, n: int) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-n:])
 
 
-def wait(client, job_id: str, address: str, timeout_s: float = 0.0) -> str:
+def wait(client: "JobSubmissionClient", job_id: str, address: str, timeout_s: float = 0.0) -> str:
     """Poll until the job ends, printing a line per status change (and a heartbeat); returns the status."""
     start = time.monotonic()
     last, last_print = "", 0.0

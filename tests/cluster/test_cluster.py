@@ -1,0 +1,582 @@
+"""Cluster deployment: rendered manifests against real schemas, the Jobs submission path, and one real
+submission to a local Ray cluster.
+
+Schemas: the KubeRay CRDs in ``tests/assets/kuberay/`` (public ``ray.io_rayclusters.yaml`` /
+``ray.io_rayjobs.yaml``, controller-gen v0.16.5, vendored as test data) and Ray's own autoscaler schema
+``ray/autoscaler/ray-schema.json`` from the installed ray package.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import diclip  # noqa: F401  (torchvision shim before anything heavy)
+
+import jsonschema
+import pytest
+import yaml
+
+from diclip import cli
+from diclip.config import load_spec
+from diclip.errors import ConfigError, DiclipError
+from ray_jobs import cluster_render, submit
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "kuberay"
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+SECRET_VALUE = "sekrit-Zq9x-do-not-leak"
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def crd(kind: str) -> tuple[dict, dict]:
+    """(CRD document, v1 openAPIV3Schema) for a KubeRay kind."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 1.4 MB of YAML: libyaml when present
+    doc = yaml.load((ASSETS / CRD_FILES[kind]).read_text(), Loader=loader)
+    v1 = next(v for v in doc["spec"]["versions"] if v["name"] == "v1")
+    return doc, v1["schema"]["openAPIV3Schema"]
+
+
+def validate_k8s(obj: dict) -> None:
+    """Validate a whole object (apiVersion, kind, metadata, spec) against its CRD's v1 schema."""
+    doc, schema = crd(obj["kind"])
+    assert obj["apiVersion"] == f"{doc['spec']['group']}/v1"
+    assert obj["kind"] == doc["spec"]["names"]["kind"]
+    # OpenAPI v3 keywords (nullable, x-kubernetes-*) are unknown to JSON Schema and ignored.
+    jsonschema.Draft7Validator(schema).validate(obj)
+
+
+@functools.lru_cache(maxsize=None)
+def ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def load(path: str | Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def render(tmp_path: Path, config: str, *overrides: str, image: str | None = None) -> dict[str, Path]:
+    spec = load_spec(str(CONFIGS / f"{config}.yaml"), list(overrides))
+    paths = cluster_render.render_all(spec, str(tmp_path / config), image=image)
+    return {Path(p).name: Path(p) for p in paths}
+
+
+def containers(cluster_spec: dict) -> list[dict]:
+    pods = [cluster_spec["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
+    return [c for p in pods for c in p["containers"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# rendered manifests
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", ["demo", "coco"])
+def test_rendered_kuberay_manifests_validate_against_crds(tmp_path: Path, config: str) -> None:
+    files = render(tmp_path, config)
+    spec = load_spec(str(CONFIGS / f"{config}.yaml"))
+    assert set(files) == {"raycluster.yaml", "rayjob.yaml", "spec-configmap.yaml", "cluster-launcher.yaml",
+                          f"{spec.name}.yaml"}
+    cluster, job = load(files["raycluster.yaml"]), load(files["rayjob.yaml"])
+    validate_k8s(cluster)
+    validate_k8s(job)
+
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    js = job["spec"]
+    assert js["shutdownAfterJobFinishes"] is True
+    assert js["submitterConfig"]["backoffLimit"] == 0  # pitfall 16: no retries with the same id
+    assert isinstance(js["ttlSecondsAfterFinished"], int)
+    assert shlex.split(js["entrypoint"]) == ["python", "-m", "diclip.cli", "run", f"/app/{spec.name}.yaml",
+                                             "ray.address=auto"]
+    # the RayJob's cluster is the RayCluster plus the spec mount on the head
+    rcs = copy.deepcopy(js["rayClusterSpec"])
+    head = rcs["headGroupSpec"]["template"]["spec"]
+    mount = head["containers"][0]["volumeMounts"].pop()
+    vol = head["volumes"].pop()
+    assert mount == {"name": "diclip-spec", "mountPath": f"/app/{spec.name}.yaml", "subPath": f"{spec.name}.yaml",
+                     "readOnly": True}
+    cm = load(files["spec-configmap.yaml"])
+    assert vol["configMap"]["name"] == cm["metadata"]["name"] and cm["kind"] == "ConfigMap"
+    assert rcs == cluster["spec"]
+    # the mounted spec is the merged spec and loads back to the same values
+    assert yaml.safe_load(cm["data"][f"{spec.name}.yaml"]) == yaml.safe_load(files[f"{spec.name}.yaml"].read_text())
+    reloaded = load_spec(str(files[f"{spec.name}.yaml"]))
+    assert reloaded == spec
+
+    for c in containers(cluster["spec"]):
+        assert c["image"] == "diclip:latest"
+        assert c["envFrom"][0]["secretRef"]["name"] == "diclip-s3"  # credentials only via the Secret
+        names = {e["name"] for e in c.get("env", [])}
+        assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+
+
+def test_coco_resources_come_from_the_spec(tmp_path: Path) -> None:
+    files = render(tmp_path, "coco")
+    cluster = load(files["raycluster.yaml"])
+    head_c = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head_c["resources"]["limits"]  # CPU-only head
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (0, 16)  # concurrency 16 x 1 GPU, 1 GPU/worker
+    worker = group["template"]["spec"]["containers"][0]
+    for part in ("requests", "limits"):
+        assert worker["resources"][part]["nvidia.com/gpu"] == "1"
+        assert worker["resources"][part]["cpu"] == "8"  # train.resources.num_cpus: the largest actor
+        assert worker["resources"][part]["memory"] == f"{8 * cluster_render.MEMORY_GIB_PER_CPU}Gi"
+    assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+    launcher = load(files["cluster-launcher.yaml"])
+    assert launcher["max_workers"] == 16
+    w = launcher["available_node_types"]["gpu_worker"]
+    assert w["resources"] == {"CPU": 8, "GPU": 1} and w["node_config"]["InstanceType"] == "g5.2xlarge"
+    assert (w["min_workers"], w["max_workers"]) == (0, 16)
+    head = launcher["available_node_types"][launcher["head_node_type"]]
+    assert "GPU" not in head["resources"]
+
+
+def test_worker_count_follows_gpu_packing(tmp_path: Path) -> None:
+    # 0.5 GPU per actor: two actors share a 1-GPU worker, so 16 actors need 8 workers; train needs 8.
+    overrides = [f"{s}.resources.num_gpus=0.5" for s in ("generate", "mask", "cache", "correlate", "evaluate")]
+    overrides += [f"{s}.resources.num_cpus=2" for s in ("generate", "mask", "cache", "correlate", "evaluate")]
+    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco.yaml"), overrides))
+    assert (plan.gpus_per_worker, plan.cpus_per_worker, plan.max_workers) == (1, 8, 8)
+    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco.yaml"), ["train.num_workers=24"]))
+    assert (plan.max_workers, plan.sized_by) == (24, "train")
+    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco.yaml"), ["pipeline.stages=[train]",
+                                                                              "train.resources.num_gpus=2"]))
+    assert (plan.gpus_per_worker, plan.max_workers) == (2, 8)
+
+
+def test_demo_resources_match_an_independent_count(tmp_path: Path) -> None:
+    spec = load_spec(str(CONFIGS / "demo.yaml"))
+    files = render(tmp_path, "demo")
+    # recompute from the spec without the renderer's code
+    ray_stages = [s for s in ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer")
+                  if s in spec.pipeline.stages] or ["generate", "mask", "cache", "correlate", "train", "evaluate",
+                                                     "infer"]
+    res = {s: getattr(spec, s).resources for s in ray_stages}
+    gpus = math.ceil(max(r.num_gpus if s != "train" or spec.train.use_gpu else 0 for s, r in res.items()))
+    cpus = max(1, math.ceil(max(r.num_cpus for r in res.values())))
+    workers = max(math.ceil((spec.train.num_workers if s == "train" else r.concurrency) / (cpus // r.num_cpus))
+                  for s, r in res.items())
+    cluster = load(files["raycluster.yaml"])
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert group["maxReplicas"] == workers and group["minReplicas"] == 0
+    assert limits["cpu"] == str(cpus)
+    assert limits.get("nvidia.com/gpu", "0") == str(gpus)
+    if gpus == 0:
+        assert group["groupName"] == "cpu-workers" and "tolerations" not in group["template"]["spec"]
+
+
+@pytest.mark.parametrize("config", ["demo", "coco"])
+def test_cluster_launcher_validates_against_ray_schema(tmp_path: Path, config: str) -> None:
+    launcher = load(render(tmp_path, config)["cluster-launcher.yaml"])
+    jsonschema.validate(launcher, ray_schema())
+    try:
+        from ray.autoscaler._private.util import prepare_config, validate_config
+    except ImportError:  # pragma: no cover - private API moved
+        pytest.skip("ray.autoscaler._private.util.validate_config not importable")
+    validate_config(copy.deepcopy(launcher))  # what `ray up` checks, before and after defaults
+    validate_config(prepare_config(copy.deepcopy(launcher)))
+    assert launcher["file_mounts"] == {"~/diclip": str(REPO)}
+    assert launcher["max_workers"] >= max(t.get("max_workers", 0) for t in launcher["available_node_types"].values())
+
+
+def test_broken_manifests_fail_schema_validation(tmp_path: Path) -> None:
+    """The schema checks above can fail: drop required fields, use wrong types."""
+    files = render(tmp_path, "coco")
+    cluster, job = load(files["raycluster.yaml"]), load(files["rayjob.yaml"])
+
+    bad = copy.deepcopy(cluster)
+    del bad["spec"]["headGroupSpec"]["template"]
+    with pytest.raises(jsonschema.ValidationError, match="'template' is a required property"):
+        validate_k8s(bad)
+    bad = copy.deepcopy(cluster)
+    del bad["spec"]["workerGroupSpecs"][0]["maxReplicas"]
+    with pytest.raises(jsonschema.ValidationError, match="maxReplicas"):
+        validate_k8s(bad)
+    bad = copy.deepcopy(job)
+    bad["spec"]["submitterConfig"]["backoffLimit"] = "zero"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(bad)
+    bad = copy.deepcopy(job)
+    del bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    with pytest.raises(jsonschema.ValidationError, match="containers"):
+        validate_k8s(bad)
+
+    launcher = load(files["cluster-launcher.yaml"])
+    bad = copy.deepcopy(launcher)
+    del bad["provider"]
+    with pytest.raises(jsonschema.ValidationError, match="provider"):
+        jsonschema.validate(bad, ray_schema())
+    bad = copy.deepcopy(launcher)
+    bad["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5  # resources must be integers
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, ray_schema())
+
+
+def test_use_gpu_without_gpus_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = load_spec(str(CONFIGS / "coco.yaml"), ["train.resources.num_gpus=0"])
+    with pytest.raises(ConfigError) as e:
+        cluster_render.render_all(spec, str(tmp_path / "out"))
+    assert str(e.value) == "train.use_gpu is true but train.resources.num_gpus is 0"
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), "train.resources.num_gpus=0",
+                   "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == "error: train.use_gpu is true but train.resources.num_gpus is 0"
+
+
+def test_storage_settings_and_image_reach_every_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + SECRET_VALUE)
+    out = tmp_path / "r"
+    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), "output_uri=s3://bucket/coco",
+                   "storage.endpoint_url=http://minio:9000", "storage.region=eu-west-1",
+                   "--out", str(out), "--image", "registry.example/diclip:1.2"])
+    assert rc == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(Path(p).name for p in printed) == sorted(p.name for p in out.iterdir())
+    cluster = load(out / "raycluster.yaml")
+    for c in containers(cluster["spec"]):
+        assert c["image"] == "registry.example/diclip:1.2"
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_REGION"] == "eu-west-1"
+        assert c["envFrom"] == [{"secretRef": {"name": "diclip-s3", "optional": False}}]  # s3:// needs it
+    validate_k8s(cluster)
+    assert load(out / "cluster-launcher.yaml")["provider"]["region"] == "eu-west-1"
+    for f in out.iterdir():
+        assert SECRET_VALUE not in f.read_text(), f"credential leaked into {f.name}"
+
+
+def test_k8s_names_are_dns_labels() -> None:
+    assert cluster_render.k8s_name("coco") == "diclip-coco"
+    name = cluster_render.k8s_name("My_Run.v2-" + "x" * 80)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 40
+
+
+# ----------------------------------------------------------------------------------------------
+# submission: unit tests
+# ----------------------------------------------------------------------------------------------
+def test_runtime_env_excludes_and_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "ray-token-must-not-travel")
+    spec = load_spec(str(CONFIGS / "demo.yaml"), ["storage.endpoint_url=http://minio:9000"])
+    env = submit.runtime_env(spec)
+    assert Path(env["working_dir"]) == REPO
+    assert (REPO / "diclip").is_dir() and (REPO / "ray_jobs").is_dir()
+    for pattern in (".git", ".venv", "/runs", "/data", "/.torch_extensions", "*.safetensors", "__pycache__",
+                    "/bench/results"):
+        assert pattern in env["excludes"]
+    ev = env["env_vars"]
+    assert ev["AWS_ACCESS_KEY_ID"] == "AKIATESTKEY" and ev["AWS_SECRET_ACCESS_KEY"] == SECRET_VALUE
+    assert ev["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert ev["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # the driver's ray.init repeats these env vars
+    assert not any(k.startswith("RAY_AUTH") for k in ev)  # the Ray token is the client's, not the job's
+
+
+def test_upload_package_is_small_and_keeps_the_packages(tmp_path: Path) -> None:
+    """Zip the working dir exactly as Ray will (same matcher, same .gitignore handling)."""
+    try:
+        from ray._private.runtime_env.packaging import _zip_files
+    except ImportError:  # pragma: no cover - private API moved
+        pytest.skip("ray packaging internals not importable")
+    out = tmp_path / "pkg.zip"
+    _zip_files(str(REPO), list(submit.EXCLUDES), str(out), include_gitignore=True)
+    names = zipfile.ZipFile(out).namelist()
+    assert out.stat().st_size < 20 * 2**20, f"upload is {out.stat().st_size / 2**20:.1f} MiB"
+    assert "ray_jobs/submit.py" in names and "diclip/cli.py" in names
+    # "/data" is anchored: the diclip.data package must survive the exclude
+    assert any(n.startswith("diclip/data/") for n in names)
+    for banned in (".git/", ".venv/", "runs/", "data/"):
+        assert not any(n.startswith(banned) for n in names), banned
+    assert not any("__pycache__" in n or n.endswith(".safetensors") for n in names)
+
+
+def test_spec_inside_the_repo_is_referenced_with_overrides() -> None:
+    overrides = ["name=x", "pipeline.stages=[synthesize]"]
+    spec = load_spec(str(CONFIGS / "demo.yaml"), overrides)
+    staged = submit.stage_spec(str(CONFIGS / "demo.yaml"), overrides, spec, "diclip-x-test")
+    assert staged.path == "configs/demo.yaml" and staged.temp_file is None
+    assert staged.overrides == [*overrides, "ray.address=auto"]
+    root = submit.repo_root()
+    assert submit._uploaded(root / "diclip" / "data" / "x.yaml", root)
+    assert not submit._uploaded(root / "runs" / "x.yaml", root)
+    assert not submit._uploaded(root / "data" / "x.yaml", root)
+    assert not submit._uploaded(Path(tempfile.gettempdir()) / "x.yaml", root)
+
+
+def test_spec_outside_the_repo_uploads_its_merged_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
+    src = tmp_path / "myspec.yaml"
+    shutil.copy(CONFIGS / "demo.yaml", src)
+    overrides = ["name=outside", f"output_uri={tmp_path}/runs", "train.max_iters=3"]
+    spec = load_spec(str(src), overrides)
+    sub_id = f"diclip-outside-test-{uuid.uuid4().hex[:8]}"
+    staged = submit.stage_spec(str(src), overrides, spec, sub_id)
+    try:
+        assert staged.temp_file is not None and staged.temp_file.is_file()
+        assert staged.path == f"{submit.SUBMIT_DIR}/{sub_id}.yaml"
+        assert staged.overrides == ["ray.address=auto"]  # the user's overrides are merged in already
+        assert submit._uploaded(staged.temp_file, submit.repo_root())
+        text = staged.temp_file.read_text()
+        assert SECRET_VALUE not in text
+        assert load_spec(str(staged.temp_file)) == spec
+    finally:
+        staged.cleanup()
+    assert not staged.temp_file.exists()
+
+
+def test_entrypoint_quotes_every_argument() -> None:
+    args = ["name=a b", "pipeline.stages=[synthesize,train]", "output_uri=$HOME/x", "data.root='q'"]
+    cmd = submit.entrypoint("configs/my spec.yaml", args)
+    assert shlex.split(cmd) == ["python", "-m", "diclip.cli", "run", "configs/my spec.yaml", *args]
+    assert "$HOME" in cmd and "'output_uri=$HOME/x'" in cmd  # no expansion by the cluster's shell
+
+
+def test_submission_ids_are_readable_and_unique() -> None:
+    spec = load_spec(str(CONFIGS / "demo.yaml"))
+    a, b = submit.submission_id(spec), submit.submission_id(spec)
+    assert a != b and re.fullmatch(r"diclip-demo-\d{8}-\d{6}-[0-9a-f]{4}", a)
+
+
+@pytest.mark.parametrize("argv", [["submit", str(CONFIGS / "demo.yaml")], ["status", "j"], ["logs", "j"],
+                                  ["stop", "j"]])
+def test_missing_address_is_one_line(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: no Ray address: pass --address http://HOST:8265 or set RAY_ADDRESS"
+
+
+@pytest.mark.parametrize("argv", [["submit", str(CONFIGS / "demo.yaml"), "--address", "http://127.0.0.1:1"],
+                                  ["status", "j", "--address", "http://127.0.0.1:1"],
+                                  ["logs", "j", "--follow", "--address", "127.0.0.1:1"],
+                                  ["stop", "j"]])
+def test_unreachable_address_fails_fast(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # used by the last case
+    t0 = time.monotonic()
+    assert cli.main(argv) == 2
+    assert time.monotonic() - t0 < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot reach Ray dashboard at http://127.0.0.1:1: ")
+    assert not (REPO / submit.SUBMIT_DIR).exists() or not any((REPO / submit.SUBMIT_DIR).glob("diclip-demo-*"))
+
+
+def test_token_errors_say_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.exceptions import AuthenticationError
+
+    messages = iter(["Authentication required: Unauthorized: Missing authentication token",
+                     "Authentication failed: Forbidden: Invalid authentication token"])
+
+    class Rejecting:
+        def __init__(self, address: str) -> None:
+            raise AuthenticationError(next(messages))
+
+    monkeypatch.setattr(submit, "_check_reachable", lambda address: None)
+    monkeypatch.setattr("ray.job_submission.JobSubmissionClient", Rejecting)
+    with pytest.raises(DiclipError) as e:
+        submit.connect("http://ray-head:8265")
+    assert str(e.value) == submit.TOKEN_HINT
+    assert str(e.value).startswith("the cluster requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN")
+    with pytest.raises(DiclipError, match="rejected the token"):
+        submit.connect("http://ray-head:8265")
+
+
+def test_http_401_from_a_proxy_is_a_token_error() -> None:
+    with pytest.raises(DiclipError, match="requires a token"):
+        with submit._api_errors("http://x:8265"):
+            raise RuntimeError("Request failed with status code 401: Unauthorized.")
+    with pytest.raises(DiclipError, match="no job 'j1'"):
+        with submit._api_errors("http://x:8265", "j1"):
+            raise RuntimeError("Request failed with status code 404: Job j1 does not exist.")
+
+
+# ----------------------------------------------------------------------------------------------
+# a real submission to a local Ray cluster
+# ----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of one session: everything `ray start` spawned (we started it with setsid)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+@contextlib.contextmanager
+def ray_cluster(auth_env: dict[str, str]) -> Iterator[str]:
+    """A real single-node Ray cluster with a dashboard; yields its Jobs API address.
+
+    Only this cluster is torn down: `ray stop` would kill every Ray instance of this user (other test
+    sessions run Ray too), so `ray start --block` runs in its own session and teardown signals exactly
+    that session's processes.
+    """
+    venv_bin = Path(sys.executable).parent
+    ray_bin = venv_bin / "ray"
+    if not ray_bin.exists():
+        pytest.skip(f"no ray CLI next to {sys.executable}")
+    temp_dir = tempfile.mkdtemp(prefix="dcl", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    dash = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    # `python` in the job's entrypoint must be this virtualenv's interpreter
+    env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **auth_env)
+    log_path = Path(temp_dir) / "ray-start.log"
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+           "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--temp-dir={temp_dir}"]
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:  # the jobs endpoint, not just the dashboard: JobHead starts a bit later
+                with urllib.request.urlopen(f"{address}/api/jobs/", timeout=2):
+                    break
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):  # token mode: up, and refusing us
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not come up: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: ray start tears its processes down on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 15
+        while (left := _session_pids(proc.pid)) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def local_ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Cluster and this (client) process both with RAY_AUTH_MODE=disabled.
+
+    Ray 2.60 accepts `ray start` with RAY_AUTH_MODE=disabled. Token mode is exercised separately with
+    client subprocesses: the client reads RAY_AUTH_MODE when ray is first imported, which in a pytest
+    process has long happened.
+    """
+    with ray_cluster({"RAY_AUTH_MODE": "disabled"}) as address:
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        yield address
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_real_submission_runs_on_a_local_cluster(local_ray_cluster: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    address = local_ray_cluster
+    name = f"sub-{uuid.uuid4().hex[:8]}"
+    t0 = time.monotonic()
+    rc = cli.main(["submit", str(CONFIGS / "demo.yaml"), f"name={name}", f"output_uri={tmp_path}/runs",
+                   "pipeline.stages=[synthesize]", "--address", address, "--timeout", "300"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0, "\n".join(out[-45:])
+    assert out[0].startswith(f"submitted diclip-{name}-")
+    job_id = out[0].split()[1]
+    assert out[-1].startswith(f"{job_id}: SUCCEEDED")
+    assert (tmp_path / "runs" / "data" / "synthetic.json").is_file()  # written by the job on the cluster
+    submit_s = time.monotonic() - t0
+
+    assert cli.main(["status", job_id, "--address", address]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    assert cli.main(["logs", job_id, "--address", address]) == 0
+    logs = capsys.readouterr().out
+    assert "stage synthesize" in logs and "ray.address=auto" in logs
+    assert cli.main(["stop", job_id, "--address", address]) == 0
+    assert capsys.readouterr().out.strip() == f"{job_id} was not running (SUCCEEDED)"
+    assert cli.main(["status", "no-such-job", "--address", address]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: no job 'no-such-job' at {address}"
+
+    # a spec outside the repo goes up as its merged YAML; --no-wait returns at once
+    src = tmp_path / "elsewhere.yaml"
+    shutil.copy(CONFIGS / "demo.yaml", src)
+    rc = cli.main(["submit", str(src), f"name={name}-2", f"output_uri={tmp_path}/runs2",
+                   "pipeline.stages=[synthesize]", "--address", address, "--no-wait"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and out[0].startswith(f"submitted diclip-{name}-2-")
+    job2 = out[0].split()[1]
+    assert not (REPO / submit.SUBMIT_DIR / f"{job2}.yaml").exists()  # removed once uploaded
+    client = submit.connect(address)
+    assert submit.wait(client, job2, address, timeout_s=300) == "SUCCEEDED"
+    assert (tmp_path / "runs2" / "data" / "synthetic.json").is_file()
+    assert f"{submit.SUBMIT_DIR}/{job2}.yaml" in client.get_job_logs(job2)
+    print(f"first submission took {submit_s:.1f}s, whole test {time.monotonic() - t0:.1f}s", file=sys.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_token_auth_cluster_needs_the_token() -> None:
+    """Pitfall 15 for real: `ray start` with RAY_AUTH_MODE=token + RAY_AUTH_TOKEN; clients without the
+    token get the one-line hint, with a wrong token a rejection, with the token through to the API."""
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    with ray_cluster({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}) as address:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+
+        def status(**auth: str) -> tuple[int, str]:
+            r = subprocess.run([sys.executable, "-m", "diclip.cli", "status", "no-such-job", "--address", address],
+                               env={**base, **auth}, capture_output=True, text=True, timeout=120, cwd=REPO)
+            return r.returncode, (r.stderr.strip().splitlines() or [""])[-1]
+
+        # explicit "disabled": with RAY_AUTH_MODE unset, Ray may pick up a token from ~/.ray/auth_token
+        assert status(RAY_AUTH_MODE="disabled") == (2, f"error: {submit.TOKEN_HINT}")
+        rc, err = status(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 64)
+        assert rc == 2 and "rejected the token" in err, err
+        assert status(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token) == (2, f"error: no job 'no-such-job' at {address}")
