@@ -32,10 +32,23 @@ def _metrics(spec):
 
 
 @pytest.fixture(scope="module")
-def local_run(ray_session, tmp_path_factory):
-    spec = _prepare(str(tmp_path_factory.mktemp("train") / "run"))
-    summary = train.run(spec)
-    return spec, summary
+def s3_run(ray_session, moto_server):
+    """One 2-worker run whose checkpoints, metrics and export all live in a moto S3 bucket."""
+    import uuid
+
+    import boto3
+
+    from diclip.storage import StorageOptions, configure
+
+    bucket = f"diclip-train-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    configure(StorageOptions(endpoint_url=moto_server))
+    try:
+        spec = _prepare(f"s3://{bucket}/run", endpoint_url=moto_server)
+        summary = train.run(spec)
+        yield spec, summary
+    finally:
+        configure(None)
 
 
 def test_positions_are_disjoint_and_deterministic():
@@ -68,8 +81,8 @@ def test_loss_decreases_on_a_fixed_batch(ray_session, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(clip_before, trainer.clip.model.parameters()))
 
 
-def test_two_worker_run_writes_metrics_checkpoints_and_export(local_run):
-    spec, summary = local_run
+def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run):
+    spec, summary = s3_run
     assert summary["steps"] == 4 and 0 <= summary["val_miou"] <= 1
     m = _metrics(spec)
     assert [r["step"] for r in m if r["kind"] == "eval"] == [2, 4]
@@ -82,35 +95,29 @@ def test_two_worker_run_writes_metrics_checkpoints_and_export(local_run):
     assert any(k.startswith("adapter.") for k in tensors) and any(k.startswith("segmenter.") for k in tensors)
     assert not any(k.startswith("encoder.") for k in tensors)
     assert storage.exists(storage.join(export, "cache", "kv_cache.safetensors"))
+    ckpt = summary["checkpoint"]  # checkpoints went to the bucket, through our endpoint
+    assert ckpt and not ckpt.startswith("/")
+    files = storage.list_files(f"s3://{ckpt}")
+    assert any(f.endswith("diclip_state.json") for f in files)
+    assert any(f.endswith("rng_rank1.safetensors") for f in files)  # every rank's part is in the one folder
+    assert any("zero_pp_rank_1" in f for f in files)
 
 
-def test_resume_reproduces_the_next_step_exactly(local_run, ray_session):
-    spec, summary = local_run
+def test_resume_reproduces_the_next_step_exactly(s3_run, moto_server):
+    spec, summary = s3_run
     first = {r["step"]: r for r in _metrics(spec)}
-    ckpts = sorted(p for p in os.listdir(os.path.join(spec.train.output, "ray", "demo-train"))
-                   if p.startswith("checkpoint_") and not p.endswith(".json"))
-    step2 = [c for c in ckpts
-             if json.load(open(os.path.join(spec.train.output, "ray", "demo-train", c, "diclip_state.json")))["step"] == 2]
-    assert step2, ckpts
+    ray_dir = storage.join(spec.train.output, "ray", "demo-train")
+    states = [f for f in storage.list_files(ray_dir) if f.endswith("diclip_state.json")]
+    step2 = [f.rsplit("/", 1)[0] for f in states if storage.read_json(f)["step"] == 2]
+    assert step2, states
     resumed = tiny_spec(spec.output_uri, *TRAIN, f"train.output={spec.output_uri}/train_resumed",
-                        f"train.resume_from={spec.train.output}/ray/demo-train/{step2[0]}")
+                        f"train.resume_from={step2[0]}", endpoint_url=moto_server)
     train.run(resumed)
     again = {r["step"]: r for r in _metrics(resumed)}
     assert 3 in again and 4 in again and 1 not in again
     for k in ("loss", "seg_loss", "aff_loss", "adapter_loss", "lr"):
         assert again[3][k] == first[3][k], k  # bit-for-bit
     assert again[4]["val_miou"] == first[4]["val_miou"]
-
-
-def test_checkpoints_go_to_moto_s3(ray_session, s3_bucket, moto_server):
-    spec = _prepare(f"{s3_bucket}/run", "train.max_iters=2", endpoint_url=moto_server)
-    summary = train.run(spec)
-    ckpt = summary["checkpoint"]
-    assert ckpt and not ckpt.startswith("/")
-    files = storage.list_files(f"s3://{ckpt}")
-    assert any(f.endswith("diclip_state.json") for f in files)
-    assert any("mp_rank_00_model_states.pt" in f or "zero_pp_rank_1" in f for f in files)
-    assert storage.exists(storage.join(spec.train.output, "export", "model.safetensors"))
 
 
 def test_bad_train_configs_fail_with_one_line(tmp_path):
