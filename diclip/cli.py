@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _load(args):
+def _load(args, absolute_paths: bool = True):
     from diclip.config import load_spec
 
-    return load_spec(args.spec, args.overrides)
+    return load_spec(args.spec, args.overrides, absolute_paths=absolute_paths)
 
 
 def _dispatch(args) -> int:
@@ -139,7 +139,7 @@ def _dispatch(args) -> int:
         if args.cluster_command != "render":
             print("usage: diclip cluster render SPEC [--out DIR]", file=sys.stderr)
             return 2
-        spec = _load(args)
+        spec = _load(args, absolute_paths=False)  # paths are resolved on the cluster, not here
         paths = cluster_render.render_all(spec, args.out, image=args.image)
         for p in paths:
             print(p)

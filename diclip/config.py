@@ -233,64 +233,109 @@ class StageBase:
     resources: Resources = field(default_factory=Resources)
 
 
+# The reference's special prompts (maintain_kv_cache generate.py): VOC's "people" and "buses" get
+# a person-/bus-specific wording instead of the template. Keyed by generation word.
+_PEOPLE_PROMPT = (
+    "a realistic photograph of a fully visible, entire person, centered in the image with natural colors, a clear "
+    "and distinct background, and high contrast between the subject and background. The person should be fully "
+    "visible, not cropped, and should not occupy the whole image frame."
+)
+_BUS_PROMPT = _PEOPLE_PROMPT.replace("person", "bus")
+
+
 @dataclass
 class GenerateConfig(StageBase):
     output: str = "${output_uri}/generate"
     source: str = "runwayml/stable-diffusion-v1-5"
     """Text-to-image model (HF id, local dir, or ``tiny``); the reference generated with SD 1.5."""
     images_per_class: int = 50
+    """Images per class. Raising it later generates only the missing indices (same seeds)."""
     num_inference_steps: int = 45
     guidance_scale: float = 10.0
     size: int = 384
-    """Generation size; images are then resized to ``save_size`` as in the reference."""
+    """Generation size; images are then resized to ``save_size`` (LANCZOS) as in the reference."""
     save_size: int = 512
     seed: int = 4307
-    """Base seed; each image's seed derives from (class, index, seed)."""
+    """Base seed; each image's seed derives from (class, index, seed), so images are reproducible."""
     prompt_template: str = (
         "a realistic photograph of a fully visible, entire {} with natural colors, centered in the image, "
         "with a clear and distinct background, high color contrast, and the {} should not occupy the entire "
         "image frame, ensuring the {} is completely visible without any part being cropped."
     )
+    """Every ``{}`` is replaced by the class's generation word (``ClassSet.generation_words``)."""
+    prompt_overrides: dict[str, str] = field(default_factory=lambda: {"people": _PEOPLE_PROMPT, "buses": _BUS_PROMPT})
+    """Generation word -> full prompt used instead of the template (the reference's special wordings)."""
     classes: list[str] = field(default_factory=list)
-    """Restrict generation to these class names (empty: every foreground class)."""
-    shard_size: int = 64
+    """Restrict generation to these class names (empty: every foreground class of ``data.dataset``)."""
+    dtype: str = "auto"
+    """auto: fp16 on CUDA, fp32 on CPU."""
+    enable_xformers: bool = True
+    """xformers attention on CUDA when importable (generation captures no attention maps)."""
 
     def __post_init__(self) -> None:
         _check(self.images_per_class >= 1, "generate.images_per_class must be >= 1")
-        _check(self.size % 8 == 0, "generate.size must be a multiple of 8")
+        _check(self.num_inference_steps >= 1, "generate.num_inference_steps must be >= 1")
+        _check(self.guidance_scale >= 0, "generate.guidance_scale must be >= 0")
+        _check(self.size >= 8 and self.size % 8 == 0, "generate.size must be a positive multiple of 8")
+        _check(self.save_size >= 8, "generate.save_size must be >= 8")
+        _check("{}" in self.prompt_template, "generate.prompt_template must contain '{}'")
+        _check(self.dtype in ("auto", "float16", "bfloat16", "float32"),
+               f"generate.dtype must be auto|float16|bfloat16|float32, got {self.dtype!r}")
+        _check(len(set(self.classes)) == len(self.classes), "generate.classes lists a class twice")
 
 
 @dataclass
 class MaskConfig(StageBase):
     output: str = "${output_uri}/mask"
     images: str = "${generate.output}"
+    """The ``generate`` stage output whose images get masks."""
     image_size: int = 320
-    """Generated images are resized to this square before the CAM path."""
+    """Generated images are resized to this square before the CAM path (the reference: 320)."""
     rar_steps: int = 10
+    """RAR random-walk steps for generated images (the reference's mask script: 10)."""
     min_foreground: float = 0.02
-    """Masks covering less than this fraction of the image are filtered out."""
+    """Masks covering less than this fraction of the image are filtered out (empty masks always are)."""
     max_foreground: float = 0.95
     """... and more than this fraction."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_foreground < self.max_foreground <= 1, "mask.min_foreground < mask.max_foreground in [0, 1]")
-        _check(self.image_size % 16 == 0, "mask.image_size must be a multiple of 16")
+        _check(self.image_size >= 16 and self.image_size % 16 == 0, "mask.image_size must be a positive multiple of 16")
+        _check(self.rar_steps >= 0, "mask.rar_steps must be >= 0")
 
 
 @dataclass
 class CacheConfig(StageBase):
     output: str = "${output_uri}/cache"
     images: str = "${generate.output}"
+    """The ``generate`` stage output (images)."""
     masks: str = "${mask.output}"
+    """The ``mask`` stage output (masks, kept flags)."""
     image_size: int = 320
+    """Images are resized to this square for the diffusion (VCE) and CLIP passes (the training crop)."""
     clusters_per_class: int = 10
     """k-means centroids per foreground class (VOC 10, COCO 5)."""
     background_clusters: int = 25
+    """k-means centroids of the background keys (one per image, from outside its mask)."""
     kmeans_iters: int = 100
     seed: int = 0
+    """k-means seed; group g (0 = background, else the class id) uses ``seed + g``."""
+    reduce_partitions: int = 0
+    """Partitions of the k-means groupby (0: one per group, at most 64)."""
+    reduce_shuffle: str = "sort"
+    """Ray Data shuffle behind the groupby: ``sort`` (pull-based sort shuffle: no aggregator actors, ~5x
+    faster for the few MB of keys a cache has) or ``hash`` (Ray's hash shuffle, for very large key sets)."""
+    allow_missing_classes: bool = False
+    """A class with no usable image has no cache entry, which breaks retrieval CAMs; refuse unless set."""
 
     def __post_init__(self) -> None:
         _check(self.clusters_per_class >= 1 and self.background_clusters >= 1, "cache cluster counts must be >= 1")
+        _check(self.image_size >= 16 and self.image_size % 16 == 0,
+               "cache.image_size must be a positive multiple of 16")
+        _check(self.kmeans_iters >= 1, "cache.kmeans_iters must be >= 1")
+        _check(self.reduce_partitions >= 0, "cache.reduce_partitions must be >= 0")
+        _check(self.reduce_shuffle in ("sort", "hash"),
+               f"cache.reduce_shuffle must be sort|hash, got {self.reduce_shuffle!r}")
 
 
 @dataclass
@@ -351,24 +396,82 @@ class TrainConfig(StageBase):
 class EvaluateConfig(StageBase):
     output: str = "${output_uri}/evaluate"
     checkpoint: str = "${train.output}/export"
+    """A ``train`` export (model.safetensors, cache/, spec.yaml, card.json); the model is built from its spec."""
     split: str = "${data.val_split}"
+    """Split for segmentation mIoU (multi-scale + flip inference of the segmenter)."""
     cam_split: str = "${data.train_split}"
+    """Split for CAM pseudo-label mIoU (reference: VOC train) and for the pseudo-label export."""
     scales: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.2, 1.5])
+    """Segmentation input squares, as multiples of ``size`` (reference: 224/320/384/480 at 320)."""
     flip: bool = True
+    """Average each scale's logits with those of the horizontally flipped input."""
+    voc_flip_quirk: bool = False
+    """Reproduce the reference VOC script exactly: at scale 1.0 use only the unflipped logits."""
+    work_ratio: float = 0.4
+    """Logits of every scale are resized to ``work_ratio`` x the image size before averaging
+    (reference: 0.4 VOC, 0.2 COCO), then upsampled to the image size."""
+    size: int = 0
+    """Base square side in pixels; 0: the crop size the model was trained at (card.json)."""
     crf: bool = False
+    """Dense CRF on the segmentation probabilities (reference parameters); needs ``pip install pydensecrf2``."""
+    cam: bool = True
+    """Evaluate CAM pseudo-labels on ``cam_split`` (needs correlation maps, see ``maps``)."""
+    maps: str = "stored"
+    """Diffusion maps for the CAMs: stored (read the ``correlate`` output at ``correlation``) or
+    online (run the diffusion model in the actors)."""
+    correlation: str = "${correlate.output}"
+    """Correlation shards for ``maps=stored``; must cover ``cam_split`` (and ``split`` for pictures)."""
+    cam_caa_threshold: float = 0.88
+    """CAA box threshold of the CAM evaluation (reference infer_lam: 0.88, no segmenter gating)."""
+    cam_rar_steps: int = 10
+    """RAR random-walk steps of the CAM evaluation (reference infer_lam: 10)."""
+    cam_adapter: bool = False
+    """CAMs from the trained KV adapter instead of cache retrieval (reference LAM eval is training-free)."""
+    export_pseudo_labels: bool = False
+    """Also write the CAM pseudo-labels of ``cam_split`` as VOC palette PNGs under
+    ``{output}/pseudo_labels/SegmentationClassAug/`` (multi-stage protocol)."""
     num_pictures: int = 8
+    """Rows of ``pictures.png`` (image | ground truth | CAM | prediction), first images of ``split``."""
     limit: int = 0
     """Evaluate the first N images (0: all)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales),
+               "evaluate.scales must be a non-empty list of positive numbers")
+        _check(0 < self.work_ratio <= 1, "evaluate.work_ratio must be in (0, 1]")
+        _check(self.size >= 0 and self.size % 16 == 0, "evaluate.size must be 0 (the trained crop size) or a multiple of 16")
+        _check(self.maps in ("stored", "online"), f"evaluate.maps must be stored|online, got {self.maps!r}")
+        _check(0.0 <= self.cam_caa_threshold <= 1.0, "evaluate.cam_caa_threshold must be in [0, 1]")
+        _check(self.cam_rar_steps >= 0, "evaluate.cam_rar_steps must be >= 0")
+        _check(self.num_pictures >= 0, "evaluate.num_pictures must be >= 0")
+        _check(self.limit >= 0, "evaluate.limit must be >= 0")
+        _check(bool(self.split), "evaluate.split must name a split")
+        _check(bool(self.cam_split) or not (self.cam or self.export_pseudo_labels),
+               "evaluate.cam_split must name a split when evaluate.cam or evaluate.export_pseudo_labels is on")
 
 
 @dataclass
 class InferConfig(StageBase):
     output: str = "${output_uri}/infer"
     checkpoint: str = "${train.output}/export"
+    """A ``train`` export; the model is built from its spec."""
     input: str = "${data.root}/JPEGImages"
+    """Directory or s3:// prefix of .jpg/.jpeg/.png images (listed recursively)."""
     overlays: bool = True
+    """Also write colour overlays ``{output}/overlays/<name>.jpg``."""
     scales: list[float] = field(default_factory=lambda: [1.0])
+    """Input squares as multiples of ``size`` (see evaluate.scales)."""
     flip: bool = True
+    work_ratio: float = 0.4
+    """Logits are averaged at ``work_ratio`` x the image size, then upsampled (see evaluate.work_ratio)."""
+    size: int = 0
+    """Base square side in pixels; 0: the crop size the model was trained at (card.json)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales),
+               "infer.scales must be a non-empty list of positive numbers")
+        _check(0 < self.work_ratio <= 1, "infer.work_ratio must be in (0, 1]")
+        _check(self.size >= 0 and self.size % 16 == 0, "infer.size must be 0 (the trained crop size) or a multiple of 16")
 
 
 @dataclass
@@ -418,8 +521,29 @@ def _one_line(e: OmegaConfBaseException, source: str) -> str:
     return f"{source}: {msg}{where}"
 
 
-def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Build a validated :class:`JobSpec` from defaults, an optional YAML file and ``key=value`` overrides."""
+# Fields that hold artifact URIs; relative local paths among them are made absolute at load time,
+# because Ray workers (Train workers especially) do not run in the driver's working directory.
+URI_FIELDS = frozenset({"output_uri", "root", "list_dir", "mask_dir", "output", "images", "masks", "cache",
+                        "correlation", "resume_from", "checkpoint", "input"})
+
+
+def _absolutize(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _absolutize(value)
+        elif f.name in URI_FIELDS and isinstance(value, str) and value and "://" not in value \
+                and not os.path.isabs(value):
+            setattr(obj, f.name, os.path.abspath(value))
+
+
+def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = (),
+              absolute_paths: bool = True) -> JobSpec:
+    """Build a validated :class:`JobSpec` from defaults, an optional YAML file and ``key=value`` overrides.
+
+    ``absolute_paths``: resolve relative local artifact paths against the current directory (off when
+    the spec is being shipped to another machine, e.g. by ``diclip submit``).
+    """
     base = OmegaConf.structured(JobSpec)
     layers = []
     if path is not None:
@@ -448,6 +572,8 @@ def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...]
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e, path or "config")) from e
     assert isinstance(spec, JobSpec)
+    if absolute_paths:
+        _absolutize(spec)
     return spec
 
 

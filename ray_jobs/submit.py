@@ -260,7 +260,7 @@ def submit(spec_file: str, overrides: Sequence[str], address: Optional[str], no_
     """Validate locally, upload the repo + spec, start the job; wait for it unless ``no_wait``."""
     from ray_jobs.validate import validate_spec
 
-    spec = load_spec(spec_file, list(overrides))
+    spec = load_spec(spec_file, list(overrides), absolute_paths=False)
     validate_spec(spec, check_exists=False)  # inputs may exist only where the cluster can see them
     addr = resolve_address(address)
     client = connect(addr)

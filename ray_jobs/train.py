@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import tempfile
@@ -324,6 +325,22 @@ def export(spec: JobSpec, trainer, module) -> None:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
+def preflight(spec: JobSpec) -> None:
+    """Check the inputs in the driver so a missing or mismatched artifact is one line, not N worker
+    tracebacks: the cache (dimension and classes against the CLIP config) and the correlation maps."""
+    import open_clip
+
+    from diclip.data import get_class_set
+    from diclip.models.clip import register_bundled_configs
+    from diclip.models.kv_cache import load_cache
+
+    register_bundled_configs()
+    embed_dim = (open_clip.get_model_config(spec.model.clip.name) or {}).get("embed_dim")
+    load_cache(spec.train.cache, embed_dim, list(get_class_set(spec.data.dataset).classes))
+    if spec.train.mode == "stored" and not storage.is_complete(spec.train.correlation):
+        raise ConfigError(f"train.correlation: no complete correlate output at {spec.train.correlation}; "
+                          "run the correlate stage first (or train.mode=online)")
+
 def run(spec: JobSpec) -> dict:
     import ray.data
     import ray.train
@@ -337,6 +354,7 @@ def run(spec: JobSpec) -> dict:
     t = spec.train
     check_train_spec(spec)
     build_deepspeed_config(spec)  # fail fast on config errors, before any worker starts
+    preflight(spec)
     init_ray(spec)
     b = per_worker_batch(spec)
     log.info("train: %d workers x %d per worker x %d accumulation = effective batch %d; lr %.2e (x%g for adapter "
@@ -373,12 +391,10 @@ def run(spec: JobSpec) -> dict:
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; surface user errors as one line
-        cause = e
-        while cause.__cause__ is not None and not isinstance(cause, DiclipError):
-            cause = cause.__cause__
-        if isinstance(cause, DiclipError):
-            raise cause from e
+    except Exception as e:  # Ray wraps worker errors in text; surface user errors as one line
+        found = re.search(r"diclip\.errors\.\w+: ([^\n]+)", str(e))
+        if found:
+            raise DiclipError(f"train worker: {found.group(1)}") from e
         raise
     seconds = time.perf_counter() - t0
     metrics = dict(result.metrics or {})

@@ -37,6 +37,8 @@ def stage_inputs(spec: JobSpec, stage: str) -> dict[str, str]:
     }[stage]
     if stage == "train" and spec.train.mode == "stored":
         d["train.correlation"] = spec.train.correlation
+    if stage == "evaluate" and spec.evaluate.cam and spec.evaluate.maps == "stored":
+        d["evaluate.correlation"] = spec.evaluate.correlation
     return d
 
 

@@ -86,7 +86,7 @@ class DiCLIP(nn.Module):
     def forward(self, images: torch.Tensor, corr: torch.Tensor | None = None, *, use_adapter_cam: bool = False,
                 seg_only: bool = False) -> DiCLIPOutput:
         """images [B, 3, H, W] in [0, 1] (H, W multiples of 16); corr [B, N, N] or None (CLIP Surgery)."""
-        vis = self.encoder(self.normalize(images), corr)
+        vis = self.encoder(self.normalize(images), corr, surgery=not seg_only)
         grid = vis.grid
         b = images.shape[0]
         # The reference normalises the features over the token axis (dim=1), not channels; kept.

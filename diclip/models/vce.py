@@ -113,7 +113,9 @@ class VCEVisionEncoder(nn.Module):
         return F.linear(x_new, proj.weight, proj.bias), F.linear(x_ori, proj.weight, proj.bias), ori.sum(1)
 
     @torch.no_grad()
-    def forward(self, pixels: torch.Tensor, corr: torch.Tensor | None = None) -> VisionOutput:
+    def forward(self, pixels: torch.Tensor, corr: torch.Tensor | None = None, surgery: bool = True) -> VisionOutput:
+        """``surgery=False`` skips the surgery path (segmentation-only inference needs just the
+        original path's per-layer tokens); ``features`` are then the original path's."""
         x, grid = self.embed(pixels)
         n = grid[0] * grid[1]
         if corr is not None and corr.shape[-2:] != (n, n):
@@ -123,7 +125,7 @@ class VCEVisionEncoder(nn.Module):
         tokens, attns = [], []
         x_new = None
         for i, blk in enumerate(blocks):
-            if i < first_surgery:
+            if i < first_surgery or not surgery:
                 x, w = self._standard_block(blk, x)
             else:
                 res_new, res_ori, w = self._surgery_attention(blk, blk.ln_1(x), corr)
@@ -132,7 +134,7 @@ class VCEVisionEncoder(nn.Module):
                 x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
             tokens.append(x)
             attns.append(w)
-        out = torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
+        out = x if x_new is None else torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
         v = self.visual
         out = v.ln_post(out)
         if v.proj is not None:

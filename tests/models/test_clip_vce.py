@@ -83,6 +83,8 @@ def test_zero_map_equals_no_map_and_map_only_touches_surgery_path(clip):
     assert torch.equal(withmap.layer_tokens, plain.layer_tokens)  # original path untouched
     torch.testing.assert_close(withmap.features[:, 0], plain.features[:, 0])  # CLS from original path
     assert not torch.allclose(withmap.features[:, 1:], plain.features[:, 1:])
+    fast = enc(x, surgery=False)  # segmentation-only inference: same per-layer tokens, no surgery path
+    torch.testing.assert_close(fast.layer_tokens, plain.layer_tokens, rtol=1e-5, atol=1e-6)
 
 
 def test_surgery_block_by_hand(clip):

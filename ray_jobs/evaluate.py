@@ -1,0 +1,458 @@
+"""Stage ``evaluate``: segmentation mIoU, CAM pseudo-label mIoU, pictures and pseudo-label export.
+
+    export (model.safetensors, cache, spec) + dataset splits
+    -> items: seg/<id> (``split``), cam/<id> (``cam_split``), pic/<id> (first ``num_pictures`` of ``split``)
+    -> Ray Data actor pool (Evaluator: the exported DiCLIP loaded once per actor)
+       seg: multi-scale + flip segmenter inference (optional dense CRF) -> mask PNG + confusion matrix
+       cam: reference LAM evaluation (CAA 0.88, RAR 10 steps) -> pseudo-label PNG + confusion matrix
+       pic: CAM of the strongest present class, for the picture grid
+    -> shards/part-*.parquet (one per actor call; confusion matrices stored sparsely per row)
+    -> driver: int64 confusion matrices summed over the committed rows (exact; never a mean of
+       per-batch mIoUs), metrics.json, report.md, pictures.png,
+       [pseudo_labels/SegmentationClassAug/<id>.png], failures.parquet, manifest.json (last)
+
+Resumable like every stage: a re-run schedules only items without a committed row, and the totals are
+rebuilt from all committed rows. ``run.json`` records what the results depend on (export fingerprint,
+scales, thresholds, data root ...); when that changes, the old results are discarded, not mixed in.
+Details of the inference itself: :mod:`diclip.inference`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from diclip import storage
+from diclip.config import JobSpec
+from diclip.data import get_class_set, open_dataset
+from diclip.errors import ConfigError, DiclipError
+from diclip.logging import get_logger
+from diclip.method import metrics as metriclib
+from ray_jobs.common import (
+    ID, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error, write_shard,
+)
+
+log = get_logger("ray_jobs.evaluate")
+STAGE = "evaluate"
+RUN_FILE = "run.json"
+PSEUDO_DIR = ("pseudo_labels", "SegmentationClassAug")
+PICTURE_CELL = 160  # px per picture cell: large enough to judge a mask, small enough for 8+ rows in one PNG
+PICTURE_TITLES = ("image", "ground truth", "CAM (strongest class)", "prediction")
+SCHEMA = pa.schema([
+    (ID, pa.string()),
+    ("task", pa.string()),  # seg | cam | pic
+    ("image_id", pa.string()),
+    ("height", pa.int32()), ("width", pa.int32()),
+    ("png", pa.binary()),  # seg: predicted mask, cam: pseudo-label (palette PNGs); pic: 8-bit CAM heatmap
+    ("cm_idx", pa.list_(pa.int32())),  # sparse confusion matrix: flat index gt * K + pred ...
+    ("cm_cnt", pa.list_(pa.int64())),  # ... and its pixel count (empty without ground truth)
+    ("cam_class", pa.int16()),  # pic: class id shown (0: no present class)
+])
+SUMMARY_COLUMNS = [ID, "task", "image_id", "cm_idx", "cm_cnt", "cam_class"]
+
+
+def output_uri(spec: JobSpec) -> str:
+    return spec.evaluate.output
+
+
+def dataset_kwargs(spec: JobSpec) -> dict:
+    d = spec.data
+    return dict(layout=d.layout, labels_file=d.labels_file, list_dir=d.list_dir, mask_dir=d.mask_dir,
+                skip_bad=d.skip_bad)
+
+
+def _ids(spec: JobSpec, split: str) -> list[str]:
+    ids = open_dataset(spec.data.root, split, get_class_set(spec.data.dataset), **dataset_kwargs(spec)).ids
+    return ids[: spec.evaluate.limit] if spec.evaluate.limit else ids
+
+
+def list_items(spec: JobSpec) -> list[dict]:
+    """Every unit of work: one per (task, image)."""
+    cfg = spec.evaluate
+    seg_ids = _ids(spec, cfg.split)
+    items = [{ID: f"seg/{i}", "task": "seg", "image_id": i, "split": cfg.split} for i in seg_ids]
+    if cfg.cam:
+        items += [{ID: f"pic/{i}", "task": "pic", "image_id": i, "split": cfg.split}
+                  for i in seg_ids[: cfg.num_pictures]]
+    if cfg.cam or cfg.export_pseudo_labels:
+        items += [{ID: f"cam/{i}", "task": "cam", "image_id": i, "split": cfg.cam_split}
+                  for i in _ids(spec, cfg.cam_split)]
+    return items
+
+
+def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
+    """Everything a committed row depends on (not limit / num_pictures / resources: they add or drop rows)."""
+    c = spec.evaluate
+    return {"checkpoint": c.checkpoint, "fingerprint": fingerprint, "data_root": spec.data.root,
+            "dataset": spec.data.dataset, "split": c.split, "cam_split": c.cam_split, "size": base_size,
+            "scales": list(c.scales), "flip": c.flip, "voc_flip_quirk": c.voc_flip_quirk, "work_ratio": c.work_ratio,
+            "crf": c.crf, "maps": c.maps, "correlation": c.correlation if c.maps == "stored" else None,
+            "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter}
+
+
+def reset_if_changed(out: str, key: dict, stale_dirs: list[str]) -> None:
+    """Drop results computed under another key (another model, scales, data ...), then record the key."""
+    uri = storage.join(out, RUN_FILE)
+    old = storage.read_json(uri) if storage.exists(uri) else None
+    if old != key and (old is not None or list_shards(out)):
+        changed = sorted(k for k in set(key) | set(old or {}) if (old or {}).get(k) != key.get(k))
+        log.warning("%s: results there were computed with different settings (%s); discarding them",
+                    out, ", ".join(changed) or "unknown")
+        storage.delete(storage.join(out, storage.MANIFEST_NAME))
+        for d in stale_dirs:
+            storage.delete_dir(storage.join(out, d))
+    if old != key:
+        storage.write_json(uri, key)
+
+
+def sparse_cm(cm: np.ndarray) -> tuple[list[int], list[int]]:
+    idx = np.flatnonzero(cm)
+    return idx.astype(np.int32).tolist(), cm.reshape(-1)[idx].astype(np.int64).tolist()
+
+
+def dense_cm(rows, k: int) -> np.ndarray:
+    """Sum of sparse per-row confusion matrices as an exact int64 [K, K] matrix."""
+    flat = np.zeros(k * k, dtype=np.int64)
+    for idx, cnt in rows:
+        if idx:
+            np.add.at(flat, np.asarray(idx, dtype=np.int64), np.asarray(cnt, dtype=np.int64))
+    return flat.reshape(k, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# actor
+# ----------------------------------------------------------------------------------------------
+class Evaluator:
+    """Ray Data actor: the exported model loaded once; each call writes one shard for its batch."""
+
+    def __init__(self, spec: JobSpec, base_size: int):
+        setup_process(spec)
+        from diclip.inference import load_exported_model
+
+        self.spec = spec
+        self.cfg = spec.evaluate
+        self.device = actor_device(self.cfg.resources)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
+        self.model, self.model_spec, self.card = load_exported_model(self.cfg.checkpoint, self.device,
+                                                                     dataset=spec.data.dataset)
+        self.base = base_size
+        self.cam_size = int(self.card.get("crop_size") or self.model_spec.data.crop_size)  # CAMs at the training crop
+        self.patch = self.model.encoder.patch
+        self.k = self.model.num_classes
+        self.class_set = get_class_set(spec.data.dataset)
+        self.datasets: dict[str, object] = {}
+        self._maps = None
+        if self.cfg.crf:
+            from diclip.method.crf import crf_backend
+
+            crf_backend()
+
+    def dataset(self, split: str):
+        if split not in self.datasets:
+            self.datasets[split] = open_dataset(self.spec.data.root, split, self.class_set, **dataset_kwargs(self.spec))
+        return self.datasets[split]
+
+    @property
+    def maps(self):
+        if self._maps is None:
+            from diclip.inference import MapSource
+
+            self._maps = MapSource(self.cfg.maps, self.model_spec, self.patch, self.device, self.cfg.correlation)
+        return self._maps
+
+    def _row(self, item: dict, h: int, w: int, png: bytes, cm: np.ndarray | None = None, cam_class: int = -1) -> dict:
+        idx, cnt = sparse_cm(cm) if cm is not None else ([], [])
+        return {ID: item[ID], "task": item["task"], "image_id": item["image_id"], "height": h, "width": w,
+                "png": png, "cm_idx": idx, "cm_cnt": cnt, "cam_class": cam_class}
+
+    def segment(self, members: list[tuple[dict, object]]) -> list[dict]:
+        from diclip.inference import segment, segmenter_forward
+        from diclip.viz import encode_mask_png
+
+        c = self.cfg
+        preds = segment(segmenter_forward(self.model), [s.image for _, s in members], self.base, c.scales,
+                        flip=c.flip, work_ratio=c.work_ratio, multiple=self.patch, voc_flip_quirk=c.voc_flip_quirk,
+                        crf=c.crf, device=self.device)
+        rows = []
+        for (item, s), pred in zip(members, preds):
+            cm = metriclib.confusion_matrix(s.mask, pred, self.k) if s.mask is not None else None
+            rows.append(self._row(item, *pred.shape, encode_mask_png(pred), cm))
+        return rows
+
+    def cams(self, members: list[tuple[dict, object]]) -> list[dict]:
+        from diclip.inference import cam_pseudo_labels, resize_square, strongest_class, to_tensor
+        from diclip.viz import encode_gray_png, encode_mask_png
+
+        c = self.cfg
+        size = self.cam_size
+        ids = [s.id for _, s in members]
+        images = torch.stack([to_tensor(resize_square(s.image, size), self.device) for _, s in members])
+        labels = torch.from_numpy(np.stack([s.label for _, s in members])).float().to(self.device)
+        corr, rar, rar_grid = self.maps(ids, images, [s.image.shape[:2] for _, s in members])
+        results = cam_pseudo_labels(self.model, images, labels, corr, rar, rar_grid,
+                                    [s.image.shape[:2] for _, s in members], caa_threshold=c.cam_caa_threshold,
+                                    rar_steps=c.cam_rar_steps, use_adapter_cam=c.cam_adapter)
+        rows = []
+        for (item, s), res in zip(members, results):
+            h, w = res.label.shape
+            if item["task"] == "pic":
+                cls = strongest_class(res.scores, s.label, self.model_spec.method.label_threshold)
+                heat = res.scores[cls - 1] if cls > 0 else np.zeros((h, w), np.float32)
+                rows.append(self._row(item, h, w, encode_gray_png(heat), cam_class=cls))
+                continue
+            png = encode_mask_png(res.label)
+            if c.export_pseudo_labels:  # before the shard commits the row: a committed row implies its PNG
+                storage.write_bytes(storage.join(c.output, *PSEUDO_DIR, f"{s.id}.png"), png)
+            cm = metriclib.confusion_matrix(s.mask, res.label, self.k) if s.mask is not None else None
+            rows.append(self._row(item, h, w, png, cm))
+        return rows
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        t_start, cpu_start = time.time(), time.process_time()
+        reports: list[dict] = []
+        groups: dict[str, list] = defaultdict(list)
+        for item in batch.to_dict("records"):
+            try:
+                if item["task"] in ("cam", "pic") and not self.maps.has(item["image_id"]):
+                    raise DiclipError(f"no correlation map for {item['image_id']!r} in {self.cfg.correlation}; "
+                                      f"run correlate over split {item['split']!r} or set evaluate.maps=online")
+                sample = self.dataset(item["split"]).load(item["image_id"])
+                groups["seg" if item["task"] == "seg" else "cam"].append((item, sample))
+            except DiclipError as e:
+                reports.append(report_row(item[ID], False, str(e)) | {"task": item["task"]})
+            except Exception as e:  # decoder/IO surprises fail the item, not the stage
+                reports.append(report_row(item[ID], False, short_error(e)) | {"task": item["task"]})
+        rows: list[dict] = []
+        for kind, members in groups.items():
+            try:
+                out = self.segment(members) if kind == "seg" else self.cams(members)
+            except DiclipError as e:
+                reports += [report_row(it[ID], False, str(e)) | {"task": it["task"]} for it, _ in members]
+                continue
+            except Exception as e:  # e.g. out of memory on one batch: report, keep the actor alive
+                log.exception("evaluate: %s batch failed", kind)
+                reports += [report_row(it[ID], False, short_error(e)) | {"task": it["task"]} for it, _ in members]
+                continue
+            rows += out
+            reports += [report_row(r[ID], True) | {"task": r["task"]} for r in out]
+        if rows:
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA))
+        out = pd.DataFrame(reports)
+        out["pid"] = os.getpid()  # which actor did the work (the summary counts actors that contributed)
+        out["t_start"], out["t_end"] = t_start, time.time()  # compute span, for throughput without start-up
+        out["cpu_s"] = (time.process_time() - cpu_start) / len(out)  # CPU this call used, per item
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def committed_rows(out: str, wanted: set[str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Summary columns of every committed row of a wanted item (first shard wins, as ``finalize``)."""
+    rows: dict[str, dict] = {}
+    where: dict[str, str] = {}
+    for shard in list_shards(out):
+        for r in storage.read_parquet(shard, columns=SUMMARY_COLUMNS).to_pylist():
+            if r[ID] in wanted and r[ID] not in rows:
+                rows[r[ID]] = r
+                where[r[ID]] = shard
+    return rows, where
+
+
+def read_pngs(where: dict[str, str], ids: list[str]) -> dict[str, bytes]:
+    """The ``png`` column of the given items, one read per shard."""
+    by_shard: dict[str, set[str]] = defaultdict(set)
+    for i in ids:
+        if i in where:
+            by_shard[where[i]].add(i)
+    out: dict[str, bytes] = {}
+    for shard, want in by_shard.items():
+        t = storage.read_parquet(shard, columns=[ID, "png"])
+        for i, png in zip(t.column(ID).to_pylist(), t.column("png").to_pylist()):
+            if i in want and i not in out:
+                out[i] = png
+    return out
+
+
+def write_pictures(spec: JobSpec, rows: dict[str, dict], where: dict[str, str], seg_ids: list[str]) -> int:
+    """``pictures.png``: image | ground truth | CAM of the strongest present class | prediction."""
+    from diclip import viz
+
+    cfg = spec.evaluate
+    class_set = get_class_set(spec.data.dataset)
+    ids = seg_ids[: cfg.num_pictures]
+    if not ids:
+        return 0
+    pngs = read_pngs(where, [f"seg/{i}" for i in ids] + [f"pic/{i}" for i in ids])
+    ds = open_dataset(spec.data.root, cfg.split, class_set, **dataset_kwargs(spec))
+    grid, labels = [], []
+    for i in ids:
+        try:
+            s = ds.load(i)
+        except DiclipError as e:
+            log.warning("pictures: skipping %s: %s", i, e)
+            continue
+        pred = pngs.get(f"seg/{i}")
+        heat = pngs.get(f"pic/{i}")
+        cls = rows.get(f"pic/{i}", {}).get("cam_class", -1)
+        grid.append([
+            s.image,
+            viz.colorize(s.mask) if s.mask is not None else None,
+            viz.heat_overlay(s.image, viz.decode_gray_png(heat)) if heat is not None else None,
+            viz.colorize(viz.decode_mask_png(pred)) if pred is not None else None,
+        ])
+        labels.append(f"{i}" + (f" CAM:{class_set.classes[cls]}" if cls is not None and cls > 0 else ""))
+    img = viz.picture_grid(grid, PICTURE_TITLES, PICTURE_CELL, row_labels=labels)
+    storage.write_bytes(storage.join(cfg.output, "pictures.png"), viz.png_bytes(img))
+    return len(grid)
+
+
+def backfill_pseudo_labels(spec: JobSpec, rows: dict[str, dict], where: dict[str, str]) -> int:
+    """Write pseudo-label PNGs of committed cam rows that lack one (e.g. the flag was turned on later)."""
+    folder = storage.join(spec.evaluate.output, *PSEUDO_DIR)
+    have = {u.rsplit("/", 1)[-1] for u in storage.list_files(folder, suffix=".png")}
+    missing = [i for i, r in rows.items() if r["task"] == "cam" and f"{r['image_id']}.png" not in have]
+    for item_id, png in read_pngs(where, missing).items():
+        storage.write_bytes(storage.join(folder, f"{rows[item_id]['image_id']}.png"), png)
+    if missing:
+        log.info("evaluate: wrote %d pseudo-label PNGs from committed rows", len(missing))
+    return sum(1 for r in rows.values() if r["task"] == "cam")
+
+
+def summaries(spec: JobSpec, rows: dict[str, dict]) -> dict:
+    class_set = get_class_set(spec.data.dataset)
+    k = class_set.num_classes
+    out = {}
+    for task in ("seg", "cam"):
+        mine = [r for r in rows.values() if r["task"] == task]
+        cm = dense_cm([(r["cm_idx"], r["cm_cnt"]) for r in mine], k)
+        s = metriclib.summarize(cm, class_set.classes)
+        s.update(images=len(mine), images_with_gt=sum(1 for r in mine if r["cm_idx"]),
+                 confusion_matrix=cm.tolist())
+        out[task] = s
+    return out
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.2f}"
+
+
+def report_markdown(spec: JobSpec, metrics: dict) -> str:
+    c = spec.evaluate
+    seg, cam = metrics["segmentation"], metrics.get("cam")
+    lines = [
+        f"# Evaluation of `{c.checkpoint}`", "",
+        f"- segmentation: split `{c.split}`, {seg['images']} images ({seg['images_with_gt']} with ground truth); "
+        f"scales {list(c.scales)} x {metrics['base_size']} px, flip {c.flip}"
+        f"{' (VOC quirk: no flip at 1.0)' if c.voc_flip_quirk else ''}, CRF {c.crf}",
+    ]
+    if cam is not None:
+        lines.append(f"- CAM pseudo-labels: split `{c.cam_split}`, {cam['images']} images ({cam['images_with_gt']} "
+                     f"with ground truth); CAA {c.cam_caa_threshold}, RAR {c.cam_rar_steps} steps, "
+                     f"{'adapter' if c.cam_adapter else 'cache retrieval'} CAM, {c.maps} maps")
+    lines += [f"- failed items: {metrics['failed']}", "",
+              "| class | segmentation IoU (%) |" + (" CAM IoU (%) |" if cam else ""),
+              "|---|---:|" + ("---:|" if cam else "")]
+    for name, v in seg["per_class_iou"].items():
+        lines.append(f"| {name} | {_pct(v)} |" + (f" {_pct(cam['per_class_iou'][name])} |" if cam else ""))
+    lines.append(f"| **mIoU** | **{_pct(seg['miou'])}** |" + (f" **{_pct(cam['miou'])}** |" if cam else ""))
+    lines.append(f"| pixel accuracy | {_pct(seg['pixel_accuracy'])} |"
+                 + (f" {_pct(cam['pixel_accuracy'])} |" if cam else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and np.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def run(spec: JobSpec) -> dict:
+    from diclip.inference import read_export
+
+    cfg = spec.evaluate
+    t0 = time.perf_counter()
+    info = read_export(cfg.checkpoint, spec.data.dataset)  # one-line errors before any actor starts
+    if cfg.crf:
+        from diclip.method.crf import crf_backend
+
+        crf_backend()
+    base = cfg.size or info.crop_size
+    if (cfg.cam or cfg.export_pseudo_labels) and cfg.maps == "stored" and not storage.is_complete(cfg.correlation):
+        raise ConfigError(f"evaluate.correlation: no complete correlate output at {cfg.correlation} (CAMs need the "
+                          f"diffusion maps of split {cfg.cam_split!r}); run the correlate stage first, or set "
+                          "evaluate.maps=online, or evaluate.cam=false")
+    reset_if_changed(cfg.output, run_key(spec, info.fingerprint, base), ["shards", PSEUDO_DIR[0]])
+    items = list_items(spec)
+    wanted = {it[ID] for it in items}
+    done, _ = committed_rows(cfg.output, wanted)
+    pending = [it for it in items if it[ID] not in done]
+    log.info("evaluate: %d items (%d seg, %d cam, %d pictures), %d already committed, %d to run (%d actors x batch %d)",
+             len(items), sum(it["task"] == "seg" for it in items), sum(it["task"] == "cam" for it in items),
+             sum(it["task"] == "pic" for it in items), len(items) - len(pending), len(pending),
+             cfg.resources.concurrency, cfg.resources.batch_size)
+    if pending:
+        init_ray(spec)
+    # never more actors than items: an idle actor would only load the model
+    res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
+    counts: dict[str, int] = defaultdict(int)
+    pids: set[int] = set()
+    span = [float("inf"), 0.0]
+    cpu = [0.0]
+
+    def collect(row: dict) -> None:
+        pids.add(int(row.get("pid", -1)))
+        cpu[0] += float(row.get("cpu_s", 0.0))
+        span[0], span[1] = min(span[0], row.get("t_start", span[0])), max(span[1], row.get("t_end", span[1]))
+        if row.get("ok"):
+            counts[str(row.get("task"))] += 1
+
+    result = run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
+                      collect=collect)
+    for item_id, err in result.failures:
+        log.warning("evaluate: %s failed: %s", item_id, err)
+    rows, where = committed_rows(cfg.output, wanted)
+    sums = summaries(spec, rows)
+    metrics = {
+        "checkpoint": cfg.checkpoint, "fingerprint": info.fingerprint, "classes": info.classes,
+        "base_size": base, "failed": len(result.failures),
+        "segmentation": {"split": cfg.split, "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf,
+                         "voc_flip_quirk": cfg.voc_flip_quirk, "work_ratio": cfg.work_ratio, **sums["seg"]},
+        "cam": ({"split": cfg.cam_split, "caa_threshold": cfg.cam_caa_threshold, "rar_steps": cfg.cam_rar_steps,
+                 "adapter_cam": cfg.cam_adapter, "maps": cfg.maps, **sums["cam"]} if cfg.cam else None),
+    }
+    metrics = _nan_to_none(metrics)
+    storage.write_json(storage.join(cfg.output, "metrics.json"), metrics)
+    storage.write_text(storage.join(cfg.output, "report.md"), report_markdown(spec, metrics))
+    seg_ids = [it["image_id"] for it in items if it["task"] == "seg"]
+    pictures = write_pictures(spec, rows, where, seg_ids)
+    pseudo = backfill_pseudo_labels(spec, rows, where) if cfg.export_pseudo_labels else 0
+    seg_s, cam_s = metrics["segmentation"], metrics["cam"]
+    extra = {"seg_miou": seg_s["miou"], "cam_miou": cam_s["miou"] if cam_s else None, "base_size": base,
+             "fingerprint": info.fingerprint, "pictures": pictures, "pseudo_labels": pseudo}
+    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
+                        {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))}, extra)
+    rate = counts["seg"] / result.seconds if result.seconds > 0 else 0.0
+    # items/s from the first actor call's start to the last call's end: without Ray/actor start-up
+    steady = len(pending) / (span[1] - span[0]) if span[1] > span[0] else 0.0
+    log.info("evaluate: seg mIoU %s (%d images), CAM mIoU %s (%d images), %d failed; %.2f seg images/s this run",
+             _pct(seg_s["miou"]), seg_s["images"], _pct(cam_s["miou"]) if cam_s else "-",
+             cam_s["images"] if cam_s else 0, manifest.num_failed, rate)
+    return {"seg_miou": seg_s["miou"], "cam_miou": cam_s["miou"] if cam_s else None,
+            "seg_images": seg_s["images"], "cam_images": cam_s["images"] if cam_s else 0,
+            "computed_now": result.rows, "actors_used": len(pids), "failed": manifest.num_failed,
+            "seg_images_per_s": round(rate, 3),
+            "steady_items_per_s": round(steady, 3),
+            "actor_cpu_share": round(cpu[0] / (len(pids) * (span[1] - span[0])), 3) if span[1] > span[0] else 0.0,
+            "pictures": pictures, "pseudo_labels": pseudo, "seconds": round(time.perf_counter() - t0, 1)}

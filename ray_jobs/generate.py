@@ -1,0 +1,320 @@
+"""Stage ``generate``: text-to-image single-class images for the TSA key-value cache.
+
+    classes x indices -> Ray Dataset -> map_batches(ImageGenerator) -> shards/part-*.parquet + manifest.json
+
+One diffusers pipeline per actor (fp16 + xformers on GPU, fp32 on CPU). Item ``{class}/{index:05d}``
+is generated from latents drawn with its own seed, derived from (class, index, ``generate.seed``):
+the reference passed its seeded noise as ``noise=``, which the pipeline ignores, so its images were
+unseeded; here a re-run, another actor or a bigger cache gives the same image for the same item.
+Growing ``images_per_class`` from 50 to 500 generates only indices 50..499 (committed ids are skipped).
+
+Also home of small helpers the ``mask`` and ``cache`` stages share: the settings lock (refuse to mix
+shards made with other settings in one output) and upstream-manifest fingerprints (a downstream stage
+is stale when the stage it read has grown since).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from diclip import storage
+from diclip.config import JobSpec, to_dict
+from diclip.data import get_class_set
+from diclip.errors import ConfigError, StorageError
+from diclip.logging import get_logger
+from diclip.storage.manifest import config_hash
+from ray_jobs.common import (
+    ID, actor_device, committed_ids, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    write_shard,
+)
+
+log = get_logger("ray_jobs.generate")
+STAGE = "generate"
+SETTINGS_FILE = "settings.json"
+
+SCHEMA = pa.schema([
+    (ID, pa.string()),
+    ("class_id", pa.int32()),
+    ("class_name", pa.string()),
+    ("prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("image", pa.binary()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+
+
+def output_uri(spec: JobSpec) -> str:
+    return spec.generate.output
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers shared with the mask and cache stages
+# ----------------------------------------------------------------------------------------------
+def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any]) -> str:
+    """Record what defines this stage's rows; refuse to add rows made with other settings.
+
+    Resume skips committed items by id, so shards from other settings would be silently mixed in.
+    Returns the settings hash.
+    """
+    h = config_hash(settings)
+    uri = storage.join(stage_uri, SETTINGS_FILE)
+    if storage.exists(uri):
+        old = storage.read_json(uri)
+        if old.get("hash") != h and list_shards(stage_uri):
+            changed = sorted(k for k in set(old.get("settings", {})) | set(settings)
+                             if old.get("settings", {}).get(k) != settings.get(k))
+            raise ConfigError(f"{stage}: {stage_uri} holds rows made with other settings (changed: "
+                              f"{', '.join(changed) or 'unknown'}); write to a new {stage}.output or delete it")
+        if old.get("hash") == h:
+            return h
+    storage.write_json(uri, {"stage": stage, "hash": h, "settings": settings})
+    return h
+
+
+def settings_match(stage_uri: str, settings: dict[str, Any]) -> bool:
+    uri = storage.join(stage_uri, SETTINGS_FILE)
+    return storage.exists(uri) and storage.read_json(uri).get("hash") == config_hash(settings)
+
+
+def fingerprint(stage_uri: str) -> dict[str, Any] | None:
+    """Identity of a complete stage output (its manifest's shard list), or None when incomplete."""
+    m = storage.read_manifest(stage_uri)
+    if m is None:
+        return None
+    shards = hashlib.sha1("\n".join(f"{s.path}:{s.rows}" for s in sorted(m.shards, key=lambda s: s.path))
+                          .encode()).hexdigest()[:16]
+    return {"uri": stage_uri, "config_hash": m.config_hash, "num_items": m.num_items, "shards": shards}
+
+
+def same_source(recorded: dict | None, current: dict | None) -> bool:
+    """Whether a downstream manifest's recorded upstream still describes the upstream output."""
+    if current is None:  # upstream gone or rewriting: keep what we have
+        return True
+    return bool(recorded) and all(recorded.get(k) == current.get(k) for k in ("num_items", "shards"))
+
+
+def model_settings(spec: JobSpec) -> dict[str, Any]:
+    """The frozen models' settings that change features and masks (for the settings lock)."""
+    d = to_dict(spec.model)
+    return {"clip": d["clip"], "diffusion": {k: v for k, v in d["diffusion"].items() if k != "enable_xformers"}}
+
+
+def clip_model_id(spec: JobSpec) -> str:
+    """``name/pretrained`` as :func:`diclip.models.clip.build_clip` reports it, without loading weights."""
+    c = spec.model.clip
+    return f"{c.name}/{c.pretrained or f'random-seed{c.seed}'}"
+
+
+def call_batched(fn: Callable[..., list], columns: list[list], what: str) -> list[Any]:
+    """``fn(*columns)`` for the whole batch; if it raises, per item, so one bad item fails alone.
+
+    Returns one result or Exception per item.
+    """
+    try:
+        return list(fn(*columns))
+    except Exception as e:
+        log.warning("%s: batch of %d failed (%s); retrying one by one", what, len(columns[0]), short_error(e))
+    out: list[Any] = []
+    for i in range(len(columns[0])):
+        try:
+            out.append(fn(*[[c[i]] for c in columns])[0])
+        except Exception as e1:
+            out.append(e1)
+    return out
+
+
+def locate_rows(stage_uri: str, columns: list[str], what: str) -> list[dict]:
+    """Rows of a complete stage with where they live: ``shard`` URI and ``row`` index in it."""
+    manifest = storage.read_manifest(stage_uri)
+    if manifest is None:
+        raise StorageError(f"{what}: {stage_uri} is not complete (no manifest.json); run that stage first")
+    out = []
+    for s in manifest.shards:
+        uri = storage.join(stage_uri, s.path)
+        table = storage.read_parquet(uri, columns=columns)
+        for r, row in enumerate(table.to_pylist()):
+            row.update(shard=uri, row=r)
+            out.append(row)
+    return out
+
+
+def read_located(items: list[dict], shard_key: str, row_key: str, columns: list[str]) -> dict[str, dict]:
+    """Fetch ``columns`` of located rows, one ranged read per shard; item id -> row dict."""
+    by_shard: dict[str, list[tuple[str, int]]] = {}
+    for it in items:
+        by_shard.setdefault(it[shard_key], []).append((it[ID], int(it[row_key])))
+    out: dict[str, dict] = {}
+    cols = columns if ID in columns else [ID, *columns]
+    for shard, pairs in by_shard.items():
+        table = storage.read_parquet_rows(shard, [r for _, r in pairs], columns=cols)
+        for (want, _), row in zip(pairs, table.to_pylist()):
+            if row[ID] != want:
+                raise StorageError(f"{shard}: expected item {want} but found {row[ID]}; the upstream output changed")
+            out[want] = row
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# what to generate
+# ----------------------------------------------------------------------------------------------
+def image_seed(class_name: str, index: int, base_seed: int) -> int:
+    """Seed of one image: stable across runs, actors and cache sizes (sha256, not Python's hash)."""
+    digest = hashlib.sha256(f"{class_name}\x00{index}\x00{base_seed}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def class_prompt(spec: JobSpec, word: str) -> str:
+    cfg = spec.generate
+    if word in cfg.prompt_overrides:
+        return cfg.prompt_overrides[word]
+    return cfg.prompt_template.replace("{}", word)
+
+
+def generation_classes(spec: JobSpec) -> list[tuple[int, str, str]]:
+    """(class id, class name, generation word) for every class to generate, in class-id order."""
+    cs = get_class_set(spec.data.dataset)
+    wanted = list(spec.generate.classes)
+    unknown = [c for c in wanted if c not in cs.foreground]
+    if unknown:
+        raise ConfigError(f"generate.classes: {unknown[0]!r} is not a foreground class of {cs.name} "
+                          f"({', '.join(cs.foreground[:6])}, ...)")
+    return [(cid, name, cs.generation_words[cid - 1]) for cid, name in enumerate(cs.classes) if cid > 0
+            and (not wanted or name in wanted)]
+
+
+def item_id(class_name: str, index: int) -> str:
+    return f"{class_name}/{index:05d}"
+
+
+def list_items(spec: JobSpec) -> list[dict]:
+    """Every image of the spec, class-major (a batch mostly holds one class, i.e. one prompt)."""
+    cfg = spec.generate
+    items = []
+    for cid, name, word in generation_classes(spec):
+        prompt = class_prompt(spec, word)
+        for i in range(cfg.images_per_class):
+            items.append({ID: item_id(name, i), "class_id": cid, "class_name": name, "prompt": prompt,
+                          "seed": image_seed(name, i, cfg.seed)})
+    return items
+
+
+def settings(spec: JobSpec) -> dict[str, Any]:
+    """Everything that determines an image's pixels (not how many, not resources)."""
+    g = spec.generate
+    return {"dataset": spec.data.dataset, "source": g.source, "model_seed": spec.model.diffusion.seed,
+            "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale, "size": g.size,
+            "save_size": g.save_size, "seed": g.seed, "prompt_template": g.prompt_template,
+            "prompt_overrides": dict(g.prompt_overrides), "dtype": g.dtype}
+
+
+def is_complete(spec: JobSpec) -> bool:
+    """Manifest present and it covers the spec's classes and images per class with these settings."""
+    m = storage.read_manifest(spec.generate.output)
+    if m is None:
+        return False
+    want = {name: spec.generate.images_per_class for _, name, _ in generation_classes(spec)}
+    return m.extra.get("requested") == want and settings_match(spec.generate.output, settings(spec))
+
+
+# ----------------------------------------------------------------------------------------------
+# the actor
+# ----------------------------------------------------------------------------------------------
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageGenerator:
+    """Ray Data actor: one text-to-image pipeline, loaded once; each call writes one shard."""
+
+    def __init__(self, spec: JobSpec):
+        setup_process(spec)
+        from diclip.models.diffusion import build_diffusion, maybe_enable_xformers
+
+        self.cfg = spec.generate
+        self.device = actor_device(self.cfg.resources)
+        torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
+        self.pipe = build_diffusion(self.cfg.source, seed=spec.model.diffusion.seed, device=self.device,
+                                    dtype=self.cfg.dtype)
+        self.xformers = maybe_enable_xformers(self.pipe, self.cfg.enable_xformers)
+        side = self.cfg.size // self.pipe.vae_scale_factor
+        self.latent_shape = (int(self.pipe.unet.config.in_channels), side, side)
+
+    def latents(self, seeds: list[int]) -> torch.Tensor:
+        """Initial noise per image from its own CPU generator (identical on any device or batch)."""
+        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.pipe.unet.dtype)
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        c = self.cfg
+        with torch.no_grad():
+            out = self.pipe(prompt=prompts, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                            height=c.size, width=c.size, latents=self.latents(seeds), output_type="pil")
+        images = out.images
+        if c.save_size != c.size:
+            images = [im.resize((c.save_size, c.save_size), Image.LANCZOS) for im in images]
+        return images
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        items = batch.to_dict("records")
+        # one pipeline call for the whole batch: one template, per-image prompts and latents
+        images = call_batched(self.generate, [[it["prompt"] for it in items], [int(it["seed"]) for it in items]],
+                              STAGE)
+        rows, reports = [], []
+        for it, img in zip(items, images):
+            if isinstance(img, Exception):
+                reports.append(report_row(it[ID], False, short_error(img)))
+                continue
+            rows.append({ID: it[ID], "class_id": int(it["class_id"]), "class_name": it["class_name"],
+                         "prompt": it["prompt"], "seed": int(it["seed"]), "image": png_bytes(img.convert("RGB")),
+                         "width": img.width, "height": img.height})
+            reports.append(report_row(it[ID], True))
+        if rows:
+            # one image per row group: the mask and cache actors fetch single images with ranged reads
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
+        return pd.DataFrame(reports)
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+def run(spec: JobSpec) -> dict:
+    cfg = spec.generate
+    items = list_items(spec)
+    s_hash = claim_settings(cfg.output, STAGE, settings(spec))
+    done = committed_ids(cfg.output)
+    pending = [it for it in items if it[ID] not in done]
+    log.info("generate: %d images (%d classes x %d), %d already committed, %d to generate (%d actors x batch %d, %s)",
+             len(items), len(items) // max(1, cfg.images_per_class), cfg.images_per_class, len(items) - len(pending),
+             len(pending), cfg.resources.concurrency, cfg.resources.batch_size,
+             "GPU" if cfg.resources.num_gpus else "CPU")
+    if pending:
+        init_ray(spec)
+    t0 = time.perf_counter()
+    result = run_pool(pending, ImageGenerator, {"spec": spec}, cfg.resources, desc="generate")
+    for iid, err in result.failures:
+        log.warning("generate: %s failed: %s", iid, err)
+    failed = {i for i, _ in result.failures}
+    new = [it for it in pending if it[ID] not in failed]
+    per_class = Counter(i.rsplit("/", 1)[0] for i in done) + Counter(it["class_name"] for it in new)
+    requested = {name: cfg.images_per_class for _, name, _ in generation_classes(spec)}
+    extra = {"requested": requested, "per_class": dict(sorted(per_class.items())), "settings_hash": s_hash,
+             "size": cfg.size, "save_size": cfg.save_size}
+    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, {"diffusion": cfg.source}, extra)
+    rate = result.items_per_s
+    log.info("generate: %d images committed, %d failed, %.2f images/s this run", manifest.num_items,
+             manifest.num_failed, rate)
+    return {"images": manifest.num_items, "failed": manifest.num_failed, "generated_now": result.rows,
+            "generated_per_class": dict(sorted(Counter(it["class_name"] for it in new).items())),
+            "images_per_s": round(rate, 3), "seconds": round(time.perf_counter() - t0, 1)}
+

@@ -1,0 +1,170 @@
+"""Stage ``infer``: masks for a folder or bucket of new (unlabelled) images.
+
+    infer.input (dir or s3:// prefix; .jpg/.jpeg/.png, recursive) -> items (one per image)
+    -> Ray Data actor pool (Inferer: the exported DiCLIP loaded once per actor; multi-scale + flip
+       segmenter inference, see diclip.inference)
+    -> masks/<name>.png (VOC palette, mode P, pixel = class id, original size)
+       [overlays/<name>.jpg]  -> shards/part-*.parquet (one per call) -> failures.parquet, manifest.json
+
+``<name>`` is the image's path under ``infer.input`` without its extension (with it, when two inputs
+would share a name). Any mode PIL decodes works (grayscale, RGBA, palette, 16-bit); sizes need not be
+multiples of 16 (every scale's input is a square resized from the whole image; masks come back at the
+original size). A corrupt or unreadable image is a failures.parquet row, never fatal. Resumable: an
+image whose mask (and overlay, if enabled) exists and whose row is committed is not recomputed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from diclip import storage
+from diclip.config import JobSpec
+from diclip.errors import DiclipError
+from diclip.logging import get_logger
+from ray_jobs.common import (
+    ID, actor_device, committed_ids, finalize, init_ray, report_row, run_pool, setup_process, short_error, write_shard,
+)
+from ray_jobs.evaluate import reset_if_changed
+
+log = get_logger("ray_jobs.infer")
+STAGE = "infer"
+SUFFIXES = (".jpg", ".jpeg", ".png")
+MASKS = "masks"
+OVERLAYS = "overlays"
+OVERLAY_ALPHA = 0.5  # half image, half class colour: both the object and the mask stay readable
+SCHEMA = pa.schema([
+    (ID, pa.string()),  # the image's name (path under infer.input without extension)
+    ("source", pa.string()),
+    ("height", pa.int32()), ("width", pa.int32()),
+    ("classes", pa.list_(pa.int16())),  # class ids present in the mask
+    ("mask", pa.string()),  # relative to infer.output
+    ("overlay", pa.string()),  # relative to infer.output, or null
+])
+
+
+def output_uri(spec: JobSpec) -> str:
+    return spec.infer.output
+
+
+def mask_rel(name: str) -> str:
+    return f"{MASKS}/{name}.png"
+
+
+def overlay_rel(name: str) -> str:
+    return f"{OVERLAYS}/{name}.jpg"
+
+
+def list_items(spec: JobSpec) -> list[dict]:
+    """One item per image file under ``infer.input`` (outputs of this stage excluded)."""
+    cfg = spec.infer
+    base = cfg.input.rstrip("/")
+    out_prefix = cfg.output.rstrip("/") + "/"
+    files = [f for f in storage.list_files(base) if f.lower().endswith(SUFFIXES) and not f.startswith(out_prefix)]
+    rels = [f[len(base):].lstrip("/") for f in files]
+    stems = [r.rsplit(".", 1)[0] for r in rels]
+    dup = {s for s, n in Counter(stems).items() if n > 1}
+    return [{ID: (r if s in dup else s), "source": f} for f, r, s in zip(files, rels, stems)]
+
+
+class Inferer:
+    """Ray Data actor: the exported model loaded once; each call writes masks, overlays, one shard."""
+
+    def __init__(self, spec: JobSpec, base_size: int):
+        setup_process(spec)
+        from diclip.inference import load_exported_model
+
+        self.cfg = spec.infer
+        self.device = actor_device(self.cfg.resources)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
+        self.model, self.model_spec, self.card = load_exported_model(self.cfg.checkpoint, self.device)
+        self.base = base_size
+        self.patch = self.model.encoder.patch
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from diclip.data import decode_image
+        from diclip.inference import segment, segmenter_forward
+        from diclip.viz import encode_mask_png, encode_rgb, overlay
+
+        c = self.cfg
+        reports, members = [], []
+        for name, source in zip(batch[ID], batch["source"]):
+            try:
+                members.append((name, source, decode_image(storage.read_bytes(source), source)))
+            except DiclipError as e:
+                reports.append(report_row(name, False, str(e)))
+            except Exception as e:  # unexpected decoder/IO errors fail the item, not the stage
+                reports.append(report_row(name, False, short_error(e)))
+        rows = []
+        if members:
+            try:
+                masks = segment(segmenter_forward(self.model), [m[2] for m in members], self.base, c.scales,
+                                flip=c.flip, work_ratio=c.work_ratio, multiple=self.patch, device=self.device)
+            except Exception as e:  # e.g. out of memory: report the batch, keep the actor
+                log.exception("infer: batch failed")
+                err = str(e) if isinstance(e, DiclipError) else short_error(e)
+                return pd.DataFrame(reports + [report_row(n, False, err) for n, _, _ in members])
+            for (name, source, image), mask in zip(members, masks):
+                try:
+                    storage.write_bytes(storage.join(c.output, mask_rel(name)), encode_mask_png(mask))
+                    ov = None
+                    if c.overlays:
+                        ov = overlay_rel(name)
+                        storage.write_bytes(storage.join(c.output, ov),
+                                            encode_rgb(overlay(image, mask, OVERLAY_ALPHA), "JPEG"))
+                except DiclipError as e:
+                    reports.append(report_row(name, False, str(e)))
+                    continue
+                rows.append({ID: name, "source": source, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
+                             "classes": [int(v) for v in np.unique(mask)], "mask": mask_rel(name), "overlay": ov})
+                reports.append(report_row(name, True))
+        if rows:  # after the PNGs: a committed row implies its files exist
+            write_shard(c.output, pa.Table.from_pylist(rows, schema=SCHEMA))
+        return pd.DataFrame(reports)
+
+
+def run(spec: JobSpec) -> dict:
+    from diclip.inference import read_export
+
+    cfg = spec.infer
+    t0 = time.perf_counter()
+    info = read_export(cfg.checkpoint)
+    base = cfg.size or info.crop_size
+    key = {"checkpoint": cfg.checkpoint, "fingerprint": info.fingerprint, "input": cfg.input, "size": base,
+           "scales": list(cfg.scales), "flip": cfg.flip, "work_ratio": cfg.work_ratio}
+    reset_if_changed(cfg.output, key, ["shards", MASKS, OVERLAYS])
+    items = list_items(spec)
+    done = committed_ids(cfg.output)
+    have_masks = set(storage.list_files(storage.join(cfg.output, MASKS), suffix=".png"))
+    have_overlays = (set(storage.list_files(storage.join(cfg.output, OVERLAYS), suffix=".jpg")) if cfg.overlays
+                     else set())
+
+    def complete(it: dict) -> bool:
+        name = it[ID]
+        return (name in done and storage.join(cfg.output, mask_rel(name)) in have_masks
+                and (not cfg.overlays or storage.join(cfg.output, overlay_rel(name)) in have_overlays))
+
+    pending = [it for it in items if not complete(it)]
+    log.info("infer: %d images under %s, %d done, %d to segment (%d actors x batch %d)", len(items), cfg.input,
+             len(items) - len(pending), len(pending), cfg.resources.concurrency, cfg.resources.batch_size)
+    if pending:
+        init_ray(spec)
+    # never more actors than items: an idle actor would only load the model
+    res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
+    result = run_pool(pending, Inferer, {"spec": spec, "base_size": base}, res, desc="infer")
+    for item_id, err in result.failures:
+        log.warning("infer: %s failed: %s", item_id, err)
+    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
+                        {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))},
+                        extra={"classes": info.classes, "base_size": base, "fingerprint": info.fingerprint})
+    rate = result.items_per_s
+    log.info("infer: %d masks committed, %d failed, %.2f images/s this run", manifest.num_items,
+             manifest.num_failed, rate)
+    return {"images": manifest.num_items, "failed": manifest.num_failed, "segmented_now": result.rows,
+            "images_per_s": round(rate, 3), "seconds": round(time.perf_counter() - t0, 1)}

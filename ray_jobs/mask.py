@@ -1,0 +1,188 @@
+"""Stage ``mask``: foreground masks for the generated images, with the training-free CAM path.
+
+    generate manifest -> Ray Dataset -> map_batches(MaskActor) -> shards/part-*.parquet + manifest.json
+
+There is no KV cache yet at this point - the cache is built *from* these masks - so the CAM is the
+surgery CAM with VCE only (no cache retrieval), refined like the training pseudo-labels: CLIP-affinity
+propagation inside CAM boxes, then the RAR random walk (``mask.rar_steps``, reference 10), label map at
+the generated image's size with background = 1 - max foreground. The image-level label is the one
+class the image was generated for. See :mod:`diclip.models.cam_masks`.
+
+Masks that are empty or cover less than ``mask.min_foreground`` / more than ``mask.max_foreground`` of
+the image are kept as rows with ``kept=False`` and a reason, so the ``cache`` stage skips them and the
+manifest reports per-class and filtered counts.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from diclip import storage
+from diclip.config import JobSpec
+from diclip.data import get_class_set
+from diclip.data.datasets import decode_image
+from diclip.data.synthetic import encode_mask_png
+from diclip.errors import DiclipError
+from diclip.logging import get_logger
+from ray_jobs.common import (
+    ID, actor_device, committed_ids, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    write_shard,
+)
+from ray_jobs.generate import (
+    call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located, same_source,
+    settings_match,
+)
+
+log = get_logger("ray_jobs.mask")
+STAGE = "mask"
+
+SCHEMA = pa.schema([
+    (ID, pa.string()),
+    ("class_id", pa.int32()),
+    ("foreground_fraction", pa.float64()),
+    ("kept", pa.bool_()),
+    ("reason", pa.string()),
+    ("mask", pa.binary()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+])
+
+
+def output_uri(spec: JobSpec) -> str:
+    return spec.mask.output
+
+
+def settings(spec: JobSpec) -> dict:
+    """What determines a mask row (models, method thresholds, filter thresholds), not resources."""
+    m = spec.mask
+    return {"dataset": spec.data.dataset, "model": model_settings(spec),
+            "method": {k: getattr(spec.method, k) for k in ("corr_threshold", "num_clusters", "cluster_iters",
+                                                            "caa_threshold", "caa_layers", "label_threshold")},
+            "image_size": m.image_size, "rar_steps": m.rar_steps, "min_foreground": m.min_foreground,
+            "max_foreground": m.max_foreground}
+
+
+def filter_reason(fraction: float, lo: float, hi: float) -> str:
+    """'' when the mask is kept, else ``code: detail`` (code: empty | too_small | too_large)."""
+    if fraction <= 0:
+        return "empty: no foreground pixel"
+    if fraction < lo:
+        return f"too_small: foreground {fraction:.4f} < mask.min_foreground {lo:g}"
+    if fraction > hi:
+        return f"too_large: foreground {fraction:.4f} > mask.max_foreground {hi:g}"
+    return ""
+
+
+def list_items(spec: JobSpec) -> list[dict]:
+    """Every committed generated image, located in its generate shard."""
+    rows = locate_rows(spec.mask.images, [ID, "class_id"], "mask.images")
+    return [{ID: r[ID], "class_id": int(r["class_id"]), "shard": r["shard"], "row": r["row"]} for r in rows]
+
+
+def is_complete(spec: JobSpec) -> bool:
+    """Manifest present, same settings, and the generate output it masked has not changed since."""
+    m = storage.read_manifest(spec.mask.output)
+    return (m is not None and settings_match(spec.mask.output, settings(spec))
+            and same_source(m.extra.get("source"), fingerprint(spec.mask.images)))
+
+
+class MaskActor:
+    """Ray Data actor: CLIP + diffusion loaded once (``TrainingFreeMasker``); one shard per call."""
+
+    def __init__(self, spec: JobSpec):
+        setup_process(spec)
+        from diclip.models.cam_masks import TrainingFreeMasker
+
+        self.cfg = spec.mask
+        self.device = actor_device(self.cfg.resources)
+        torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
+        self.masker = TrainingFreeMasker(spec, self.device)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        items = batch.to_dict("records")
+        reports, ok_items, images = [], [], []
+        try:
+            fetched = read_located(items, "shard", "row", ["image"])
+        except DiclipError as e:  # a whole shard unreadable: every item of it fails, with the reason
+            return pd.DataFrame([report_row(it[ID], False, str(e)) for it in items])
+        for it in items:
+            try:
+                images.append(decode_image(fetched[it[ID]]["image"], f"generated image {it[ID]}"))
+                ok_items.append(it)
+            except DiclipError as e:
+                reports.append(report_row(it[ID], False, str(e)))
+            except Exception as e:
+                reports.append(report_row(it[ID], False, short_error(e)))
+        masks = call_batched(self.masker, [images, [int(it["class_id"]) for it in ok_items],
+                                           [it[ID] for it in ok_items]], STAGE)
+        rows = []
+        for it, img, mask in zip(ok_items, images, masks):
+            if isinstance(mask, Exception):
+                reports.append(report_row(it[ID], False, short_error(mask)))
+                continue
+            frac = float((mask > 0).mean())
+            reason = filter_reason(frac, self.cfg.min_foreground, self.cfg.max_foreground)
+            rows.append({ID: it[ID], "class_id": int(it["class_id"]), "foreground_fraction": frac,
+                         "kept": not reason, "reason": reason, "mask": encode_mask_png(mask),
+                         "width": int(img.shape[1]), "height": int(img.shape[0])})
+            reports.append(report_row(it[ID], True))
+        if rows:
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
+        return pd.DataFrame(reports)
+
+
+def summarize(stage_uri: str, class_names: tuple[str, ...]) -> dict:
+    """Per-class image/kept/filtered counts and filtered counts by reason, over all committed rows."""
+    seen: set[str] = set()
+    per_class: dict[str, Counter] = defaultdict(Counter)
+    reasons: Counter = Counter()
+    for shard in list_shards(stage_uri):  # same order as finalize's dedupe: first shard wins
+        t = storage.read_parquet(shard, columns=[ID, "class_id", "kept", "reason"]).to_pylist()
+        for r in t:
+            if r[ID] in seen:
+                continue
+            seen.add(r[ID])
+            c = per_class[class_names[r["class_id"]]]
+            c["images"] += 1
+            if r["kept"]:
+                c["kept"] += 1
+            else:
+                c["filtered"] += 1
+                reasons[r["reason"].split(":", 1)[0]] += 1
+    classes = {k: {"images": v["images"], "kept": v["kept"], "filtered": v["filtered"]}
+               for k, v in sorted(per_class.items(), key=lambda kv: class_names.index(kv[0]))}
+    return {"per_class": classes, "kept": sum(v["kept"] for v in classes.values()),
+            "filtered": sum(reasons.values()), "filtered_by_reason": dict(sorted(reasons.items()))}
+
+
+def run(spec: JobSpec) -> dict:
+    cfg = spec.mask
+    source = fingerprint(cfg.images)
+    items = list_items(spec)
+    s_hash = claim_settings(cfg.output, STAGE, settings(spec))
+    done = committed_ids(cfg.output)
+    pending = [it for it in items if it[ID] not in done]
+    log.info("mask: %d generated images, %d already masked, %d to mask (%d actors x batch %d, %s)", len(items),
+             len(items) - len(pending), len(pending), cfg.resources.concurrency, cfg.resources.batch_size,
+             "GPU" if cfg.resources.num_gpus else "CPU")
+    if pending:
+        init_ray(spec)
+    t0 = time.perf_counter()
+    result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask")
+    for iid, err in result.failures:
+        log.warning("mask: %s failed: %s", iid, err)
+    counts = summarize(cfg.output, get_class_set(spec.data.dataset).classes)
+    models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}
+    extra = {"source": source, "settings_hash": s_hash, **counts}
+    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models, extra)
+    rate = result.items_per_s
+    log.info("mask: %d masks committed (%d kept, %d filtered: %s), %d failed, %.2f images/s this run",
+             manifest.num_items, counts["kept"], counts["filtered"], counts["filtered_by_reason"], manifest.num_failed,
+             rate)
+    return {"images": manifest.num_items, "kept": counts["kept"], "filtered": counts["filtered"],
+            "failed": manifest.num_failed, "masked_now": result.rows, "images_per_s": round(rate, 3),
+            "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,169 @@
+"""Stages ``evaluate`` and ``infer`` on the synthetic data with a tiny exported model (no Ray Train)."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diclip import storage, viz
+from diclip.data import get_class_set, open_dataset
+from diclip.errors import ConfigError
+from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square, segment, \
+    segmenter_forward, to_tensor
+from diclip.method.metrics import confusion_matrix
+from ray_jobs import correlate, evaluate, infer, synthesize
+from ray_jobs.common import list_shards, read_stage_table
+from tests.helpers import tiny_spec
+from tests.method.test_inference import make_export
+
+pytestmark = pytest.mark.timeout(600)
+EVAL = ["evaluate.resources.concurrency=2", "evaluate.resources.batch_size=1", "evaluate.num_pictures=3",
+        "evaluate.export_pseudo_labels=true", "evaluate.scales=[0.7,1.0,1.5]"]
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory):
+    spec = tiny_spec(str(tmp_path_factory.mktemp("evaluate") / "run"), *EVAL)
+    synthesize.run(spec)
+    correlate.run(spec)
+    make_export(spec)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared):
+    return prepared, evaluate.run(prepared)
+
+
+def _png(uri):
+    return Image.open(io.BytesIO(storage.read_bytes(uri)))
+
+
+def test_evaluate_writes_every_output(evaluated):
+    spec, summary = evaluated
+    out = spec.evaluate.output
+    assert summary["failed"] == 0 and summary["seg_images"] == 4 and summary["cam_images"] == 6
+    assert summary["computed_now"] == 4 + 6 + 3 and summary["actors_used"] == 2
+    m = storage.read_json(storage.join(out, "metrics.json"))
+    classes = list(get_class_set("synthetic").classes)
+    for task in ("segmentation", "cam"):
+        s = m[task]
+        assert set(s["per_class_iou"]) == set(classes) and 0 <= s["miou"] <= 1 and 0 <= s["pixel_accuracy"] <= 1
+        assert np.asarray(s["confusion_matrix"]).shape == (5, 5)
+    assert m["segmentation"]["pixels"] == 4 * 64 * 80 and m["cam"]["pixels"] == 6 * 64 * 80
+    report = storage.read_text(storage.join(out, "report.md"))
+    assert "| **mIoU** |" in report and "| ball |" in report and "CAM IoU" in report
+    pic = _png(storage.join(out, "pictures.png"))
+    assert pic.format == "PNG" and pic.size == viz.grid_size(3, 4, evaluate.PICTURE_CELL)
+    manifest = storage.read_manifest(out)
+    assert manifest.num_items == 13 and manifest.num_failed == 0 and manifest.stage == "evaluate"
+    assert len(manifest.shards) == 13  # batch size 1: one shard per item
+    rows = read_stage_table(out).to_pylist()
+    seg = [r for r in rows if r["task"] == "seg"]
+    assert all(viz.decode_mask_png(r["png"]).shape == (64, 80) for r in seg)
+    # pseudo-labels for the multi-stage protocol: VOC layout, palette PNGs of class ids
+    ds = open_dataset(spec.data.root, "train", get_class_set("synthetic"))
+    folder = storage.join(out, "pseudo_labels", "SegmentationClassAug")
+    for i in ds.ids:
+        img = _png(storage.join(folder, f"{i}.png"))
+        assert img.mode == "P" and img.size == (80, 64) and np.asarray(img).max() < 5
+    assert storage.read_failures(out) == []
+
+
+def test_distributed_totals_equal_single_process(evaluated):
+    """Two actors' per-row int64 matrices, summed by the driver == one process over the same images."""
+    spec, _ = evaluated
+    m = storage.read_json(storage.join(spec.evaluate.output, "metrics.json"))
+    cs = get_class_set("synthetic")
+    threads = torch.get_num_threads()
+    # as the actors (num_cpus 0.5 -> 1 thread), from model construction on (the class text features
+    # are computed there): the same kernels give the same bits
+    torch.set_num_threads(1)
+    try:
+        model, mspec, _ = load_exported_model(spec.evaluate.checkpoint, dataset="synthetic")
+        seg_cm = np.zeros((5, 5), np.int64)
+        for s in open_dataset(spec.data.root, "val", cs):
+            pred = segment(segmenter_forward(model), [s.image], 64, spec.evaluate.scales)[0]
+            seg_cm += confusion_matrix(s.mask, pred, 5)
+        cam_cm = np.zeros((5, 5), np.int64)
+        maps = MapSource("stored", mspec, 16, correlation_uri=spec.correlate.output)
+        for s in open_dataset(spec.data.root, "train", cs):
+            x = to_tensor(resize_square(s.image, 64))[None]
+            corr, rar, grid = maps([s.id], x, [s.image.shape[:2]])
+            res = cam_pseudo_labels(model, x, torch.from_numpy(s.label)[None], corr, rar, grid, [s.image.shape[:2]])
+            cam_cm += confusion_matrix(s.mask, res[0].label, 5)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(np.asarray(m["segmentation"]["confusion_matrix"], np.int64), seg_cm)
+    assert np.array_equal(np.asarray(m["cam"]["confusion_matrix"], np.int64), cam_cm)
+    assert seg_cm.sum() == 4 * 64 * 80 and cam_cm.sum() == 6 * 64 * 80
+
+
+def test_evaluate_resume_recomputes_only_missing_items(evaluated):
+    spec, first = evaluated
+    out = spec.evaluate.output
+    before = storage.read_json(storage.join(out, "metrics.json"))
+    again = evaluate.run(spec)
+    assert again["computed_now"] == 0 and again["seg_miou"] == first["seg_miou"]
+    shard = list_shards(out)[0]
+    lost = storage.read_parquet(shard, columns=["item_id"]).column("item_id").to_pylist()
+    storage.delete(shard)
+    storage.delete(storage.join(out, "metrics.json"))
+    third = evaluate.run(spec)
+    assert third["computed_now"] == len(lost) == 1
+    after = storage.read_json(storage.join(out, "metrics.json"))
+    for task in ("segmentation", "cam"):
+        assert after[task]["confusion_matrix"] == before[task]["confusion_matrix"]
+
+
+def test_config_errors_fail_before_ray(prepared, tmp_path):
+    spec = tiny_spec(prepared.output_uri, "evaluate.crf=true", f"evaluate.output={tmp_path}/crf")
+    with pytest.raises(ConfigError) as e:
+        evaluate.run(spec)
+    assert "pydensecrf2" in str(e.value) and "\n" not in str(e.value)
+    spec = tiny_spec(prepared.output_uri, f"evaluate.correlation={tmp_path}/none", f"evaluate.output={tmp_path}/nomaps")
+    with pytest.raises(ConfigError) as e:
+        evaluate.run(spec)
+    assert "run the correlate stage" in str(e.value) and "\n" not in str(e.value)
+
+
+def _write(path, img: Image.Image, fmt="PNG"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, format=fmt)
+
+
+def test_infer_masks_overlays_odd_sizes_corrupt_and_resume(prepared, tmp_path):
+    src = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    _write(str(src / "gray.png"), Image.fromarray(rng.integers(0, 256, (37, 53), dtype=np.uint8)))  # L, 37x53
+    _write(str(src / "rgba.png"), Image.fromarray(rng.integers(0, 256, (45, 31, 4), dtype=np.uint8)))  # RGBA
+    _write(str(src / "sub" / "photo.JPG"), Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)), "JPEG")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (src / "notes.txt").write_text("ignored")
+    spec = tiny_spec(prepared.output_uri, f"infer.input={src}", f"infer.output={tmp_path}/infer",
+                     "infer.scales=[0.7,1.0]", "infer.resources.batch_size=4")
+    summary = infer.run(spec)
+    assert summary["images"] == 3 and summary["failed"] == 1 and summary["segmented_now"] == 3
+    out = spec.infer.output
+    sizes = {"gray": (53, 37), "rgba": (31, 45), "sub/photo": (90, 70)}
+    for name, size in sizes.items():
+        mask = _png(storage.join(out, "masks", f"{name}.png"))
+        assert mask.mode == "P" and mask.size == size and np.asarray(mask).max() < 5
+        ov = _png(storage.join(out, "overlays", f"{name}.jpg"))
+        assert ov.format == "JPEG" and ov.size == size
+    failures = storage.read_failures(out)
+    assert len(failures) == 1 and failures[0][0] == "broken" and "cannot decode" in failures[0][1]
+    manifest = storage.read_manifest(out)
+    assert sorted(read_stage_table(out).column("item_id").to_pylist()) == sorted(sizes)
+    assert manifest.extra["classes"] == list(get_class_set("synthetic").classes)
+    # resume: nothing recomputed (the corrupt image is retried and fails again) ...
+    again = infer.run(spec)
+    assert again["segmented_now"] == 0 and again["images"] == 3 and again["failed"] == 1
+    # ... and a deleted mask is the only thing redone
+    storage.delete(storage.join(out, "masks", "gray.png"))
+    third = infer.run(spec)
+    assert third["segmented_now"] == 1 and _png(storage.join(out, "masks", "gray.png")).size == (53, 37)
+    assert json.loads(json.dumps(storage.read_json(storage.join(out, "run.json"))))["scales"] == [0.7, 1.0]
