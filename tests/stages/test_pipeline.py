@@ -1,0 +1,44 @@
+"""The demo job spec end to end on local Ray, every artifact in a moto S3 bucket."""
+import json
+
+import pytest
+
+from diclip import storage
+from diclip.data import get_class_set
+from diclip.data.correlation import CorrelationStore
+from diclip.models.kv_cache import load_cache
+from ray_jobs.pipeline import run_pipeline
+from tests.helpers import tiny_spec
+
+pytestmark = pytest.mark.timeout(900)
+
+FAST = [
+    "generate.images_per_class=3", "generate.num_inference_steps=2", "cache.allow_missing_classes=true",
+    "train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4",
+    "evaluate.scales=[1.0]", "evaluate.num_pictures=2",
+]
+
+
+def test_demo_spec_end_to_end_into_s3(ray_session, s3_bucket, moto_server):
+    spec = tiny_spec(f"{s3_bucket}/demo", *FAST, endpoint_url=moto_server)
+    results = run_pipeline(spec)
+    assert [r["stage"] for r in results] == ["synthesize", "generate", "mask", "cache", "correlate", "train",
+                                             "evaluate", "infer"]
+    assert not any(r.get("skipped") for r in results)
+    for stage in ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer"):
+        uri = getattr(spec, stage).output
+        assert uri.startswith("s3://") and storage.is_complete(uri), stage
+    cache = load_cache(spec.cache.output, 64, list(get_class_set("synthetic").classes))
+    assert cache.num_entries > 0
+    store = CorrelationStore(spec.correlate.output)
+    assert len(store.index) == 10 and store.get(["synth_val_00000"])[0].grid == (4, 5)
+    metrics = [json.loads(x) for x in storage.read_text(storage.join(spec.train.output, "metrics.jsonl")).splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "eval"] == [2, 4]
+    assert storage.exists(storage.join(spec.train.output, "export", "model.safetensors"))
+    ev = storage.read_json(storage.join(spec.evaluate.output, "metrics.json"))
+    assert 0 <= ev["segmentation"]["miou"] <= 1
+    assert storage.read_bytes(storage.join(spec.evaluate.output, "pictures.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(storage.list_files(storage.join(spec.infer.output, "masks"), suffix=".png")) == 10
+    # a second run finds every stage complete and does nothing
+    again = run_pipeline(spec)
+    assert all(r.get("skipped") for r in again), again

@@ -1,0 +1,97 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diclip.cli import main
+from diclip.config import JobSpec, load_spec, to_yaml
+from diclip.errors import ConfigError
+from ray_jobs.validate import validate_spec
+
+
+def test_defaults_are_the_reference_voc_settings():
+    spec = load_spec(None, absolute_paths=False)
+    assert isinstance(spec, JobSpec)
+    assert spec.train.lr == 2e-4 and spec.train.max_iters == 20000 and spec.model.adapter_size == 312
+    assert spec.method.caa_threshold == 0.79 and spec.method.rar_steps == 5
+    assert spec.model.diffusion.timestep_index == 45 and spec.model.diffusion.heads == [1, 2]
+    assert spec.correlate.output == "runs/diclip/correlate"  # interpolated from output_uri and name
+
+
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/voc.yaml", "configs/coco.yaml"])
+def test_shipped_configs_load_and_roundtrip(path, tmp_path):
+    spec = load_spec(path, absolute_paths=False)
+    again = tmp_path / "merged.yaml"
+    again.write_text(to_yaml(spec))
+    assert load_spec(str(again), absolute_paths=False) == spec
+
+
+def test_coco_overrides():
+    spec = load_spec("configs/coco.yaml", absolute_paths=False)
+    assert spec.data.layout == "coco" and spec.method.caa_threshold == 0.88 and spec.cache.clusters_per_class == 5
+
+
+def test_cli_overrides_and_interpolation():
+    spec = load_spec("configs/demo.yaml", ["output_uri=s3://b/x", "train.max_iters=3", "model.clip.seed=7"])
+    assert spec.train.output == "s3://b/x/train" and spec.train.max_iters == 3 and spec.model.clip.seed == 7
+    assert spec.data.root == "s3://b/x/data"
+
+
+def test_relative_paths_become_absolute_for_workers():
+    spec = load_spec("configs/demo.yaml")
+    assert os.path.isabs(spec.output_uri) and spec.train.cache == os.path.abspath("runs/demo/cache")
+    assert load_spec("configs/demo.yaml", absolute_paths=False).train.cache == "runs/demo/cache"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("trian.max_iters=3", "Key 'trian' not in 'JobSpec'"),
+    ("model.clip.nme=x", "model.clip.nme"),
+    ("train.max_iters=abc", "train.max_iters"),
+    ("train.mode=fast", "train.mode must be stored|online"),
+    ("data.crop_size=100", "multiple of 16"),
+    ("pipeline.stages=[train,bogus]", "unknown stage 'bogus'"),
+    ("resources", "not of the form key=value"),
+    ("name=bad name", "name 'bad name'"),
+])
+def test_config_errors_are_one_line_and_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_spec("configs/demo.yaml", [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_iter: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_spec(str(bad))
+    assert "max_iter" in str(e.value) and str(bad) in str(e.value)
+    with pytest.raises(ConfigError):
+        load_spec(str(tmp_path / "missing.yaml"))
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError) as e:
+        load_spec(str(tmp_path / "broken.yaml"))
+    assert "YAML" in str(e.value)
+
+
+def test_validate_spec_inputs_must_exist_or_be_produced_earlier(tmp_path):
+    spec = load_spec("configs/demo.yaml", [f"output_uri={tmp_path}", "pipeline.stages=[train]"])
+    with pytest.raises(ConfigError) as e:
+        validate_spec(spec)
+    assert "does not exist" in str(e.value) and "\n" not in str(e.value)
+    ok = load_spec("configs/demo.yaml", [f"output_uri={tmp_path}"])
+    validate_spec(ok)  # every input is produced by an earlier stage
+    with pytest.raises(ConfigError) as e:
+        validate_spec(load_spec("configs/demo.yaml", [f"output_uri={tmp_path}", "train.cache=gs://x/y"]))
+    assert "train.cache" in str(e.value)
+
+
+def test_cli_prints_one_line_errors_and_help(capsys):
+    assert main(["run", "configs/demo.yaml", "trian.max_iters=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert main(["validate", "configs/demo.yaml"]) == 0
+    out = subprocess.run([sys.executable, "-m", "diclip.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for stage in ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer"):
+        assert stage in out.stdout
