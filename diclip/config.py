@@ -381,7 +381,9 @@ class TrainConfig(StageBase):
     seed: int = 0
     resume_from: Optional[str] = None
     max_failures: int = 1
-    keep_checkpoints: int = 2
+    """Worker-group restarts (from the last reported checkpoint) before the run fails."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept by validation mIoU; Ray Train always keeps the latest as well (best + last)."""
 
     def __post_init__(self) -> None:
         _check(self.mode in ("stored", "online"), f"train.mode must be stored|online, got {self.mode!r}")

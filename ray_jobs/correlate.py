@@ -19,7 +19,6 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from diclip import storage
 from diclip.config import JobSpec
 from diclip.data import get_class_set, open_dataset
 from diclip.data.correlation import SCHEMA, pack_npz

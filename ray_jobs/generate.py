@@ -18,7 +18,7 @@ import hashlib
 import io
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -26,19 +26,18 @@ import torch
 from PIL import Image
 
 from diclip import storage
-from diclip.config import JobSpec, to_dict
+from diclip.config import JobSpec
 from diclip.data import get_class_set
-from diclip.errors import ConfigError, StorageError
+from diclip.errors import ConfigError
 from diclip.logging import get_logger
-from diclip.storage.manifest import config_hash
 from ray_jobs.common import (
-    ID, actor_device, committed_ids, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    ID, actor_device, committed_ids, finalize, init_ray, report_row, run_pool, setup_process, short_error,
     write_shard,
 )
+from ray_jobs.lineage import claim_settings, settings_match, call_batched
 
 log = get_logger("ray_jobs.generate")
 STAGE = "generate"
-SETTINGS_FILE = "settings.json"
 
 SCHEMA = pa.schema([
     (ID, pa.string()),
@@ -54,113 +53,6 @@ SCHEMA = pa.schema([
 
 def output_uri(spec: JobSpec) -> str:
     return spec.generate.output
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers shared with the mask and cache stages
-# ----------------------------------------------------------------------------------------------
-def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any]) -> str:
-    """Record what defines this stage's rows; refuse to add rows made with other settings.
-
-    Resume skips committed items by id, so shards from other settings would be silently mixed in.
-    Returns the settings hash.
-    """
-    h = config_hash(settings)
-    uri = storage.join(stage_uri, SETTINGS_FILE)
-    if storage.exists(uri):
-        old = storage.read_json(uri)
-        if old.get("hash") != h and list_shards(stage_uri):
-            changed = sorted(k for k in set(old.get("settings", {})) | set(settings)
-                             if old.get("settings", {}).get(k) != settings.get(k))
-            raise ConfigError(f"{stage}: {stage_uri} holds rows made with other settings (changed: "
-                              f"{', '.join(changed) or 'unknown'}); write to a new {stage}.output or delete it")
-        if old.get("hash") == h:
-            return h
-    storage.write_json(uri, {"stage": stage, "hash": h, "settings": settings})
-    return h
-
-
-def settings_match(stage_uri: str, settings: dict[str, Any]) -> bool:
-    uri = storage.join(stage_uri, SETTINGS_FILE)
-    return storage.exists(uri) and storage.read_json(uri).get("hash") == config_hash(settings)
-
-
-def fingerprint(stage_uri: str) -> dict[str, Any] | None:
-    """Identity of a complete stage output (its manifest's shard list), or None when incomplete."""
-    m = storage.read_manifest(stage_uri)
-    if m is None:
-        return None
-    shards = hashlib.sha1("\n".join(f"{s.path}:{s.rows}" for s in sorted(m.shards, key=lambda s: s.path))
-                          .encode()).hexdigest()[:16]
-    return {"uri": stage_uri, "config_hash": m.config_hash, "num_items": m.num_items, "shards": shards}
-
-
-def same_source(recorded: dict | None, current: dict | None) -> bool:
-    """Whether a downstream manifest's recorded upstream still describes the upstream output."""
-    if current is None:  # upstream gone or rewriting: keep what we have
-        return True
-    return bool(recorded) and all(recorded.get(k) == current.get(k) for k in ("num_items", "shards"))
-
-
-def model_settings(spec: JobSpec) -> dict[str, Any]:
-    """The frozen models' settings that change features and masks (for the settings lock)."""
-    d = to_dict(spec.model)
-    return {"clip": d["clip"], "diffusion": {k: v for k, v in d["diffusion"].items() if k != "enable_xformers"}}
-
-
-def clip_model_id(spec: JobSpec) -> str:
-    """``name/pretrained`` as :func:`diclip.models.clip.build_clip` reports it, without loading weights."""
-    c = spec.model.clip
-    return f"{c.name}/{c.pretrained or f'random-seed{c.seed}'}"
-
-
-def call_batched(fn: Callable[..., list], columns: list[list], what: str) -> list[Any]:
-    """``fn(*columns)`` for the whole batch; if it raises, per item, so one bad item fails alone.
-
-    Returns one result or Exception per item.
-    """
-    try:
-        return list(fn(*columns))
-    except Exception as e:
-        log.warning("%s: batch of %d failed (%s); retrying one by one", what, len(columns[0]), short_error(e))
-    out: list[Any] = []
-    for i in range(len(columns[0])):
-        try:
-            out.append(fn(*[[c[i]] for c in columns])[0])
-        except Exception as e1:
-            out.append(e1)
-    return out
-
-
-def locate_rows(stage_uri: str, columns: list[str], what: str) -> list[dict]:
-    """Rows of a complete stage with where they live: ``shard`` URI and ``row`` index in it."""
-    manifest = storage.read_manifest(stage_uri)
-    if manifest is None:
-        raise StorageError(f"{what}: {stage_uri} is not complete (no manifest.json); run that stage first")
-    out = []
-    for s in manifest.shards:
-        uri = storage.join(stage_uri, s.path)
-        table = storage.read_parquet(uri, columns=columns)
-        for r, row in enumerate(table.to_pylist()):
-            row.update(shard=uri, row=r)
-            out.append(row)
-    return out
-
-
-def read_located(items: list[dict], shard_key: str, row_key: str, columns: list[str]) -> dict[str, dict]:
-    """Fetch ``columns`` of located rows, one ranged read per shard; item id -> row dict."""
-    by_shard: dict[str, list[tuple[str, int]]] = {}
-    for it in items:
-        by_shard.setdefault(it[shard_key], []).append((it[ID], int(it[row_key])))
-    out: dict[str, dict] = {}
-    cols = columns if ID in columns else [ID, *columns]
-    for shard, pairs in by_shard.items():
-        table = storage.read_parquet_rows(shard, [r for _, r in pairs], columns=cols)
-        for (want, _), row in zip(pairs, table.to_pylist()):
-            if row[ID] != want:
-                raise StorageError(f"{shard}: expected item {want} but found {row[ID]}; the upstream output changed")
-            out[want] = row
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ray_jobs.common import (
     ID, actor_device, committed_ids, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
     write_shard,
 )
-from ray_jobs.generate import (
+from ray_jobs.lineage import (
     call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located, same_source,
     settings_match,
 )

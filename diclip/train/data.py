@@ -11,6 +11,8 @@ live); Ray Data tasks load and augment the rows (:func:`load_rows`); workers onl
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 
@@ -20,6 +22,9 @@ from diclip.data.correlation import CorrelationStore
 from diclip.data.datasets import decode_image
 from diclip.data.transforms import apply_geometry, sample_geometry
 from diclip.errors import DataError
+
+if TYPE_CHECKING:
+    from diclip.method.resample import Geometry
 
 
 def dataset_kwargs(spec: JobSpec) -> dict:

@@ -11,7 +11,7 @@ from diclip.models.attention_capture import DiffusionAttention
 from diclip.models.clip import build_clip
 from diclip.models.diclip_model import DiCLIP
 from diclip.models.diffusion import build_diffusion_from_config
-from diclip.models.kv_cache import KVCache, load_cache, save_cache
+from diclip.models.kv_cache import load_cache, save_cache
 from tests.helpers import random_cache, tiny_model_config
 
 CLASSES = get_class_set("synthetic")

@@ -4,14 +4,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from diclip import storage
 from diclip.data.correlation import CorrelationStore, batch_maps
 from diclip.method.acr import refine_correlation
-from diclip.method.codecs import get_codec
 from diclip.method.resample import Geometry
 from diclip.models.attention_capture import DiffusionAttention
 from diclip.models.correlation import noise_seed

@@ -76,6 +76,7 @@ def masked_a(gen_a):
 def test_generate_is_deterministic_per_seed(gen_a, gen_b):
     (spec_a, out_a), (spec_b, out_b) = gen_a, gen_b
     assert out_a["generated_now"] == 8 and out_a["images"] == 8 and out_a["failed"] == 0
+    assert out_b["generated_now"] == 8
     a, b = images_by_id(spec_a), images_by_id(spec_b)
     assert sorted(a) == [f"{c}/{i:05d}" for c in CLASSES[1:] for i in range(2)]
     assert a == b  # same PNG bytes for every item across two runs into different dirs

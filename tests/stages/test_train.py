@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from ray_jobs import correlate, synthesize, train
 from tests.helpers import random_cache, tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
-TRAIN = ["train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4", "train.warmup_iters=1"]
+TRAIN = ["train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4", "train.warmup_iters=1",
+         "train.keep_checkpoints=2"]
 
 
 def _prepare(root, *overrides, endpoint_url=None):
@@ -141,7 +141,7 @@ def test_worker_failure_is_recovered_from_the_last_checkpoint(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DICLIP_FAULT_AT_STEP": f"2:1:{marker}"}})
     try:
-        spec = _prepare(str(tmp_path / "run"), "train.max_failures=2")
+        spec = _prepare(str(tmp_path / "run"), "train.max_failures=2", "train.keep_checkpoints=1")
         summary = train.run(spec)
     finally:
         ray.shutdown()
@@ -150,3 +150,9 @@ def test_worker_failure_is_recovered_from_the_last_checkpoint(tmp_path):
     m = _metrics(spec)
     assert [r["step"] for r in m if r["kind"] == "eval"] == [2, 4]
     assert [r["step"] for r in m if r["kind"] == "train"] == [1, 3]  # restarted at step 2, nothing re-run
+    manifest = storage.read_manifest(spec.train.output)
+    kept = {p for p in storage.list_files(storage.join(spec.train.output, "ray", "demo-train"))
+            if p.endswith("diclip_state.json")}
+    want = {storage.join(manifest.extra["best_checkpoint"]["path"], "diclip_state.json"),
+            storage.join(manifest.extra["last_checkpoint"], "diclip_state.json")}
+    assert kept == want  # keep_checkpoints=1: the best by val mIoU and the last

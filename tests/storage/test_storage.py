@@ -12,7 +12,6 @@ import torch
 from diclip import storage
 from diclip.errors import StorageError
 from diclip.storage import fs as sfs
-from diclip.storage import manifest as smanifest
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
