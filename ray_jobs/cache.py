@@ -36,7 +36,7 @@ from diclip.logging import get_logger
 from diclip.models.kv_cache import CACHE_FILE, KVCache, save_cache
 from diclip.storage.manifest import config_hash
 from ray_jobs.common import (
-    ID, actor_device, committed_ids, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    ID, pending_items, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
     write_shard,
 )
 from ray_jobs.lineage import (
@@ -262,8 +262,7 @@ def run(spec: JobSpec) -> dict:
     sources = {"generate": fingerprint(c.images), "mask": fingerprint(c.masks)}
     items, missing = list_items(spec)
     s_hash = claim_settings(c.output, STAGE, settings(spec))
-    done = committed_ids(c.output)
-    pending = [it for it in items if it[ID] not in done]
+    pending = pending_items(items, c.output)
     log.info("cache: %d kept masks, %d already featurised, %d to featurise (%d actors x batch %d, %s)", len(items),
              len(items) - len(pending), len(pending), c.resources.concurrency, c.resources.batch_size,
              "GPU" if c.resources.num_gpus else "CPU")

@@ -108,7 +108,10 @@ def map_batches_kwargs(res: Resources) -> dict[str, Any]:
     GPU stages need an explicit batch size (Ray refuses the CPU default), and ``num_gpus`` must stay
     None (not 0) on CPU stages or Ray treats them as GPU stages.
     """
-    kw: dict[str, Any] = {"batch_size": res.batch_size, "concurrency": res.concurrency, "num_cpus": res.num_cpus}
+    from ray.data import ActorPoolStrategy
+
+    kw: dict[str, Any] = {"batch_size": res.batch_size, "compute": ActorPoolStrategy(size=res.concurrency),
+                          "num_cpus": res.num_cpus}
     if res.num_gpus > 0:
         kw["num_gpus"] = res.num_gpus
     return kw
@@ -142,6 +145,12 @@ def committed_ids(stage_uri: str) -> dict[str, str]:
         for i in storage.read_parquet(shard, columns=[ID]).column(ID).to_pylist():
             out.setdefault(i, shard)
     return out
+
+
+def pending_items(items: list[dict], stage_uri: str) -> list[dict]:
+    """The items not yet in a committed shard of ``stage_uri`` (resume skips the rest)."""
+    done = committed_ids(stage_uri)
+    return [it for it in items if it[ID] not in done]
 
 
 def dedupe_shards(stage_uri: str) -> list[ShardInfo]:

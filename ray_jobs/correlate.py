@@ -27,7 +27,7 @@ from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
 from diclip.method.resample import resize_grid
 from ray_jobs.common import (
-    ID, actor_device, committed_ids, finalize, init_ray, report_row, run_pool, setup_process, short_error, write_shard,
+    ID, pending_items, actor_device, finalize, init_ray, report_row, run_pool, setup_process, short_error, write_shard,
 )
 
 log = get_logger("ray_jobs.correlate")
@@ -141,8 +141,7 @@ class Correlator:
 def run(spec: JobSpec) -> dict:
     cfg = spec.correlate
     items = list_items(spec)
-    done = committed_ids(cfg.output)
-    pending = [it for it in items if it[ID] not in done]
+    pending = pending_items(items, cfg.output)
     log.info("correlate: %d images, %d already in committed shards, %d to extract (%d actors x batch %d, %s)",
              len(items), len(items) - len(pending), len(pending), cfg.resources.concurrency,
              cfg.resources.batch_size, "GPU" if cfg.resources.num_gpus else "CPU")

@@ -29,7 +29,7 @@ from diclip.data.synthetic import encode_mask_png
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, actor_device, committed_ids, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    ID, pending_items, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
     write_shard,
 )
 from ray_jobs.lineage import (
@@ -164,8 +164,7 @@ def run(spec: JobSpec) -> dict:
     source = fingerprint(cfg.images)
     items = list_items(spec)
     s_hash = claim_settings(cfg.output, STAGE, settings(spec))
-    done = committed_ids(cfg.output)
-    pending = [it for it in items if it[ID] not in done]
+    pending = pending_items(items, cfg.output)
     log.info("mask: %d generated images, %d already masked, %d to mask (%d actors x batch %d, %s)", len(items),
              len(items) - len(pending), len(pending), cfg.resources.concurrency, cfg.resources.batch_size,
              "GPU" if cfg.resources.num_gpus else "CPU")
