@@ -297,11 +297,14 @@ class MaskConfig(StageBase):
     """Masks covering less than this fraction of the image are filtered out (empty masks always are)."""
     max_foreground: float = 0.95
     """... and more than this fraction."""
+    preview_per_class: int = 2
+    """Rows per class in ``preview.png`` (image | mask overlay | mask, kept or why filtered); 0: none."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_foreground < self.max_foreground <= 1, "mask.min_foreground < mask.max_foreground in [0, 1]")
         _check(self.image_size >= 16 and self.image_size % 16 == 0, "mask.image_size must be a positive multiple of 16")
         _check(self.rar_steps >= 0, "mask.rar_steps must be >= 0")
+        _check(self.preview_per_class >= 0, "mask.preview_per_class must be >= 0")
 
 
 @dataclass
@@ -347,6 +350,11 @@ class CorrelateConfig(StageBase):
     max_side: int = 512
     """Longest side (px) at which whole images are extracted; the grid covers the whole image."""
     shard_size: int = 32
+    num_pictures: int = 4
+    """Images in ``preview.png`` (image | ACR clusters | VCE and RAR maps of the centre token); 0: none."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_pictures >= 0, "correlate.num_pictures must be >= 0")
 
 
 @dataclass

@@ -7,6 +7,7 @@ The reference runs a Stable Diffusion pass inside every training step; here a Ra
 
 Images are extracted whole, resized so both sides are multiples of 16 (longest side <= max_side);
 the shard records the CLIP grid and the RAR grid. Training resamples the maps to each crop.
+``preview.png`` draws a few stored maps (ACR clusters, centre-token rows) over their images.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from diclip.config import JobSpec
-from diclip.data import get_class_set, open_dataset
+from diclip.data import open_split
 from diclip.data.correlation import SCHEMA, pack_npz
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
@@ -49,19 +50,12 @@ def clip_patch_size(spec: JobSpec) -> int:
     return int(p[0] if isinstance(p, (list, tuple)) else p)
 
 
-def dataset_kwargs(spec: JobSpec) -> dict:
-    d = spec.data
-    return dict(layout=d.layout, labels_file=d.labels_file, list_dir=d.list_dir, mask_dir=d.mask_dir,
-                skip_bad=d.skip_bad)
-
-
 def list_items(spec: JobSpec) -> list[dict]:
     """One item per distinct image id over the configured splits."""
-    class_set = get_class_set(spec.data.dataset)
     seen: set[str] = set()
     items = []
     for split in spec.correlate.splits:
-        ds = open_dataset(spec.data.root, split, class_set, **dataset_kwargs(spec))
+        ds = open_split(spec.data, split)
         for i in ds.ids:
             if i not in seen:
                 seen.add(i)
@@ -86,12 +80,11 @@ class Correlator:
         self.patch = clip_patch_size(spec)
         self.diff = DiffusionAttention(pipe, spec.model.diffusion, self.patch)
         self.codec = get_codec(self.cfg.rar_codec)
-        self.class_set = get_class_set(spec.data.dataset)
         self.datasets: dict[str, object] = {}
 
     def dataset(self, split: str):
         if split not in self.datasets:
-            self.datasets[split] = open_dataset(self.spec.data.root, split, self.class_set, **dataset_kwargs(self.spec))
+            self.datasets[split] = open_split(self.spec.data, split)
         return self.datasets[split]
 
     def load(self, item_id: str, split: str) -> np.ndarray:
@@ -138,6 +131,63 @@ class Correlator:
         return pd.DataFrame(reports)
 
 
+PREVIEW_TITLES = ("image", "ACR clusters", "VCE map, centre token", "RAR map, centre token")
+PREVIEW_CELL = 128
+
+
+def _upsample(x: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    """[h, w] -> [H, W] with PIL (float maps bilinear, label maps nearest)."""
+    img = Image.fromarray(x.astype(np.uint8) if nearest else x.astype(np.float32))
+    return np.asarray(img.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def centre_row(maps: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """Row of the token at the grid centre, as an [h, w] map scaled to [0, 1] (what that token attends to)."""
+    h, w = grid
+    row = maps[(h // 2) * w + w // 2].reshape(h, w).float()
+    lo, hi = row.min(), row.max()
+    return ((row - lo) / (hi - lo).clamp_min(1e-12)).numpy()
+
+
+def preview_columns(image: np.ndarray, rec) -> list[np.ndarray]:
+    """image | ACR cluster ids | VCE centre-token row | RAR centre-token row, all at the image size."""
+    from diclip import viz
+    from diclip.data.correlation import batch_maps
+
+    size = image.shape[:2]
+    vce, rar = batch_maps([rec], None, None, None)
+    clusters = viz.colorize(_upsample((rec.vce_ids.reshape(rec.grid) % 20 + 1), size, nearest=True))
+    return [image, clusters,
+            viz.heat_overlay(image, _upsample(centre_row(vce[0], rec.grid), size, nearest=False)),
+            viz.heat_overlay(image, _upsample(centre_row(rar[0], rec.rar_grid), size, nearest=False))]
+
+
+def write_preview(spec: JobSpec, items: list[dict]) -> int:
+    """``preview.png`` for the first ``correlate.num_pictures`` committed images; returns rows drawn."""
+    from diclip import storage, viz
+    from diclip.data.correlation import CorrelationStore
+    from diclip.data.datasets import decode_image
+
+    cfg = spec.correlate
+    store = CorrelationStore(cfg.output)
+    chosen = [it for it in items if it[ID] in store][: cfg.num_pictures]
+    grid, labels = [], []
+    for it in chosen:
+        try:
+            ds = open_split(spec.data, it["split"])
+            image = decode_image(ds.read_image_bytes(it[ID]), ds.image_uri(it[ID]))
+            rec = store.get([it[ID]])[0]
+        except DiclipError as e:
+            log.warning("correlate preview: skipping %s: %s", it[ID], e)
+            continue
+        grid.append(preview_columns(image, rec))
+        labels.append(f"{it[ID]} k={rec.vce_rows.shape[0]}")
+    if grid:
+        img = viz.picture_grid(grid, PREVIEW_TITLES, PREVIEW_CELL, row_labels=labels)
+        storage.write_bytes(storage.join(cfg.output, "preview.png"), viz.png_bytes(img))
+    return len(grid)
+
+
 def run(spec: JobSpec) -> dict:
     cfg = spec.correlate
     items = list_items(spec)
@@ -155,6 +205,8 @@ def run(spec: JobSpec) -> dict:
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
                         extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),
                                "max_side": cfg.max_side})
+    if cfg.num_pictures and write_preview(spec, items):
+        log.info("correlate: example maps in %s", cfg.output.rstrip("/") + "/preview.png")
     rate = result.items_per_s
     log.info("correlate: %d images committed, %d failed, %.2f images/s this run",
              manifest.num_items, manifest.num_failed, rate)

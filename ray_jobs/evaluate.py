@@ -30,7 +30,7 @@ import torch
 
 from diclip import storage
 from diclip.config import JobSpec
-from diclip.data import get_class_set, open_dataset
+from diclip.data import get_class_set, open_split
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
@@ -61,14 +61,10 @@ def output_uri(spec: JobSpec) -> str:
     return spec.evaluate.output
 
 
-def dataset_kwargs(spec: JobSpec) -> dict:
-    d = spec.data
-    return dict(layout=d.layout, labels_file=d.labels_file, list_dir=d.list_dir, mask_dir=d.mask_dir,
-                skip_bad=d.skip_bad)
 
 
 def _ids(spec: JobSpec, split: str) -> list[str]:
-    ids = open_dataset(spec.data.root, split, get_class_set(spec.data.dataset), **dataset_kwargs(spec)).ids
+    ids = open_split(spec.data, split).ids
     return ids[: spec.evaluate.limit] if spec.evaluate.limit else ids
 
 
@@ -156,7 +152,7 @@ class Evaluator:
 
     def dataset(self, split: str):
         if split not in self.datasets:
-            self.datasets[split] = open_dataset(self.spec.data.root, split, self.class_set, **dataset_kwargs(self.spec))
+            self.datasets[split] = open_split(self.spec.data, split)
         return self.datasets[split]
 
     @property
@@ -291,7 +287,7 @@ def write_pictures(spec: JobSpec, rows: dict[str, dict], where: dict[str, str], 
     if not ids:
         return 0
     pngs = read_pngs(where, [f"seg/{i}" for i in ids] + [f"pic/{i}" for i in ids])
-    ds = open_dataset(spec.data.root, cfg.split, class_set, **dataset_kwargs(spec))
+    ds = open_split(spec.data, cfg.split)
     grid, labels = [], []
     for i in ids:
         try:

@@ -10,7 +10,8 @@ class the image was generated for. See :mod:`diclip.models.cam_masks`.
 
 Masks that are empty or cover less than ``mask.min_foreground`` / more than ``mask.max_foreground`` of
 the image are kept as rows with ``kept=False`` and a reason, so the ``cache`` stage skips them and the
-manifest reports per-class and filtered counts.
+manifest reports per-class and filtered counts. ``preview.png`` shows a few masks per class (kept and
+filtered), because whether a threshold is right is seen faster than read.
 """
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ from diclip.config import JobSpec
 from diclip.data import get_class_set
 from diclip.data.datasets import decode_image
 from diclip.data.synthetic import encode_mask_png
+from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_bytes
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, pending_items, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
-    write_shard,
+    ID, pending_items, actor_device, finalize, init_ray, list_shards, read_stage_table, report_row, run_pool,
+    setup_process, short_error, write_shard,
 )
 from ray_jobs.lineage import (
     call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located, same_source,
@@ -159,6 +161,52 @@ def summarize(stage_uri: str, class_names: tuple[str, ...]) -> dict:
             "filtered": sum(reasons.values()), "filtered_by_reason": dict(sorted(reasons.items()))}
 
 
+PREVIEW_TITLES = ("generated image", "mask overlay", "mask")
+PREVIEW_CELL = 128
+
+
+def preview_rows(stage_uri: str, per_class: int) -> list[dict]:
+    """Up to ``per_class`` committed mask rows per class (sorted ids), filtered ones first so they get seen."""
+    table = read_stage_table(stage_uri, [ID, "class_id", "kept", "reason", "foreground_fraction"])
+    by_class: dict[int, list[dict]] = defaultdict(list)
+    for r in sorted(table.to_pylist(), key=lambda r: (r["kept"], r[ID])):
+        if len(by_class[r["class_id"]]) < per_class:
+            by_class[r["class_id"]].append(r)
+    return [r for c in sorted(by_class) for r in by_class[c]]
+
+
+def write_preview(spec: JobSpec, class_names: tuple[str, ...]) -> int:
+    """``preview.png``: generated image | mask overlay | mask for a few images per class; returns rows drawn."""
+    cfg = spec.mask
+    if cfg.preview_per_class == 0:
+        return 0
+    chosen = preview_rows(cfg.output, cfg.preview_per_class)
+    if not chosen:
+        return 0
+    want = {r[ID] for r in chosen}
+    where = {r[ID]: r for r in locate_rows(cfg.output, [ID], "mask preview") if r[ID] in want}
+    images = {r[ID]: r for r in locate_rows(cfg.images, [ID], "mask.images") if r[ID] in want}
+    masks = read_located([where[i] for i in sorted(want & where.keys())], "shard", "row", ["mask"])
+    pics = read_located([images[i] for i in sorted(want & images.keys())], "shard", "row", ["image"])
+    grid, labels = [], []
+    for r in chosen:
+        if r[ID] not in masks or r[ID] not in pics:
+            continue
+        try:
+            img = decode_image(pics[r[ID]]["image"], f"generated image {r[ID]}")
+        except DiclipError as e:
+            log.warning("mask preview: skipping %s: %s", r[ID], e)
+            continue
+        mask = decode_mask_png(masks[r[ID]]["mask"])
+        grid.append([img, overlay(img, mask), colorize(mask)])
+        state = "kept" if r["kept"] else r["reason"].split(":", 1)[0]
+        labels.append(f"{class_names[r['class_id']]} {state} {r['foreground_fraction']:.2f}")
+    if grid:
+        storage.write_bytes(storage.join(cfg.output, "preview.png"),
+                            png_bytes(picture_grid(grid, PREVIEW_TITLES, PREVIEW_CELL, row_labels=labels)))
+    return len(grid)
+
+
 def run(spec: JobSpec) -> dict:
     cfg = spec.mask
     source = fingerprint(cfg.images)
@@ -174,10 +222,14 @@ def run(spec: JobSpec) -> dict:
     result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask")
     for iid, err in result.failures:
         log.warning("mask: %s failed: %s", iid, err)
-    counts = summarize(cfg.output, get_class_set(spec.data.dataset).classes)
+    class_names = get_class_set(spec.data.dataset).classes
+    counts = summarize(cfg.output, class_names)
     models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}
     extra = {"source": source, "settings_hash": s_hash, **counts}
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models, extra)
+    drawn = write_preview(spec, class_names)
+    if drawn:
+        log.info("mask: %d example masks in %s", drawn, storage.join(cfg.output, "preview.png"))
     rate = result.items_per_s
     log.info("mask: %d masks committed (%d kept, %d filtered: %s), %d failed, %.2f images/s this run",
              manifest.num_items, counts["kept"], counts["filtered"], counts["filtered_by_reason"], manifest.num_failed,

@@ -146,11 +146,10 @@ def _validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) -
     import torch
     import torch.distributed as dist
 
-    from diclip.data import open_dataset
+    from diclip.data import open_split
     from diclip.method import metrics as metriclib
-    from diclip.train.data import dataset_kwargs
 
-    ds = open_dataset(spec.data.root, spec.data.val_split, trainer.class_set, **dataset_kwargs(spec))
+    ds = open_split(spec.data, spec.data.val_split)
     ids = ds.ids[: spec.train.val_limit] if spec.train.val_limit else ds.ids
     k = trainer.class_set.num_classes
     cms = np.zeros((2, k, k), dtype=np.int64)

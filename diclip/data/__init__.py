@@ -16,6 +16,7 @@ from diclip.data.datasets import (
     decode_image,
     decode_mask,
     open_dataset,
+    open_split,
 )
 from diclip.data.labels import load_cls_labels, save_cls_labels
 from diclip.data.synthetic import generate_synthetic
@@ -33,6 +34,7 @@ __all__ = [
     "decode_image",
     "decode_mask",
     "open_dataset",
+    "open_split",
     "load_cls_labels",
     "save_cls_labels",
     "generate_synthetic",

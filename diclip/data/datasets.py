@@ -427,3 +427,10 @@ def open_dataset(root: str, split: str, class_set: ClassSet | str, **kw) -> SegD
     cs = get_class_set(class_set)
     kw.setdefault("layout", "coco" if cs.name == "coco" else "voc")
     return SegDataset(root, split, cs, **kw)
+
+
+def open_split(data_cfg, split: str) -> SegDataset:
+    """The split of the dataset a job spec's ``data`` section (``DataConfig``) describes."""
+    return open_dataset(data_cfg.root, split, data_cfg.dataset, layout=data_cfg.layout,
+                        labels_file=data_cfg.labels_file, list_dir=data_cfg.list_dir, mask_dir=data_cfg.mask_dir,
+                        skip_bad=data_cfg.skip_bad)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from diclip.config import JobSpec
-from diclip.data import get_class_set, open_dataset
+from diclip.data import open_split
 from diclip.data.correlation import CorrelationStore
 from diclip.data.datasets import decode_image
 from diclip.data.transforms import apply_geometry, sample_geometry
@@ -27,15 +27,11 @@ if TYPE_CHECKING:
     from diclip.method.resample import Geometry
 
 
-def dataset_kwargs(spec: JobSpec) -> dict:
-    d = spec.data
-    return dict(layout=d.layout, labels_file=d.labels_file, list_dir=d.list_dir, mask_dir=d.mask_dir,
-                skip_bad=d.skip_bad)
 
 
 def build_items(spec: JobSpec, split: str, correlation_uri: str | None) -> pa.Table:
     """item_id, label, image_uri (+ corr_shard, corr_row when stored maps are used) for a split."""
-    ds = open_dataset(spec.data.root, split, get_class_set(spec.data.dataset), **dataset_kwargs(spec))
+    ds = open_split(spec.data, split)
     store = CorrelationStore(correlation_uri) if correlation_uri else None
     ids, labels, uris, shards, rows = [], [], [], [], []
     missing = []

@@ -1,11 +1,14 @@
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diclip import storage
 from diclip.data.correlation import CorrelationStore, batch_maps
@@ -14,6 +17,7 @@ from diclip.method.resample import Geometry
 from diclip.models.attention_capture import DiffusionAttention
 from diclip.models.correlation import noise_seed
 from diclip.models.diffusion import build_diffusion_from_config
+from diclip.viz import colorize, grid_size
 from ray_jobs import correlate, synthesize
 from ray_jobs.common import list_shards
 from tests.helpers import tiny_spec
@@ -41,7 +45,7 @@ def test_correlate_two_actors_and_roundtrip_local(ray_session, tmp_path):
     from diclip.data import get_class_set, open_dataset
 
     ds = open_dataset(spec.data.root, "train", get_class_set("synthetic"))
-    img = torch.from_numpy(ds.load("synth_train_00000").image).permute(2, 0, 1)[None].float() / 255
+    img = torch.from_numpy(ds.load("synth_train_00000").image.copy()).permute(2, 0, 1)[None].float() / 255
     diff = DiffusionAttention(build_diffusion_from_config(spec.model.diffusion), spec.model.diffusion)
     cap = diff(img, [noise_seed("synth_train_00000", spec.model.diffusion.seed)])
     want_vce = refine_correlation(cap.vce, size=cap.clip_grid)
@@ -53,9 +57,26 @@ def test_correlate_two_actors_and_roundtrip_local(ray_session, tmp_path):
     # identity geometry through the training reader returns the stored map exactly
     vce_id, _ = batch_maps([rec], [Geometry.identity((64, 80))], (4, 5), (8, 10))
     assert torch.equal(vce_id, vce)
+    # preview: 4 rows of image | clusters | VCE | RAR; the clusters column shows the stored ids
+    png = storage.read_bytes(storage.join(spec.correlate.output, "preview.png"))
+    with Image.open(io.BytesIO(png)) as pic:
+        assert pic.size == grid_size(4, 4, correlate.PREVIEW_CELL)
+    cols = correlate.preview_columns(ds.load("synth_train_00000").image, rec)
+    assert [c.shape for c in cols] == [(64, 80, 3)] * 4
+    ids = rec.vce_ids.reshape(4, 5)
+    assert np.array_equal(cols[1][::16, ::16], colorize(ids % 20 + 1))
     # re-running a complete stage does nothing
     again = correlate.run(spec)
     assert again["extracted_now"] == 0 and again["images"] == 10
+
+
+def test_centre_row_picks_the_centre_token_and_scales_to_unit_range():
+    grid = (3, 4)
+    maps = torch.eye(12) * 0.5 + 0.1
+    row = correlate.centre_row(maps, grid)
+    want = np.zeros(grid, dtype=np.float32)
+    want[1, 2] = 1.0  # token (h // 2) * w + w // 2 = 6
+    assert np.allclose(row, want)
 
 
 def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server):

@@ -22,6 +22,7 @@ from diclip.models.cam_masks import to_square_batch
 from diclip.models.correlation import noise_seed, vce_compact
 from diclip.models.diffusion import build_diffusion_from_config
 from diclip.models.kv_cache import CACHE_FILE, load_cache
+from diclip.viz import grid_size
 from ray_jobs import cache, generate, mask
 from ray_jobs.common import read_stage_table
 from tests.helpers import tiny_spec
@@ -164,6 +165,17 @@ def test_mask_filters_and_records_failures(gen_b):
     assert sum(extra["filtered_by_reason"].values()) == extra["filtered"]
     assert set(extra["filtered_by_reason"]) <= {"empty", "too_small"}
     assert mask.is_complete(spec)
+    # the preview shows up to 2 masks per class, filtered ones first, and skips the failed image
+    chosen = mask.preview_rows(spec.mask.output, 2)
+    per_class = {}
+    for r in rows:
+        per_class.setdefault(r["class_id"], []).append(r)
+    assert len(chosen) == sum(min(2, len(v)) for v in per_class.values())
+    for c, members in per_class.items():
+        picked = [r for r in chosen if r["class_id"] == c]
+        assert [r["kept"] for r in picked] == sorted(r["kept"] for r in members)[: len(picked)]
+    with Image.open(io.BytesIO(storage.read_bytes(storage.join(spec.mask.output, "preview.png")))) as img:
+        assert img.size == grid_size(len(chosen), 3, mask.PREVIEW_CELL)
 
 
 def test_mask_keeps_within_thresholds(masked_a):
