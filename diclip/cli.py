@@ -123,9 +123,14 @@ def _dispatch(args) -> int:
             from ray_jobs.validate import validate_spec
 
             validate_spec(spec)
+        ray_mod = sys.modules.get("ray")
+        joined = ray_mod is not None and ray_mod.is_initialized()
         if any(s != "synthesize" for s in (stages or spec.pipeline.stages)):
             init_ray(spec)
         results = run_pipeline(spec, stages)
+        ray_mod = sys.modules.get("ray")
+        if not joined and ray_mod is not None and ray_mod.is_initialized():
+            ray_mod.shutdown()  # workers' last log lines land before the summary, not after it
         print(json.dumps({"job": spec.name, "output_uri": spec.output_uri, "stages": results}, indent=2, default=str))
         return 0
     if cmd in ("submit", "status", "logs", "stop"):
