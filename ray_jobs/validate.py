@@ -67,6 +67,8 @@ def _within(uri: str, root: str) -> bool:
 
 def validate_spec(spec: JobSpec, check_exists: bool = True) -> None:
     _check_uri("output_uri", spec.output_uri)
+    if check_exists:
+        storage.exists(spec.output_uri)  # an unreachable store or a missing bucket fails here, before Ray starts
     produced: dict[str, str] = {}
     for stage in spec.pipeline.stages:
         out_field = STAGE_OUTPUT[stage]

@@ -91,6 +91,12 @@ def test_cli_prints_one_line_errors_and_help(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert main(["validate", "configs/demo.yaml"]) == 0
+    capsys.readouterr()
+    # an unreachable object store is caught by validate, before any stage (or Ray) starts
+    assert main(["validate", "configs/demo.yaml", "output_uri=s3://bucket/run",
+                 "storage.endpoint_url=http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach object store") and "\n" not in err
     out = subprocess.run([sys.executable, "-m", "diclip.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for stage in ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer"):
