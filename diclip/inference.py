@@ -55,13 +55,18 @@ FORMAT = "diclip-trainable-v1"
 def spec_from_yaml(text: str, source: str) -> JobSpec:
     """A :class:`JobSpec` from a dumped spec (``to_yaml``), validated like any job spec."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
 
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(JobSpec), OmegaConf.create(text))
         spec = OmegaConf.to_object(cfg)
     except DiclipError as e:
         raise ModelError(f"{source}: invalid training spec: {e}") from e
-    except Exception as e:  # yaml syntax, unknown keys, wrong types
+    except ConfigKeyError as e:  # written by a diclip whose config has keys this one lacks (or the reverse)
+        key = getattr(e, "full_key", None) or "?"
+        raise ModelError(f"{source}: training spec has key {key!r} that this diclip version does not know; "
+                         f"use the diclip version that exported it or re-export the model") from e
+    except Exception as e:  # yaml syntax, wrong types
         raise ModelError(f"{source}: corrupt training spec ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); re-export the model") from e
     if not isinstance(spec, JobSpec):

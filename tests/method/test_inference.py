@@ -207,6 +207,12 @@ def test_export_errors_are_one_line(exported, tmp_path):
     with pytest.raises(ModelError) as e:
         read_export(bad)
     assert "spec" in str(e.value) and _one_line(e)
+    # a spec written by a diclip with a config key this one does not have
+    newer = storage.read_text(storage.join(spec.evaluate.checkpoint, "spec.yaml")) + "future_section: {x: 1}\n"
+    storage.write_text(storage.join(bad, "spec.yaml"), newer)
+    with pytest.raises(ModelError) as e:
+        read_export(bad)
+    assert "'future_section'" in str(e.value) and "diclip version" in str(e.value) and _one_line(e)
     # weights of another architecture
     other = tiny_spec(str(tmp_path / "other"), "model.embedding_dim=16")
     make_export(other)
