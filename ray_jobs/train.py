@@ -102,7 +102,10 @@ class RankDatasetFactory:
         setup_process(spec)
         # Runs in Ray Train's controller: the dataset captures *this* process's DataContext.
         configure_data_context(spec)
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        # the loop logs steps and samples/s; one bar per rank from worker processes would only interleave
+        ctx.enable_progress_bars = False
         start = resume_step(spec)
         b = per_worker_batch(spec)
         table = rank_table(self.items, self.rank, t.num_workers, b, start * t.grad_accum, t.max_iters * t.grad_accum,
