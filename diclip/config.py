@@ -54,6 +54,9 @@ class RayConfig:
     """CPUs for a local Ray instance (None: all)."""
     progress_bars: bool = True
     """Ray Data progress bars; turn off for non-TTY logs (CI, cluster jobs)."""
+    dashboard: bool = True
+    """A local Ray instance starts its dashboard (http://127.0.0.1:8265): job and actor views, and the
+    State API that Ray Train uses to clean up after a dead controller. Off saves ~0.6 s of start-up."""
 
 
 @dataclass

@@ -69,7 +69,7 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
         kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env(spec)}, "log_to_driver": True,
-                                  "include_dashboard": False}
+                                  "include_dashboard": bool(spec.ray.dashboard)}
         if spec.ray.num_cpus:
             kwargs["num_cpus"] = spec.ray.num_cpus
         ray.init(**kwargs)
