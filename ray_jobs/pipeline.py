@@ -17,6 +17,9 @@ from ray_jobs.common import configure_driver
 
 log = get_logger("ray_jobs.pipeline")
 
+PICTURES = {"mask": "preview.png", "correlate": "preview.png", "evaluate": "pictures.png", "infer": "overlays"}
+"""What each stage draws for people to look at, relative to its output."""
+
 
 def stage_complete(spec: JobSpec, name: str) -> bool:
     mod = stage_module(name)
@@ -48,4 +51,19 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> list[dict]:
     results = []
     for name in stages:
         results.append(run_stage(spec, name, force=name in spec.pipeline.force))
+    pictures = pictures_of(results)
+    if pictures:
+        log.info("pictures to look at:\n  %s", "\n  ".join(pictures))
     return results
+
+
+def pictures_of(results: list[dict]) -> list[str]:
+    """URIs of the pictures the finished stages wrote (skipped stages' pictures included)."""
+    out = []
+    for r in results:
+        name = PICTURES.get(r["stage"])
+        if name:
+            uri = storage.join(r["output"], name)
+            if storage.exists(uri):
+                out.append(uri)
+    return out

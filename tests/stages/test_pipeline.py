@@ -7,7 +7,7 @@ from diclip import storage
 from diclip.data import get_class_set
 from diclip.data.correlation import CorrelationStore
 from diclip.models.kv_cache import load_cache
-from ray_jobs.pipeline import run_pipeline
+from ray_jobs.pipeline import pictures_of, run_pipeline
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.timeout(900)
@@ -42,3 +42,7 @@ def test_demo_spec_end_to_end_into_s3(ray_session, s3_bucket, moto_server):
     # a second run finds every stage complete and does nothing
     again = run_pipeline(spec)
     assert all(r.get("skipped") for r in again), again
+    # the pictures every drawing stage wrote, listed for people at the end of a run (skipped or not)
+    want = [storage.join(spec.mask.output, "preview.png"), storage.join(spec.correlate.output, "preview.png"),
+            storage.join(spec.evaluate.output, "pictures.png"), storage.join(spec.infer.output, "overlays")]
+    assert pictures_of(results) == pictures_of(again) == want
