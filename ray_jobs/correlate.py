@@ -171,10 +171,13 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
     cfg = spec.correlate
     store = CorrelationStore(cfg.output)
     chosen = [it for it in items if it[ID] in store][: cfg.num_pictures]
+    splits: dict[str, object] = {}
     grid, labels = [], []
     for it in chosen:
         try:
-            ds = open_split(spec.data, it["split"])
+            if it["split"] not in splits:
+                splits[it["split"]] = open_split(spec.data, it["split"])
+            ds = splits[it["split"]]
             image = decode_image(ds.read_image_bytes(it[ID]), ds.image_uri(it[ID]))
             rec = store.get([it[ID]])[0]
         except DiclipError as e:

@@ -31,8 +31,8 @@ from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_byt
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, pending_items, actor_device, finalize, init_ray, list_shards, read_stage_table, report_row, run_pool,
-    setup_process, short_error, write_shard,
+    ID, pending_items, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    write_shard,
 )
 from ray_jobs.lineage import (
     call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located, same_source,
@@ -166,10 +166,11 @@ PREVIEW_CELL = 128
 
 
 def preview_rows(stage_uri: str, per_class: int) -> list[dict]:
-    """Up to ``per_class`` committed mask rows per class (sorted ids), filtered ones first so they get seen."""
-    table = read_stage_table(stage_uri, [ID, "class_id", "kept", "reason", "foreground_fraction"])
+    """Up to ``per_class`` committed mask rows per class (sorted ids), filtered ones first so they get seen;
+    each row carries its ``shard`` and ``row`` for the ranged read of its mask."""
+    rows = locate_rows(stage_uri, [ID, "class_id", "kept", "reason", "foreground_fraction"], "mask preview")
     by_class: dict[int, list[dict]] = defaultdict(list)
-    for r in sorted(table.to_pylist(), key=lambda r: (r["kept"], r[ID])):
+    for r in sorted(rows, key=lambda r: (r["kept"], r[ID])):
         if len(by_class[r["class_id"]]) < per_class:
             by_class[r["class_id"]].append(r)
     return [r for c in sorted(by_class) for r in by_class[c]]
@@ -181,16 +182,13 @@ def write_preview(spec: JobSpec, class_names: tuple[str, ...]) -> int:
     if cfg.preview_per_class == 0:
         return 0
     chosen = preview_rows(cfg.output, cfg.preview_per_class)
-    if not chosen:
-        return 0
     want = {r[ID] for r in chosen}
-    where = {r[ID]: r for r in locate_rows(cfg.output, [ID], "mask preview") if r[ID] in want}
-    images = {r[ID]: r for r in locate_rows(cfg.images, [ID], "mask.images") if r[ID] in want}
-    masks = read_located([where[i] for i in sorted(want & where.keys())], "shard", "row", ["mask"])
-    pics = read_located([images[i] for i in sorted(want & images.keys())], "shard", "row", ["image"])
+    images = [r for r in locate_rows(cfg.images, [ID], "mask.images") if r[ID] in want]
+    masks = read_located(chosen, "shard", "row", ["mask"])
+    pics = read_located(images, "shard", "row", ["image"])
     grid, labels = [], []
     for r in chosen:
-        if r[ID] not in masks or r[ID] not in pics:
+        if r[ID] not in pics:
             continue
         try:
             img = decode_image(pics[r[ID]]["image"], f"generated image {r[ID]}")
