@@ -76,7 +76,7 @@ def test_loss_decreases_on_a_fixed_batch(ray_session, tmp_path):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        losses.append(float(out["loss"]))
+        losses.append(out["loss"].item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(torch.equal(a, b) for a, b in zip(clip_before, trainer.clip.model.parameters()))
 
