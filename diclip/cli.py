@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sp.add_argument("--timeout", type=float, default=0.0,
                     help="stop waiting (exit 2, the job keeps running) after this many seconds; 0: no limit")
-    for name in ("status", "logs", "stop"):
-        jp = sub.add_parser(name, help=f"{name} of a submitted job")
+    job_help = {"status": "status of a submitted job", "logs": "logs of a submitted job",
+                "stop": "stop a submitted job"}
+    for name, text in job_help.items():
+        jp = sub.add_parser(name, help=text)
         jp.add_argument("job_id")
         jp.add_argument("--address", default=None, help=address_help)
         if name == "logs":
@@ -109,9 +111,13 @@ def _dispatch(args) -> int:
     if cmd == "validate":
         from ray_jobs.validate import validate_spec
 
+        from ray_jobs.pipeline import plan
+
         spec = _load(args)
         validate_spec(spec)
         print(f"ok: {args.spec} ({', '.join(spec.pipeline.stages)})")
+        for name, done, uri in plan(spec):
+            print(f"  {name:<10} {'complete, run skips it' if done else 'to run':<22} {uri}")
         return 0
     if cmd == "run" or cmd in STAGES:
         from ray_jobs.common import init_ray

@@ -28,6 +28,12 @@ def stage_complete(spec: JobSpec, name: str) -> bool:
     return storage.is_complete(mod.output_uri(spec))
 
 
+def plan(spec: JobSpec) -> list[tuple[str, bool, str]]:
+    """(stage, complete, output) for the spec's stages: what ``run`` would skip and what it would run."""
+    return [(name, name not in spec.pipeline.force and stage_complete(spec, name), stage_module(name).output_uri(spec))
+            for name in spec.pipeline.stages]
+
+
 def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
     mod = stage_module(name)
     if not force and stage_complete(spec, name):

@@ -86,6 +86,15 @@ def test_validate_spec_inputs_must_exist_or_be_produced_earlier(tmp_path):
     assert "train.cache" in str(e.value)
 
 
+def test_validate_prints_the_plan(capsys, tmp_path):
+    assert main(["validate", "configs/demo.yaml", f"output_uri={tmp_path}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ok: configs/demo.yaml")
+    stages = load_spec("configs/demo.yaml").pipeline.stages
+    assert [ln.split()[0] for ln in lines[1:]] == list(stages)
+    assert all(" to run " in ln and str(tmp_path) in ln for ln in lines[1:])
+
+
 def test_cli_prints_one_line_errors_and_help(capsys):
     assert main(["run", "configs/demo.yaml", "trian.max_iters=1"]) == 2
     err = capsys.readouterr().err.strip()

@@ -7,7 +7,7 @@ from diclip import storage
 from diclip.data import get_class_set
 from diclip.data.correlation import CorrelationStore
 from diclip.models.kv_cache import load_cache
-from ray_jobs.pipeline import pictures_of, run_pipeline
+from ray_jobs.pipeline import pictures_of, plan, run_pipeline
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.timeout(900)
@@ -21,7 +21,9 @@ FAST = [
 
 def test_demo_spec_end_to_end_into_s3(ray_session, s3_bucket, moto_server):
     spec = tiny_spec(f"{s3_bucket}/demo", *FAST, endpoint_url=moto_server)
+    assert not any(done for _, done, _ in plan(spec))
     results = run_pipeline(spec)
+    assert all(done for _, done, _ in plan(spec))
     assert [r["stage"] for r in results] == ["synthesize", "generate", "mask", "cache", "correlate", "train",
                                              "evaluate", "infer"]
     assert not any(r.get("skipped") for r in results)
