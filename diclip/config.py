@@ -395,6 +395,9 @@ class TrainConfig(StageBase):
     """Worker-group restarts (from the last reported checkpoint) before the run fails."""
     keep_checkpoints: int = 1
     """Checkpoints kept by validation mIoU; Ray Train always keeps the latest as well (best + last)."""
+    trust_checkpoints: bool = False
+    """DeepSpeed checkpoints are read weights-only (tensors and a few DeepSpeed classes); true restores
+    DeepSpeed's full unpickling, for checkpoints you trust that need more."""
 
     def __post_init__(self) -> None:
         _check(self.mode in ("stored", "online"), f"train.mode must be stored|online, got {self.mode!r}")

@@ -194,6 +194,8 @@ def train_loop_per_worker(config: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
 
+    from diclip.train.safe_checkpoint import install as install_weights_only_loading
+
     torch.manual_seed(t.seed)  # identical trainable init on every rank (DeepSpeed also broadcasts rank 0's)
     trainer = DiCLIPTrainer(spec, device)
     ds_cfg = build_deepspeed_config(spec, use_gpu=device.type == "cuda")
@@ -205,6 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=trainer.model, model_parameters=trainer.param_groups(), config=ds_cfg, lr_scheduler=schedule,
         dist_init_required=False)
+    install_weights_only_loading(engine, trust=t.trust_checkpoints)
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
     start = 0
     # A restart after a failure resumes from this run's latest checkpoint; a fresh run may resume
