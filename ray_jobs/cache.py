@@ -36,7 +36,7 @@ from diclip.logging import get_logger
 from diclip.models.kv_cache import CACHE_FILE, KVCache, save_cache
 from diclip.storage.manifest import config_hash
 from ray_jobs.common import (
-    ID, pending_items, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    ID, pending_items, start_actor, finalize, init_ray, list_shards, report_row, run_pool, short_error,
     write_shard,
 )
 from ray_jobs.lineage import (
@@ -125,12 +125,10 @@ class KeyExtractor:
     """Ray Data actor: diffusion (VCE) + CLIP loaded once; each call writes one feature shard."""
 
     def __init__(self, spec: JobSpec):
-        setup_process(spec)
+        self.cfg = spec.cache
+        self.device = start_actor(spec, self.cfg.resources)
         from diclip.models.cam_masks import VCEFeatureExtractor
 
-        self.cfg = spec.cache
-        self.device = actor_device(self.cfg.resources)
-        torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
         self.extractor = VCEFeatureExtractor(spec, self.device)
 
     def keys(self, images: list[np.ndarray], masks: list[np.ndarray], ids: list[str]) -> list[tuple]:
@@ -268,9 +266,9 @@ def run(spec: JobSpec) -> dict:
              "GPU" if c.resources.num_gpus else "CPU")
     init_ray(spec)
     result = run_pool(pending, KeyExtractor, {"spec": spec}, c.resources, desc="cache keys")
-    failures = list(missing) + list(result.failures)
-    for iid, err in failures:
+    for iid, err in missing:
         log.warning("cache: %s failed: %s", iid, err)
+    failures = list(missing) + list(result.failures)
     t_map = time.perf_counter() - t0
 
     keep = sorted(it[ID] for it in items)

@@ -102,6 +102,17 @@ def actor_device(res: Resources) -> str:
     return "cuda" if res.num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def start_actor(spec: JobSpec, res: Resources) -> str:
+    """Actor constructor preamble: process setup, the device its resources ask for, and torch threads
+    matching the CPUs Ray reserved for it (more would oversubscribe the node). Returns the device."""
+    import torch
+
+    setup_process(spec)
+    device = actor_device(res)
+    torch.set_num_threads(max(1, int(res.num_cpus)))
+    return device
+
+
 def map_batches_kwargs(res: Resources) -> dict[str, Any]:
     """Ray Data actor-pool arguments from a stage's resources.
 
@@ -254,6 +265,8 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
             bar.set_postfix(failed=len(result.failures))
     bar.close()
     result.seconds = time.perf_counter() - start
+    for item_id, err in result.failures:
+        log.warning("%s: %s failed: %s", desc, item_id, err)
     return result
 
 

@@ -28,7 +28,7 @@ from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
 from diclip.method.resample import resize_grid
 from ray_jobs.common import (
-    ID, pending_items, actor_device, finalize, init_ray, report_row, run_pool, setup_process, short_error, write_shard,
+    ID, pending_items, start_actor, finalize, init_ray, report_row, run_pool, short_error, write_shard,
 )
 
 log = get_logger("ray_jobs.correlate")
@@ -67,14 +67,12 @@ class Correlator:
     """Ray Data actor: one diffusion pipeline, loaded once; each call writes one shard."""
 
     def __init__(self, spec: JobSpec):
-        setup_process(spec)
         from diclip.models.attention_capture import DiffusionAttention
         from diclip.models.diffusion import build_diffusion_from_config, maybe_enable_xformers
 
         self.spec = spec
         self.cfg = spec.correlate
-        self.device = actor_device(self.cfg.resources)
-        torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
+        self.device = start_actor(spec, self.cfg.resources)
         pipe = build_diffusion_from_config(spec.model.diffusion, self.device)
         maybe_enable_xformers(pipe, spec.model.diffusion.enable_xformers)
         self.patch = clip_patch_size(spec)
@@ -202,8 +200,6 @@ def run(spec: JobSpec) -> dict:
         init_ray(spec)
     t0 = time.perf_counter()
     result = run_pool(pending, Correlator, {"spec": spec}, cfg.resources, desc="correlate")
-    for item_id, err in result.failures:
-        log.warning("correlate: %s failed: %s", item_id, err)
     models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(clip_patch_size(spec))}
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
                         extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),

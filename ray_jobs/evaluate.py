@@ -35,7 +35,7 @@ from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
 from ray_jobs.common import (
-    ID, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error, write_shard,
+    ID, start_actor, finalize, init_ray, list_shards, report_row, run_pool, short_error, write_shard,
 )
 
 log = get_logger("ray_jobs.evaluate")
@@ -128,14 +128,11 @@ class Evaluator:
     """Ray Data actor: the exported model loaded once; each call writes one shard for its batch."""
 
     def __init__(self, spec: JobSpec, base_size: int):
-        setup_process(spec)
         from diclip.inference import load_exported_model
 
         self.spec = spec
         self.cfg = spec.evaluate
-        self.device = actor_device(self.cfg.resources)
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
+        self.device = start_actor(spec, self.cfg.resources)
         self.model, self.model_spec, self.card = load_exported_model(self.cfg.checkpoint, self.device,
                                                                      dataset=spec.data.dataset)
         self.base = base_size
@@ -416,8 +413,6 @@ def run(spec: JobSpec) -> dict:
 
     result = run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
                       collect=collect)
-    for item_id, err in result.failures:
-        log.warning("evaluate: %s failed: %s", item_id, err)
     rows, where = committed_rows(cfg.output, wanted)
     sums = summaries(spec, rows)
     metrics = {

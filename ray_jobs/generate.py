@@ -31,7 +31,7 @@ from diclip.data import get_class_set
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, actor_device, committed_ids, finalize, init_ray, report_row, run_pool, setup_process, short_error,
+    ID, start_actor, committed_ids, finalize, init_ray, report_row, run_pool, short_error,
     write_shard,
 )
 from ray_jobs.lineage import claim_settings, settings_match, call_batched
@@ -130,12 +130,10 @@ class ImageGenerator:
     """Ray Data actor: one text-to-image pipeline, loaded once; each call writes one shard."""
 
     def __init__(self, spec: JobSpec):
-        setup_process(spec)
+        self.cfg = spec.generate
+        self.device = start_actor(spec, self.cfg.resources)
         from diclip.models.diffusion import build_diffusion, maybe_enable_xformers
 
-        self.cfg = spec.generate
-        self.device = actor_device(self.cfg.resources)
-        torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
         self.pipe = build_diffusion(self.cfg.source, seed=spec.model.diffusion.seed, device=self.device,
                                     dtype=self.cfg.dtype)
         self.xformers = maybe_enable_xformers(self.pipe, self.cfg.enable_xformers)
@@ -194,8 +192,6 @@ def run(spec: JobSpec) -> dict:
         init_ray(spec)
     t0 = time.perf_counter()
     result = run_pool(pending, ImageGenerator, {"spec": spec}, cfg.resources, desc="generate")
-    for iid, err in result.failures:
-        log.warning("generate: %s failed: %s", iid, err)
     failed = {i for i, _ in result.failures}
     new = [it for it in pending if it[ID] not in failed]
     per_class = Counter(i.rsplit("/", 1)[0] for i in done) + Counter(it["class_name"] for it in new)

@@ -21,14 +21,13 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from diclip import storage
 from diclip.config import JobSpec
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, actor_device, committed_ids, finalize, init_ray, report_row, run_pool, setup_process, short_error, write_shard,
+    ID, start_actor, committed_ids, finalize, init_ray, report_row, run_pool, short_error, write_shard,
 )
 from ray_jobs.evaluate import reset_if_changed
 
@@ -76,13 +75,10 @@ class Inferer:
     """Ray Data actor: the exported model loaded once; each call writes masks, overlays, one shard."""
 
     def __init__(self, spec: JobSpec, base_size: int):
-        setup_process(spec)
         from diclip.inference import load_exported_model
 
         self.cfg = spec.infer
-        self.device = actor_device(self.cfg.resources)
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
+        self.device = start_actor(spec, self.cfg.resources)
         self.model, self.model_spec, self.card = load_exported_model(self.cfg.checkpoint, self.device)
         self.base = base_size
         self.patch = self.model.encoder.patch
@@ -158,8 +154,6 @@ def run(spec: JobSpec) -> dict:
     # never more actors than items: an idle actor would only load the model
     res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
     result = run_pool(pending, Inferer, {"spec": spec, "base_size": base}, res, desc="infer")
-    for item_id, err in result.failures:
-        log.warning("infer: %s failed: %s", item_id, err)
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
                         {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))},
                         extra={"classes": info.classes, "base_size": base, "fingerprint": info.fingerprint})

@@ -20,7 +20,6 @@ from collections import Counter, defaultdict
 
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from diclip import storage
 from diclip.config import JobSpec
@@ -31,7 +30,7 @@ from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_byt
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, pending_items, actor_device, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error,
+    ID, pending_items, start_actor, finalize, init_ray, list_shards, report_row, run_pool, short_error,
     write_shard,
 )
 from ray_jobs.lineage import (
@@ -96,12 +95,10 @@ class MaskActor:
     """Ray Data actor: CLIP + diffusion loaded once (``TrainingFreeMasker``); one shard per call."""
 
     def __init__(self, spec: JobSpec):
-        setup_process(spec)
+        self.cfg = spec.mask
+        self.device = start_actor(spec, self.cfg.resources)
         from diclip.models.cam_masks import TrainingFreeMasker
 
-        self.cfg = spec.mask
-        self.device = actor_device(self.cfg.resources)
-        torch.set_num_threads(max(1, int(self.cfg.resources.num_cpus)))
         self.masker = TrainingFreeMasker(spec, self.device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -218,8 +215,6 @@ def run(spec: JobSpec) -> dict:
         init_ray(spec)
     t0 = time.perf_counter()
     result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask")
-    for iid, err in result.failures:
-        log.warning("mask: %s failed: %s", iid, err)
     class_names = get_class_set(spec.data.dataset).classes
     counts = summarize(cfg.output, class_names)
     models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}
