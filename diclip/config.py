@@ -73,6 +73,10 @@ class ClipConfig:
     surgery_blocks: int = 3
     """Last blocks that get the dual (surgery + VCE) attention path; the reference uses 3."""
     prompt_template: str = "a clean origami {}."
+    quick_gelu: Optional[bool] = None
+    """Activation of the transformer MLPs. None: what the weights were trained with (open_clip's
+    pretrained config of the tag: QuickGELU for OpenAI's weights; the model config otherwise). A value
+    that contradicts the pretrained tag is refused. Set it for local checkpoint files of OpenAI weights."""
 
     def __post_init__(self) -> None:
         _check(self.surgery_blocks >= 1, "model.clip.surgery_blocks must be >= 1")
@@ -88,7 +92,8 @@ class DiffusionConfig:
     """Seed of the tiny random model and of the noise added before the UNet pass."""
     num_inference_steps: int = 50
     timestep_index: int = 45
-    """Noise level: ``scheduler.timesteps[timestep_index]`` of ``num_inference_steps`` DDIM steps."""
+    """Noise level: ``timesteps[timestep_index]`` after ``set_timesteps(num_inference_steps)`` on the
+    checkpoint's own scheduler (SD 2.1-base: PNDM, t = 101)."""
     vce_layer: str = "up_blocks.1.attentions.2.transformer_blocks.0.attn1"
     """Self-attention whose q k^T (resized to the CLIP grid) becomes the VCE correlation."""
     rar_layer: str = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
@@ -119,9 +124,15 @@ class ModelConfig:
     decoder_layers: int = 3
     decoder_heads: int = 8
     dropout: float = 0.1
+    segmenter_features: str = "reference"
+    """CLIP tokens the segmenter fuses. reference: what the reference code feeds (in-place updates
+    make the layer before the surgery blocks hold the final surgery/VCE path and the next layers
+    hold pre-MLP states; the published models were trained this way); clean: every block's output."""
 
     def __post_init__(self) -> None:
         _check(self.adapter_size > 0 and self.embedding_dim > 0, "model sizes must be positive")
+        _check(self.segmenter_features in ("reference", "clean"),
+               f"model.segmenter_features must be reference|clean, got {self.segmenter_features!r}")
         _check(self.embedding_dim % self.decoder_heads == 0,
                "model.embedding_dim must be divisible by model.decoder_heads")
 
@@ -381,6 +392,10 @@ class TrainConfig(StageBase):
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     power: float = 1.0
+    precision: str = "auto"
+    """Precision of the trainable adapter + segmenter (the only module DeepSpeed wraps; frozen CLIP and
+    diffusion keep their own dtype). auto: bf16 on GPUs that support it, else fp32; fp32; bf16 (also
+    on CPU); fp16 (GPUs only, dynamic loss scaling). The reference trains in fp32."""
     deepspeed_config: str = "configs/deepspeed.yaml"
     zero_stage: int = 1
     grad_accum: int = 1
@@ -401,6 +416,8 @@ class TrainConfig(StageBase):
 
     def __post_init__(self) -> None:
         _check(self.mode in ("stored", "online"), f"train.mode must be stored|online, got {self.mode!r}")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
+               f"train.precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.batch_per_worker >= 1, "train.batch_per_worker must be >= 1")
         _check(self.max_iters >= 1, "train.max_iters must be >= 1")

@@ -368,7 +368,7 @@ def cam_pseudo_labels(model, images: torch.Tensor, labels: torch.Tensor, corr: t
     for i, size in enumerate(out_sizes):
         one = dataclasses.replace(out, cam=out.cam[i: i + 1], clip_attn=out.clip_attn[i: i + 1],
                                   aff_pred=None if out.aff_pred is None else out.aff_pred[i: i + 1])
-        scores, lab = model.pseudo_labels(one, rar_trans[i: i + 1], labels[i: i + 1], tuple(size), step=None,
+        scores, lab = model.pseudo_labels(one, rar_trans[i: i + 1], labels[i: i + 1], tuple(size), gate=False,
                                           rar_grid=rar_grid, rar_steps=rar_steps, caa_threshold=caa_threshold)
         results.append(CamResult(lab[0].to(torch.uint8).cpu().numpy(), scores[0, 1:].float().cpu().numpy()))
     return results

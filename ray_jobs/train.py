@@ -204,8 +204,9 @@ def train_loop_per_worker(config: dict) -> None:
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: poly_warmup_multiplier(s, t.max_iters, t.warmup_iters, t.warmup_ratio, t.power))
 
+    # Only the trainable heads go through DeepSpeed: its precision must not touch the frozen CLIP.
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=trainer.model, model_parameters=trainer.param_groups(), config=ds_cfg, lr_scheduler=schedule,
+        model=trainer.model.heads, model_parameters=trainer.param_groups(), config=ds_cfg, lr_scheduler=schedule,
         dist_init_required=False)
     install_weights_only_loading(engine, trust=t.trust_checkpoints)
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
@@ -251,7 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(start, t.max_iters):
         for m in range(t.grad_accum):
             batch = batch_from_rows(next_rows(step * t.grad_accum + m), device)
-            losses = trainer.losses(batch, step, forward=engine)
+            losses = trainer.losses(batch, step, heads=engine)
             engine.backward(losses["loss"])
             engine.step()
             for k_, v in losses.items():

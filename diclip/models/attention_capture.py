@@ -7,8 +7,8 @@ and the RAR layer (``up_blocks.3.attentions.1...attn1``) - by copying ``unet.att
 replacing those two keys and passing the whole dict back (no monkey-patching of ``forward``).
 
 ``DiffusionAttention`` runs the method's single UNet pass: VAE-encode the image, add noise at
-``timesteps[45]`` of 50 DDIM steps (seeded per image, so a re-run or another actor gives the same
-map), one UNet call with the empty prompt, and returns
+``timesteps[45]`` of 50 steps of the checkpoint's own scheduler (:func:`capture_timestep`; seeded per
+image, so a re-run or another actor gives the same map), one UNet call with the empty prompt, and returns
 
 * ``vce``: per-head ``q k^T`` on the CLIP token grid [B, H, N, N] (q and k bilinearly resized from the
   layer's own grid, no scale, no softmax) - the input of ACR;
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from diclip.config import DiffusionConfig
+from diclip.models.diffusion import capture_timestep
 
 
 class CaptureProcessor:
@@ -145,9 +146,7 @@ class DiffusionAttention:
         self.heads = list(cfg.heads)
         self.store: dict = {}
         install_capture(pipe.unet, [cfg.vce_layer, cfg.rar_layer], self.store)
-        sched = pipe.scheduler
-        sched.set_timesteps(cfg.num_inference_steps)
-        self.timestep = sched.timesteps[cfg.timestep_index]
+        self.timestep = torch.tensor(capture_timestep(pipe, cfg), device=pipe.device)
         with torch.no_grad():
             tok = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt")

@@ -71,21 +71,56 @@ class ClipBundle:
         return int(p[0] if isinstance(p, (tuple, list)) else p)
 
 
+def _is_file(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def resolve_quick_gelu(cfg: ClipConfig) -> bool:
+    """Whether the model must use QuickGELU: the pretrained tag's training setting wins.
+
+    open_clip builds ``nn.GELU`` for ``ViT-B-16`` even with ``pretrained="openai"`` (it only warns),
+    although OpenAI trained those weights with QuickGELU; every feature would differ from the
+    reference's. So the tag's own config decides, and an explicit setting that contradicts it is an
+    error rather than a silently different model.
+    """
+    try:
+        model_q = bool((open_clip.get_model_config(cfg.name) or {}).get("quick_gelu", False))
+    except Exception:  # hf-hub:/local-dir: configs that cannot be read here; create_model will say why
+        model_q = False
+    tag_q = None
+    if cfg.pretrained and not _is_file(cfg.pretrained) and not cfg.name.startswith(("hf-hub:", "local-dir:")):
+        tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained)
+        tag_q = bool(tag_cfg.get("quick_gelu", False)) if tag_cfg else None
+    if tag_q is not None:
+        if cfg.quick_gelu is not None and cfg.quick_gelu != tag_q:
+            raise ModelError(f"model.clip.quick_gelu={cfg.quick_gelu} contradicts the pretrained tag "
+                             f"{cfg.name}/{cfg.pretrained}, which was trained with quick_gelu={tag_q}; "
+                             "remove the setting")
+        want = tag_q
+    else:
+        want = model_q if cfg.quick_gelu is None else bool(cfg.quick_gelu)
+    if model_q and not want:
+        raise ModelError(f"model.clip.quick_gelu=false contradicts the model config {cfg.name!r} (QuickGELU); "
+                         "use the plain model name")
+    return want
+
+
 def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> ClipBundle:
-    """Frozen open_clip model in eval mode + its tokenizer."""
+    """Frozen open_clip model in eval mode + its tokenizer (QuickGELU as the weights were trained)."""
     register_bundled_configs()
     if cfg.name not in open_clip.list_models() and not cfg.name.startswith(("hf-hub:", "local-dir:")):
         raise ModelError(f"unknown CLIP model {cfg.name!r}; use an open_clip name (e.g. ViT-B-16) or diclip-tiny")
+    quick_gelu = resolve_quick_gelu(cfg)
     try:
         if cfg.pretrained:
-            if os.path.sep in cfg.pretrained or cfg.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-                if not os.path.isfile(cfg.pretrained):
-                    raise ModelError(f"CLIP checkpoint not found: {cfg.pretrained}")
-            model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device=device)
+            if _is_file(cfg.pretrained) and not os.path.isfile(cfg.pretrained):
+                raise ModelError(f"CLIP checkpoint not found: {cfg.pretrained}")
+            model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device=device,
+                                           force_quick_gelu=quick_gelu)
         else:
             with torch.random.fork_rng(devices=[]), _quiet("root"):
                 torch.manual_seed(cfg.seed)
-                model = open_clip.create_model(cfg.name, pretrained=None, device=device)
+                model = open_clip.create_model(cfg.name, pretrained=None, device=device, force_quick_gelu=quick_gelu)
     except ModelError:
         raise
     except Exception as e:  # download failures, bad checkpoints, shape mismatches
@@ -93,7 +128,7 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> ClipBundl
                          f"{' '.join(str(e).split())[:300]}") from e
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(cfg.name)
-    model_id = f"{cfg.name}/{cfg.pretrained or f'random-seed{cfg.seed}'}"
+    model_id = f"{cfg.name}/{cfg.pretrained or f'random-seed{cfg.seed}'}" + ("+quickgelu" if quick_gelu else "")
     log.debug("built CLIP %s", model_id)
     return ClipBundle(model=model, tokenizer=tokenizer, model_id=model_id)
 

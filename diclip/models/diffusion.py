@@ -5,6 +5,10 @@
 topology (4 down/up blocks, 2 layers per block, so layer names like
 ``up_blocks.1.attentions.2.transformer_blocks.0.attn1`` exist) but a few hundred kB of weights. The tiny
 text encoder uses open_clip's bundled BPE vocabulary, so no download is needed.
+
+Pipelines keep **the checkpoint's own scheduler**: the method's noise level is
+``scheduler.timesteps[45]`` after ``set_timesteps(50)`` on it (SD 2.1-base ships PNDM with
+``skip_prk_steps``: t = 101; DDIM would give 81), and generation samples with it, as the reference does.
 """
 from __future__ import annotations
 
@@ -32,6 +36,22 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
+# ``scheduler/scheduler_config.json`` of stabilityai/stable-diffusion-2-1-base (the capture model).
+SD21_BASE_SCHEDULER: dict = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
 @lru_cache(maxsize=1)
 def _clip_bpe() -> tuple[dict, list]:
     from open_clip.tokenizer import SimpleTokenizer
@@ -53,8 +73,8 @@ def tiny_tokenizer():
 
 
 def tiny_components(seed: int = 0) -> dict:
-    """Seeded random UNet, VAE, text encoder, tokenizer and DDIM scheduler (CPU-friendly sizes)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    """Seeded random UNet, VAE, text encoder, tokenizer and SD 2.1-base's scheduler (CPU-friendly sizes)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
@@ -97,25 +117,13 @@ def tiny_components(seed: int = 0) -> dict:
                 projection_dim=32,
             )
         )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = PNDMScheduler.from_config(SD21_BASE_SCHEDULER)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), scheduler=scheduler)
 
 
 def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype: str = "auto"):
-    """A frozen ``StableDiffusionPipeline`` with a DDIM scheduler, on ``device``.
-
-    The scheduler is always DDIM (the method's noise level is ``timesteps[45]`` of 50 DDIM steps),
-    built from the checkpoint's own scheduler config when loading real weights.
-    """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """A frozen ``StableDiffusionPipeline`` with the checkpoint's own scheduler, on ``device``."""
+    from diffusers import StableDiffusionPipeline
 
     torch_dtype = resolve_dtype(dtype, device)
     if source == "tiny":
@@ -135,7 +143,6 @@ def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = 
                 f"cannot load diffusion model {source!r} (a local diffusers folder or an id in the HF cache): "
                 f"{' '.join(str(e).split())[:300]}"
             ) from e
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if source == "tiny" and torch_dtype != torch.float32:
         pipe = pipe.to(dtype=torch_dtype)
     pipe = pipe.to(device)
@@ -147,6 +154,22 @@ def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = 
 
 def build_diffusion_from_config(cfg: DiffusionConfig, device: str | torch.device = "cpu"):
     return build_diffusion(cfg.source, seed=cfg.seed, device=device, dtype=cfg.dtype)
+
+
+def capture_timestep(pipe, cfg: DiffusionConfig) -> int:
+    """The t the attention capture noises at: ``timesteps[timestep_index]`` after
+    ``set_timesteps(num_inference_steps)`` on a fresh copy of the pipeline's own scheduler.
+
+    A copy, so asking does not disturb a scheduler someone is sampling with. SD 2.1-base (PNDM,
+    ``skip_prk_steps``, ``steps_offset=1``) gives 101 for index 45 of 50.
+    """
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(cfg.num_inference_steps)
+    steps = sched.timesteps
+    if not 0 <= cfg.timestep_index < len(steps):
+        raise ModelError(f"model.diffusion.timestep_index={cfg.timestep_index} but {type(sched).__name__} has "
+                         f"{len(steps)} timesteps for {cfg.num_inference_steps} inference steps")
+    return int(steps[cfg.timestep_index])
 
 
 def maybe_enable_xformers(pipe, enabled: bool = True) -> bool:

@@ -10,6 +10,20 @@ last ``surgery_blocks`` blocks run two paths from the same input:
 
 Patch features for the CAMs are the surgery path's final tokens (CLS from the original path) after
 ``ln_post`` and the projection. Without a correlation map this is CLIP Surgery.
+
+**Segmenter inputs** (``layer_tokens``). The reference collects one token tensor per block into a list
+and then updates some of those tensors in place (``x += ...`` on the surgery path, ``x_ori += ...``
+on the original path, ``x[0] = x_ori[0]``) before stacking them. So with ``features="reference"``
+(what the published models were trained on), for ``s`` surgery blocks starting at block ``f``:
+
+* entry ``f-1`` holds the final surgery path (with the diffusion bias when a map is given; CLS from
+  the original path), not the output of block ``f-1``;
+* entries ``f .. L-2`` hold the original path *before* the next block's MLP (after its attention);
+* entry ``L-1`` and the entries before ``f-1`` are the clean block outputs.
+
+``features="clean"`` gives every block's own output (original path for surgery blocks). Because the
+reference always runs the surgery blocks, segmentation-only inference in ``reference`` mode still
+computes the surgery path (without a diffusion map); ``clean`` mode can skip it.
 """
 from __future__ import annotations
 
@@ -25,7 +39,7 @@ class VisionOutput:
     features: torch.Tensor
     """[B, 1+N, C] projected tokens (surgery path, CLS from the original path), not normalised."""
     layer_tokens: torch.Tensor
-    """[L, B, 1+N, W] tokens after every block (original path for surgery blocks) - segmenter input."""
+    """[L, B, 1+N, W] per-block tokens, the segmenter's input (see the module doc: reference or clean)."""
     attn: torch.Tensor
     """[B, L, 1+N, 1+N] attention per block: head mean (standard blocks), head sum of the original
     path (surgery blocks) - the reference's mix, used for CLIP affinity."""
@@ -35,8 +49,11 @@ class VisionOutput:
 class VCEVisionEncoder(nn.Module):
     """Frozen CLIP vision tower with VCE. ``forward(pixels, corr)``; pixels already normalised."""
 
-    def __init__(self, visual: nn.Module, surgery_blocks: int = 3):
+    def __init__(self, visual: nn.Module, surgery_blocks: int = 3, features: str = "reference"):
         super().__init__()
+        if features not in ("reference", "clean"):
+            raise ValueError(f"segmenter features must be reference|clean, got {features!r}")
+        self.features = features
         self.visual = visual
         blocks = visual.transformer.resblocks
         if not 1 <= surgery_blocks <= len(blocks):
@@ -114,27 +131,36 @@ class VCEVisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, corr: torch.Tensor | None = None, surgery: bool = True) -> VisionOutput:
-        """``surgery=False`` skips the surgery path (segmentation-only inference needs just the
-        original path's per-layer tokens); ``features`` are then the original path's."""
+        """``surgery=False`` asks only for what segmentation needs: in ``clean`` mode the surgery path
+        is skipped (``features`` are then the original path's); in ``reference`` mode it still runs,
+        without a diffusion map, because the segmenter's inputs depend on it."""
         x, grid = self.embed(pixels)
         n = grid[0] * grid[1]
         if corr is not None and corr.shape[-2:] != (n, n):
             raise ValueError(f"correlation map is {tuple(corr.shape[-2:])} but the image has {n} tokens ({grid})")
+        reference = self.features == "reference"
+        if not surgery:
+            corr = None
+        run_surgery = surgery or reference
         blocks = self.visual.transformer.resblocks
         first_surgery = len(blocks) - self.surgery_blocks
         tokens, attns = [], []
         x_new = None
         for i, blk in enumerate(blocks):
-            if i < first_surgery or not surgery:
+            if i < first_surgery or not run_surgery:
                 x, w = self._standard_block(blk, x)
             else:
                 res_new, res_ori, w = self._surgery_attention(blk, blk.ln_1(x), corr)
                 x_new = (x if x_new is None else x_new) + blk.ls_1(res_new)
                 x = x + blk.ls_1(res_ori)
+                if reference and i > first_surgery:
+                    tokens[-1] = x  # the previous entry, updated in place before this block's MLP
                 x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
             tokens.append(x)
             attns.append(w)
         out = x if x_new is None else torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
+        if reference and x_new is not None and first_surgery >= 1:
+            tokens[first_surgery - 1] = out  # the entry the surgery path accumulated into
         v = self.visual
         out = v.ln_post(out)
         if v.proj is not None:

@@ -51,8 +51,20 @@ def bf16_supported() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+def resolve_precision(spec: JobSpec, use_gpu: bool) -> str:
+    """fp32 | bf16 | fp16 for the trainable heads; ``auto`` is bf16 on GPUs that support it, else fp32."""
+    p = spec.train.precision
+    if p == "auto":
+        return "bf16" if use_gpu and bf16_supported() else "fp32"
+    if p == "fp16" and not use_gpu:
+        raise ConfigError("train.precision=fp16 needs GPUs (no fp16 kernels on CPU); use bf16 or fp32")
+    return p
+
+
 def build_deepspeed_config(spec: JobSpec, use_gpu: bool | None = None) -> dict[str, Any]:
-    """Resolve ``auto`` entries; fp32 on CPU, bf16 on GPUs that support it."""
+    """Resolve ``auto`` entries from the spec; precision from ``train.precision`` (see :func:`resolve_precision`).
+
+    An explicit ``bf16.enabled``/``fp16.enabled`` in the DeepSpeed YAML must agree with it."""
     check_train_spec(spec)
     t = spec.train
     use_gpu = t.use_gpu if use_gpu is None else use_gpu
@@ -72,12 +84,18 @@ def build_deepspeed_config(spec: JobSpec, use_gpu: bool | None = None) -> dict[s
     fill(zero, "stage", t.zero_stage)
     if zero["stage"] == 3 and not use_gpu:
         raise ConfigError(f"{t.deepspeed_config}: zero_optimization.stage 3 needs GPUs; use 1 or 2 on CPU")
+    precision = resolve_precision(spec, bool(use_gpu))
     bf16 = cfg.setdefault("bf16", {})
-    fill(bf16, "enabled", bool(use_gpu and bf16_supported()))
     fp16 = cfg.setdefault("fp16", {})
-    fill(fp16, "enabled", False)
-    if not use_gpu and fp16.get("enabled"):
-        raise ConfigError(f"{t.deepspeed_config}: fp16 needs GPUs; disable it for CPU training")
+    for section, name in ((bf16, "bf16"), (fp16, "fp16")):
+        want = precision == name
+        if section.get("enabled", "auto") not in ("auto", want):
+            raise ConfigError(f"{t.deepspeed_config}: {name}.enabled={section['enabled']} contradicts "
+                              f"train.precision={t.precision} (resolved: {precision}); set it to auto")
+        section["enabled"] = want
+    if precision == "fp16":
+        fp16.setdefault("loss_scale", 0)  # dynamic
+        fp16.setdefault("initial_scale_power", 16)
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})
     fill(params, "lr", t.lr * t.lr_mult)

@@ -69,7 +69,9 @@ class DiCLIPTrainer:
 
     # ------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
-        """Adapter and segmenter at ``lr * lr_mult`` (the reference trains both groups at 10x)."""
+        """Adapter and segmenter at ``lr * lr_mult`` (the reference trains both groups at 10x).
+
+        Parameters of ``model.heads``, the module DeepSpeed wraps."""
         lr = self.spec.train.lr * self.spec.train.lr_mult
         return [
             {"params": [p for p in m.parameters() if p.requires_grad], "lr": lr, "name": name,
@@ -103,13 +105,13 @@ class DiCLIPTrainer:
     def use_adapter_cam(self, step: int) -> bool:
         return step >= self.spec.method.adapter_cam_from_iter
 
-    def losses(self, batch: Batch, step: int, forward=None) -> dict[str, torch.Tensor]:
-        """One training forward: maps -> CAMs -> pseudo-labels -> losses. ``forward`` may be a DeepSpeed engine."""
+    def losses(self, batch: Batch, step: int, heads=None) -> dict[str, torch.Tensor]:
+        """One training forward: maps -> CAMs -> pseudo-labels -> losses. ``heads`` may be the DeepSpeed
+        engine wrapping ``model.heads`` (the trainable adapter + segmenter)."""
         corr, rar, rar_grid = self.maps(batch, step)
-        forward = forward or self.model
-        out = forward(batch.images, corr, use_adapter_cam=self.use_adapter_cam(step))
-        _, pseudo = self.model.pseudo_labels(out, rar, batch.labels, tuple(batch.images.shape[-2:]), step=step,
-                                             rar_grid=rar_grid)
+        out = self.model(batch.images, corr, use_adapter_cam=self.use_adapter_cam(step), heads=heads)
+        _, pseudo = self.model.pseudo_labels(out, rar, batch.labels, tuple(batch.images.shape[-2:]),
+                                             gate=step >= self.spec.method.seg_attn_from_iter, rar_grid=rar_grid)
         losses = self.model.losses(out, pseudo, step)
         losses["pseudo_fg"] = (pseudo > 0).float().mean().detach()
         return losses
@@ -120,29 +122,29 @@ class DiCLIPTrainer:
                         step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Confusion matrices (segmentation, CAM pseudo-labels) for one val image.
 
-        As the reference's validation: the image is resized to crop x crop (aspect not kept), logits
-        and CAMs are upsampled to the ground-truth size.
+        As the reference's validation (``build_validation``): the image is resized bilinearly to
+        crop x crop (aspect not kept), the model runs in eval mode with the adapter CAM and the
+        segmenter's affinity gating CLIP's (at every step), RAR takes ``method.rar_steps`` steps, and
+        logits and CAMs are upsampled to the ground-truth size.
         """
-        from PIL import Image
-
         from diclip.data.transforms import resize_geometry
 
         k = self.class_set.num_classes
         crop = self.spec.data.crop_size
-        x = np.array(Image.fromarray(image).resize((crop, crop), Image.BILINEAR))
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255)
+        x = F.interpolate(x, size=(crop, crop), mode="bilinear", align_corners=False).to(self.device)
         geom = resize_geometry(image.shape[:2], (crop, crop))
-        batch = Batch(["val"], torch.from_numpy(x).permute(2, 0, 1)[None].float().div(255).to(self.device),
-                      torch.from_numpy(label[None].astype(np.float32)).to(self.device), [geom],
+        batch = Batch(["val"], x, torch.from_numpy(label[None].astype(np.float32)).to(self.device), [geom],
                       [record] if record is not None else None, [0])
         corr, rar, rar_grid = self.maps(batch)
         was_training = self.model.training
         self.model.eval()
-        out = self.model(batch.images, corr, use_adapter_cam=self.use_adapter_cam(step or 0))
+        out = self.model(batch.images, corr, use_adapter_cam=True)
         if was_training:
             self.model.train()
         h, w = mask.shape
         seg = F.interpolate(out.seg_logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
-        _, cam_label = self.model.pseudo_labels(out, rar, batch.labels, (h, w), step=step, rar_grid=rar_grid)
+        _, cam_label = self.model.pseudo_labels(out, rar, batch.labels, (h, w), gate=True, rar_grid=rar_grid)
         cm_seg = metriclib.confusion_matrix(mask, seg.cpu().numpy(), k)
         cm_cam = metriclib.confusion_matrix(mask, cam_label[0].cpu().numpy(), k)
         return cm_seg, cm_cam

@@ -73,7 +73,7 @@ def test_original_path_matches_open_clip(clip):
 
 
 def test_zero_map_equals_no_map_and_map_only_touches_surgery_path(clip):
-    enc = VCEVisionEncoder(clip.model.visual, 3)
+    enc = VCEVisionEncoder(clip.model.visual, 3, features="clean")
     x = torch.randn(2, 3, 320, 320)
     plain = enc(x)
     zero = enc(x, torch.zeros(2, 400, 400))
@@ -85,6 +85,31 @@ def test_zero_map_equals_no_map_and_map_only_touches_surgery_path(clip):
     assert not torch.allclose(withmap.features[:, 1:], plain.features[:, 1:])
     fast = enc(x, surgery=False)  # segmentation-only inference: same per-layer tokens, no surgery path
     torch.testing.assert_close(fast.layer_tokens, plain.layer_tokens, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_segmenter_features_follow_the_in_place_updates(clip):
+    """4 blocks, 3 surgery blocks (first = block 1): entry 0 is the final surgery path (CLS from the
+    original path), entries 1-2 the original path before the next block's MLP, entry 3 clean."""
+    x = torch.randn(2, 3, 320, 320)
+    corr = torch.rand(2, 400, 400)
+    clean = VCEVisionEncoder(clip.model.visual, 3, features="clean")(x, corr)
+    ref = VCEVisionEncoder(clip.model.visual, 3, features="reference")(x, corr)
+    torch.testing.assert_close(ref.features, clean.features)
+    torch.testing.assert_close(ref.layer_tokens[3], clean.layer_tokens[3])
+    blocks = clip.model.visual.transformer.resblocks
+    for i in (1, 2):  # x_ori of block i plus block i+1's attention residual = block i+1 output minus its MLP
+        nxt = blocks[i + 1]
+        pre = ref.layer_tokens[i]
+        torch.testing.assert_close(pre + nxt.mlp(nxt.ln_2(pre)), clean.layer_tokens[i + 1], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(pre, clean.layer_tokens[i])
+    v = clip.model.visual
+    new_path = v.ln_post(ref.layer_tokens[0]) @ v.proj
+    torch.testing.assert_close(new_path, ref.features, rtol=1e-4, atol=1e-5)  # the VCE path itself
+    # without a map (segmentation-only inference) the surgery path still runs in reference mode
+    seg_only = VCEVisionEncoder(clip.model.visual, 3, features="reference")(x, surgery=False)
+    no_map = VCEVisionEncoder(clip.model.visual, 3, features="reference")(x)
+    torch.testing.assert_close(seg_only.layer_tokens, no_map.layer_tokens)
+    assert not torch.allclose(no_map.layer_tokens[0], ref.layer_tokens[0])  # the map reaches entry 0
 
 
 def test_surgery_block_by_hand(clip):

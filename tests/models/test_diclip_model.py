@@ -73,7 +73,7 @@ def test_forward_backward_only_adapter_and_segmenter_learn(parts):
     model.train()
     out = model(images, corr)
     assert out.cam.shape == (2, 16, 4) and out.seg_logits.shape == (2, 5, 4, 4)
-    scores, pl = model.pseudo_labels(out, rar, labels, (64, 64), step=10, rar_grid=cap.rar_grid)
+    scores, pl = model.pseudo_labels(out, rar, labels, (64, 64), gate=True, rar_grid=cap.rar_grid)
     assert pl.shape == (2, 64, 64)
     assert set(pl[1].unique().tolist()) <= {0, 2}
     losses = model.losses(out, pl, step=10)

@@ -5,7 +5,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diclip.config import DiffusionConfig
 from diclip.errors import ModelError
 from diclip.models.attention_capture import CaptureProcessor, DiffusionAttention, layer_grid, rar_attention
-from diclip.models.diffusion import build_diffusion, build_diffusion_from_config
+from diclip.models.diffusion import SD21_BASE_SCHEDULER, build_diffusion, build_diffusion_from_config, capture_timestep
 
 CFG = DiffusionConfig(source="tiny")
 
@@ -18,7 +18,7 @@ def pipe():
 def test_tiny_pipeline_has_reference_layer_names(pipe):
     names = set(pipe.unet.attn_processors)
     assert f"{CFG.vce_layer}.processor" in names and f"{CFG.rar_layer}.processor" in names
-    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"  # SD 2.1-base's own
     assert not any(p.requires_grad for p in pipe.unet.parameters())
 
 
@@ -83,3 +83,39 @@ def test_bad_sources(tmp_path):
         build_diffusion(str(tmp_path / "empty"))
     with pytest.raises(ModelError):
         build_diffusion("tiny", dtype="float16")  # no fp16 on CPU
+
+
+def test_capture_timestep_comes_from_the_checkpoints_own_scheduler(tmp_path, pipe):
+    """A saved pipeline folder with SD 2.1-base's scheduler config (PNDM, skip_prk_steps) noises at
+    t=101 for index 45 of 50; the same folder with a DDIM config would give 81."""
+    import json
+
+    from diffusers import DDIMScheduler
+
+    pipe.save_pretrained(tmp_path / "sd21")
+    cfg_file = tmp_path / "sd21" / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(json.dumps(dict(SD21_BASE_SCHEDULER, _diffusers_version="0.8.0")))
+    loaded = build_diffusion(str(tmp_path / "sd21"))
+    assert type(loaded.scheduler).__name__ == "PNDMScheduler"
+    assert capture_timestep(loaded, DiffusionConfig()) == 101
+    assert DiffusionAttention(loaded, CFG).timestep.item() == 101
+    before = list(loaded.scheduler.timesteps) if loaded.scheduler.timesteps is not None else None
+    capture_timestep(loaded, DiffusionConfig(timestep_index=3))  # asks a copy; the pipeline's is untouched
+    after = list(loaded.scheduler.timesteps) if loaded.scheduler.timesteps is not None else None
+    assert before == after
+    loaded.scheduler = DDIMScheduler.from_config(loaded.scheduler.config)
+    assert capture_timestep(loaded, DiffusionConfig()) == 81
+    with pytest.raises(ModelError, match="timestep_index=60"):
+        capture_timestep(loaded, _bad_cfg())
+
+
+def _bad_cfg():
+    cfg = DiffusionConfig()
+    object.__setattr__(cfg, "timestep_index", 60)  # past the 51 PNDM timesteps (validated configs can't say this)
+    return cfg
+
+
+def test_tiny_pipeline_generates_with_its_pndm_scheduler(pipe):
+    out = pipe("a red ball", num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 64, 64, 3)
