@@ -146,6 +146,9 @@ class MethodConfig:
     num_clusters: int = 9
     """ACR anchor grid is arange(0, size, size // sqrt(num_clusters))."""
     cluster_iters: int = 5
+    acr_precision: str = "reference"
+    """ACR distances: reference (fp16 KL as the reference computes it; its rounding decides near-ties)
+    or fp32 (batched, device-independent, ~0-1% of co-memberships differ from the reference)."""
     caa_threshold: float = 0.79
     """Box threshold of the CLIP-affinity propagation (VOC 0.79, COCO 0.88)."""
     caa_layers: int = 6
@@ -171,6 +174,8 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_clusters >= 1, "method.num_clusters must be >= 1")
+        _check(self.acr_precision in ("reference", "fp32"),
+               f"method.acr_precision must be reference|fp32, got {self.acr_precision!r}")
         _check(0.0 <= self.caa_threshold <= 1.0, "method.caa_threshold must be in [0, 1]")
         _check(self.rar_steps >= 0, "method.rar_steps must be >= 0")
 
@@ -254,7 +259,11 @@ _PEOPLE_PROMPT = (
     "and distinct background, and high contrast between the subject and background. The person should be fully "
     "visible, not cropped, and should not occupy the whole image frame."
 )
-_BUS_PROMPT = _PEOPLE_PROMPT.replace("person", "bus")
+_BUS_PROMPT = (
+    "a realistic photograph of a fully visible, entire bus, centered in the image with natural colors, a clear "
+    "and distinct background, and high contrast between the bus and background. The bus should be fully "
+    "visible, not cropped, and should not occupy the whole image frame."
+)
 
 
 @dataclass
@@ -334,9 +343,12 @@ class CacheConfig(StageBase):
     """k-means centroids per foreground class (VOC 10, COCO 5)."""
     background_clusters: int = 25
     """k-means centroids of the background keys (one per image, from outside its mask)."""
-    kmeans_iters: int = 100
+    kmeans_iters: int = 300
+    """Lloyd iterations per run (scikit-learn's default max_iter)."""
+    kmeans_inits: int = 10
+    """k-means++ runs per class, best inertia kept (the reference's sklearn default before 1.4)."""
     seed: int = 0
-    """k-means seed; group g (0 = background, else the class id) uses ``seed + g``."""
+    """k-means ``random_state``, the same for every class (the reference: 0)."""
     reduce_partitions: int = 0
     """Partitions of the k-means groupby (0: one per group, at most 64)."""
     reduce_shuffle: str = "sort"
@@ -350,6 +362,7 @@ class CacheConfig(StageBase):
         _check(self.image_size >= 16 and self.image_size % 16 == 0,
                "cache.image_size must be a positive multiple of 16")
         _check(self.kmeans_iters >= 1, "cache.kmeans_iters must be >= 1")
+        _check(self.kmeans_inits >= 1, "cache.kmeans_inits must be >= 1")
         _check(self.reduce_partitions >= 0, "cache.reduce_partitions must be >= 0")
         _check(self.reduce_shuffle in ("sort", "hash"),
                f"cache.reduce_shuffle must be sort|hash, got {self.reduce_shuffle!r}")
@@ -438,15 +451,16 @@ class EvaluateConfig(StageBase):
     """Segmentation input squares, as multiples of ``size`` (reference: 224/320/384/480 at 320)."""
     flip: bool = True
     """Average each scale's logits with those of the horizontally flipped input."""
-    voc_flip_quirk: bool = False
-    """Reproduce the reference VOC script exactly: at scale 1.0 use only the unflipped logits."""
+    voc_flip_quirk: bool = True
+    """The reference VOC script (tools/infer_seg_voc.py) uses only the unflipped logits at scale 1.0; its
+    COCO script averages the flip at every scale (configs/coco.yaml sets false)."""
     work_ratio: float = 0.4
     """Logits of every scale are resized to ``work_ratio`` x the image size before averaging
     (reference: 0.4 VOC, 0.2 COCO), then upsampled to the image size."""
     size: int = 0
     """Base square side in pixels; 0: the crop size the model was trained at (card.json)."""
-    crf: bool = False
-    """Dense CRF on the segmentation probabilities (reference parameters); needs ``pip install pydensecrf2``."""
+    crf: bool = True
+    """Dense CRF on the segmentation probabilities with the reference's parameters (pydensecrf2)."""
     cam: bool = True
     """Evaluate CAM pseudo-labels on ``cam_split`` (needs correlation maps, see ``maps``)."""
     maps: str = "stored"
@@ -570,6 +584,27 @@ def _absolutize(obj: Any) -> None:
             setattr(obj, f.name, os.path.abspath(value))
 
 
+def _file_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """The YAML layers of a spec file: its ``base:`` chain first (paths relative to the file), then itself.
+
+    ``base`` lets a variant state only what differs (``voc-8gpu.yaml``: ``base: voc.yaml``)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {' '.join(str(e).split())}") from e
+    parent = layer.pop("base", None) if isinstance(layer, dict) or OmegaConf.is_dict(layer) else None
+    layers: list[tuple[str, Any]] = []
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{path}: 'base' must name another spec file")
+        layers = _file_layers(os.path.join(os.path.dirname(path), parent), seen + (os.path.abspath(path),))
+    return layers + [(path, layer)]
+
+
 def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = (),
               absolute_paths: bool = True) -> JobSpec:
     """Build a validated :class:`JobSpec` from defaults, an optional YAML file and ``key=value`` overrides.
@@ -578,14 +613,7 @@ def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...]
     the spec is being shipped to another machine, e.g. by ``diclip submit``).
     """
     base = OmegaConf.structured(JobSpec)
-    layers = []
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append((path, OmegaConf.load(path)))
-        except Exception as e:  # yaml syntax errors
-            raise ConfigError(f"{path}: cannot parse YAML: {' '.join(str(e).split())}") from e
+    layers = _file_layers(path) if path is not None else []
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

@@ -74,7 +74,7 @@ def settings(spec: JobSpec) -> dict:
 def reduce_settings(spec: JobSpec) -> dict:
     c = spec.cache
     return {"clusters_per_class": c.clusters_per_class, "background_clusters": c.background_clusters,
-            "kmeans_iters": c.kmeans_iters, "seed": c.seed}
+            "kmeans_iters": c.kmeans_iters, "kmeans_inits": c.kmeans_inits, "seed": c.seed}
 
 
 def is_complete(spec: JobSpec) -> bool:
@@ -196,8 +196,10 @@ def explode_keys(batch: pd.DataFrame, keep: list[str] | None = None) -> pd.DataF
 
 
 def kmeans_group(df: pd.DataFrame, clusters_per_class: int, background_clusters: int, iters: int,
-                 seed: int) -> pd.DataFrame:
-    """Centroids of one group, independent of the order rows arrive in (sorted by item id first)."""
+                 seed: int, inits: int = 10) -> pd.DataFrame:
+    """Centroids of one group, independent of the order rows arrive in (sorted by item id first).
+
+    Every group uses the same ``random_state`` (the reference: 0 for each class)."""
     from diclip.method.kmeans import kmeans
 
     df = df.sort_values(ID, kind="stable").drop_duplicates(ID)
@@ -207,8 +209,8 @@ def kmeans_group(df: pd.DataFrame, clusters_per_class: int, background_clusters:
     if len(x) <= k:  # fewer points than centroids: every point is one (the cache gets fewer entries)
         cents, members = x, np.ones(len(x), dtype=np.int64)
     else:
-        c, assign = kmeans(torch.from_numpy(x), k, iters=iters, seed=seed + group)
-        cents, members = c.numpy().astype(np.float32), np.bincount(assign.numpy(), minlength=len(c))
+        cents, assign = kmeans(x, k, iters=iters, seed=seed, n_init=inits)
+        members = np.bincount(assign, minlength=len(cents))
     return pd.DataFrame({"group": [group] * len(cents), "rank": np.arange(len(cents)),
                          "centroid": list(cents), "members": members, "points": [len(x)] * len(cents)})
 
@@ -234,7 +236,7 @@ def reduce_to_centroids(spec: JobSpec, shards: list[str], keep: list[str], num_g
         out = ds.groupby("group", num_partitions=parts).map_groups(
             kmeans_group, batch_format="pandas",
             fn_kwargs={"clusters_per_class": c.clusters_per_class, "background_clusters": c.background_clusters,
-                       "iters": c.kmeans_iters, "seed": c.seed})
+                       "iters": c.kmeans_iters, "seed": c.seed, "inits": c.kmeans_inits})
         return out.take_all()
     finally:
         ctx.shuffle_strategy = previous

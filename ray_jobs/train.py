@@ -175,6 +175,15 @@ def _validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) -
             "val_images": len(ids)}
 
 
+def precision_report(trainer, engine) -> dict:
+    """Which dtype each model really runs in (only the trainable heads carry DeepSpeed's precision)."""
+    diffusion = trainer.diffusion.dtype if trainer.diffusion is not None else None
+    return {"precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+            "dtype_trainable": str(engine.module.dtype).replace("torch.", ""),
+            "dtype_clip": str(next(trainer.clip.model.parameters()).dtype).replace("torch.", ""),
+            "dtype_diffusion": str(diffusion).replace("torch.", "") if diffusion is not None else None}
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -209,6 +218,8 @@ def train_loop_per_worker(config: dict) -> None:
         model=trainer.model.heads, model_parameters=trainer.param_groups(), config=ds_cfg, lr_scheduler=schedule,
         dist_init_required=False)
     install_weights_only_loading(engine, trust=t.trust_checkpoints)
+    if rank == 0:
+        _append_metrics(storage.join(t.output, METRICS), {"kind": "setup", "step": 0, **precision_report(trainer, engine)})
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
     start = 0
     # A restart after a failure resumes from this run's latest checkpoint; a fresh run may resume
@@ -325,6 +336,7 @@ def export(spec: JobSpec, trainer, module) -> None:
         "crop_size": spec.data.crop_size,
         "steps": spec.train.max_iters,
         "mode": spec.train.mode,
+        "precision_trainable": str(next(module.parameters()).dtype).replace("torch.", ""),
     })
 
 

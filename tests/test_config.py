@@ -19,12 +19,64 @@ def test_defaults_are_the_reference_voc_settings():
     assert spec.correlate.output == "runs/diclip/correlate"  # interpolated from output_uri and name
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/voc.yaml", "configs/coco.yaml"])
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/voc.yaml", "configs/coco.yaml",
+                                  "configs/voc-8gpu.yaml", "configs/coco-8gpu.yaml"])
 def test_shipped_configs_load_and_roundtrip(path, tmp_path):
     spec = load_spec(path, absolute_paths=False)
     again = tmp_path / "merged.yaml"
     again.write_text(to_yaml(spec))
     assert load_spec(str(again), absolute_paths=False) == spec
+
+
+def effective_batch(spec) -> int:
+    t = spec.train
+    return t.num_workers * t.batch_per_worker * t.grad_accum
+
+
+@pytest.mark.parametrize("path,lr,iters,warmup,work_ratio,quirk,cam_split", [
+    ("configs/voc.yaml", 2e-4, 20000, 50, 0.4, True, "train"),
+    ("configs/coco.yaml", 1e-4, 100000, 200, 0.2, False, "val_part"),
+])
+def test_reference_recipes_are_exactly_the_reference(path, lr, iters, warmup, work_ratio, quirk, cam_split):
+    spec = load_spec(path, absolute_paths=False)
+    t, e = spec.train, spec.evaluate
+    assert effective_batch(spec) == 4 and t.lr == lr and t.lr_mult == 10 and t.max_iters == iters
+    assert t.warmup_iters == warmup and t.precision == "fp32"
+    assert spec.model.clip.pretrained == "openai" and spec.model.segmenter_features == "reference"
+    assert e.split == "val" and e.crf and e.work_ratio == work_ratio and e.voc_flip_quirk == quirk
+    assert e.cam_split == cam_split and e.cam_caa_threshold == 0.88 and e.cam_rar_steps == 10
+    assert list(e.scales) == [0.7, 1.0, 1.2, 1.5] and e.flip
+    assert spec.cache.kmeans_inits == 10 and spec.method.acr_precision == "reference"
+
+
+@pytest.mark.parametrize("variant,base", [("configs/voc-8gpu.yaml", "configs/voc.yaml"),
+                                          ("configs/coco-8gpu.yaml", "configs/coco.yaml")])
+def test_scaled_variants_follow_their_stated_rule(variant, base):
+    """Samples seen and the method's switches at the same fraction of training; lr x sqrt(B/4)."""
+    v, b = load_spec(variant, absolute_paths=False), load_spec(base, absolute_paths=False)
+    ratio = effective_batch(v) / effective_batch(b)
+    assert effective_batch(v) == 32
+    assert v.train.max_iters * ratio == b.train.max_iters
+    assert v.train.eval_every * ratio == b.train.eval_every
+    assert abs(v.train.warmup_iters * ratio - b.train.warmup_iters) <= ratio
+    for key in ("seg_attn_from_iter", "adapter_cam_from_iter", "aff_label_from_seg_iter"):
+        assert getattr(v.method, key) * ratio == getattr(b.method, key), key
+    assert v.train.lr == pytest.approx(b.train.lr * ratio ** 0.5, rel=1e-4)
+    # everything else is inherited from the reference file through `base:`
+    assert v.data == b.data and v.model == b.model
+    import dataclasses
+    same_paths = dict(output="x", checkpoint="x", correlation="x")
+    assert dataclasses.replace(v.evaluate, **same_paths) == dataclasses.replace(b.evaluate, **same_paths)
+
+
+def test_base_chain_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_spec(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(str(tmp_path / "c.yaml"))
 
 
 def test_coco_overrides():

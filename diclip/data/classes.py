@@ -66,13 +66,26 @@ COCO_BACKGROUND_WORDS: tuple[str, ...] = tuple(
     w for w in VOC_BACKGROUND_WORDS if w not in ("keyboard", "sign")
 )
 
-# Plain words for text-to-image prompts ("a photo of a {word}"): diffusion models prefer everyday
-# nouns over the dataset's compound names.
+# Words for the text-to-image prompts, as the reference generated its cache images with them
+# (maintain_kv_cache/SD_generate_imgs: everyday nouns rather than the dataset's compound names).
 VOC_GENERATION_WORDS: tuple[str, ...] = (
     "plane", "bicycle", "bird", "boat", "bottle", "buses", "car", "cat", "chair", "cow", "table",
     "dog", "horse", "motorbike", "people", "plant", "sheep", "sofa", "train", "monitor",
 )
-COCO_GENERATION_WORDS: tuple[str, ...] = COCO_CLASSES[1:]
+# The reference's COCO generation words (datasets/dif_coco/main.py, the per-class folders it generated
+# into), in COCO class order. Its last entry is spelt 'toothbrus' there, which only breaks its folder
+# look-up; the word here is the intended 'toothbrush'.
+COCO_GENERATION_WORDS: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa",
+    "pottedplant", "bed", "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)
 
 # A tiny class set for the synthetic dataset: everyday objects CLIP knows, each drawn with a
 # distinctive shape and colour family by ``diclip.data.synthetic``.
@@ -119,7 +132,7 @@ SYNTHETIC = ClassSet(
     SYNTHETIC_GENERATION_WORDS,
 )
 
-assert VOC.num_classes == 21 and COCO.num_classes == 81
+assert VOC.num_classes == 21 and COCO.num_classes == 81 and len(COCO_GENERATION_WORDS) == 80
 assert len(COCO_BACKGROUND_WORDS) == 23 and len(VOC_BACKGROUND_WORDS) == 25
 
 _CLASS_SETS: dict[str, ClassSet] = {cs.name: cs for cs in (VOC, COCO, SYNTHETIC)}

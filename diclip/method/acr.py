@@ -6,8 +6,15 @@ KL divergence between their attention distributions (columns of ``M``) and repla
 by the mean row of its cluster. The result is fully described by the cluster id of each token and
 one row per cluster, which is how the ``correlate`` stage stores it (``CompactCorrelation``).
 
-Everything here is batched: one call handles a whole batch with no Python loop over images or
-clusters (the reference loops over images and clusters with ``unique``/boolean indexing).
+Two precisions for the clustering distances:
+
+* ``reference`` (default): the reference computes the symmetric KL in **float16** (its inputs are
+  cast to fp16 and ``1e-5`` is added in fp16), and fp16 rounding decides many near-ties of the
+  nearest-anchor ``argmin``: an fp32 computation changes ~0-1% of the co-membership entries. This
+  path runs the same operations per image (broadcast KL in fp16, boolean-indexed anchor means), so
+  the clusters are the reference's.
+* ``fp32``: batched over images with the KL expanded into matmuls (no [A, P, D] broadcast), faster
+  and device-independent, but not bit-compatible with the reference.
 """
 from __future__ import annotations
 
@@ -71,8 +78,31 @@ def symmetric_kl(anchors: torch.Tensor, points: torch.Tensor, eps: float = 1e-5)
     return 0.5 * (aa[:, :, None] + xx[:, None, :] - cross)
 
 
+def symmetric_kl_fp16(anchors: torch.Tensor, points: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The reference's symmetric KL, in float16 as it computes it: anchors [A, D], points [P, D] -> [A, P]."""
+    a = anchors.to(torch.float16) + eps
+    x = points.to(torch.float16) + eps
+    a, x = a[:, None, :], x[None, :, :]
+    q = a.log() - x.log()
+    return (a * q).sum(-1) * 0.5 + (-(x * q).sum(-1) * 0.5)
+
+
+def _cluster_ids_reference(m: torch.Tensor, num_clusters: int, iters: int, size: Size) -> torch.Tensor:
+    """One map [N, N] -> compact cluster ids [N], with the reference's fp16 distances and per-cluster means."""
+    h, w = _grid_hw(size, m.shape[-1])
+    x = m.transpose(0, 1).float()
+    x = torch.where(x == 0, torch.full_like(x, 1e-6), x)
+    anchors = x[anchor_indices((h, w), num_clusters, device=m.device)]
+    assign = torch.zeros(x.shape[0], dtype=torch.long, device=m.device)
+    for _ in range(iters):
+        assign = torch.min(symmetric_kl_fp16(anchors, x), dim=0).indices
+        anchors = torch.stack([x[assign == u].mean(0) for u in assign.unique()])
+    return torch.searchsorted(assign.unique(), assign)
+
+
 def cluster_ids(
-    m: torch.Tensor, num_clusters: int = 9, iters: int = 5, size: Size = 20, dtype: torch.dtype | None = None
+    m: torch.Tensor, num_clusters: int = 9, iters: int = 5, size: Size = 20, dtype: torch.dtype | None = None,
+    precision: str = "reference",
 ) -> torch.Tensor:
     """KL k-means of the tokens' attention columns; returns compact cluster ids [B, N] (int64).
 
@@ -86,6 +116,11 @@ def cluster_ids(
         m = m[None]
     b, n, _ = m.shape
     _grid_hw(size, n)
+    if precision == "reference":
+        ids = torch.stack([_cluster_ids_reference(mm, num_clusters, iters, size) for mm in m])
+        return ids[0] if squeeze else ids
+    if precision != "fp32":
+        raise ValueError(f"ACR precision must be reference|fp32, got {precision!r}")
     dtype = dtype or torch.promote_types(m.dtype, torch.float32)
     x = m.transpose(-1, -2).to(dtype)
     x = torch.where(x == 0, torch.full_like(x, 1e-6), x)
@@ -114,9 +149,10 @@ def comembership(ids: torch.Tensor) -> torch.Tensor:
     return (ids[..., :, None] == ids[..., None, :]).float()
 
 
-def cluster_affinity(m: torch.Tensor, num_clusters: int = 9, iters: int = 5, size: Size = 20) -> torch.Tensor:
+def cluster_affinity(m: torch.Tensor, num_clusters: int = 9, iters: int = 5, size: Size = 20,
+                     precision: str = "reference") -> torch.Tensor:
     """ACR co-membership matrix of one correlation map (DESIGN contract): [N, N] -> [N, N] in {0, 1}."""
-    return comembership(cluster_ids(m, num_clusters, iters, size)).to(m.dtype)
+    return comembership(cluster_ids(m, num_clusters, iters, size, precision=precision)).to(m.dtype)
 
 
 @dataclass
@@ -167,13 +203,14 @@ def refine_correlation_compact(
     iters: int = 5,
     size: Size = 20,
     rounds: int = 3,
+    precision: str = "reference",
 ) -> CompactCorrelation:
     """VCE input in compact form from raw per-head ``q k^T`` maps [B, H, N, N]."""
     n = attn.shape[-1]
     grid = _grid_hw(size, n)
     a = normalize_attention(attn[:, list(heads)].to(torch.promote_types(attn.dtype, torch.float32)), threshold)
     m = chain_heads(a, tuple(range(len(heads))))
-    ids = cluster_ids(m, num_clusters, iters, grid)
+    ids = cluster_ids(m, num_clusters, iters, grid, precision=precision)
     rows = cluster_rows(m, ids, rounds)
     if rows.shape[1] > 256:
         raise ValueError("more than 256 clusters cannot be stored as uint8 ids")
@@ -187,6 +224,8 @@ def refine_correlation(
     num_clusters: int = 9,
     iters: int = 5,
     size: Size = 20,
+    precision: str = "reference",
 ) -> torch.Tensor:
     """ACR-refined correlation map (DESIGN contract): [B, H, N, N] -> [B, N, N]."""
-    return refine_correlation_compact(attn, heads, threshold, num_clusters, iters, size).expand()
+    return refine_correlation_compact(attn, heads, threshold, num_clusters, iters, size,
+                                      precision=precision).expand()

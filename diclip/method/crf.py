@@ -2,11 +2,11 @@
 
 The reference (``utils/dcrf.py``, pydensecrf 1.0rc3) runs a fully connected CRF on the softmax of the
 upsampled logits with ``iter_max=10, pos_xy_std=1, pos_w=3, bi_xy_std=67, bi_rgb_std=3, bi_w=4`` and
-takes the argmax. The original ``pydensecrf`` is unmaintained and no longer builds on current
-Python/Cython; **pydensecrf2** (``pip install pydensecrf2``, maintained fork with wheels) installs the
-same ``pydensecrf`` module and is the package we name. SimpleCRF (module ``denseCRF``) is accepted as
-a fallback backend. Neither is a dependency of diclip: the import is checked only when a CRF is asked
-for, and a missing package is a one-line :class:`~diclip.errors.ConfigError`.
+takes the argmax; the unary is pydensecrf's ``unary_from_softmax`` (``-log`` of the probabilities
+clipped at 1e-5). The original ``pydensecrf`` is unmaintained and no longer builds on current
+Python/Cython; **pydensecrf2** (a maintained fork that installs the same ``pydensecrf`` module) is a
+dependency of diclip and builds with the default set-up. SimpleCRF (module ``denseCRF``) is accepted
+as a fallback backend. Without either, asking for a CRF is a one-line :class:`~diclip.errors.ConfigError`.
 """
 from __future__ import annotations
 
@@ -51,15 +51,17 @@ def dense_crf(image: np.ndarray, prob: np.ndarray, params: DenseCRFParams = Dens
     if image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} and probabilities {(h, w)} differ in size")
     image = np.ascontiguousarray(image, dtype=np.uint8)
-    prob = np.clip(np.asarray(prob, dtype=np.float32), 1e-8, 1.0)
+    prob = np.asarray(prob, dtype=np.float32)
     if backend == "pydensecrf":
         dcrf = importlib.import_module("pydensecrf.densecrf")
+        unary_from_softmax = importlib.import_module("pydensecrf.utils").unary_from_softmax
         d = dcrf.DenseCRF2D(w, h, k)
-        d.setUnaryEnergy(np.ascontiguousarray(-np.log(prob).reshape(k, -1)))  # = unary_from_softmax
+        d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(prob)))  # -log(clip(p, 1e-5, 1))
         d.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w)
         d.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=image, compat=params.bi_w)
         q = np.array(d.inference(params.iter_max)).reshape(k, h, w)
         return q.argmax(0).astype(np.uint8)
+    prob = np.clip(prob, 1e-5, 1.0)
     dense = importlib.import_module("denseCRF")
     # SimpleCRF: densecrf(I, P[H, W, K], (w1 bilateral, alpha xy, beta rgb, w2 gaussian, gamma xy, iterations))
     param = (params.bi_w, params.bi_xy_std, params.bi_rgb_std, params.pos_w, params.pos_xy_std, params.iter_max)

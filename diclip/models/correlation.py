@@ -28,6 +28,7 @@ def vce_compact(cap: CapturedAttention, method: MethodConfig, diffusion: Diffusi
         num_clusters=method.num_clusters,
         iters=method.cluster_iters,
         size=cap.clip_grid,
+        precision=method.acr_precision,
     )
 
 

@@ -32,7 +32,7 @@ class LayerFusion(nn.Module):
         if tokens.shape[0] != len(self.mlps):
             raise ValueError(f"expected tokens of {len(self.mlps)} layers, got {tokens.shape[0]}")
         b, n = tokens.shape[1:3]
-        maps = [mlp(t.float()).transpose(1, 2).reshape(b, -1, grid[0], grid[1]) for mlp, t in zip(self.mlps, tokens)]
+        maps = [mlp(t).transpose(1, 2).reshape(b, -1, grid[0], grid[1]) for mlp, t in zip(self.mlps, tokens)]
         return self.dropout(self.fuse(torch.cat(maps, dim=1)))
 
 

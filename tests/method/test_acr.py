@@ -26,7 +26,7 @@ def test_cluster_affinity_equals_loop(seed):
     attn = random_attn(b=1, seed=seed)
     a = acr.normalize_attention(attn[:, [1, 2]], 0.2)
     m = a[0, 0] @ a[0, 1]
-    got = acr.cluster_affinity(m)
+    got = acr.cluster_affinity(m, precision="fp32")  # the loop computes in the input's precision
     want = ref.comembership_loop(ref.cluster_loop(m))
     assert got.shape == (400, 400)
     assert set(got.unique().tolist()) <= {0.0, 1.0}
@@ -38,15 +38,18 @@ def test_cluster_ids_batched_equals_per_image():
     attn = random_attn(b=3, seed=5)
     a = acr.normalize_attention(attn[:, [1, 2]], 0.2)
     m = a[:, 0] @ a[:, 1]
-    batched = acr.cluster_ids(m)
+    batched = acr.cluster_ids(m, precision="fp32")
     for i in range(3):
         assert torch.equal(batched[i], ref.cluster_loop(m[i]))
+    reference = acr.cluster_ids(m.float())
+    for i in range(3):
+        assert torch.equal(reference[i], acr.cluster_ids(m[i].float()))
 
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_refine_correlation_equals_loop(seed):
     attn = random_attn(b=2, seed=seed)
-    got = acr.refine_correlation(attn)
+    got = acr.refine_correlation(attn, precision="fp32")
     want = ref.refine_loop(attn)
     assert got.shape == (2, 400, 400)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
@@ -54,7 +57,8 @@ def test_refine_correlation_equals_loop(seed):
 
 def test_refine_correlation_float32_close_to_loop():
     attn = random_attn(b=1, seed=7).float()
-    torch.testing.assert_close(acr.refine_correlation(attn), ref.refine_loop(attn), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(acr.refine_correlation(attn, precision="fp32"), ref.refine_loop(attn), rtol=1e-4,
+                               atol=1e-7)
 
 
 def test_compact_roundtrip_is_exact_and_small():
@@ -76,8 +80,23 @@ def test_compact_roundtrip_is_exact_and_small():
 
 def test_non_square_grid():
     attn = random_attn(b=1, n=400, seed=2)[..., :300, :300]  # 20 x 15 grid
-    out = acr.refine_correlation(attn, size=(20, 15))
+    out = acr.refine_correlation(attn, size=(20, 15), precision="fp32")
     want = ref.refine_loop(attn, size=(20, 15))
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError):
         acr.refine_correlation(attn, size=20)
+
+
+def test_reference_precision_is_the_references_fp16_clustering():
+    """The default precision clusters exactly like the oracle's fp16 restatement of attn_kl_cluster;
+    fp32 distances decide some near-ties differently (why the reference path exists)."""
+    from tests.oracle import reference as oracle
+
+    for seed in range(4):
+        attn = random_attn(b=1, seed=seed).float()
+        a = acr.normalize_attention(attn[:, [1, 2]], 0.2)
+        m = a[0, 0] @ a[0, 1]
+        got = acr.cluster_affinity(m)
+        assert torch.equal(got, oracle.attn_kl_cluster(m, num_cluster=9, iters=5, size=20))
+    with pytest.raises(ValueError, match="reference|fp32"):
+        acr.cluster_ids(m, precision="fp64")

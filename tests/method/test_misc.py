@@ -40,17 +40,25 @@ def test_poly_warmup_matches_reference_log():
     assert poly_warmup_multiplier(100, 100, 10) == 0.0
 
 
-def test_kmeans_separates_blobs_and_is_seeded():
+def test_kmeans_is_sklearns_with_explicit_inits():
+    from sklearn.cluster import KMeans
+
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    x = torch.cat([c + 0.1 * torch.randn(20, 2, generator=g) for c in centres])
+    x = torch.cat([c + 0.1 * torch.randn(20, 2, generator=g) for c in centres]).numpy()
     c1, a1 = kmeans(x, 3, seed=1)
     c2, a2 = kmeans(x, 3, seed=1)
-    assert torch.equal(c1, c2) and torch.equal(a1, a2)
-    found = sorted(c1.round().tolist())
-    assert found == sorted(centres.tolist())
+    assert np.array_equal(c1, c2) and np.array_equal(a1, a2)
+    assert sorted(np.round(c1).tolist()) == sorted(centres.tolist())
+    ref = KMeans(n_clusters=3, random_state=1, n_init=10).fit(x.astype(np.float32))  # the reference's call
+    assert np.allclose(c1, ref.cluster_centers_) and np.array_equal(a1, ref.labels_)
     c3, _ = kmeans(x[:2], 5)
     assert c3.shape == (2, 2)
+    # several inits keep the best inertia: never worse than a single run with the same seed
+    y = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    def inertia(c, a):
+        return float(((y - c[a]) ** 2).sum())
+    assert inertia(*kmeans(y, 6, seed=0, n_init=10)) <= inertia(*kmeans(y, 6, seed=0, n_init=1)) + 1e-3
 
 
 def test_par_keeps_constant_maps_and_follows_edges():

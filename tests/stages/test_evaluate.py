@@ -4,6 +4,8 @@ import json
 import os
 
 import numpy as np
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -119,7 +121,9 @@ def test_evaluate_resume_recomputes_only_missing_items(evaluated):
         assert after[task]["confusion_matrix"] == before[task]["confusion_matrix"]
 
 
-def test_config_errors_fail_before_ray(prepared, tmp_path):
+def test_config_errors_fail_before_ray(prepared, tmp_path, monkeypatch):
+    for name in ("pydensecrf", "pydensecrf.densecrf", "denseCRF"):  # as on a machine without the package
+        monkeypatch.setitem(sys.modules, name, None)
     spec = tiny_spec(prepared.output_uri, "evaluate.crf=true", f"evaluate.output={tmp_path}/crf")
     with pytest.raises(ConfigError) as e:
         evaluate.run(spec)
