@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench fullsize-check clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	for b in bench/[a-z]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in bench/[a-z]*.py; do case $$b in *fullsize_check.py) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done
+
+# real-size geometry with random-init ViT-B/16 + SD 2.1-base topology (~5 GB of models, 20-30 min on 2 cores)
+fullsize-check: $(STAMP)
+	$(PY) bench/fullsize_check.py
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -33,7 +33,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from diclip import storage
 from diclip.config import JobSpec
@@ -213,9 +212,13 @@ def to_tensor(image: np.ndarray, device: str | torch.device = "cpu") -> torch.Te
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device).permute(2, 0, 1).float().div_(255.0)
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Whole image to ``size`` x ``size`` (bilinear, aspect not kept), as training validation does."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+def resize_square(image: np.ndarray, size: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Whole image to a float [3, size, size] tensor in [0, 1] (aspect not kept), as the reference's
+    validation and CAM evaluation do: ``F.interpolate`` bilinear, align_corners=False, no antialias."""
+    x = to_tensor(image, device)[None]
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x[0]
 
 
 def scale_sizes(base: int, scales: Sequence[float], multiple: int = 16) -> list[int]:

@@ -180,13 +180,13 @@ class Evaluator:
         return rows
 
     def cams(self, members: list[tuple[dict, object]]) -> list[dict]:
-        from diclip.inference import cam_pseudo_labels, resize_square, strongest_class, to_tensor
+        from diclip.inference import cam_pseudo_labels, resize_square, strongest_class
         from diclip.viz import encode_gray_png, encode_mask_png
 
         c = self.cfg
         size = self.cam_size
         ids = [s.id for _, s in members]
-        images = torch.stack([to_tensor(resize_square(s.image, size), self.device) for _, s in members])
+        images = torch.stack([resize_square(s.image, size, self.device) for _, s in members])
         labels = torch.from_numpy(np.stack([s.label for _, s in members])).float().to(self.device)
         corr, rar, rar_grid = self.maps(ids, images, [s.image.shape[:2] for _, s in members])
         results = cam_pseudo_labels(self.model, images, labels, corr, rar, rar_grid,

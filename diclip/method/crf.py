@@ -50,8 +50,9 @@ def dense_crf(image: np.ndarray, prob: np.ndarray, params: DenseCRFParams = Dens
     k, h, w = prob.shape
     if image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} and probabilities {(h, w)} differ in size")
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    prob = np.asarray(prob, dtype=np.float32)
+    # pydensecrf's Cython wants writable C-contiguous buffers (decoded images may be read-only views)
+    image = np.array(image, dtype=np.uint8, order="C", copy=True)
+    prob = np.array(prob, dtype=np.float32, order="C", copy=True)
     if backend == "pydensecrf":
         dcrf = importlib.import_module("pydensecrf.densecrf")
         unary_from_softmax = importlib.import_module("pydensecrf.utils").unary_from_softmax

@@ -20,7 +20,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from diclip.config import JobSpec
 from diclip.data import get_class_set
@@ -34,15 +33,17 @@ from diclip.models.vce import VCEVisionEncoder, VisionOutput
 
 
 def to_square_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """uint8 HxWx3 images -> [B, 3, size, size] float in [0, 1] (bilinear, like the reference's resize)."""
-    arrs = []
+    """uint8 HxWx3 images -> [B, 3, size, size] float in [0, 1]: ``F.interpolate`` bilinear
+    (align_corners=False, no antialias), as the reference resizes its inputs to 320 x 320."""
+    out = []
     for img in images:
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"expected an RGB HxWx3 image, got shape {tuple(img.shape)}")
-        if img.shape[:2] != (size, size):
-            img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
-        arrs.append(img)
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+        if tuple(x.shape[-2:]) != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        out.append(x[0])
+    return torch.stack(out)
 
 
 @dataclass

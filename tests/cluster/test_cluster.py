@@ -160,11 +160,11 @@ def test_worker_count_follows_gpu_packing(tmp_path: Path) -> None:
     # 0.5 GPU per actor: two actors share a 1-GPU worker, so 16 actors need 8 workers; train needs 8.
     overrides = [f"{s}.resources.num_gpus=0.5" for s in ("generate", "mask", "cache", "correlate", "evaluate")]
     overrides += [f"{s}.resources.num_cpus=2" for s in ("generate", "mask", "cache", "correlate", "evaluate")]
-    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco.yaml"), overrides))
+    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco-8gpu.yaml"), overrides))
     assert (plan.gpus_per_worker, plan.cpus_per_worker, plan.max_workers) == (1, 8, 8)
-    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco.yaml"), ["train.num_workers=24"]))
+    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco-8gpu.yaml"), ["train.num_workers=24"]))
     assert (plan.max_workers, plan.sized_by) == (24, "train")
-    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco.yaml"), ["pipeline.stages=[train]",
+    plan = cluster_render.plan_cluster(load_spec(str(CONFIGS / "coco-8gpu.yaml"), ["pipeline.stages=[train]",
                                                                               "train.resources.num_gpus=2"]))
     assert (plan.gpus_per_worker, plan.max_workers) == (2, 8)
 

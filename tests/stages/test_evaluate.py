@@ -14,7 +14,7 @@ from diclip import storage, viz
 from diclip.data import get_class_set, open_dataset
 from diclip.errors import ConfigError
 from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square, segment, \
-    segmenter_forward, to_tensor
+    segmenter_forward
 from diclip.method.metrics import confusion_matrix
 from ray_jobs import correlate, evaluate, infer, synthesize
 from ray_jobs.common import list_shards, read_stage_table
@@ -88,12 +88,14 @@ def test_distributed_totals_equal_single_process(evaluated):
         model, mspec, _ = load_exported_model(spec.evaluate.checkpoint, dataset="synthetic")
         seg_cm = np.zeros((5, 5), np.int64)
         for s in open_dataset(spec.data.root, "val", cs):
-            pred = segment(segmenter_forward(model), [s.image], 64, spec.evaluate.scales)[0]
+            e = spec.evaluate
+            pred = segment(segmenter_forward(model), [s.image], 64, e.scales, flip=e.flip, work_ratio=e.work_ratio,
+                           voc_flip_quirk=e.voc_flip_quirk, crf=e.crf)[0]
             seg_cm += confusion_matrix(s.mask, pred, 5)
         cam_cm = np.zeros((5, 5), np.int64)
         maps = MapSource("stored", mspec, 16, correlation_uri=spec.correlate.output)
         for s in open_dataset(spec.data.root, "train", cs):
-            x = to_tensor(resize_square(s.image, 64))[None]
+            x = resize_square(s.image, 64)[None]
             corr, rar, grid = maps([s.id], x, [s.image.shape[:2]])
             res = cam_pseudo_labels(model, x, torch.from_numpy(s.label)[None], corr, rar, grid, [s.image.shape[:2]])
             cam_cm += confusion_matrix(s.mask, res[0].label, 5)
@@ -122,12 +124,13 @@ def test_evaluate_resume_recomputes_only_missing_items(evaluated):
 
 
 def test_config_errors_fail_before_ray(prepared, tmp_path, monkeypatch):
-    for name in ("pydensecrf", "pydensecrf.densecrf", "denseCRF"):  # as on a machine without the package
-        monkeypatch.setitem(sys.modules, name, None)
-    spec = tiny_spec(prepared.output_uri, "evaluate.crf=true", f"evaluate.output={tmp_path}/crf")
-    with pytest.raises(ConfigError) as e:
-        evaluate.run(spec)
-    assert "pydensecrf2" in str(e.value) and "\n" not in str(e.value)
+    with monkeypatch.context() as m:
+        for name in ("pydensecrf", "pydensecrf.densecrf", "denseCRF"):  # as on a machine without the package
+            m.setitem(sys.modules, name, None)
+        spec = tiny_spec(prepared.output_uri, "evaluate.crf=true", f"evaluate.output={tmp_path}/crf")
+        with pytest.raises(ConfigError) as e:
+            evaluate.run(spec)
+        assert "pydensecrf2" in str(e.value) and "\n" not in str(e.value)
     spec = tiny_spec(prepared.output_uri, f"evaluate.correlation={tmp_path}/none", f"evaluate.output={tmp_path}/nomaps")
     with pytest.raises(ConfigError) as e:
         evaluate.run(spec)
