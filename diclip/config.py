@@ -372,16 +372,28 @@ class CacheConfig(StageBase):
 class CorrelateConfig(StageBase):
     output: str = "${output_uri}/correlate"
     splits: list[str] = field(default_factory=lambda: ["${data.train_split}", "${data.val_split}"])
+    """Splits that get whole-image maps (validation, CAM evaluation, and training when there is no bank)."""
+    crops_per_image: int = 0
+    """Per-crop map bank: K seeded training crops per image of ``crop_split``, each with the maps the
+    reference computes on that crop; training draws its crops from the bank. 0: no bank, training
+    resamples whole-image maps to its random crops. Raising K later extracts only the new crops."""
+    crop_split: str = "${data.train_split}"
+    """Split whose images get the crop bank."""
     rar_codec: str = "qk_fp16"
     """Compact form of the RAR attention map (see diclip.method.codecs)."""
     max_side: int = 512
     """Longest side (px) at which whole images are extracted; the grid covers the whole image."""
-    shard_size: int = 32
     num_pictures: int = 4
     """Images in ``preview.png`` (image | ACR clusters | VCE and RAR maps of the centre token); 0: none."""
 
     def __post_init__(self) -> None:
+        from diclip.method.codecs import RAR_CODECS
+
         _check(self.num_pictures >= 0, "correlate.num_pictures must be >= 0")
+        _check(self.crops_per_image >= 0, "correlate.crops_per_image must be >= 0")
+        _check(self.max_side >= 16, "correlate.max_side must be >= 16")
+        _check(self.rar_codec in RAR_CODECS,
+               f"correlate.rar_codec must be one of {', '.join(RAR_CODECS)}, got {self.rar_codec!r}")
 
 
 @dataclass

@@ -5,9 +5,12 @@ The reference runs a Stable Diffusion pass inside every training step; here a Ra
 
     dataset ids -> Ray Dataset -> map_batches(Correlator) -> shards/part-*.parquet + manifest.json
 
-Images are extracted whole, resized so both sides are multiples of 16 (longest side <= max_side);
-the shard records the CLIP grid and the RAR grid. Training resamples the maps to each crop.
-``preview.png`` draws a few stored maps (ACR clusters, centre-token rows) over their images.
+Images of ``correlate.splits`` are extracted whole, resized so both sides are multiples of 16 (longest
+side <= max_side); the shard records the CLIP grid and the RAR grid, and training resamples the maps to
+each crop. With ``correlate.crops_per_image = K`` the training split also gets the per-crop map bank
+(:mod:`diclip.data.crop_bank`): K seeded training crops per image, each extracted as the crop itself,
+with its geometry stored so training reproduces the crop's pixels. ``preview.png`` draws a few stored
+maps (ACR clusters, centre-token rows) over their images.
 """
 from __future__ import annotations
 
@@ -51,16 +54,49 @@ def clip_patch_size(spec: JobSpec) -> int:
 
 
 def list_items(spec: JobSpec) -> list[dict]:
-    """One item per distinct image id over the configured splits."""
+    """One item per distinct image id over the configured splits, then K crop items per image of the
+    bank's split (row ids ``{image}@crop{k}``)."""
+    from diclip.data.crop_bank import crop_item_id
+
+    cfg = spec.correlate
     seen: set[str] = set()
     items = []
-    for split in spec.correlate.splits:
+    for split in cfg.splits:
         ds = open_split(spec.data, split)
         for i in ds.ids:
             if i not in seen:
                 seen.add(i)
-                items.append({ID: i, "split": split})
+                items.append({ID: i, "split": split, "image": i, "crop": -1})
+    if cfg.crops_per_image:
+        for i in open_split(spec.data, cfg.crop_split).ids:
+            for k in range(cfg.crops_per_image):
+                items.append({ID: crop_item_id(i, k), "split": cfg.crop_split, "image": i, "crop": k})
     return items
+
+
+def settings(spec: JobSpec) -> dict:
+    """What the stored maps depend on, besides the item list (a change makes them stale)."""
+    c, d, m = spec.correlate, spec.model.diffusion, spec.method
+    return {"rar_codec": get_codec(c.rar_codec).name, "max_side": c.max_side, "diffusion": d.source,
+            "diffusion_seed": d.seed, "steps": d.num_inference_steps, "timestep_index": d.timestep_index,
+            "vce_layer": d.vce_layer, "rar_layer": d.rar_layer, "heads": list(d.heads), "dtype": d.dtype,
+            "corr_threshold": m.corr_threshold, "num_clusters": m.num_clusters, "cluster_iters": m.cluster_iters,
+            "acr_precision": m.acr_precision, "crop_size": spec.data.crop_size,
+            "rescale_range": list(spec.data.rescale_range), "flip": spec.data.flip, "seed": spec.train.seed}
+
+
+def is_complete(spec: JobSpec) -> bool:
+    """Manifest present, recorded with these settings, covering these splits and this many crops."""
+    from diclip import storage
+
+    c = spec.correlate
+    m = storage.read_manifest(c.output)
+    if m is None:
+        return False
+    e = m.extra
+    return (e.get("settings") == settings(spec) and set(c.splits) <= set(e.get("splits", []))
+            and e.get("crops_per_image", 0) >= c.crops_per_image
+            and (not c.crops_per_image or e.get("crop_split") == c.crop_split))
 
 
 class Correlator:
@@ -91,27 +127,39 @@ class Correlator:
         ds = self.dataset(split)
         return decode_image(ds.read_image_bytes(item_id), ds.image_uri(item_id))
 
+    def prepare(self, image_id: str, split: str, crop: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(source image, model input at its extraction size, geometry array or [] for whole images)."""
+        from diclip.data.crop_bank import bank_geometry, geometry_to_array
+        from diclip.data.transforms import apply_geometry
+
+        img = self.load(image_id, split)
+        if crop < 0:
+            h, w = resize_grid(img.shape[:2], self.patch, self.cfg.max_side)
+            return img, np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)), []
+        d = self.spec.data
+        geom = bank_geometry(image_id, crop, img.shape[:2], d.crop_size, tuple(d.rescale_range), d.flip,
+                             self.spec.train.seed)
+        return img, apply_geometry(img, geom), geometry_to_array(geom)
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from diclip.models.correlation import noise_seed, vce_compact
 
         reports, groups = [], defaultdict(list)
-        for item_id, split in zip(batch[ID], batch["split"]):
+        for item_id, split, image_id, crop in zip(batch[ID], batch["split"], batch["image"], batch["crop"]):
             try:
-                img = self.load(item_id, split)
-                size = resize_grid(img.shape[:2], self.patch, self.cfg.max_side)
-                groups[size].append((item_id, split, img))
+                img, x, geom = self.prepare(str(image_id), str(split), int(crop))
+                groups[x.shape[:2]].append((item_id, split, img, x, int(crop), geom))
             except DiclipError as e:
                 reports.append(report_row(item_id, False, str(e)))
             except Exception as e:  # decoder/IO surprises are per-item failures, not fatal
                 reports.append(report_row(item_id, False, short_error(e)))
         rows = []
-        for (h, w), members in groups.items():
-            x = np.stack([np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)) for _, _, img in members])
-            images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
-            seeds = [noise_seed(i, self.spec.model.diffusion.seed) for i, _, _ in members]
+        for members in groups.values():
+            images = torch.from_numpy(np.stack([m[3] for m in members])).permute(0, 3, 1, 2).float() / 255.0
+            seeds = [noise_seed(m[0], self.spec.model.diffusion.seed) for m in members]
             cap = self.diff(images, seeds)
             comp = vce_compact(cap, self.spec.method, self.spec.model.diffusion)
-            for b, (item_id, split, img) in enumerate(members):
+            for b, (item_id, split, img, _, crop, geom) in enumerate(members):
                 k = int(comp.ids[b].max()) + 1
                 rar = self.codec.encode(cap.rar_q[b].cpu(), cap.rar_k[b].cpu(), cap.rar_scale)
                 rows.append({
@@ -120,7 +168,7 @@ class Correlator:
                     "vce_ids": comp.ids[b].cpu().numpy().astype(np.uint8).tobytes(),
                     "vce_rows": comp.rows[b, :k].cpu().numpy().astype(np.float16).tobytes(),
                     "rar_grid_h": cap.rar_grid[0], "rar_grid_w": cap.rar_grid[1],
-                    "rar_codec": self.codec.name, "rar": pack_npz(rar),
+                    "rar_codec": self.codec.name, "rar": pack_npz(rar), "crop": crop, "geom": geom,
                 })
                 reports.append(report_row(item_id, True))
         if rows:
@@ -166,9 +214,13 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
     from diclip.data.correlation import CorrelationStore
     from diclip.data.datasets import decode_image
 
+    from diclip.data.crop_bank import bank_geometry
+    from diclip.data.transforms import apply_geometry
+
     cfg = spec.correlate
     store = CorrelationStore(cfg.output)
-    chosen = [it for it in items if it[ID] in store][: cfg.num_pictures]
+    chosen = [it for it in items if it["crop"] < 0 and it[ID] in store][: cfg.num_pictures]
+    chosen += [it for it in items if it["crop"] >= 0 and it[ID] in store][: cfg.num_pictures - len(chosen)]
     splits: dict[str, object] = {}
     grid, labels = [], []
     for it in chosen:
@@ -176,7 +228,11 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
             if it["split"] not in splits:
                 splits[it["split"]] = open_split(spec.data, it["split"])
             ds = splits[it["split"]]
-            image = decode_image(ds.read_image_bytes(it[ID]), ds.image_uri(it[ID]))
+            image = decode_image(ds.read_image_bytes(it["image"]), ds.image_uri(it["image"]))
+            if it["crop"] >= 0:  # what the bank extracted from: the crop itself
+                d = spec.data
+                image = apply_geometry(image, bank_geometry(it["image"], it["crop"], image.shape[:2], d.crop_size,
+                                                            tuple(d.rescale_range), d.flip, spec.train.seed))
             rec = store.get([it[ID]])[0]
         except DiclipError as e:
             log.warning("correlate preview: skipping %s: %s", it[ID], e)
@@ -189,13 +245,33 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
     return len(grid)
 
 
+def storage_settings_changed(spec: JobSpec) -> list[str]:
+    """Settings keys whose values differ from the ones the committed maps were made with (a previous
+    manifest), so new maps would not match old ones; [] when nothing was committed before."""
+    from diclip import storage
+
+    m = storage.read_manifest(spec.correlate.output)
+    old = (m.extra.get("settings") if m is not None else None) or {}
+    new = settings(spec)
+    return sorted(k for k in new if k in old and old[k] != new[k])
+
+
 def run(spec: JobSpec) -> dict:
     cfg = spec.correlate
     items = list_items(spec)
+    stale = storage_settings_changed(spec)
+    if stale:  # maps made with other settings would be silently mixed with new ones: start over
+        log.warning("correlate: committed maps at %s were made with other settings (%s); recomputing all",
+                    cfg.output, ", ".join(stale))
+        from diclip import storage
+
+        storage.delete(storage.join(cfg.output, storage.MANIFEST_NAME))
+        storage.delete_dir(storage.join(cfg.output, "shards"))
     pending = pending_items(items, cfg.output)
-    log.info("correlate: %d images, %d already in committed shards, %d to extract (%d actors x batch %d, %s)",
-             len(items), len(items) - len(pending), len(pending), cfg.resources.concurrency,
-             cfg.resources.batch_size, "GPU" if cfg.resources.num_gpus else "CPU")
+    log.info("correlate: %d maps (%d crops per %s image), %d already in committed shards, %d to extract "
+             "(%d actors x batch %d, %s)", len(items), cfg.crops_per_image, cfg.crop_split,
+             len(items) - len(pending), len(pending), cfg.resources.concurrency, cfg.resources.batch_size,
+             "GPU" if cfg.resources.num_gpus else "CPU")
     if pending:
         init_ray(spec)
     t0 = time.perf_counter()
@@ -203,11 +279,12 @@ def run(spec: JobSpec) -> dict:
     models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(clip_patch_size(spec))}
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
                         extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),
-                               "max_side": cfg.max_side})
+                               "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image,
+                               "crop_split": cfg.crop_split, "settings": settings(spec)})
     if cfg.num_pictures and write_preview(spec, items):
         log.info("correlate: example maps in %s", cfg.output.rstrip("/") + "/preview.png")
     rate = result.items_per_s
-    log.info("correlate: %d images committed, %d failed, %.2f images/s this run",
+    log.info("correlate: %d maps committed, %d failed, %.2f maps/s this run",
              manifest.num_items, manifest.num_failed, rate)
     return {"images": manifest.num_items, "failed": manifest.num_failed, "extracted_now": result.rows,
             "images_per_s": round(rate, 3), "seconds": round(time.perf_counter() - t0, 1)}

@@ -33,6 +33,8 @@ SCHEMA = pa.schema([
     ("rar_grid_h", pa.int16()), ("rar_grid_w", pa.int16()),
     ("rar_codec", pa.string()),
     ("rar", pa.binary()),
+    ("crop", pa.int16()),  # -1: whole image; k >= 0: crop k of the per-crop bank (row id "{image}@crop{k}")
+    ("geom", pa.list_(pa.int32())),  # the bank crop's geometry (diclip.data.crop_bank); [] for whole images
 ])
 MAP_COLUMNS = [f.name for f in SCHEMA]
 
@@ -58,6 +60,7 @@ class CorrelationRecord:
     rar_grid: tuple[int, int]
     rar_codec: str
     rar: dict[str, np.ndarray]
+    crop: int = -1
 
     @staticmethod
     def from_row(row: dict) -> "CorrelationRecord":
@@ -73,6 +76,7 @@ class CorrelationRecord:
             rar_grid=(int(row["rar_grid_h"]), int(row["rar_grid_w"])),
             rar_codec=str(row["rar_codec"]),
             rar=unpack_npz(row["rar"]),
+            crop=int(row.get("crop", -1) if row.get("crop") is not None else -1),
         )
 
     def nbytes(self) -> int:
@@ -139,6 +143,17 @@ class CorrelationStore:
 
     def get(self, item_ids: list[str]) -> list[CorrelationRecord]:
         return [read_record(*self.locate(i)) for i in item_ids]
+
+    def bank_geometries(self) -> dict[str, list[int]]:
+        """Row id -> stored crop geometry (9 ints) for every per-crop bank row."""
+        out: dict[str, list[int]] = {}
+        for uri in self.shard_uris():
+            t = storage.read_parquet(uri, columns=["item_id", "crop", "geom"])
+            for item, crop, geom in zip(t.column("item_id").to_pylist(), t.column("crop").to_pylist(),
+                                        t.column("geom").to_pylist()):
+                if crop is not None and crop >= 0:
+                    out[item] = [int(v) for v in geom]
+        return out
 
 
 def read_record(shard: str, row: int) -> CorrelationRecord:

@@ -8,10 +8,12 @@ have seen, whatever Ray Data's scheduling did.
 
 The driver builds one small index table per rank (positions, ids, labels, where each image's maps
 live); Ray Data tasks load and augment the rows (:func:`load_rows`); workers only resample the maps.
+
+With a per-crop map bank (``correlate.crops_per_image = K``) the index holds K rows per image (its
+bank crops, with their geometry) and position ``p`` takes crop :func:`~diclip.data.crop_bank.bank_crop`
+of its image: the crop's pixels are rebuilt from the stored geometry and its maps are used as stored.
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -19,45 +21,72 @@ import pyarrow as pa
 from diclip.config import JobSpec
 from diclip.data import open_split
 from diclip.data.correlation import CorrelationStore
+from diclip.data.crop_bank import bank_crop, crop_item_id
+from diclip.data.crop_bank import geometry_from_array as bank_geometry_from_array
 from diclip.data.datasets import decode_image
 from diclip.data.transforms import apply_geometry, sample_geometry
 from diclip.errors import DataError
-
-if TYPE_CHECKING:
-    from diclip.method.resample import Geometry
+from diclip.method.resample import Geometry
 
 
 
 
 def build_items(spec: JobSpec, split: str, correlation_uri: str | None) -> pa.Table:
-    """item_id, label, image_uri (+ corr_shard, corr_row when stored maps are used) for a split."""
+    """item_id, label, image_uri (+ corr_shard, corr_row when stored maps are used) for a split.
+
+    When the correlation store holds a crop bank for ``split``, K rows per image (crop k = row
+    ``i * K + k``) with the crop's ``bank_geom``; the table's metadata records K (``crops``)."""
+    from diclip import storage
+
     ds = open_split(spec.data, split)
     store = CorrelationStore(correlation_uri) if correlation_uri else None
-    ids, labels, uris, shards, rows = [], [], [], [], []
+    crops = bank_crops(store, split) if store is not None else 0
+    geoms = store.bank_geometries() if crops else {}
+    cols: dict[str, list] = {"item_id": [], "label": [], "image_uri": []}
+    if store is not None:
+        cols.update(corr_shard=[], corr_row=[])
+    if crops:
+        cols["bank_geom"] = []
     missing = []
     for item in ds.ids:
-        if store is not None and item not in store:
+        keys = [crop_item_id(item, k) for k in range(crops)] if crops else [item]
+        if store is not None and not all(k in store for k in keys):
             missing.append(item)
             continue
-        ids.append(item)
-        labels.append(ds.read_label(item).astype(np.float32).tolist())
-        uris.append(ds.image_uri(item))
-        if store is not None:
-            s, r = store.locate(item)
-            shards.append(s)
-            rows.append(r)
+        label = ds.read_label(item).astype(np.float32).tolist()
+        for key in keys:
+            cols["item_id"].append(item)
+            cols["label"].append(label)
+            cols["image_uri"].append(ds.image_uri(item))
+            if store is not None:
+                shard, row = store.locate(key)
+                cols["corr_shard"].append(shard)
+                cols["corr_row"].append(row)
+            if crops:
+                cols["bank_geom"].append(geoms[key])
     if store is not None and missing:
-        failed = {i for i, _ in __import__("diclip").storage.read_failures(correlation_uri)}
-        unexplained = [m for m in missing if m not in failed]
+        failed = {i for i, _ in storage.read_failures(correlation_uri)}
+        unexplained = [m for m in missing if m not in failed and not any(crop_item_id(m, k) in failed
+                                                                         for k in range(crops))]
         if unexplained:
             raise DataError(f"{len(unexplained)} {split} images have no correlation map (e.g. {unexplained[0]!r}); "
                             f"run correlate with data.{split} in correlate.splits")
-    if not ids:
+    if not cols["item_id"]:
         raise DataError(f"split {split!r} has no usable images")
-    cols = {"item_id": ids, "label": labels, "image_uri": uris}
-    if store is not None:
-        cols.update(corr_shard=shards, corr_row=rows)
-    return pa.table(cols)
+    table = pa.table(cols)
+    return table.replace_schema_metadata({b"crops": str(crops).encode()})
+
+
+def bank_crops(store: CorrelationStore, split: str) -> int:
+    """K of the store's per-crop bank when it was built for ``split`` (0: none)."""
+    extra = store.manifest.extra
+    k = int(extra.get("crops_per_image", 0) or 0)
+    return k if k and extra.get("crop_split") == split else 0
+
+
+def table_crops(items: pa.Table) -> int:
+    meta = items.schema.metadata or {}
+    return int(meta.get(b"crops", b"0"))
 
 
 def item_index(positions: np.ndarray, num_items: int, seed: int) -> np.ndarray:
@@ -81,7 +110,12 @@ def rank_positions(rank: int, world: int, per_worker: int, start_micro: int, end
 def rank_table(items: pa.Table, rank: int, world: int, per_worker: int, start_micro: int, end_micro: int,
                seed: int) -> pa.Table:
     pos = rank_positions(rank, world, per_worker, start_micro, end_micro)
-    idx = item_index(pos, items.num_rows, seed)
+    crops = table_crops(items)
+    n = items.num_rows // max(1, crops)
+    idx = item_index(pos, n, seed)
+    if crops:  # K rows per image: take the image's bank crop for this position
+        ids = items.column("item_id").to_pylist()
+        idx = idx * crops + bank_crop(pos, n, [ids[i * crops] for i in idx], crops, seed)
     return items.take(pa.array(idx)).append_column("pos", pa.array(pos, pa.int64()))
 
 
@@ -105,11 +139,19 @@ def load_rows(batch: dict, crop: int, scale_range: tuple[float, float], flip: bo
         pos = int(batch["pos"][i])
         uri = str(batch["image_uri"][i])
         image = decode_image(storage.read_bytes(uri), uri)
-        rng = np.random.default_rng([seed, 7919, pos])
-        geom = sample_geometry(rng, image.shape[:2], crop, scale_range, flip)
+        if "bank_geom" in batch:  # the bank's crop: its pixels from the stored geometry, its maps as stored
+            bank = bank_geometry_from_array(batch["bank_geom"][i])
+            if tuple(bank.src_size) != image.shape[:2]:
+                raise DataError(f"{uri}: image is {image.shape[:2]} but its crop bank was built for {bank.src_size}; "
+                                "re-run correlate")
+            out["image"].append(apply_geometry(image, bank))
+            geom = Geometry.identity(bank.out_size)
+        else:
+            rng = np.random.default_rng([seed, 7919, pos])
+            geom = sample_geometry(rng, image.shape[:2], crop, scale_range, flip)
+            out["image"].append(apply_geometry(image, geom))
         out["pos"].append(pos)
         out["item_id"].append(str(batch["item_id"][i]))
-        out["image"].append(apply_geometry(image, geom))
         out["label"].append(np.asarray(batch["label"][i], dtype=np.float32))
         out["geom"].append(np.asarray([*geom.src_size, *geom.scaled_size, int(geom.flip), *geom.offset,
                                        *geom.out_size], dtype=np.int64))
@@ -125,11 +167,7 @@ def load_rows(batch: dict, crop: int, scale_range: tuple[float, float], flip: bo
     return result
 
 
-def geometry_from_array(a) -> "Geometry":
-    from diclip.method.resample import Geometry
-
-    a = [int(x) for x in a]
-    return Geometry((a[0], a[1]), (a[2], a[3]), bool(a[4]), (a[5], a[6]), (a[7], a[8]))
+geometry_from_array = bank_geometry_from_array
 
 
 def records_from_batch(batch: dict) -> list:

@@ -68,10 +68,20 @@ def capture(pipe, images01: torch.Tensor, noise: torch.Tensor, layers: list[str]
     h, w = images01.shape[-2:]
     clip_grid = (h // patch, w // patch)
     store: dict = {}
-    procs = dict(pipe.unet.attn_processors)
+    before = dict(pipe.unet.attn_processors)
+    procs = dict(before)
     for layer in layers:
         procs[f"{layer}.processor"] = _Recorder(store, layer, clip_grid)
     pipe.unet.set_attn_processor(procs)
+    try:
+        _one_step(pipe, images01, noise, steps, index)
+    finally:
+        pipe.unet.set_attn_processor(before)  # leave the pipeline as it was given
+    return store
+
+
+def _one_step(pipe, images01: torch.Tensor, noise: torch.Tensor, steps: int, index: int) -> None:
+    h, w = images01.shape[-2:]
     with torch.no_grad():
         x = pipe.image_processor.preprocess(images01, height=h, width=w).to(pipe.unet.dtype)
         latent = pipe.vae.encode(x)[0].mean * pipe.vae.config.scaling_factor
@@ -81,4 +91,3 @@ def capture(pipe, images01: torch.Tensor, noise: torch.Tensor, layers: list[str]
         latents = sched.add_noise(latent, noise.to(latent.dtype), t)
         embeds, _ = pipe.encode_prompt("", pipe.device, latents.shape[0], do_classifier_free_guidance=False)
         pipe.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)
-    return store

@@ -1,6 +1,5 @@
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -94,10 +93,27 @@ def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server
     assert vce.shape == (1, 20, 20) and torch.isfinite(rar).all()
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant it started (its own Ray instance), by pid only."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def test_resume_after_killing_the_driver(tmp_path):
+    """A killed run of whole images plus a per-crop bank, re-run, ends with every map exactly once."""
     root = str(tmp_path / "run")
-    overrides = ["synthesize.num_train=24", "synthesize.num_val=8", "correlate.resources.batch_size=2",
-                 "correlate.resources.concurrency=1"]
+    overrides = ["synthesize.num_train=12", "synthesize.num_val=4", "correlate.resources.batch_size=2",
+                 "correlate.resources.concurrency=1", "correlate.crops_per_image=2", "data.crop_size=48"]
     spec = _prepare(root, *overrides)
     env = dict(os.environ, DICLIP_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/demo.yaml", f"output_uri={root}",
@@ -108,10 +124,9 @@ def test_resume_after_killing_the_driver(tmp_path):
         while time.time() < deadline and len(list_shards(spec.correlate.output)) < 3:
             time.sleep(0.5)
         assert len(list_shards(spec.correlate.output)) >= 3, "no shards appeared before the deadline"
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)  # the driver and the Ray processes it started, nothing else on the host
     finally:
         proc.wait(timeout=60)
-    subprocess.run(["pkill", "-9", "-f", "ray::Correlator"], check=False)
     assert not storage.is_complete(spec.correlate.output)
     partial = len(list_shards(spec.correlate.output))
     # every visible shard is complete and readable (atomic writes)
@@ -124,5 +139,7 @@ def test_resume_after_killing_the_driver(tmp_path):
     for s in manifest.shards:
         ids += storage.read_parquet(storage.join(spec.correlate.output, s.path), columns=["item_id"]).column(
             "item_id").to_pylist()
-    assert sorted(ids) == sorted(set(ids)) and len(ids) == 32  # every image exactly once, no holes
+    want = 16 + 12 * 2  # whole images + (train image, crop) pairs
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == want  # every map exactly once, no holes
+    assert sum("@crop" in i for i in ids) == 24
     assert len(manifest.shards) >= partial
