@@ -74,8 +74,14 @@ def list_items(spec: JobSpec) -> list[dict]:
     seg_ids = _ids(spec, cfg.split)
     items = [{ID: f"seg/{i}", "task": "seg", "image_id": i, "split": cfg.split} for i in seg_ids]
     if cfg.cam:
-        items += [{ID: f"pic/{i}", "task": "pic", "image_id": i, "split": cfg.split}
-                  for i in seg_ids[: cfg.num_pictures]]
+        pics = seg_ids[: cfg.num_pictures]
+        if cfg.maps == "stored" and storage.is_complete(cfg.correlation):
+            # the CAM column needs the image's maps; a split without them (COCO's full val) draws none
+            from diclip.data.correlation import CorrelationStore
+
+            store = CorrelationStore(cfg.correlation)
+            pics = [i for i in pics if i in store]
+        items += [{ID: f"pic/{i}", "task": "pic", "image_id": i, "split": cfg.split} for i in pics]
     if cfg.cam or cfg.export_pseudo_labels:
         items += [{ID: f"cam/{i}", "task": "cam", "image_id": i, "split": cfg.cam_split}
                   for i in _ids(spec, cfg.cam_split)]

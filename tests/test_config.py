@@ -47,6 +47,9 @@ def test_reference_recipes_are_exactly_the_reference(path, lr, iters, warmup, wo
     assert e.cam_split == cam_split and e.cam_caa_threshold == 0.88 and e.cam_rar_steps == 10
     assert list(e.scales) == [0.7, 1.0, 1.2, 1.5] and e.flip
     assert spec.cache.kmeans_inits == 10 and spec.method.acr_precision == "reference"
+    # the per-crop bank: about the reference's samples per image (VOC 20k x 4 / 10,582; COCO 100k x 4 / 82,783)
+    assert spec.correlate.crops_per_image == {"configs/voc.yaml": 8, "configs/coco.yaml": 5}[path]
+    assert spec.correlate.crop_split == spec.data.train_split and spec.data.val_split in spec.correlate.splits
 
 
 @pytest.mark.parametrize("variant,base", [("configs/voc-8gpu.yaml", "configs/voc.yaml"),
