@@ -39,16 +39,22 @@ def test_crop_ids_geometry_and_position_schedule():
         assert sorted(seen[:k]) == list(range(k)) and list(seen[k:]) == list(seen[:k])
 
 
-def _bank_spec(root, *extra):
-    spec = tiny_spec(root, *BANK, *extra)
+TRAIN = ["train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=2", "train.warmup_iters=1",
+         "train.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def bank(ray_session, tmp_path_factory):
+    """One synthetic dataset with a K=2 bank, shared by the tests below (the last one grows it)."""
+    spec = tiny_spec(str(tmp_path_factory.mktemp("bank") / "run"), *BANK, *TRAIN)
     synthesize.run(spec)
+    out = correlate.run(spec)
+    assert out["images"] == 10 + 6 * 2 and out["failed"] == 0  # whole images + 2 crops per train image
     return spec
 
 
-def test_bank_maps_are_the_online_maps_of_the_crop_and_growing_k_adds_only_new_crops(ray_session, tmp_path):
-    spec = _bank_spec(str(tmp_path / "run"))
-    out = correlate.run(spec)
-    assert out["images"] == 10 + 6 * 2 and out["failed"] == 0  # whole images + 2 crops per train image
+def test_bank_maps_are_the_online_maps_of_the_crop(bank):
+    spec = bank
     store = CorrelationStore(spec.correlate.output)
     ds = open_dataset(spec.data.root, "train", get_class_set("synthetic"))
     item = ds.ids[2]
@@ -69,21 +75,10 @@ def test_bank_maps_are_the_online_maps_of_the_crop_and_growing_k_adds_only_new_c
     # the bank's own geometry is stored; training rebuilds the crop's pixels from it
     geoms = store.bank_geometries()
     assert len(geoms) == 12 and geometry_from_array(geoms[crop_item_id(item, 1)]) == geom
-    # growing the bank to K=3 extracts crop 2 of every train image, nothing else
-    before = {s.path for s in storage.read_manifest(spec.correlate.output).shards}
-    grown = tiny_spec(spec.output_uri, "correlate.crops_per_image=3", "data.crop_size=48")
-    assert correlate.is_complete(spec) and not correlate.is_complete(grown)
-    again = correlate.run(grown)
-    assert again["extracted_now"] == 6 and again["images"] == 10 + 6 * 3
-    manifest = storage.read_manifest(spec.correlate.output)
-    assert before <= {s.path for s in manifest.shards}  # earlier shards kept as they were
-    new = CorrelationStore(spec.correlate.output).get([crop_item_id(item, 1)])[0]
-    assert np.array_equal(new.vce_rows, rec.vce_rows)
 
 
-def test_training_index_and_loader_use_the_bank(ray_session, tmp_path):
-    spec = _bank_spec(str(tmp_path / "run"))
-    correlate.run(spec)
+def test_training_index_and_loader_use_the_bank(bank):
+    spec = bank
     items = build_items(spec, "train", spec.correlate.output)
     assert items.num_rows == 12 and items.schema.metadata[b"crops"] == b"2"
     table = rank_table(items, 0, 1, 6, 0, 2, spec.train.seed)  # positions 0..11 = two epochs of 6 images
@@ -110,10 +105,8 @@ def test_training_index_and_loader_use_the_bank(ray_session, tmp_path):
         assert list(loaded["geom"][j][-2:]) == [48, 48] and loaded["geom"][j][4] == 0  # maps used as stored
 
 
-def test_training_from_the_bank_resumes_bit_exact(ray_session, tmp_path):
-    spec = _bank_spec(str(tmp_path / "run"), "train.max_iters=4", "train.eval_every=2", "train.log_every=1",
-                      "train.val_limit=2", "train.warmup_iters=1", "train.keep_checkpoints=2")
-    correlate.run(spec)
+def test_training_from_the_bank_resumes_bit_exact(bank):
+    spec = bank
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
     train.run(spec)
 
@@ -124,10 +117,28 @@ def test_training_from_the_bank_resumes_bit_exact(ray_session, tmp_path):
     first = metrics(spec)
     states = [f for f in storage.list_files(storage.join(spec.train.output, "ray")) if f.endswith("diclip_state.json")]
     step2 = [f.rsplit("/", 1)[0] for f in states if storage.read_json(f)["step"] == 2][0]
-    resumed = tiny_spec(spec.output_uri, *BANK, "train.max_iters=4", "train.eval_every=2", "train.log_every=1",
-                        "train.val_limit=2", "train.warmup_iters=1", f"train.output={spec.output_uri}/train2",
+    resumed = tiny_spec(spec.output_uri, *BANK, *TRAIN, f"train.output={spec.output_uri}/train2",
                         f"train.resume_from={step2}")
     train.run(resumed)
     again = metrics(resumed)
     for k in ("loss", "seg_loss", "aff_loss", "adapter_loss"):
         assert again[3][k] == first[3][k], k  # bit for bit, from the same bank crops
+
+
+def test_growing_k_extracts_only_the_new_crops(bank):
+    spec = bank
+    store = CorrelationStore(spec.correlate.output)
+    item = open_dataset(spec.data.root, "train", get_class_set("synthetic")).ids[2]
+    rec = store.get([crop_item_id(item, 1)])[0]
+    # growing the bank to K=3 extracts crop 2 of every train image, nothing else
+    before = {s.path for s in storage.read_manifest(spec.correlate.output).shards}
+    grown = tiny_spec(spec.output_uri, "correlate.crops_per_image=3", "data.crop_size=48")
+    assert correlate.is_complete(spec) and not correlate.is_complete(grown)
+    again = correlate.run(grown)
+    assert again["extracted_now"] == 6 and again["images"] == 10 + 6 * 3
+    manifest = storage.read_manifest(spec.correlate.output)
+    assert before <= {s.path for s in manifest.shards}  # earlier shards kept as they were
+    new = CorrelationStore(spec.correlate.output).get([crop_item_id(item, 1)])[0]
+    assert np.array_equal(new.vce_rows, rec.vce_rows)
+    # growing it back down is a no-op: K=2 is covered by the K=3 bank
+    assert correlate.is_complete(spec)
