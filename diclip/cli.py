@@ -129,10 +129,22 @@ def _dispatch(args) -> int:
             from ray_jobs.validate import validate_spec
 
             validate_spec(spec)
+        else:  # one stage: at least refuse a plan the local Ray cannot run (it would wait forever)
+            import dataclasses
+
+            from ray_jobs.validate import check_resources, local_resources
+
+            local = local_resources(spec)
+            if local is not None:
+                check_resources(dataclasses.replace(spec, pipeline=dataclasses.replace(spec.pipeline, stages=[cmd])),
+                                *local)
+        from ray_jobs import interrupt
+
         ray_mod = sys.modules.get("ray")
         joined = ray_mod is not None and ray_mod.is_initialized()
         if any(s != "synthesize" for s in (stages or spec.pipeline.stages)):
             init_ray(spec)
+        interrupt.install()  # after ray.init, which installs its own SIGTERM handler
         results = run_pipeline(spec, stages)
         ray_mod = sys.modules.get("ray")
         if not joined and ray_mod is not None and ray_mod.is_initialized():

@@ -250,6 +250,13 @@ class StageBase:
     output: str = MISSING
     """Where the stage writes (``{output_uri}/{stage}`` by default)."""
     resources: Resources = field(default_factory=Resources)
+    max_failed_fraction: float = 0.05
+    """Above this fraction of failed items the stage writes no manifest and exits non-zero, listing the
+    top failure reasons. Real datasets have the odd corrupt file (5% tolerates those); a wrong class
+    list or a broken model fails everything and must not look complete."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.max_failed_fraction <= 1.0, "max_failed_fraction must be in [0, 1]")
 
 
 # The reference's special prompts (maintain_kv_cache generate.py): VOC's "people" and "buses" get
@@ -296,6 +303,7 @@ class GenerateConfig(StageBase):
     """xformers attention on CUDA when importable (generation captures no attention maps)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.images_per_class >= 1, "generate.images_per_class must be >= 1")
         _check(self.num_inference_steps >= 1, "generate.num_inference_steps must be >= 1")
         _check(self.guidance_scale >= 0, "generate.guidance_scale must be >= 0")
@@ -324,6 +332,7 @@ class MaskConfig(StageBase):
     """Rows per class in ``preview.png`` (image | mask overlay | mask, kept or why filtered); 0: none."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(0 <= self.min_foreground < self.max_foreground <= 1, "mask.min_foreground < mask.max_foreground in [0, 1]")
         _check(self.image_size >= 16 and self.image_size % 16 == 0, "mask.image_size must be a positive multiple of 16")
         _check(self.rar_steps >= 0, "mask.rar_steps must be >= 0")
@@ -358,6 +367,7 @@ class CacheConfig(StageBase):
     """A class with no usable image has no cache entry, which breaks retrieval CAMs; refuse unless set."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.clusters_per_class >= 1 and self.background_clusters >= 1, "cache cluster counts must be >= 1")
         _check(self.image_size >= 16 and self.image_size % 16 == 0,
                "cache.image_size must be a positive multiple of 16")
@@ -387,6 +397,7 @@ class CorrelateConfig(StageBase):
     """Images in ``preview.png`` (image | ACR clusters | VCE and RAR maps of the centre token); 0: none."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from diclip.method.codecs import RAR_CODECS
 
         _check(self.num_pictures >= 0, "correlate.num_pictures must be >= 0")
@@ -440,6 +451,7 @@ class TrainConfig(StageBase):
     DeepSpeed's full unpickling, for checkpoints you trust that need more."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.mode in ("stored", "online"), f"train.mode must be stored|online, got {self.mode!r}")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
                f"train.precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
@@ -495,6 +507,7 @@ class EvaluateConfig(StageBase):
     """Evaluate the first N images (0: all)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales),
                "evaluate.scales must be a non-empty list of positive numbers")
         _check(0 < self.work_ratio <= 1, "evaluate.work_ratio must be in (0, 1]")
@@ -527,6 +540,7 @@ class InferConfig(StageBase):
     """Base square side in pixels; 0: the crop size the model was trained at (card.json)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales),
                "infer.scales must be a non-empty list of positive numbers")
         _check(0 < self.work_ratio <= 1, "infer.work_ratio must be in (0, 1]")

@@ -29,3 +29,7 @@ class DataError(DiclipError):
 
 class ModelError(DiclipError):
     """Weights cannot be loaded, or two artifacts disagree (e.g. cache dim vs CLIP embed dim)."""
+
+
+class StageFailed(DiclipError):
+    """Too many items of a stage failed: no manifest was written, so the stage is not complete."""

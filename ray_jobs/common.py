@@ -41,16 +41,19 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     """Environment every Ray worker needs (credentials stay in the user's environment, never the spec)."""
     env = {
         "DICLIP_LOG_LEVEL": os.environ.get("DICLIP_LOG_LEVEL", "INFO"),
-        "AWS_EC2_METADATA_DISABLED": "true",
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HF_HOME", "HF_HUB_OFFLINE",
-                "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
+                "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_EC2_METADATA_DISABLED", "HF_HOME",
+                "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     if spec.storage.endpoint_url:
         env["AWS_ENDPOINT_URL"] = spec.storage.endpoint_url
+    if env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3"):
+        # an S3-compatible store has no EC2 metadata service to probe; on AWS the probe finds the
+        # instance-profile credentials (cluster/README.md), so it is left on there
+        env.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     return env
 
 
@@ -68,12 +71,29 @@ def init_ray(spec: JobSpec) -> None:
     if spec.ray.address or in_job:
         ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
-        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": worker_env(spec)}, "log_to_driver": True,
-                                  "include_dashboard": bool(spec.ray.dashboard)}
+        env = worker_env(spec)
+        kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": bool(spec.ray.dashboard)}
+        if spec.ray.dashboard:
+            # Address our own instance explicitly: Ray Train's placement-group cleaner queries the State
+            # API, which otherwise auto-detects "the" local Ray and fails when another instance runs on
+            # this host ("Found multiple active Ray instances").
+            port = free_port()
+            kwargs["dashboard_port"] = port
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        kwargs["runtime_env"] = {"env_vars": env}
         if spec.ray.num_cpus:
             kwargs["num_cpus"] = spec.ray.num_cpus
         ray.init(**kwargs)
     configure_data_context(spec)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def configure_data_context(spec: JobSpec) -> None:
@@ -186,11 +206,44 @@ def dedupe_shards(stage_uri: str) -> list[ShardInfo]:
     return infos
 
 
+def failure_reasons(failures: list[tuple[str, str]], top: int = 3) -> list[tuple[str, int]]:
+    """The most common failure reasons with counts; item ids and numbers are masked so that the same
+    problem on different items counts as one reason."""
+    import re
+    from collections import Counter
+
+    def reason(item_id: str, error: str) -> str:
+        text = error
+        for name in {item_id, item_id.rsplit("/", 1)[-1]} - {""}:  # "seg/<id>" tasks name files by <id>
+            text = text.replace(name, "<item>")
+        text = re.sub(r"\S*<item>\S*", "<item>", text)
+        return re.sub(r"\d+", "N", text)[:160]
+
+    return Counter(reason(i, e) for i, e in failures).most_common(top)
+
+
+def check_failures(stage: str, committed: int, failures: list[tuple[str, str]], max_fraction: float) -> None:
+    """Raise :class:`StageFailed` (one line, top reasons with counts) when too many items failed."""
+    from diclip.errors import StageFailed
+
+    total = committed + len(failures)
+    if not failures or total == 0 or len(failures) / total <= max_fraction:
+        return
+    top = "; ".join(f"{n}x {r}" for r, n in failure_reasons(failures))
+    raise StageFailed(f"{stage}: {len(failures)} of {total} items failed ({100 * len(failures) / total:.0f}% > "
+                      f"max_failed_fraction {100 * max_fraction:g}%), so the stage is not complete (no manifest); "
+                      f"top reasons: {top}")
+
+
 def finalize(stage_uri: str, stage: str, spec: JobSpec, section: Any, failures: list[tuple[str, str]],
              models: dict[str, str] | None = None, extra: dict | None = None) -> Manifest:
-    """Dedupe shards, write ``failures.parquet`` then ``manifest.json`` (last: the commit point)."""
+    """Dedupe shards, write ``failures.parquet`` then ``manifest.json`` (last: the commit point).
+
+    More failures than the stage's ``max_failed_fraction`` write the failures but no manifest and
+    raise :class:`~diclip.errors.StageFailed`: the stage stays incomplete and exits non-zero."""
     shards = dedupe_shards(stage_uri)
     storage.write_failures(stage_uri, failures)
+    check_failures(stage, sum(s.rows for s in shards), failures, getattr(section, "max_failed_fraction", 1.0))
     cfg = to_dict(section)
     manifest = Manifest(
         stage=stage,

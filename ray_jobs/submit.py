@@ -261,7 +261,7 @@ def submit(spec_file: str, overrides: Sequence[str], address: Optional[str], no_
     from ray_jobs.validate import validate_spec
 
     spec = load_spec(spec_file, list(overrides), absolute_paths=False)
-    validate_spec(spec, check_exists=False)  # inputs may exist only where the cluster can see them
+    validate_spec(spec, check_exists=False, local=False)  # it runs (and finds its inputs) on the cluster
     addr = resolve_address(address)
     client = connect(addr)
     sub_id = submission_id(spec)

@@ -156,6 +156,7 @@ def _validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) -
     ids = ds.ids[: spec.train.val_limit] if spec.train.val_limit else ds.ids
     k = trainer.class_set.num_classes
     cms = np.zeros((2, k, k), dtype=np.int64)
+    used = 0
     for item in ids[rank::world]:
         if store is not None and item not in store:
             continue  # failed in correlate (recorded there)
@@ -166,13 +167,16 @@ def _validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) -
         seg, cam = trainer.validate_sample(sample.image, sample.mask, sample.label, rec, step)
         cms[0] += seg
         cms[1] += cam
+        used += 1
     t = torch.from_numpy(cms)
+    n = torch.tensor([used], dtype=torch.int64)
     if dist.is_initialized():
         dist.all_reduce(t)
+        dist.all_reduce(n)
     seg_s = metriclib.summarize(t[0].numpy(), trainer.class_set.classes)
     cam_s = metriclib.summarize(t[1].numpy(), trainer.class_set.classes)
     return {"val_miou": seg_s["miou"], "val_cam_miou": cam_s["miou"], "val_pixel_acc": seg_s["pixel_accuracy"],
-            "val_images": len(ids)}
+            "val_images": int(n.item()), "val_images_skipped": len(ids) - int(n.item())}
 
 
 def precision_report(trainer, engine) -> dict:
@@ -367,7 +371,7 @@ def run(spec: JobSpec) -> dict:
 
     from diclip.storage import Manifest
     from diclip.storage.manifest import config_hash
-    from diclip.train.data import build_items
+    from diclip.train.data import build_items, dropped_items, table_crops
 
     t = spec.train
     check_train_spec(spec)
@@ -379,6 +383,13 @@ def run(spec: JobSpec) -> dict:
              "and segmenter), %s maps, ZeRO-%d, %s", t.num_workers, b, t.grad_accum, t.num_workers * b * t.grad_accum,
              t.lr, t.lr_mult, t.mode, t.zero_stage, "GPU" if t.use_gpu else "CPU (gloo)")
     items = build_items(spec, spec.data.train_split, t.correlation if t.mode == "stored" else None)
+    dropped = [(i, "no correlation map (failed in correlate)") for i in dropped_items(items)]
+    if dropped:
+        log.warning("train: %d %s images left out: their maps failed in correlate (e.g. %s)", len(dropped),
+                    spec.data.train_split, dropped[0][0])
+        from ray_jobs.common import check_failures
+
+        check_failures(STAGE, items.num_rows // max(1, table_crops(items)), dropped, t.max_failed_fraction)
     start = 0
     if t.resume_from:
         start = read_checkpoint_step(t.resume_from)
@@ -406,6 +417,12 @@ def run(spec: JobSpec) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+    from ray_jobs import interrupt
+
+    if interrupt.is_installed():
+        # Ray Train's own SIGINT handler "gracefully aborts", which kept training for 40+ s; the
+        # driver's handler (ray_jobs.interrupt) stops within seconds and a re-run resumes.
+        trainer._register_sigint_handler = lambda controller: None
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
@@ -420,7 +437,9 @@ def run(spec: JobSpec) -> dict:
     if result.best_checkpoints:
         best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1))
         best = {"path": best_ckpt.path, "val_miou": best_metrics.get("val_miou"), "step": best_metrics.get("step")}
-    manifest = Manifest(stage=STAGE, shards=[], num_items=len(items), num_failed=0, config=to_dict(t),
+    storage.write_failures(t.output, dropped)
+    manifest = Manifest(stage=STAGE, shards=[], num_items=items.num_rows // max(1, table_crops(items)),
+                        num_failed=len(dropped), config=to_dict(t),
                         config_hash=config_hash(to_dict(t)), models={"clip": spec.model.clip.name},
                         extra={"final_metrics": metrics, "best_checkpoint": best,
                                "last_checkpoint": result.checkpoint.path if result.checkpoint else None,

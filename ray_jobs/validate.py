@@ -65,8 +65,62 @@ def _within(uri: str, root: str) -> bool:
     return uri == root or uri.startswith(root + "/")
 
 
-def validate_spec(spec: JobSpec, check_exists: bool = True) -> None:
+RAY_STAGES = ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer")
+INGEST_CPUS = 0.25
+"""CPUs one Ray Data ingest task reserves while training (``RankDatasetFactory``'s ``map_batches``)."""
+
+
+def local_resources(spec: JobSpec) -> tuple[float, float] | None:
+    """(CPUs, GPUs) of the local Ray instance this spec would start; None when it joins a cluster."""
+    import os
+
+    if spec.ray.address or os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):
+        return None
+    cpus = float(spec.ray.num_cpus or os.cpu_count() or 1)
+    try:
+        import torch
+
+        gpus = float(torch.cuda.device_count())
+    except Exception:
+        gpus = 0.0
+    return cpus, gpus
+
+
+def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
+    """Refuse, in one line, a plan that cannot make progress on a cluster of ``cpus`` CPUs and ``gpus`` GPUs.
+
+    An actor pool larger than the cluster waits forever for its actors; a train stage whose workers
+    reserve every CPU starves Ray Data's ingest tasks, and the run sits silently."""
+    for stage in spec.pipeline.stages:
+        if stage not in RAY_STAGES:
+            continue
+        res = getattr(spec, stage).resources
+        if stage == "train":
+            t = spec.train
+            need_cpu = t.num_workers * res.num_cpus
+            if need_cpu + INGEST_CPUS > cpus:
+                raise ConfigError(
+                    f"train: {t.num_workers} workers x {res.num_cpus:g} CPUs = {need_cpu:g} of the {cpus:g} CPUs leave "
+                    f"Ray Data no CPU to load batches (it needs {INGEST_CPUS:g}), so training would wait forever; "
+                    f"lower train.resources.num_cpus or train.num_workers, or raise ray.num_cpus")
+            if t.use_gpu and t.num_workers * max(1.0, res.num_gpus) > gpus:
+                raise ConfigError(f"train: {t.num_workers} workers need {t.num_workers * max(1.0, res.num_gpus):g} "
+                                  f"GPUs but this machine has {gpus:g}; set train.use_gpu=false or run on a cluster")
+            continue
+        if res.num_cpus > cpus:
+            raise ConfigError(f"{stage}: one actor asks for {res.num_cpus:g} CPUs but the local Ray has {cpus:g}; "
+                              f"lower {stage}.resources.num_cpus")
+        if res.num_gpus > 0 and res.num_gpus > gpus:
+            raise ConfigError(f"{stage}: actors ask for {res.num_gpus:g} GPU but this machine has {gpus:g}; set "
+                              f"{stage}.resources.num_gpus=0 (CPU) or run on a cluster with GPUs")
+
+
+def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) -> None:
+    """``local``: the spec runs on this machine's Ray (not when submitting to a cluster)."""
     _check_uri("output_uri", spec.output_uri)
+    here = local_resources(spec) if local else None
+    if here is not None:
+        check_resources(spec, *here)
     if check_exists:
         storage.exists(spec.output_uri)  # an unreachable store or a missing bucket fails here, before Ray starts
     produced: dict[str, str] = {}

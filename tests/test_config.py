@@ -165,3 +165,22 @@ def test_cli_prints_one_line_errors_and_help(capsys):
     assert out.returncode == 0
     for stage in ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer"):
         assert stage in out.stdout
+
+
+def test_plans_the_local_ray_cannot_run_are_refused_in_one_line(capsys):
+    """Train workers that reserve every CPU starve Ray Data's ingest (the run sat silent for 8+ minutes);
+    GPU actors on a machine without GPUs wait forever. Both are refused before anything starts."""
+    from ray_jobs.validate import check_resources
+
+    starving = load_spec("configs/demo.yaml", ["ray.num_cpus=2", "train.resources.num_cpus=1"])
+    with pytest.raises(ConfigError, match="leave Ray Data no CPU to load batches"):
+        check_resources(starving, 2, 0)
+    with pytest.raises(ConfigError, match="correlate: actors ask for 1 GPU but this machine has 0"):
+        check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 16, 0)
+    check_resources(load_spec("configs/voc.yaml"), 64, 8)  # a GPU box fits the reference recipe
+    check_resources(load_spec("configs/demo.yaml"), 2, 0)
+    for argv in (["validate", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"],
+                 ["train", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: train: 2 workers x 1 CPUs") and "\n" not in err

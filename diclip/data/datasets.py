@@ -44,15 +44,44 @@ class Sample:
     mask: np.ndarray | None  # uint8 HxW class ids (0 background, 255 ignore), None without a mask
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Decode encoded image bytes to uint8 HxWx3 RGB; ``name`` (the file) goes in the error.
+# EXIF orientation tag -> the PIL transpose that shows the image as viewers do (ImageOps.exif_transpose).
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
-    EXIF orientation is deliberately not applied: VOC/COCO masks are aligned with the stored
-    pixels, not with the rotated view.
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored) of an opened image; 1 when absent or unreadable."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # malformed EXIF is not worth failing an image over
+        return 1
+    return value if value in _EXIF_TRANSPOSE else 1
+
+
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation to an array (image or mask) the way viewers display the image."""
+    op = _EXIF_TRANSPOSE.get(int(orientation))
+    if op is None:
+        return array
+    return np.ascontiguousarray(np.asarray(Image.fromarray(array).transpose(op)))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Decode encoded image bytes to uint8 HxWx3 RGB in its displayed orientation (EXIF applied).
+
+    ``name`` (the file) goes in the error. See :func:`decode_image_oriented` for the raw orientation.
     """
+    arr, orientation = decode_image_oriented(data, name)
+    return orient(arr, orientation)
+
+
+def decode_image_oriented(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """(uint8 HxWx3 RGB as stored, EXIF orientation tag); ``name`` (the file) goes in the error."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        orientation = exif_orientation(img)
         mode = img.mode
         if mode == "RGB":
             arr = np.asarray(img)
@@ -73,7 +102,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         ) from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"image {name} decoded to shape {arr.shape}, expected HxWx3; replace the file")
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return np.ascontiguousarray(arr, dtype=np.uint8), orientation
 
 
 def decode_mask(data: bytes, name: str) -> np.ndarray:
@@ -390,10 +419,16 @@ class SegDataset:
         return vec.astype(np.float32, copy=True)
 
     def load(self, image_id: str) -> Sample:
-        """Read and check one item; raises DataError naming the offending file."""
+        """Read and check one item; raises DataError naming the offending file.
+
+        The image comes in its displayed orientation (EXIF applied, as every stage reads it). A mask
+        drawn on the stored pixels instead (same size as the un-rotated image) is rotated with it."""
         image_uri = self.image_uri(image_id)
-        image = decode_image(self.read_image_bytes(image_id), image_uri)
+        raw, orientation = decode_image_oriented(self.read_image_bytes(image_id), image_uri)
+        image = orient(raw, orientation)
         mask = self.read_mask(image_id)
+        if mask is not None and mask.shape != image.shape[:2] and mask.shape == raw.shape[:2]:
+            mask = orient(mask, orientation)
         if mask is not None and mask.shape != image.shape[:2]:
             raise DataError(
                 f"image {image_uri} is {image.shape[1]}x{image.shape[0]} but mask "

@@ -39,7 +39,7 @@ def to_square_batch(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     for img in images:
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"expected an RGB HxWx3 image, got shape {tuple(img.shape)}")
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0
         if tuple(x.shape[-2:]) != (size, size):
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         out.append(x[0])

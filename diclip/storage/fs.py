@@ -205,8 +205,11 @@ def _s3_filesystem() -> pafs.S3FileSystem:
         fs = _s3_cache.get(key)
         if fs is not None:
             return fs
-        # Without this the AWS SDK probes the EC2 metadata service for seconds on every new client.
-        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        if endpoint:
+            # An S3-compatible store (MinIO, Ceph, moto) has no EC2 metadata service; without this the
+            # AWS SDK probes it for seconds on every new client. On AWS itself the probe is how
+            # instance-profile credentials and the region are found, so it stays on there.
+            os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
         kwargs: dict[str, Any] = dict(
             region=region,
             connect_timeout=float(opts.connect_timeout_s),

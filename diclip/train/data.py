@@ -74,7 +74,16 @@ def build_items(spec: JobSpec, split: str, correlation_uri: str | None) -> pa.Ta
     if not cols["item_id"]:
         raise DataError(f"split {split!r} has no usable images")
     table = pa.table(cols)
-    return table.replace_schema_metadata({b"crops": str(crops).encode()})
+    import json
+
+    return table.replace_schema_metadata({b"crops": str(crops).encode(), b"dropped": json.dumps(missing).encode()})
+
+
+def dropped_items(items: pa.Table) -> list[str]:
+    """Images of the split left out of training because their maps failed in ``correlate``."""
+    import json
+
+    return json.loads((items.schema.metadata or {}).get(b"dropped", b"[]"))
 
 
 def bank_crops(store: CorrelationStore, split: str) -> int:

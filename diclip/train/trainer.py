@@ -131,7 +131,7 @@ class DiCLIPTrainer:
 
         k = self.class_set.num_classes
         crop = self.spec.data.crop_size
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255)
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
         x = F.interpolate(x, size=(crop, crop), mode="bilinear", align_corners=False).to(self.device)
         geom = resize_geometry(image.shape[:2], (crop, crop))
         batch = Batch(["val"], x, torch.from_numpy(label[None].astype(np.float32)).to(self.device), [geom],

@@ -441,3 +441,37 @@ def test_class_sets():
     with pytest.raises(DataError) as e:
         get_class_set("cityscapes")
     assert "coco, synthetic, voc" in one_line(e)
+
+
+def _exif_jpeg(path: Path, arr: np.ndarray, orientation: int) -> None:
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(path, format="JPEG", quality=100, subsampling=0, exif=exif.tobytes())
+
+
+def test_exif_rotated_photos_are_read_as_displayed_and_masks_follow(tmp_path):
+    """A phone photo stored 30x50 with orientation 6 (rotate 90) is shown 50x30: every stage reads it that
+    way; a mask drawn on the stored pixels (30x50) is rotated with it, one drawn as displayed kept."""
+    from PIL import ImageOps
+
+    root = make_voc(tmp_path / "voc", {"raw": [1], "shown": [1]}, h=30, w=50)
+    stored = np.zeros((30, 50, 3), np.uint8)
+    stored[:, :10] = (230, 20, 20)  # a red strip along the stored image's left edge
+    for name in ("raw", "shown"):
+        _exif_jpeg(root / "JPEGImages" / f"{name}.jpg", stored, 6)
+    mask_raw = np.zeros((30, 50), np.uint8)
+    mask_raw[:, :10] = 1  # drawn on the stored pixels
+    write_mask(root / "SegmentationClass" / "raw.png", mask_raw)
+    displayed = np.asarray(ImageOps.exif_transpose(Image.open(root / "JPEGImages" / "raw.jpg")))
+    mask_shown = (displayed[..., 0] > 128).astype(np.uint8)  # drawn on the displayed image
+    write_mask(root / "SegmentationClass" / "shown.png", mask_shown)
+    ds = open_dataset(str(root), "train", VOC)
+    for name in ("raw", "shown"):
+        s = ds.load(name)
+        assert s.image.shape == (50, 30, 3)  # displayed orientation
+        assert s.mask.shape == (50, 30)
+        red = s.image[..., 0] > 128
+        assert (s.mask[red] == 1).mean() > 0.95 and (s.mask[~red] == 0).mean() > 0.95  # aligned
+    data = (root / "JPEGImages" / "raw.jpg").read_bytes()
+    assert decode_image(data, "raw.jpg").shape == (50, 30, 3)

@@ -150,12 +150,16 @@ def test_infer_masks_overlays_odd_sizes_corrupt_and_resume(prepared, tmp_path):
     _write(str(src / "sub" / "photo.JPG"), Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)), "JPEG")
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (src / "notes.txt").write_text("ignored")
+    phone = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))  # stored 60 wide x 40 high
+    exif = phone.getexif()
+    exif[0x0112] = 6  # displayed rotated: 40 wide x 60 high
+    phone.save(src / "phone.jpg", format="JPEG", exif=exif.tobytes())
     spec = tiny_spec(prepared.output_uri, f"infer.input={src}", f"infer.output={tmp_path}/infer",
-                     "infer.scales=[0.7,1.0]", "infer.resources.batch_size=4")
+                     "infer.scales=[0.7,1.0]", "infer.resources.batch_size=4", "infer.max_failed_fraction=0.25")
     summary = infer.run(spec)
-    assert summary["images"] == 3 and summary["failed"] == 1 and summary["segmented_now"] == 3
+    assert summary["images"] == 4 and summary["failed"] == 1 and summary["segmented_now"] == 4
     out = spec.infer.output
-    sizes = {"gray": (53, 37), "rgba": (31, 45), "sub/photo": (90, 70)}
+    sizes = {"gray": (53, 37), "rgba": (31, 45), "sub/photo": (90, 70), "phone": (40, 60)}  # masks as displayed
     for name, size in sizes.items():
         mask = _png(storage.join(out, "masks", f"{name}.png"))
         assert mask.mode == "P" and mask.size == size and np.asarray(mask).max() < 5
@@ -168,7 +172,7 @@ def test_infer_masks_overlays_odd_sizes_corrupt_and_resume(prepared, tmp_path):
     assert manifest.extra["classes"] == list(get_class_set("synthetic").classes)
     # resume: nothing recomputed (the corrupt image is retried and fails again) ...
     again = infer.run(spec)
-    assert again["segmented_now"] == 0 and again["images"] == 3 and again["failed"] == 1
+    assert again["segmented_now"] == 0 and again["images"] == 4 and again["failed"] == 1
     # ... and a deleted mask is the only thing redone
     storage.delete(storage.join(out, "masks", "gray.png"))
     third = infer.run(spec)

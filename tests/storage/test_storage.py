@@ -532,3 +532,38 @@ def test_read_parquet_rows_reads_selected_rows_in_order(storage_root):
 
     with pytest.raises(StorageError):
         storage.read_parquet_rows(uri, [10])
+
+
+def test_ec2_metadata_is_disabled_only_for_an_endpoint_override(tmp_path):
+    """On AWS the SDK's EC2 metadata probe finds instance-profile credentials (cluster/README.md), so the
+    default leaves it on; an S3-compatible endpoint has no metadata service, so there it is switched off."""
+    import json
+    import subprocess
+    import sys
+
+    from diclip.config import load_spec
+    from ray_jobs.common import worker_env
+
+    script = (
+        "import json, os, diclip\n"
+        "from diclip import storage\n"
+        "from diclip.storage import StorageOptions\n"
+        "storage.resolve('s3://bucket/x')\n"
+        "before = os.environ.get('AWS_EC2_METADATA_DISABLED')\n"
+        "storage.configure(StorageOptions(endpoint_url='http://127.0.0.1:9'))\n"
+        "storage.resolve('s3://bucket/x')\n"
+        "print(json.dumps([before, os.environ.get('AWS_EC2_METADATA_DISABLED')]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL",
+                                                            "AWS_ENDPOINT_URL_S3")}
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [None, "true"]
+    saved = {k: os.environ.pop(k) for k in ("AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL") if k in os.environ}
+    try:
+        assert "AWS_EC2_METADATA_DISABLED" not in worker_env(load_spec("configs/demo.yaml"))
+        with_endpoint = worker_env(load_spec("configs/demo.yaml", ["storage.endpoint_url=http://minio:9000"]))
+        assert with_endpoint["AWS_EC2_METADATA_DISABLED"] == "true"
+    finally:
+        os.environ.update(saved)
