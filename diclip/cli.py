@@ -111,13 +111,15 @@ def _dispatch(args) -> int:
     if cmd == "validate":
         from ray_jobs.validate import validate_spec
 
-        from ray_jobs.pipeline import plan
+        from ray_jobs.pipeline import plan, stale_settings
 
         spec = _load(args)
         validate_spec(spec)
         print(f"ok: {args.spec} ({', '.join(spec.pipeline.stages)})")
         for name, done, uri in plan(spec):
-            print(f"  {name:<10} {'complete, run skips it' if done else 'to run':<22} {uri}")
+            changed = [] if done else stale_settings(spec, name)
+            status = "complete, run skips it" if done else f"stale: {', '.join(changed[:6])}" if changed else "to run"
+            print(f"  {name:<10} {status:<22} {uri}")
         return 0
     if cmd == "run" or cmd in STAGES:
         from ray_jobs.common import init_ray

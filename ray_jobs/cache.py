@@ -77,6 +77,13 @@ def reduce_settings(spec: JobSpec) -> dict:
             "kmeans_iters": c.kmeans_iters, "kmeans_inits": c.kmeans_inits, "seed": c.seed}
 
 
+def stale(spec: JobSpec) -> list[str]:
+    """Settings that changed since the committed cache rows were made (``validate`` lists them)."""
+    from ray_jobs.lineage import stale_keys
+
+    return stale_keys(spec.cache.output, settings(spec))
+
+
 def is_complete(spec: JobSpec) -> bool:
     """Manifest and cache present, same settings, and the masks/images it was built from unchanged."""
     c = spec.cache

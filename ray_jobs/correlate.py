@@ -245,6 +245,10 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
     return len(grid)
 
 
+def stale(spec: JobSpec) -> list[str]:
+    return storage_settings_changed(spec)
+
+
 def storage_settings_changed(spec: JobSpec) -> list[str]:
     """Settings keys whose values differ from the ones the committed maps were made with (a previous
     manifest), so new maps would not match old ones; [] when nothing was committed before."""

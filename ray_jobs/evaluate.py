@@ -98,6 +98,36 @@ def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
             "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter}
 
 
+def current_key(spec: JobSpec) -> dict | None:
+    """The run key of this spec (None when the export to evaluate does not exist yet)."""
+    from diclip.errors import DiclipError
+    from diclip.inference import read_export
+
+    try:
+        info = read_export(spec.evaluate.checkpoint)
+    except DiclipError:
+        return None
+    return run_key(spec, info.fingerprint, spec.evaluate.size or info.crop_size)
+
+
+def recorded_key(out: str) -> dict | None:
+    uri = storage.join(out, RUN_FILE)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def is_complete(spec: JobSpec) -> bool:
+    """Manifest present and made from this export (its weights' fingerprint) with these settings."""
+    key = current_key(spec)
+    return storage.is_complete(spec.evaluate.output) and key is not None and recorded_key(spec.evaluate.output) == key
+
+
+def stale(spec: JobSpec) -> list[str]:
+    from ray_jobs.lineage import changed_keys
+
+    old, key = recorded_key(spec.evaluate.output), current_key(spec)
+    return changed_keys(old, key) if old is not None and key is not None else []
+
+
 def reset_if_changed(out: str, key: dict, stale_dirs: list[str]) -> None:
     """Drop results computed under another key (another model, scales, data ...), then record the key."""
     uri = storage.join(out, RUN_FILE)

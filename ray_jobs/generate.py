@@ -108,6 +108,13 @@ def settings(spec: JobSpec) -> dict[str, Any]:
             "prompt_overrides": dict(g.prompt_overrides), "dtype": g.dtype}
 
 
+def stale(spec: JobSpec) -> list[str]:
+    """Settings that changed since the committed generate rows were made (``validate`` lists them)."""
+    from ray_jobs.lineage import stale_keys
+
+    return stale_keys(spec.generate.output, settings(spec))
+
+
 def is_complete(spec: JobSpec) -> bool:
     """Manifest present and it covers the spec's classes and images per class with these settings."""
     m = storage.read_manifest(spec.generate.output)

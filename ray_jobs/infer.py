@@ -125,15 +125,48 @@ class Inferer:
         return pd.DataFrame(reports)
 
 
+def run_key(spec: JobSpec, info) -> dict:
+    """What every committed mask depends on (the export's weights, the input, the protocol)."""
+    cfg = spec.infer
+    return {"checkpoint": cfg.checkpoint, "fingerprint": info.fingerprint, "input": cfg.input,
+            "size": cfg.size or info.crop_size, "scales": list(cfg.scales), "flip": cfg.flip,
+            "work_ratio": cfg.work_ratio}
+
+
+def current_key(spec: JobSpec) -> dict | None:
+    from diclip.errors import DiclipError
+    from diclip.inference import read_export
+
+    try:
+        return run_key(spec, read_export(spec.infer.checkpoint))
+    except DiclipError:
+        return None
+
+
+def is_complete(spec: JobSpec) -> bool:
+    """Manifest present and made from this export with these settings (a new input folder adds images)."""
+    from ray_jobs.evaluate import recorded_key
+
+    key = current_key(spec)
+    return storage.is_complete(spec.infer.output) and key is not None and recorded_key(spec.infer.output) == key
+
+
+def stale(spec: JobSpec) -> list[str]:
+    from ray_jobs.evaluate import recorded_key
+    from ray_jobs.lineage import changed_keys
+
+    old, key = recorded_key(spec.infer.output), current_key(spec)
+    return changed_keys(old, key) if old is not None and key is not None else []
+
+
 def run(spec: JobSpec) -> dict:
     from diclip.inference import read_export
 
     cfg = spec.infer
     t0 = time.perf_counter()
     info = read_export(cfg.checkpoint)
-    base = cfg.size or info.crop_size
-    key = {"checkpoint": cfg.checkpoint, "fingerprint": info.fingerprint, "input": cfg.input, "size": base,
-           "scales": list(cfg.scales), "flip": cfg.flip, "work_ratio": cfg.work_ratio}
+    key = run_key(spec, info)
+    base = key["size"]
     reset_if_changed(cfg.output, key, ["shards", MASKS, OVERLAYS])
     items = list_items(spec)
     done = committed_ids(cfg.output)

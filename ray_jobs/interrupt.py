@@ -21,11 +21,10 @@ _installed = False
 
 
 def _stop(signum: int, _frame) -> None:
-    try:
-        sys.stderr.write(f"\n{MESSAGE}\n")
-        sys.stderr.flush()
-    except Exception:  # a closed stderr must not keep us alive
-        pass
+    import logging
+
+    for name in ("ray", "ray.data", "ray.train"):  # Ray's shutdown chatter would bury the one line
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     # ray.shutdown from a signal handler can block on locks the interrupted code holds: run it on a
     # thread and give it a bounded time, then make sure nothing this driver started outlives it.
     done = threading.Event()
@@ -42,6 +41,11 @@ def _stop(signum: int, _frame) -> None:
     threading.Thread(target=shutdown, daemon=True).start()
     done.wait(SHUTDOWN_TIMEOUT_S)
     _kill_descendants()
+    try:
+        sys.stderr.write(f"\n{MESSAGE}\n")
+        sys.stderr.flush()
+    except Exception:  # a closed stderr must not keep us alive
+        pass
     os._exit(128 + signum)
 
 

@@ -44,6 +44,27 @@ def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any]) -> str:
     return h
 
 
+def changed_keys(old: dict | None, new: dict) -> list[str]:
+    """Keys whose values differ between two settings dicts (dotted for nested dicts)."""
+    old = old or {}
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{sub}" for sub in changed_keys(a, b)]
+        elif a != b:
+            out.append(k)
+    return out
+
+
+def stale_keys(stage_uri: str, settings: dict[str, Any]) -> list[str]:
+    """Settings that differ from those the committed rows were made with ([] when none recorded)."""
+    uri = storage.join(stage_uri, SETTINGS_FILE)
+    if not storage.exists(uri):
+        return []
+    return changed_keys(storage.read_json(uri).get("settings"), settings)
+
+
 def settings_match(stage_uri: str, settings: dict[str, Any]) -> bool:
     uri = storage.join(stage_uri, SETTINGS_FILE)
     return storage.exists(uri) and storage.read_json(uri).get("hash") == config_hash(settings)

@@ -84,6 +84,13 @@ def list_items(spec: JobSpec) -> list[dict]:
     return [{ID: r[ID], "class_id": int(r["class_id"]), "shard": r["shard"], "row": r["row"]} for r in rows]
 
 
+def stale(spec: JobSpec) -> list[str]:
+    """Settings that changed since the committed mask rows were made (``validate`` lists them)."""
+    from ray_jobs.lineage import stale_keys
+
+    return stale_keys(spec.mask.output, settings(spec))
+
+
 def is_complete(spec: JobSpec) -> bool:
     """Manifest present, same settings, and the generate output it masked has not changed since."""
     m = storage.read_manifest(spec.mask.output)

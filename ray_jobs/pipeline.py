@@ -34,6 +34,16 @@ def plan(spec: JobSpec) -> list[tuple[str, bool, str]]:
             for name in spec.pipeline.stages]
 
 
+def stale_settings(spec: JobSpec, name: str) -> list[str]:
+    """Settings (or inputs) that changed since the stage's committed output was made; [] if none is known."""
+    mod = stage_module(name)
+    try:
+        return list(mod.stale(spec)) if hasattr(mod, "stale") else []
+    except Exception as e:  # a plan listing must not fail on an unreadable old output
+        log.debug("stale check of %s failed: %s", name, e)
+        return []
+
+
 def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
     mod = stage_module(name)
     if not force and stage_complete(spec, name):

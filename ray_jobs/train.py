@@ -13,6 +13,7 @@ worker failure, starting at the last reported step (``progress.json``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -347,6 +348,75 @@ def export(spec: JobSpec, trainer, module) -> None:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
+RUN_FILE = "run.json"
+
+
+def run_settings(spec: JobSpec) -> dict:
+    """What a training run's checkpoints depend on: model, method, data and train settings (not where it
+    resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the KV
+    cache and, with stored maps, the correlation maps)."""
+    from ray_jobs.lineage import fingerprint
+
+    t = {k: v for k, v in to_dict(spec.train).items()
+         if k not in ("resume_from", "max_failures", "keep_checkpoints", "trust_checkpoints", "resources")}
+    inputs = {"cache": fingerprint(t["cache"])}
+    if spec.train.mode == "stored":
+        inputs["correlation"] = fingerprint(t["correlation"])
+    for v in inputs.values():
+        if v:
+            v.pop("uri", None)
+    return {"train": t, "model": to_dict(spec.model), "method": to_dict(spec.method), "data": to_dict(spec.data),
+            "inputs": inputs}
+
+
+def run_fingerprint(spec: JobSpec) -> str:
+    from diclip.storage.manifest import config_hash
+
+    return config_hash(run_settings(spec))
+
+
+def recorded_run(spec: JobSpec) -> dict | None:
+    uri = storage.join(spec.train.output, RUN_FILE)
+    try:
+        return storage.read_json(uri) if storage.exists(uri) else None
+    except (DiclipError, ValueError):
+        return None
+
+
+def is_complete(spec: JobSpec) -> bool:
+    """Manifest present and trained with these settings from these inputs (cache, maps)."""
+    run = recorded_run(spec)
+    return storage.is_complete(spec.train.output) and run is not None and run.get("fingerprint") == run_fingerprint(spec)
+
+
+def stale(spec: JobSpec) -> list[str]:
+    from ray_jobs.lineage import changed_keys
+
+    run = recorded_run(spec)
+    return changed_keys(run.get("settings"), run_settings(spec)) if run and run.get("settings") else []
+
+
+def interrupted_checkpoint(spec: JobSpec) -> str | None:
+    """The latest checkpoint of an interrupted (not complete) run with these settings, else None."""
+    t = spec.train
+    run_file = storage.join(t.output, RUN_FILE)
+    snapshot = storage.join(t.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
+    try:
+        if is_complete(spec) or not storage.exists(run_file) or not storage.exists(snapshot):
+            return None
+        if storage.read_json(run_file).get("fingerprint") != run_fingerprint(spec):
+            log.warning("train: %s holds an interrupted run with other settings; starting over", t.output)
+            return None
+        latest = storage.read_json(snapshot).get("latest_checkpoint_result") or {}
+        name = latest.get("checkpoint_dir_name")
+    except (DiclipError, ValueError, TypeError, AttributeError):
+        return None
+    if not name:
+        return None
+    uri = storage.join(t.output, "ray", f"{spec.name}-train", name)
+    return uri if storage.exists(storage.join(uri, STATE)) else None
+
+
 def preflight(spec: JobSpec) -> None:
     """Check the inputs in the driver so a missing or mismatched artifact is one line, not N worker
     tracebacks: the cache (dimension and classes against the CLIP config) and the correlation maps."""
@@ -390,10 +460,17 @@ def run(spec: JobSpec) -> dict:
         from ray_jobs.common import check_failures
 
         check_failures(STAGE, items.num_rows // max(1, table_crops(items)), dropped, t.max_failed_fraction)
+    if not t.resume_from:
+        previous = interrupted_checkpoint(spec)
+        if previous:  # an interrupted run of these settings: continue it instead of starting over
+            spec = dataclasses.replace(spec, train=dataclasses.replace(t, resume_from=previous))
+            t = spec.train
     start = 0
     if t.resume_from:
         start = read_checkpoint_step(t.resume_from)
         log.info("train: resuming from %s at step %d", t.resume_from, start)
+    storage.write_json(storage.join(t.output, RUN_FILE), {"fingerprint": run_fingerprint(spec),
+                                                          "settings": run_settings(spec)})
     storage.write_json(storage.join(t.output, PROGRESS), {"step": start})
     ctx = ray.data.DataContext.get_current()
     configure_data_context(spec)

@@ -580,3 +580,39 @@ def test_token_auth_cluster_needs_the_token() -> None:
         rc, err = status(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 64)
         assert rc == 2 and "rejected the token" in err, err
         assert status(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token) == (2, f"error: no job 'no-such-job' at {address}")
+
+
+OWN_INSTANCE_SCRIPT = r"""
+import json, sys
+import diclip, ray
+from diclip.config import load_spec
+from ray_jobs.common import init_ray
+
+init_ray(load_spec("configs/demo.yaml", ["ray.num_cpus=1"]))
+
+@ray.remote(num_cpus=0)
+def state_api_from_a_worker():
+    # what Ray Train's placement-group cleaner does from inside the cluster
+    from ray.util.state import list_nodes
+    return [n.node_id for n in list_nodes()]
+
+print(json.dumps({"seen": ray.get(state_api_from_a_worker.remote()),
+                  "own": ray.get_runtime_context().get_node_id()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_ray_instance_on_the_host_does_not_confuse_the_pipeline(local_ray_cluster: str,
+                                                                         tmp_path: Path) -> None:
+    """With another Ray instance running, the State API inside our workers auto-detected "the" local Ray
+    and failed ("Found multiple active Ray instances", Ray Train's cleaner printed it every few seconds).
+    The pipeline's instance is now addressed explicitly, so workers reach their own cluster."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    out = subprocess.run([sys.executable, "-c", OWN_INSTANCE_SCRIPT], cwd=str(REPO), env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "multiple active Ray instances" not in out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["seen"] == [result["own"]]  # our node, not the other instance's

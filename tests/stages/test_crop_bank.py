@@ -1,6 +1,4 @@
 """The per-crop map bank (correlate.crops_per_image): exact maps per crop, growth, and training from it."""
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,10 +11,9 @@ from diclip.data.transforms import apply_geometry
 from diclip.models.attention_capture import DiffusionAttention
 from diclip.models.correlation import noise_seed, vce_compact
 from diclip.models.diffusion import build_diffusion_from_config
-from diclip.models.kv_cache import save_cache
 from diclip.train.data import build_items, load_rows, rank_table
-from ray_jobs import correlate, synthesize, train
-from tests.helpers import random_cache, tiny_spec
+from ray_jobs import correlate, synthesize
+from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
 BANK = ["correlate.crops_per_image=2", "data.crop_size=48"]
@@ -103,26 +100,6 @@ def test_training_index_and_loader_use_the_bank(bank):
         want = apply_geometry(ds.load(ids[j]).image, geometry_from_array(geom))
         assert np.array_equal(loaded["image"][j], want)  # the bank crop's exact pixels
         assert list(loaded["geom"][j][-2:]) == [48, 48] and loaded["geom"][j][4] == 0  # maps used as stored
-
-
-def test_training_from_the_bank_resumes_bit_exact(bank):
-    spec = bank
-    save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
-    train.run(spec)
-
-    def metrics(s):
-        lines = storage.read_text(storage.join(s.train.output, "metrics.jsonl")).splitlines()
-        return {r["step"]: r for r in map(json.loads, lines) if r["kind"] != "setup"}
-
-    first = metrics(spec)
-    states = [f for f in storage.list_files(storage.join(spec.train.output, "ray")) if f.endswith("diclip_state.json")]
-    step2 = [f.rsplit("/", 1)[0] for f in states if storage.read_json(f)["step"] == 2][0]
-    resumed = tiny_spec(spec.output_uri, *BANK, *TRAIN, f"train.output={spec.output_uri}/train2",
-                        f"train.resume_from={step2}")
-    train.run(resumed)
-    again = metrics(resumed)
-    for k in ("loss", "seg_loss", "aff_loss", "adapter_loss"):
-        assert again[3][k] == first[3][k], k  # bit for bit, from the same bank crops
 
 
 def test_growing_k_extracts_only_the_new_crops(bank):

@@ -48,3 +48,12 @@ def test_demo_spec_end_to_end_into_s3(ray_session, s3_bucket, moto_server):
     want = [storage.join(spec.mask.output, "preview.png"), storage.join(spec.correlate.output, "preview.png"),
             storage.join(spec.evaluate.output, "pictures.png"), storage.join(spec.infer.output, "overlays")]
     assert pictures_of(results) == pictures_of(again) == want
+    # a changed setting makes exactly the stages it affects stale, naming the keys (validate lists them)
+    from ray_jobs.pipeline import stale_settings
+
+    changed = tiny_spec(f"{s3_bucket}/demo", *FAST, "train.lr=0.001", "method.corr_threshold=0.3",
+                        endpoint_url=moto_server)
+    status = {name: done for name, done, _ in plan(changed)}
+    assert status["generate"] and status["synthesize"] and not status["correlate"] and not status["train"]
+    assert stale_settings(changed, "correlate") == ["corr_threshold"]
+    assert "train.lr" in stale_settings(changed, "train") and "method.corr_threshold" in stale_settings(changed, "train")

@@ -14,6 +14,7 @@ from ray_jobs import correlate, synthesize, train
 from tests.helpers import random_cache, tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
+BANK = ["correlate.crops_per_image=2"]
 TRAIN = ["train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4", "train.warmup_iters=1",
          "train.keep_checkpoints=2"]
 
@@ -44,7 +45,8 @@ def s3_run(ray_session, moto_server):
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     configure(StorageOptions(endpoint_url=moto_server))
     try:
-        spec = _prepare(f"s3://{bucket}/run", endpoint_url=moto_server)
+        # trains from a per-crop map bank (K=2), so the exact-resume test below covers the bank too
+        spec = _prepare(f"s3://{bucket}/run", *BANK, endpoint_url=moto_server)
         summary = train.run(spec)
         yield spec, summary
     finally:
@@ -106,13 +108,15 @@ def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run):
 
 
 def test_resume_reproduces_the_next_step_exactly(s3_run, moto_server):
+    """Resumed from the step-2 checkpoint, step 3 is bit-identical: the same bank crops, noise-free maps,
+    optimizer state, LR and RNG."""
     spec, summary = s3_run
     first = {r["step"]: r for r in _metrics(spec)}
     ray_dir = storage.join(spec.train.output, "ray", "demo-train")
     states = [f for f in storage.list_files(ray_dir) if f.endswith("diclip_state.json")]
     step2 = [f.rsplit("/", 1)[0] for f in states if storage.read_json(f)["step"] == 2]
     assert step2, states
-    resumed = tiny_spec(spec.output_uri, *TRAIN, f"train.output={spec.output_uri}/train_resumed",
+    resumed = tiny_spec(spec.output_uri, *TRAIN, *BANK, f"train.output={spec.output_uri}/train_resumed",
                         f"train.resume_from={step2[0]}", endpoint_url=moto_server)
     train.run(resumed)
     again = {r["step"]: r for r in _metrics(resumed)}
@@ -127,7 +131,8 @@ def test_bf16_trains_only_the_heads_in_bf16_and_matches_fp32(s3_run, tmp_path):
     CLIP stays fp32, so the step runs (it crashed when the whole model went through DeepSpeed), and
     its losses match the fp32 run of the same data, seed and models within bf16's resolution."""
     fp32_spec, _ = s3_run
-    spec = _prepare(str(tmp_path / "run"), "train.precision=bf16", "train.max_iters=2", "train.keep_checkpoints=1")
+    spec = _prepare(str(tmp_path / "run"), *BANK, "train.precision=bf16", "train.max_iters=2",
+                    "train.keep_checkpoints=1")
     train.run(spec)
     m = _metrics(spec)
     setup = [r for r in m if r["kind"] == "setup"][0]
