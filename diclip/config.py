@@ -219,11 +219,12 @@ class Resources:
     batch_size: int = 4
     """Items per actor call (Ray Data) or per worker step (Ray Train)."""
 
-    def __post_init__(self) -> None:
-        _check(self.num_cpus > 0, "resources.num_cpus must be > 0")
-        _check(self.num_gpus >= 0, "resources.num_gpus must be >= 0")
-        _check(self.concurrency >= 1, "resources.concurrency must be >= 1")
-        _check(self.batch_size >= 1, "resources.batch_size must be >= 1")
+    def check(self, stage: str) -> None:
+        """Value checks, naming the stage (a Resources block does not know whose it is)."""
+        _check(self.num_cpus > 0, f"{stage}.resources.num_cpus must be > 0")
+        _check(self.num_gpus >= 0, f"{stage}.resources.num_gpus must be >= 0")
+        _check(self.concurrency >= 1, f"{stage}.resources.concurrency must be >= 1")
+        _check(self.batch_size >= 1, f"{stage}.resources.batch_size must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +256,13 @@ class StageBase:
     top failure reasons. Real datasets have the odd corrupt file (5% tolerates those); a wrong class
     list or a broken model fails everything and must not look complete."""
 
+    @property
+    def stage(self) -> str:
+        return type(self).__name__.removesuffix("Config").lower()
+
     def __post_init__(self) -> None:
-        _check(0.0 <= self.max_failed_fraction <= 1.0, "max_failed_fraction must be in [0, 1]")
+        self.resources.check(self.stage)
+        _check(0.0 <= self.max_failed_fraction <= 1.0, f"{self.stage}.max_failed_fraction must be in [0, 1]")
 
 
 # The reference's special prompts (maintain_kv_cache generate.py): VOC's "people" and "buses" get
@@ -455,6 +461,15 @@ class TrainConfig(StageBase):
         _check(self.mode in ("stored", "online"), f"train.mode must be stored|online, got {self.mode!r}")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"),
                f"train.precision must be auto|fp32|bf16|fp16, got {self.precision!r}")
+        _check(self.lr > 0 and self.lr_mult > 0, "train.lr and train.lr_mult must be > 0")
+        _check(self.warmup_iters >= 0 and 0 < self.warmup_ratio <= 1, "train.warmup_iters must be >= 0 and "
+                                                                       "train.warmup_ratio in (0, 1]")
+        _check(self.weight_decay >= 0 and self.power > 0, "train.weight_decay must be >= 0 and train.power > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two values in [0, 1)")
+        _check(self.eval_every >= 1 and self.log_every >= 1, "train.eval_every and train.log_every must be >= 1")
+        _check(self.val_limit >= 0 and self.max_failures >= 0 and self.keep_checkpoints >= 1,
+               "train.val_limit and train.max_failures must be >= 0, train.keep_checkpoints >= 1")
+        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.batch_per_worker >= 1, "train.batch_per_worker must be >= 1")
         _check(self.max_iters >= 1, "train.max_iters must be >= 1")
@@ -631,6 +646,34 @@ def _file_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, Any]]
     return layers + [(path, layer)]
 
 
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted JobSpec setting (None when the key is unknown)."""
+    import typing
+
+    cls: Any = JobSpec
+    typ: Any = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        typ = cls = hints[part]
+    return typ
+
+
+def _empty_means_none(overrides: list[str]) -> list[str]:
+    """``key=`` (nothing after '=') means "none": null for optional settings, an empty string for text
+    settings such as ``model.clip.pretrained`` (random init). OmegaConf would make both null."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if value == "" and _field_type(key) is str:
+            o = f"{key}=''"
+        out.append(o)
+    return out
+
+
 def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...] = (),
               absolute_paths: bool = True) -> JobSpec:
     """Build a validated :class:`JobSpec` from defaults, an optional YAML file and ``key=value`` overrides.
@@ -645,7 +688,7 @@ def load_spec(path: Optional[str] = None, overrides: list[str] | tuple[str, ...]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
         try:
-            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+            layers.append(("command line", OmegaConf.from_dotlist(_empty_means_none(list(overrides)))))
         except OmegaConfBaseException as e:
             raise ConfigError(_one_line(e, "command line")) from e
     cfg = base

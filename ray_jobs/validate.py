@@ -117,12 +117,16 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
 
 def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) -> None:
     """``local``: the spec runs on this machine's Ray (not when submitting to a cluster)."""
+    # the spec's own endpoint/region, not only AWS_ENDPOINT_URL: validate runs before any stage configures it
+    storage.configure(storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region,
+                                             max_attempts=spec.storage.max_attempts))
     _check_uri("output_uri", spec.output_uri)
     here = local_resources(spec) if local else None
     if here is not None:
         check_resources(spec, *here)
-    if check_exists:
-        storage.exists(spec.output_uri)  # an unreachable store or a missing bucket fails here, before Ray starts
+    if check_exists:  # an unreachable store or a missing bucket fails here, before Ray starts
+        storage.check_writable_root(spec.output_uri)
+        storage.exists(spec.output_uri)
     produced: dict[str, str] = {}
     for stage in spec.pipeline.stages:
         out_field = STAGE_OUTPUT[stage]

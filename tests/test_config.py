@@ -184,3 +184,47 @@ def test_plans_the_local_ray_cannot_run_are_refused_in_one_line(capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: train: 2 workers x 1 CPUs") and "\n" not in err
+
+
+def test_validate_uses_the_specs_endpoint_and_refuses_a_missing_bucket(moto_server, capsys):
+    """storage.endpoint_url in the spec (not only AWS_ENDPOINT_URL) is what validate talks to, and a bucket
+    that does not exist is an error there, not at the first write."""
+    import uuid
+
+    import boto3
+
+    from diclip import storage
+
+    env = {k: os.environ.pop(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3") if k in os.environ}
+    try:
+        bucket = f"b-{uuid.uuid4().hex[:8]}"
+        argv = ["validate", "configs/demo.yaml", f"output_uri=s3://{bucket}/x", f"storage.endpoint_url={moto_server}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and bucket in err and "\n" not in err
+        boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+        assert main(argv) == 0
+        assert capsys.readouterr().out.startswith("ok:")
+    finally:
+        os.environ.update(env)
+        storage.configure(None)
+
+
+def test_empty_values_mean_none_and_bad_values_name_their_stage():
+    spec = load_spec("configs/demo.yaml", ["model.clip.pretrained=", "train.resume_from=", "ray.num_cpus="])
+    assert spec.model.clip.pretrained == "" and spec.train.resume_from is None and spec.ray.num_cpus is None
+    with pytest.raises(ConfigError, match="^generate.resources.concurrency must be >= 1$"):
+        load_spec("configs/demo.yaml", ["generate.resources.concurrency=0"])
+    with pytest.raises(ConfigError, match="train.lr and train.lr_mult must be > 0"):
+        load_spec("configs/demo.yaml", ["train.lr=-1"])
+
+
+def test_overrides_may_follow_options():
+    """The README's form: diclip submit SPEC --address URL key=value ..."""
+    from diclip.cli import build_parser, parse
+
+    args = parse(build_parser(), ["submit", "configs/demo.yaml", "--address", "http://h:8265", "output_uri=s3://b/x",
+                                  "train.max_iters=3"])
+    assert args.address == "http://h:8265" and args.overrides == ["output_uri=s3://b/x", "train.max_iters=3"]
+    with pytest.raises(SystemExit):
+        parse(build_parser(), ["submit", "configs/demo.yaml", "--bogus"])

@@ -4,6 +4,7 @@ Import from here rather than from the submodules so call sites stay stable if in
 """
 from diclip.storage.fs import (
     StorageOptions,
+    check_writable_root,
     configure,
     delete,
     delete_dir,
@@ -47,6 +48,7 @@ __all__ = [
     "Manifest",
     "ShardInfo",
     "StorageOptions",
+    "check_writable_root",
     "config_hash",
     "configure",
     "delete",

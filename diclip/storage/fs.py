@@ -418,6 +418,21 @@ def write_json(uri: str, obj: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def check_writable_root(uri: str) -> None:
+    """Fail in one line unless ``uri``'s store is reachable and, on S3, its bucket exists (a run would
+    otherwise fail only at its first write, after models have loaded)."""
+    kind, path = _split(uri)
+    if kind != "s3":
+        return
+    bucket = path.split("/", 1)[0]
+    fs = _s3_filesystem()
+    with _errors(uri, "check"):
+        info = fs.get_file_info(bucket)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket does not exist: s3://{bucket} (for {uri}) at {_endpoint_label()}; create it "
+                           "or fix output_uri / storage.endpoint_url")
+
+
 def exists(uri: str) -> bool:
     """True for an existing file, or a directory / S3 prefix that holds objects."""
     fs, path = resolve(uri)
