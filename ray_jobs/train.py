@@ -14,16 +14,12 @@ worker failure, starting at the last reported step (``progress.json``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
-import numpy as np
 
 from diclip import storage
 from diclip.config import JobSpec, to_dict, to_yaml
@@ -35,9 +31,7 @@ from ray_jobs.common import configure_data_context, init_ray, setup_process
 log = get_logger("ray_jobs.train")
 STAGE = "train"
 PROGRESS = "progress.json"
-METRICS = "metrics.jsonl"
-STATE = "diclip_state.json"
-DS_TAG = "ds"
+STATE = "diclip_state.json"  # = diclip.train.components.STATE (not imported here: it pulls in torch)
 
 
 def output_uri(spec: JobSpec) -> str:
@@ -124,78 +118,14 @@ class RankDatasetFactory:
 # ----------------------------------------------------------------------------------------------
 # worker
 # ----------------------------------------------------------------------------------------------
-def _append_metrics(uri: str, record: dict) -> None:
-    old = storage.read_text(uri) if storage.exists(uri) else ""
-    storage.write_text(uri, old + json.dumps(record, default=float) + "\n")
-
-
-def _save_rng(path: str, rank: int) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    save_file({"cpu": torch.get_rng_state()}, os.path.join(path, f"rng_rank{rank}.safetensors"))
-
-
-def _load_rng(path: str, rank: int) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    f = os.path.join(path, f"rng_rank{rank}.safetensors")
-    if os.path.exists(f):
-        torch.set_rng_state(load_file(f)["cpu"])
-
-
-def _validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) -> dict:
-    """Seg and CAM mIoU on the val split, confusion matrices summed over ranks (exact)."""
-    import torch
-    import torch.distributed as dist
-
-    from diclip.data import open_split
-    from diclip.method import metrics as metriclib
-
-    ds = open_split(spec.data, spec.data.val_split)
-    ids = ds.ids[: spec.train.val_limit] if spec.train.val_limit else ds.ids
-    k = trainer.class_set.num_classes
-    cms = np.zeros((2, k, k), dtype=np.int64)
-    used = 0
-    for item in ids[rank::world]:
-        if store is not None and item not in store:
-            continue  # failed in correlate (recorded there)
-        sample = ds.load(item)
-        if sample.mask is None:
-            continue
-        rec = store.get([item])[0] if store is not None else None
-        seg, cam = trainer.validate_sample(sample.image, sample.mask, sample.label, rec, step)
-        cms[0] += seg
-        cms[1] += cam
-        used += 1
-    t = torch.from_numpy(cms)
-    n = torch.tensor([used], dtype=torch.int64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        dist.all_reduce(n)
-    seg_s = metriclib.summarize(t[0].numpy(), trainer.class_set.classes)
-    cam_s = metriclib.summarize(t[1].numpy(), trainer.class_set.classes)
-    return {"val_miou": seg_s["miou"], "val_cam_miou": cam_s["miou"], "val_pixel_acc": seg_s["pixel_accuracy"],
-            "val_images": int(n.item()), "val_images_skipped": len(ids) - int(n.item())}
-
-
-def precision_report(trainer, engine) -> dict:
-    """Which dtype each model really runs in (only the trainable heads carry DeepSpeed's precision)."""
-    diffusion = trainer.diffusion.dtype if trainer.diffusion is not None else None
-    return {"precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
-            "dtype_trainable": str(engine.module.dtype).replace("torch.", ""),
-            "dtype_clip": str(next(trainer.clip.model.parameters()).dtype).replace("torch.", ""),
-            "dtype_diffusion": str(diffusion).replace("torch.", "") if diffusion is not None else None}
-
-
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: the components of :mod:`diclip.train.components` wired to Ray Train's
+    dataset shards, reports and checkpoints."""
     import ray.train
     import torch
-    import torch.distributed as dist
 
-    from diclip.method.schedule import poly_warmup_multiplier
-    from diclip.train.trainer import DiCLIPTrainer, batch_from_rows
+    from diclip.train import components as C
+    from diclip.train.trainer import DiCLIPTrainer
 
     spec: JobSpec = config["spec"]
     t = spec.train
@@ -206,26 +136,15 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.resources.num_cpus)))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-    import deepspeed
-
-    from diclip.train.safe_checkpoint import install as install_weights_only_loading
 
     torch.manual_seed(t.seed)  # identical trainable init on every rank (DeepSpeed also broadcasts rank 0's)
     trainer = DiCLIPTrainer(spec, device)
-    ds_cfg = build_deepspeed_config(spec, use_gpu=device.type == "cuda")
-
-    def schedule(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: poly_warmup_multiplier(s, t.max_iters, t.warmup_iters, t.warmup_ratio, t.power))
-
-    # Only the trainable heads go through DeepSpeed: its precision must not touch the frozen CLIP.
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=trainer.model.heads, model_parameters=trainer.param_groups(), config=ds_cfg, lr_scheduler=schedule,
-        dist_init_required=False)
-    install_weights_only_loading(engine, trust=t.trust_checkpoints)
-    if rank == 0:
-        _append_metrics(storage.join(t.output, METRICS), {"kind": "setup", "step": 0, **precision_report(trainer, engine)})
+    engine, optimizer = C.build_engine(trainer, spec, device)
+    b = per_worker_batch(spec)
+    metrics_log = C.StepMetrics(spec, rank, world, b * t.grad_accum * world)
+    metrics_log.record("setup", {"step": 0, **C.precision_report(trainer, engine)})
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
+    checkpointer = C.Checkpointer(rank, world, t.seed)
     start = 0
     # A restart after a failure resumes from this run's latest checkpoint; a fresh run may resume
     # from train.resume_from (Ray Train v2 has no trainer-level resume argument).
@@ -234,90 +153,35 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt = checkpoint_from_uri(t.resume_from)
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
-            with open(os.path.join(d, STATE)) as f:
-                start = int(json.load(f)["step"])
-            _load_rng(d, rank)
-            if dist.is_initialized():
-                dist.barrier()  # keep the directory alive until every rank has read it
+            start = checkpointer.load(engine, d)
     store = None
     if t.mode == "stored":
         from diclip.data.correlation import CorrelationStore
 
         store = CorrelationStore(t.correlation)
-    b = per_worker_batch(spec)
-    g = b * world
-    it = ray.train.get_dataset_shard(f"train_{rank}").iter_batches(batch_size=b, batch_format="numpy",
-                                                                    prefetch_batches=2)
-    it = iter(it)
-
-    def next_rows(micro: int) -> dict:
-        want = micro * g + rank * b
-        while True:
-            rows = next(it)
-            first = int(rows["pos"][0])
-            if first == want:
-                return rows
-            if first > want:
-                raise RuntimeError(f"rank {rank}: data starts at position {first}, expected {want}")
-
-    fault = os.environ.get("DICLIP_FAULT_AT_STEP")
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    batches = C.RankBatches(shard.iter_batches(batch_size=b, batch_format="numpy", prefetch_batches=2), rank, world, b)
     engine.train()
-    running: dict[str, float] = {}
-    t_last = time.perf_counter()
     for step in range(start, t.max_iters):
-        for m in range(t.grad_accum):
-            batch = batch_from_rows(next_rows(step * t.grad_accum + m), device)
-            losses = trainer.losses(batch, step, heads=engine)
-            engine.backward(losses["loss"])
-            engine.step()
-            for k_, v in losses.items():
-                running[k_] = running.get(k_, 0.0) + float(v.detach()) / t.grad_accum
-        if fault and int(fault.split(":")[0]) == step and rank == int(fault.split(":")[1]):
-            marker = fault.split(":", 2)[2]
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                time.sleep(5)  # let the controller register the last report first
-                os._exit(1)  # test hook: simulate a worker dying mid-run
+        metrics_log.add(C.train_step(engine, trainer, batches, step, t.grad_accum, device))
         done = step + 1
         is_eval = done % t.eval_every == 0 or done == t.max_iters
-        metrics: dict[str, Any] = {"step": done, "lr": optimizer.param_groups[0]["lr"]}
-        if done % t.log_every == 0 or is_eval:
-            n = t.log_every if done % t.log_every == 0 else (done - start) % t.log_every or 1
-            names = sorted(running)
-            vals = torch.tensor([running[k_] / max(1, n) for k_ in names], dtype=torch.float64)
-            if dist.is_initialized():
-                dist.all_reduce(vals)
-                vals /= world
-            metrics.update(dict(zip(names, vals.tolist())))
-            now = time.perf_counter()
-            metrics["samples_per_s"] = n * b * t.grad_accum * world / max(1e-9, now - t_last)
-            t_last = now
-            running = {}
-            if rank == 0:
-                log.info("step %d/%d loss %.4f seg %.4f aff %.4f adapter %.4f lr %.3e %.1f samples/s", done,
-                         t.max_iters, metrics.get("loss", float("nan")), metrics.get("seg_loss", float("nan")),
-                         metrics.get("aff_loss", float("nan")), metrics.get("adapter_loss", float("nan")),
-                         metrics["lr"], metrics["samples_per_s"])
-                if not is_eval:
-                    _append_metrics(storage.join(t.output, METRICS), {"kind": "train", **metrics})
-        if not is_eval:
+        if done % t.log_every and not is_eval:
             continue
-        metrics.update(_validate(trainer, spec, rank, world, done, store))
-        tmp = tempfile.mkdtemp(prefix=f"diclip-ckpt-{rank}-")
-        try:
-            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
-            _save_rng(tmp, rank)
-            if rank == 0:
-                with open(os.path.join(tmp, STATE), "w") as f:
-                    json.dump({"step": done, "seed": t.seed, "world": world, "metrics": metrics}, f, default=float)
-            if dist.is_initialized():
-                dist.barrier()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        metrics: dict[str, Any] = {"step": done, "lr": optimizer.param_groups[0]["lr"], **metrics_log.flush()}
         if rank == 0:
-            _append_metrics(storage.join(t.output, METRICS), {"kind": "eval", **metrics})
+            log.info("step %d/%d loss %.4f seg %.4f aff %.4f adapter %.4f lr %.3e %.1f samples/s", done,
+                     t.max_iters, metrics.get("loss", float("nan")), metrics.get("seg_loss", float("nan")),
+                     metrics.get("aff_loss", float("nan")), metrics.get("adapter_loss", float("nan")),
+                     metrics["lr"], metrics["samples_per_s"])
+        if not is_eval:
+            metrics_log.record("train", metrics)
+            continue
+        metrics.update(C.validate(trainer, spec, rank, world, done, store))
+        with checkpointer.saved(engine, done, metrics) as d:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        metrics_log.record("eval", metrics)
+        if rank == 0:
             storage.write_json(storage.join(t.output, PROGRESS), {"step": done})
             log.info("step %d: val mIoU %.4f, CAM mIoU %.4f (checkpoint reported)", done, metrics["val_miou"],
                      metrics["val_cam_miou"])

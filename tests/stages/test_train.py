@@ -169,29 +169,58 @@ def test_bad_train_configs_fail_with_one_line(tmp_path):
         tiny_spec(str(tmp_path), "train.precision=fp8")
 
 
-def test_worker_failure_is_recovered_from_the_last_checkpoint(tmp_path):
-    import ray
+def _kill_a_train_worker_after_first_checkpoint(spec, killed: list) -> None:
+    """Test-only fault injection: once Ray Train has registered the first checkpoint, SIGKILL one Ray Train
+    worker - a process this test's own Ray instance started (found among this process's descendants)."""
+    import os
+    import signal
+    import time
 
-    marker = tmp_path / "crashed"
-    ray.shutdown()  # needs its own session: the fault hook travels in the job's environment
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DICLIP_FAULT_AT_STEP": f"2:1:{marker}"}})
-    try:
-        spec = _prepare(str(tmp_path / "run"), "train.max_failures=2", "train.keep_checkpoints=1")
-        summary = train.run(spec)
-    finally:
-        ray.shutdown()
-    assert marker.exists()  # rank 1 really died at step 3 (after the step-2 checkpoint)
-    assert summary["steps"] == 4
+    import psutil
+
+    snapshot = storage.join(spec.train.output, "ray", "demo-train", "checkpoint_manager_snapshot.json")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        latest = None
+        try:
+            latest = storage.read_json(snapshot).get("latest_checkpoint_result")
+        except Exception:
+            pass
+        if latest:
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(p.cmdline()):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.2)
+
+
+def test_worker_failure_is_recovered_from_the_last_checkpoint(ray_session, tmp_path):
+    import threading
+
+    spec = _prepare(str(tmp_path / "run"), "train.max_failures=2", "train.keep_checkpoints=1", "train.max_iters=8")
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_train_worker_after_first_checkpoint, args=(spec, killed), daemon=True)
+    killer.start()
+    summary = train.run(spec)
+    killer.join(timeout=5)
+    assert killed, "no train worker was killed"
+    assert summary["steps"] == 8
     m = _metrics(spec)
-    assert [r["step"] for r in m if r["kind"] == "eval"] == [2, 4]
-    assert [r["step"] for r in m if r["kind"] == "train"] == [1, 3]  # restarted at step 2, nothing re-run
+    setups = [i for i, r in enumerate(m) if r["kind"] == "setup"]
+    assert len(setups) == 2  # the worker group was restarted ...
+    after = [r for r in m[setups[1]:] if r["kind"] in ("train", "eval")]
+    assert after[0]["step"] > 2 and after[-1]["step"] == 8  # ... from a checkpoint, not from step 0
+    assert [r["step"] for r in m if r["kind"] == "eval"][-1] == 8
     manifest = storage.read_manifest(spec.train.output)
-    kept = {p for p in storage.list_files(storage.join(spec.train.output, "ray", "demo-train"))
-            if p.endswith("diclip_state.json")}
-    want = {storage.join(manifest.extra["best_checkpoint"]["path"], "diclip_state.json"),
-            storage.join(manifest.extra["last_checkpoint"], "diclip_state.json")}
-    assert kept == want  # keep_checkpoints=1: the best by val mIoU and the last
+    run_dir = storage.join(spec.train.output, "ray", "demo-train")
+    managed = {storage.join(run_dir, r["checkpoint_dir_name"]) for r in
+               storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"))["checkpoint_results"]}
+    # keep_checkpoints=1: the best by val mIoU and the last (an upload the kill cut short may linger unregistered)
+    assert managed == {manifest.extra["best_checkpoint"]["path"], manifest.extra["last_checkpoint"]}
 
 
 def test_ctrl_c_stops_training_within_seconds_and_the_rerun_resumes(tmp_path):

@@ -1,0 +1,229 @@
+"""The pieces a training worker is made of, each with one job (torchtitan-style):
+
+* :func:`build_engine` - DeepSpeed around the trainable heads only, with the poly-warmup schedule;
+* :class:`RankBatches` - this rank's batches in position order (checks the stream starts where it should);
+* :func:`train_step` - one optimizer step (gradient accumulation over micro-batches);
+* :class:`StepMetrics` - running losses, all-reduced means, samples/s, the ``metrics.jsonl`` log;
+* :class:`Checkpointer` - DeepSpeed state + per-rank RNG + step, saved to and restored from a directory;
+* :func:`validate` - segmentation and CAM mIoU on the val split with confusion matrices summed over ranks.
+
+None of them knows about Ray: ``ray_jobs/train.py`` wires them into a Ray Train worker loop (reports,
+checkpoint upload, dataset shards), so each can be tested and reused on its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from diclip import storage
+from diclip.config import JobSpec
+from diclip.logging import get_logger
+
+log = get_logger("diclip.train")
+DS_TAG = "ds"
+STATE = "diclip_state.json"
+METRICS = "metrics.jsonl"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------------------------
+# engine
+# ----------------------------------------------------------------------------------------------
+def build_engine(trainer, spec: JobSpec, device: torch.device):
+    """(engine, optimizer) with only ``trainer.model.heads`` inside DeepSpeed: its precision must not
+    touch the frozen CLIP. Checkpoints are read weights-only (:mod:`diclip.train.safe_checkpoint`)."""
+    import deepspeed
+
+    from diclip.method.schedule import poly_warmup_multiplier
+    from diclip.train.deepspeed_config import build_deepspeed_config
+    from diclip.train.safe_checkpoint import install as install_weights_only_loading
+
+    t = spec.train
+
+    def schedule(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: poly_warmup_multiplier(s, t.max_iters, t.warmup_iters, t.warmup_ratio, t.power))
+
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=trainer.model.heads, model_parameters=trainer.param_groups(),
+        config=build_deepspeed_config(spec, use_gpu=device.type == "cuda"), lr_scheduler=schedule,
+        dist_init_required=False)
+    install_weights_only_loading(engine, trust=t.trust_checkpoints)
+    return engine, optimizer
+
+
+def precision_report(trainer, engine) -> dict:
+    """Which dtype each model really runs in (only the trainable heads carry DeepSpeed's precision)."""
+    diffusion = trainer.diffusion.dtype if trainer.diffusion is not None else None
+    return {"precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+            "dtype_trainable": str(engine.module.dtype).replace("torch.", ""),
+            "dtype_clip": str(next(trainer.clip.model.parameters()).dtype).replace("torch.", ""),
+            "dtype_diffusion": str(diffusion).replace("torch.", "") if diffusion is not None else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# data and one step
+# ----------------------------------------------------------------------------------------------
+class RankBatches:
+    """This rank's batches: micro-step ``m`` holds positions ``m * G + rank * b ...`` (G = b * world)."""
+
+    def __init__(self, batches: Iterator[dict], rank: int, world: int, per_worker: int):
+        self.it = iter(batches)
+        self.rank, self.b, self.g = rank, per_worker, per_worker * world
+
+    def rows(self, micro: int) -> dict:
+        want = micro * self.g + self.rank * self.b
+        while True:
+            rows = next(self.it)
+            first = int(rows["pos"][0])
+            if first == want:
+                return rows
+            if first > want:
+                raise RuntimeError(f"rank {self.rank}: data starts at position {first}, expected {want}")
+
+
+def train_step(engine, trainer, batches: RankBatches, step: int, grad_accum: int, device) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's mean losses."""
+    from diclip.train.trainer import batch_from_rows
+
+    out: dict[str, float] = {}
+    for m in range(grad_accum):
+        batch = batch_from_rows(batches.rows(step * grad_accum + m), device)
+        losses = trainer.losses(batch, step, heads=engine)
+        engine.backward(losses["loss"])
+        engine.step()
+        for k, v in losses.items():
+            out[k] = out.get(k, 0.0) + float(v.detach()) / grad_accum
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+class StepMetrics:
+    """Running per-step losses -> all-reduced means every ``log_every`` steps, plus the JSONL log (rank 0)."""
+
+    def __init__(self, spec: JobSpec, rank: int, world: int, samples_per_step: int):
+        self.uri = storage.join(spec.train.output, METRICS)
+        self.rank, self.world = rank, world
+        self.samples_per_step = samples_per_step
+        self.running: dict[str, float] = {}
+        self.steps = 0
+        self.t_last = time.perf_counter()
+
+    def add(self, losses: dict[str, float]) -> None:
+        for k, v in losses.items():
+            self.running[k] = self.running.get(k, 0.0) + v
+        self.steps += 1
+
+    def flush(self) -> dict[str, float]:
+        """Means over the steps since the last flush, averaged over ranks, and samples/s."""
+        names = sorted(self.running)
+        vals = torch.tensor([self.running[k] / max(1, self.steps) for k in names], dtype=torch.float64)
+        if _distributed():
+            dist.all_reduce(vals)
+            vals /= self.world
+        out = dict(zip(names, vals.tolist()))
+        now = time.perf_counter()
+        out["samples_per_s"] = max(1, self.steps) * self.samples_per_step / max(1e-9, now - self.t_last)
+        self.running, self.steps, self.t_last = {}, 0, now
+        return out
+
+    def record(self, kind: str, metrics: dict) -> None:
+        if self.rank == 0:
+            old = storage.read_text(self.uri) if storage.exists(self.uri) else ""
+            storage.write_text(self.uri, old + json.dumps({"kind": kind, **metrics}, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+class Checkpointer:
+    """DeepSpeed state (every rank's ZeRO shard), each rank's RNG, and the step (rank 0) in one directory."""
+
+    def __init__(self, rank: int, world: int, seed: int):
+        self.rank, self.world, self.seed = rank, world, seed
+
+    @contextmanager
+    def saved(self, engine, step: int, metrics: dict) -> Iterator[str]:
+        """A temporary directory holding this rank's part of the checkpoint (every rank must call it:
+        DeepSpeed's save is a collective); removed on exit, after the caller has uploaded it."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        tmp = tempfile.mkdtemp(prefix=f"diclip-ckpt-{self.rank}-")
+        try:
+            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
+            save_file({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng_rank{self.rank}.safetensors"))
+            if self.rank == 0:
+                with open(os.path.join(tmp, STATE), "w") as f:
+                    json.dump({"step": step, "seed": self.seed, "world": self.world, "metrics": metrics}, f,
+                              default=float)
+            if _distributed():
+                dist.barrier()
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def load(self, engine, directory: str) -> int:
+        """Restore from a checkpoint directory; returns the step to continue from."""
+        from safetensors.torch import load_file
+
+        engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+        with open(os.path.join(directory, STATE)) as f:
+            step = int(json.load(f)["step"])
+        rng = os.path.join(directory, f"rng_rank{self.rank}.safetensors")
+        if os.path.exists(rng):
+            torch.set_rng_state(load_file(rng)["cpu"])
+        if _distributed():
+            dist.barrier()  # keep the directory alive until every rank has read it
+        return step
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) -> dict[str, Any]:
+    """Seg and CAM mIoU on the val split, confusion matrices summed over ranks (exact).
+
+    Images whose maps failed in ``correlate`` or that have no mask are skipped and counted."""
+    from diclip.data import open_split
+    from diclip.method import metrics as metriclib
+
+    ds = open_split(spec.data, spec.data.val_split)
+    ids = ds.ids[: spec.train.val_limit] if spec.train.val_limit else ds.ids
+    k = trainer.class_set.num_classes
+    cms = np.zeros((2, k, k), dtype=np.int64)
+    used = 0
+    for item in ids[rank::world]:
+        if store is not None and item not in store:
+            continue
+        sample = ds.load(item)
+        if sample.mask is None:
+            continue
+        rec = store.get([item])[0] if store is not None else None
+        seg, cam = trainer.validate_sample(sample.image, sample.mask, sample.label, rec, step)
+        cms[0] += seg
+        cms[1] += cam
+        used += 1
+    t = torch.from_numpy(cms)
+    n = torch.tensor([used], dtype=torch.int64)
+    if _distributed():
+        dist.all_reduce(t)
+        dist.all_reduce(n)
+    seg_s = metriclib.summarize(t[0].numpy(), trainer.class_set.classes)
+    cam_s = metriclib.summarize(t[1].numpy(), trainer.class_set.classes)
+    return {"val_miou": seg_s["miou"], "val_cam_miou": cam_s["miou"], "val_pixel_acc": seg_s["pixel_accuracy"],
+            "val_images": int(n.item()), "val_images_skipped": len(ids) - int(n.item())}
