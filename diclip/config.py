@@ -54,6 +54,10 @@ class RayConfig:
     """CPUs for a local Ray instance (None: all)."""
     progress_bars: bool = True
     """Ray Data progress bars; turn off for non-TTY logs (CI, cluster jobs)."""
+    stall_minutes: float = 30.0
+    """A Ray Data stage with no finished item for this long stops with a one-line error naming what its
+    actors ask for and what the cluster has free (a request no node can meet otherwise waits forever).
+    0: wait forever. Generous by default: a first model load on a cold node can take minutes."""
     dashboard: bool = True
     """A local Ray instance starts its dashboard (http://127.0.0.1:8265): job and actor views, and the
     State API that Ray Train uses to clean up after a dead controller. Off saves ~0.6 s of start-up."""

@@ -274,7 +274,8 @@ def run(spec: JobSpec) -> dict:
              len(items) - len(pending), len(pending), c.resources.concurrency, c.resources.batch_size,
              "GPU" if c.resources.num_gpus else "CPU")
     init_ray(spec)
-    result = run_pool(pending, KeyExtractor, {"spec": spec}, c.resources, desc="cache keys")
+    result = run_pool(pending, KeyExtractor, {"spec": spec}, c.resources, desc="cache keys",
+                      stall_s=60 * spec.ray.stall_minutes)
     for iid, err in missing:
         log.warning("cache: %s failed: %s", iid, err)
     failures = list(missing) + list(result.failures)

@@ -18,7 +18,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -288,8 +288,62 @@ class PoolResult:
         return (self.rows + len(self.failures)) / self.seconds if self.seconds > 0 else 0.0
 
 
+def stall_message(desc: str, res: Resources, minutes: float) -> str:
+    """Why a stage may have stopped moving: what one actor asks for against what the cluster has free."""
+    want = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    try:
+        import ray
+
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    except Exception:  # the message must not fail
+        free, total = {}, {}
+    return (f"{desc}: no progress for {minutes:g} min; each actor asks for {want} (x{res.concurrency}) and the "
+            f"cluster has {free or 'nothing'} free of {total or 'unknown'} - a resource request no node can "
+            f"meet (or a stuck actor); adjust {desc}.resources or the cluster, then run again (work done is kept)")
+
+
+def watched(batches: Iterator, desc: str, res: Resources, stall_s: float) -> Iterator:
+    """Yield from ``batches`` (consumed on a thread), raising a one-line :class:`DiclipError` when nothing
+    arrives for ``stall_s`` seconds - a request no node can meet otherwise waits forever, silently."""
+    import queue
+    import threading
+
+    from diclip.errors import DiclipError
+
+    if not stall_s or stall_s <= 0:
+        yield from batches
+        return
+    q: queue.Queue = queue.Queue(maxsize=4)
+    end = object()
+
+    def pump() -> None:
+        try:
+            for b in batches:
+                q.put(b)
+            q.put(end)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    threading.Thread(target=pump, daemon=True, name=f"{desc}-batches").start()
+    last = time.monotonic()
+    while True:
+        try:
+            b = q.get(timeout=min(5.0, stall_s))
+        except queue.Empty:
+            if time.monotonic() - last > stall_s:
+                raise DiclipError(stall_message(desc, res, stall_s / 60)) from None
+            continue
+        if b is end:
+            return
+        if isinstance(b, BaseException):
+            raise b
+        last = time.monotonic()
+        yield b
+
+
 def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, *, desc: str,
-             collect: Callable[[dict], None] | None = None) -> PoolResult:
+             collect: Callable[[dict], None] | None = None, stall_s: float = 0.0) -> PoolResult:
     """Fan ``items`` (small dicts with ``item_id``) out to an actor pool; gather each call's report.
 
     ``actor_cls(**ctor_kwargs)`` loads models once; its ``__call__(batch)`` processes the batch, writes
@@ -306,7 +360,7 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
                         **map_batches_kwargs(res))
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=not _progress_enabled(), leave=False)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+    for batch in watched(ds.iter_batches(batch_size=None, batch_format="pandas"), desc, res, stall_s):
         for row in batch.to_dict("records"):
             if row.get("ok"):
                 result.rows += 1

@@ -33,6 +33,7 @@ from diclip.method.resample import resize_grid
 from ray_jobs.common import (
     ID, pending_items, start_actor, finalize, init_ray, report_row, run_pool, short_error, write_shard,
 )
+from ray_jobs.lineage import call_batched
 
 log = get_logger("ray_jobs.correlate")
 STAGE = "correlate"
@@ -141,9 +142,29 @@ class Correlator:
                              self.spec.train.seed)
         return img, apply_geometry(img, geom), geometry_to_array(geom)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def extract(self, members: list[tuple]) -> list[dict]:
+        """Maps of same-size inputs (item, split, source image, input, crop, geometry) -> shard rows."""
         from diclip.models.correlation import noise_seed, vce_compact
 
+        images = torch.from_numpy(np.stack([m[3] for m in members])).permute(0, 3, 1, 2).float() / 255.0
+        seeds = [noise_seed(m[0], self.spec.model.diffusion.seed) for m in members]
+        cap = self.diff(images, seeds)
+        comp = vce_compact(cap, self.spec.method, self.spec.model.diffusion)
+        rows = []
+        for b, (item_id, split, img, _, crop, geom) in enumerate(members):
+            k = int(comp.ids[b].max()) + 1
+            rar = self.codec.encode(cap.rar_q[b].cpu(), cap.rar_k[b].cpu(), cap.rar_scale)
+            rows.append({
+                ID: item_id, "split": split, "src_h": img.shape[0], "src_w": img.shape[1],
+                "grid_h": cap.clip_grid[0], "grid_w": cap.clip_grid[1], "vce_k": k,
+                "vce_ids": comp.ids[b].cpu().numpy().astype(np.uint8).tobytes(),
+                "vce_rows": comp.rows[b, :k].cpu().numpy().astype(np.float16).tobytes(),
+                "rar_grid_h": cap.rar_grid[0], "rar_grid_w": cap.rar_grid[1],
+                "rar_codec": self.codec.name, "rar": pack_npz(rar), "crop": crop, "geom": geom,
+            })
+        return rows
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         reports, groups = [], defaultdict(list)
         for item_id, split, image_id, crop in zip(batch[ID], batch["split"], batch["image"], batch["crop"]):
             try:
@@ -155,22 +176,17 @@ class Correlator:
                 reports.append(report_row(item_id, False, short_error(e)))
         rows = []
         for members in groups.values():
-            images = torch.from_numpy(np.stack([m[3] for m in members])).permute(0, 3, 1, 2).float() / 255.0
-            seeds = [noise_seed(m[0], self.spec.model.diffusion.seed) for m in members]
-            cap = self.diff(images, seeds)
-            comp = vce_compact(cap, self.spec.method, self.spec.model.diffusion)
-            for b, (item_id, split, img, _, crop, geom) in enumerate(members):
-                k = int(comp.ids[b].max()) + 1
-                rar = self.codec.encode(cap.rar_q[b].cpu(), cap.rar_k[b].cpu(), cap.rar_scale)
-                rows.append({
-                    ID: item_id, "split": split, "src_h": img.shape[0], "src_w": img.shape[1],
-                    "grid_h": cap.clip_grid[0], "grid_w": cap.clip_grid[1], "vce_k": k,
-                    "vce_ids": comp.ids[b].cpu().numpy().astype(np.uint8).tobytes(),
-                    "vce_rows": comp.rows[b, :k].cpu().numpy().astype(np.float16).tobytes(),
-                    "rar_grid_h": cap.rar_grid[0], "rar_grid_w": cap.rar_grid[1],
-                    "rar_codec": self.codec.name, "rar": pack_npz(rar), "crop": crop, "geom": geom,
-                })
-                reports.append(report_row(item_id, True))
+            # the batched UNet call falls back to one image at a time, so one bad item (or an OOM on a big
+            # batch) fails alone instead of taking the batch with it
+            results = call_batched(lambda *cols: self.extract(list(zip(*cols))), [list(c) for c in zip(*members)],
+                                   STAGE)
+            for m, res in zip(members, results):
+                if isinstance(res, Exception):
+                    reports.append(report_row(m[0], False, str(res) if isinstance(res, DiclipError)
+                                              else short_error(res)))
+                else:
+                    rows.append(res)
+                    reports.append(report_row(m[0], True))
         if rows:
             # one row per row group: training fetches single images' maps with one ranged read
             write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
@@ -279,7 +295,8 @@ def run(spec: JobSpec) -> dict:
     if pending:
         init_ray(spec)
     t0 = time.perf_counter()
-    result = run_pool(pending, Correlator, {"spec": spec}, cfg.resources, desc="correlate")
+    result = run_pool(pending, Correlator, {"spec": spec}, cfg.resources, desc="correlate",
+                      stall_s=60 * spec.ray.stall_minutes)
     models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(clip_patch_size(spec))}
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
                         extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),

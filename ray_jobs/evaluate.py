@@ -34,6 +34,7 @@ from diclip.data import get_class_set, open_split
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
+from ray_jobs.lineage import call_batched
 from ray_jobs.common import (
     ID, start_actor, finalize, init_ray, list_shards, report_row, run_pool, short_error, write_shard,
 )
@@ -260,17 +261,16 @@ class Evaluator:
                 reports.append(report_row(item[ID], False, short_error(e)) | {"task": item["task"]})
         rows: list[dict] = []
         for kind, members in groups.items():
-            try:
-                out = self.segment(members) if kind == "seg" else self.cams(members)
-            except DiclipError as e:
-                reports += [report_row(it[ID], False, str(e)) | {"task": it["task"]} for it, _ in members]
-                continue
-            except Exception as e:  # e.g. out of memory on one batch: report, keep the actor alive
-                log.exception("evaluate: %s batch failed", kind)
-                reports += [report_row(it[ID], False, short_error(e)) | {"task": it["task"]} for it, _ in members]
-                continue
-            rows += out
-            reports += [report_row(r[ID], True) | {"task": r["task"]} for r in out]
+            fn = self.segment if kind == "seg" else self.cams
+            # batched, falling back to one item at a time: one bad item (or an OOM) fails alone
+            results = call_batched(lambda ms: fn(ms), [members], f"{STAGE} {kind}")
+            for (it, _), res in zip(members, results):
+                if isinstance(res, Exception):
+                    err = str(res) if isinstance(res, DiclipError) else short_error(res)
+                    reports.append(report_row(it[ID], False, err) | {"task": it["task"]})
+                else:
+                    rows.append(res)
+                    reports.append(report_row(res[ID], True) | {"task": res["task"]})
         if rows:
             write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA))
         out = pd.DataFrame(reports)
@@ -448,7 +448,7 @@ def run(spec: JobSpec) -> dict:
             counts[str(row.get("task"))] += 1
 
     result = run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
-                      collect=collect)
+                      collect=collect, stall_s=60 * spec.ray.stall_minutes)
     rows, where = committed_rows(cfg.output, wanted)
     sums = summaries(spec, rows)
     metrics = {

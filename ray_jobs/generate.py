@@ -198,7 +198,8 @@ def run(spec: JobSpec) -> dict:
     if pending:
         init_ray(spec)
     t0 = time.perf_counter()
-    result = run_pool(pending, ImageGenerator, {"spec": spec}, cfg.resources, desc="generate")
+    result = run_pool(pending, ImageGenerator, {"spec": spec}, cfg.resources, desc="generate",
+                      stall_s=60 * spec.ray.stall_minutes)
     failed = {i for i, _ in result.failures}
     new = [it for it in pending if it[ID] not in failed]
     per_class = Counter(i.rsplit("/", 1)[0] for i in done) + Counter(it["class_name"] for it in new)

@@ -30,6 +30,7 @@ from ray_jobs.common import (
     ID, start_actor, committed_ids, finalize, init_ray, report_row, run_pool, short_error, write_shard,
 )
 from ray_jobs.evaluate import reset_if_changed
+from ray_jobs.lineage import call_batched
 
 log = get_logger("ray_jobs.infer")
 STAGE = "infer"
@@ -99,14 +100,17 @@ class Inferer:
                 reports.append(report_row(name, False, short_error(e)))
         rows = []
         if members:
-            try:
-                masks = segment(segmenter_forward(self.model), [m[2] for m in members], self.base, c.scales,
-                                flip=c.flip, work_ratio=c.work_ratio, multiple=self.patch, device=self.device)
-            except Exception as e:  # e.g. out of memory: report the batch, keep the actor
-                log.exception("infer: batch failed")
-                err = str(e) if isinstance(e, DiclipError) else short_error(e)
-                return pd.DataFrame(reports + [report_row(n, False, err) for n, _, _ in members])
+            def run(images):
+                return segment(segmenter_forward(self.model), images, self.base, c.scales, flip=c.flip,
+                               work_ratio=c.work_ratio, multiple=self.patch, device=self.device)
+
+            # batched, falling back to one image at a time (one bad image or an OOM fails alone)
+            masks = call_batched(run, [[m[2] for m in members]], STAGE)
             for (name, source, image), mask in zip(members, masks):
+                if isinstance(mask, Exception):
+                    reports.append(report_row(name, False, str(mask) if isinstance(mask, DiclipError)
+                                              else short_error(mask)))
+                    continue
                 try:
                     storage.write_bytes(storage.join(c.output, mask_rel(name)), encode_mask_png(mask))
                     ov = None
@@ -186,7 +190,8 @@ def run(spec: JobSpec) -> dict:
         init_ray(spec)
     # never more actors than items: an idle actor would only load the model
     res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
-    result = run_pool(pending, Inferer, {"spec": spec, "base_size": base}, res, desc="infer")
+    result = run_pool(pending, Inferer, {"spec": spec, "base_size": base}, res, desc="infer",
+                      stall_s=60 * spec.ray.stall_minutes)
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
                         {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))},
                         extra={"classes": info.classes, "base_size": base, "fingerprint": info.fingerprint})

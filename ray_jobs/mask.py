@@ -221,7 +221,8 @@ def run(spec: JobSpec) -> dict:
     if pending:
         init_ray(spec)
     t0 = time.perf_counter()
-    result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask")
+    result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask",
+                      stall_s=60 * spec.ray.stall_minutes)
     class_names = get_class_set(spec.data.dataset).classes
     counts = summarize(cfg.output, class_names)
     models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}

@@ -1,0 +1,71 @@
+"""Batched model calls fall back to one item at a time: one bad item (or an OOM on a big batch) fails alone."""
+import pandas as pd
+import pytest
+
+from diclip import storage
+from ray_jobs import correlate, synthesize
+from ray_jobs.common import list_shards
+from ray_jobs.lineage import call_batched
+from tests.helpers import tiny_spec
+
+
+def test_call_batched_retries_one_by_one():
+    calls = []
+
+    def fn(xs):
+        calls.append(list(xs))
+        if len(xs) > 1:
+            raise MemoryError("out of memory on the batch")
+        if xs[0] == "bad":
+            raise ValueError("bad item")
+        return [x.upper() for x in xs]
+
+    out = call_batched(fn, [["a", "bad", "c"]], "test")
+    assert out[0] == "A" and out[2] == "C" and isinstance(out[1], ValueError)
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+
+
+def test_correlate_batch_failure_falls_back_per_item(tmp_path):
+    spec = tiny_spec(str(tmp_path / "run"))
+    synthesize.run(spec)
+    actor = correlate.Correlator(spec)  # the Ray Data actor class, run in-process
+    real = actor.diff
+    seen = []
+
+    def flaky(images, seeds):  # the batch call "runs out of memory"; single images go through
+        seen.append(images.shape[0])
+        if images.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(images, seeds)
+
+    actor.diff = flaky
+    ids = ["synth_train_00000", "synth_train_00001", "synth_train_00002"]
+    batch = pd.DataFrame({"item_id": ids, "split": ["train"] * 3, "image": ids, "crop": [-1] * 3})
+    report = actor(batch)
+    assert report["ok"].all() and list(report["item_id"]) == ids
+    assert seen[0] == 3 and seen[1:] == [1, 1, 1]
+    rows = storage.read_parquet(list_shards(spec.correlate.output)[0], columns=["item_id"]).column("item_id")
+    assert sorted(rows.to_pylist()) == ids
+
+
+class _Echo:
+    def __init__(self):
+        pass
+
+    def __call__(self, batch):
+        return batch.assign(ok=True, error="")
+
+
+def test_a_stage_that_cannot_be_scheduled_stops_with_one_line(ray_session):
+    """An actor pool asking for more than any node has waits forever in Ray; the watchdog turns "no
+    progress" into an error naming the request and what the cluster has free."""
+    from diclip.config import Resources
+    from diclip.errors import DiclipError
+    from ray_jobs.common import run_pool
+
+    res = Resources(num_cpus=64, concurrency=1, batch_size=2)  # this test cluster has 2 CPUs
+    with pytest.raises(DiclipError) as e:
+        run_pool([{"item_id": str(i)} for i in range(4)], _Echo, {}, res, desc="correlate", stall_s=8)
+    msg = str(e.value)
+    assert msg.startswith("correlate: no progress for") and "{'CPU': 64" in msg and "free of" in msg
+    assert "\n" not in msg
