@@ -327,19 +327,34 @@ def watched(batches: Iterator, desc: str, res: Resources, stall_s: float) -> Ite
 
     threading.Thread(target=pump, daemon=True, name=f"{desc}-batches").start()
     last = time.monotonic()
+    # Before the first batch Ray Data's own actor-start timeout (set by run_pool to stall_s) should fire
+    # first: it stops its executor cleanly, where this watchdog can only walk away from it.
+    limit = 2 * stall_s
     while True:
         try:
             b = q.get(timeout=min(5.0, stall_s))
         except queue.Empty:
-            if time.monotonic() - last > stall_s:
-                raise DiclipError(stall_message(desc, res, stall_s / 60)) from None
+            if time.monotonic() - last > limit:
+                raise DiclipError(stall_message(desc, res, limit / 60)) from None
             continue
         if b is end:
             return
         if isinstance(b, BaseException):
+            if _is_actor_start_timeout(b):
+                raise DiclipError(stall_message(desc, res, stall_s / 60)) from None
             raise b
-        last = time.monotonic()
+        last, limit = time.monotonic(), stall_s
         yield b
+
+
+def _is_actor_start_timeout(e: BaseException) -> bool:
+    """Ray Data's "Timed out while starting actors" (``DataContext.wait_for_min_actors_s``), possibly wrapped."""
+    seen = 0
+    while e is not None and seen < 5:
+        if "Timed out while starting actors" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, *, desc: str,
@@ -350,16 +365,33 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     its own shard and returns one report row per item: ``item_id``, ``ok`` (bool), ``error`` (str).
     """
     import ray.data
-    from tqdm import tqdm
 
     result = PoolResult()
     if not items:
         return result
     start = time.perf_counter()
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
-    ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
-                        **map_batches_kwargs(res))
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not _progress_enabled(), leave=False)
+    ctx = ray.data.DataContext.get_current()
+    saved_wait = ctx.wait_for_min_actors_s
+    if stall_s > 0:  # actors that cannot start fail the dataset instead of waiting forever
+        ctx.wait_for_min_actors_s = max(1, int(stall_s))
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
+        ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
+                            **map_batches_kwargs(res))
+        _consume(ds, result, desc, res, collect, stall_s, len(items))
+    finally:
+        ctx.wait_for_min_actors_s = saved_wait
+    result.seconds = time.perf_counter() - start
+    for item_id, err in result.failures:
+        log.warning("%s: %s failed: %s", desc, item_id, err)
+    return result
+
+
+def _consume(ds, result: PoolResult, desc: str, res: Resources, collect: Callable[[dict], None] | None,
+             stall_s: float, total: int) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not _progress_enabled(), leave=False)
     for batch in watched(ds.iter_batches(batch_size=None, batch_format="pandas"), desc, res, stall_s):
         for row in batch.to_dict("records"):
             if row.get("ok"):
@@ -371,10 +403,6 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
             bar.update(1)
             bar.set_postfix(failed=len(result.failures))
     bar.close()
-    result.seconds = time.perf_counter() - start
-    for item_id, err in result.failures:
-        log.warning("%s: %s failed: %s", desc, item_id, err)
-    return result
 
 
 def _progress_enabled() -> bool:

@@ -69,3 +69,13 @@ def test_a_stage_that_cannot_be_scheduled_stops_with_one_line(ray_session):
     msg = str(e.value)
     assert msg.startswith("correlate: no progress for") and "{'CPU': 64" in msg and "free of" in msg
     assert "\n" not in msg
+    # Ray Data's executor stopped with the error: nothing is left polling a session the module will shut down
+    import threading
+    import time
+
+    for _ in range(50):
+        left = [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor") and t.is_alive()]
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, left
