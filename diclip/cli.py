@@ -6,6 +6,7 @@
     diclip show SPEC [key=value ...]       print the merged spec
     diclip submit SPEC --address URL       submit the spec as a Ray job (then status/logs/stop JOB)
     diclip cluster render SPEC --out DIR   fill the cluster manifests from the spec
+    diclip pretrain-toy [--out DIR]        train + package the toy models the demo ships
 
 User mistakes (bad keys, missing files, unreachable stores, mismatched artifacts) print one line,
 ``error: ...``, and exit with status 2.
@@ -66,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         jp.add_argument("--address", default=None, help=address_help)
         if name == "logs":
             jp.add_argument("--follow", action="store_true", help="stream new log lines until the job ends")
+    tp = sub.add_parser("pretrain-toy", help="train the toy CLIP + diffusion models (resumable) and package them")
+    tp.add_argument("--out", default="runs/toy-models", help="run folder; the release lands in OUT/release")
+    tp.add_argument("--only", choices=["all", "clip", "diffusion"], default="all")
+    tp.add_argument("--sequential", action="store_true", help="one model after the other (default: in parallel)")
+    tp.add_argument("--clip-steps", type=int, default=None, help="override the recipe's CLIP steps (600)")
+    tp.add_argument("--diffusion-steps", type=int, nargs=2, default=None, metavar=("VAE", "UNET"),
+                    help="override the recipe's VAE and UNet steps (300 1500)")
     cp = sub.add_parser("cluster", help="cluster manifests")
     csub = cp.add_subparsers(dest="cluster_command", metavar="ACTION")
     rp = csub.add_parser("render", help="fill Dockerfile/KubeRay/cluster-launcher templates from a spec")
@@ -169,6 +177,16 @@ def _dispatch(args) -> int:
         from ray_jobs import submit
 
         return submit.main(args)
+    if cmd == "pretrain-toy":
+        from diclip.toy.pretrain import pretrain
+
+        clip_args = [] if args.clip_steps is None else ["--steps", str(args.clip_steps)]
+        diff_args = [] if args.diffusion_steps is None else ["--vae-steps", str(args.diffusion_steps[0]),
+                                                             "--steps", str(args.diffusion_steps[1])]
+        release = pretrain(args.out, args.only, parallel=not args.sequential, clip_args=clip_args,
+                           diffusion_args=diff_args)
+        print(f"toy models in {release}")
+        return 0
     if cmd == "cluster":
         from ray_jobs import cluster_render
 

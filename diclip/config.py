@@ -145,6 +145,10 @@ class ModelConfig:
 class MethodConfig:
     """Thresholds and weights of the method; defaults are the reference's VOC values."""
 
+    vce: bool = True
+    """Diffusion correlation (VCE) in CLIP's surgery attention. false: plain CLIP Surgery everywhere (masks
+    of generated images, cache features, CAMs, training), the ablation's "- VCE" row; RAR still walks the
+    diffusion attention. (The "- TSA" row: retrieval_weight=0 adapter_cam_weight=0.)"""
     corr_threshold: float = 0.2
     """ACR: attention entries below this (after column-max normalisation) are zeroed."""
     num_clusters: int = 9

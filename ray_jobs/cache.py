@@ -67,7 +67,7 @@ def settings(spec: JobSpec) -> dict:
     mask_settings = storage.join(spec.cache.masks, SETTINGS_FILE)
     masks_hash = storage.read_json(mask_settings).get("hash") if storage.exists(mask_settings) else None
     return {"dataset": spec.data.dataset, "model": model_settings(spec), "image_size": spec.cache.image_size,
-            "method": {k: getattr(spec.method, k) for k in ("corr_threshold", "num_clusters", "cluster_iters")},
+            "method": {k: getattr(spec.method, k) for k in ("vce", "corr_threshold", "num_clusters", "cluster_iters")},
             "masks_settings": masks_hash}
 
 

@@ -61,7 +61,7 @@ def settings(spec: JobSpec) -> dict:
     """What determines a mask row (models, method thresholds, filter thresholds), not resources."""
     m = spec.mask
     return {"dataset": spec.data.dataset, "model": model_settings(spec),
-            "method": {k: getattr(spec.method, k) for k in ("corr_threshold", "num_clusters", "cluster_iters",
+            "method": {k: getattr(spec.method, k) for k in ("vce", "corr_threshold", "num_clusters", "cluster_iters",
                                                             "caa_threshold", "caa_layers", "label_threshold")},
             "image_size": m.image_size, "rar_steps": m.rar_steps, "min_foreground": m.min_foreground,
             "max_foreground": m.max_foreground}

@@ -20,7 +20,8 @@ def is_complete(spec: JobSpec) -> bool:
 
 def run(spec: JobSpec) -> dict:
     c = spec.synthesize
-    if spec.data.dataset != "synthetic":
+    world = spec.data.dataset if spec.data.dataset in ("synthetic", "toy") else "synthetic"
+    if world != spec.data.dataset:
         log.warning("data.dataset is %r; the synthesize stage writes the 'synthetic' class set", spec.data.dataset)
     summary = generate_synthetic(
         spec.data.root,
@@ -29,6 +30,7 @@ def run(spec: JobSpec) -> dict:
         image_size=tuple(c.image_size),
         seed=c.seed,
         max_objects=c.max_objects,
+        class_set=world,
         show_progress=spec.ray.progress_bars,
     )
     log.info("synthetic data (%d train / %d val) %s %s", summary["num_train"], summary["num_val"],

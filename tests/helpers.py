@@ -47,4 +47,4 @@ def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None)
     ]
     if endpoint_url:
         base.append(f"storage.endpoint_url={endpoint_url}")
-    return load_spec("configs/demo.yaml", base + list(overrides))
+    return load_spec("configs/tiny.yaml", base + list(overrides))

@@ -19,7 +19,7 @@ def test_defaults_are_the_reference_voc_settings():
     assert spec.correlate.output == "runs/diclip/correlate"  # interpolated from output_uri and name
 
 
-@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/voc.yaml", "configs/coco.yaml",
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/tiny.yaml", "configs/voc.yaml", "configs/coco.yaml",
                                   "configs/voc-8gpu.yaml", "configs/coco-8gpu.yaml"])
 def test_shipped_configs_load_and_roundtrip(path, tmp_path):
     spec = load_spec(path, absolute_paths=False)

@@ -132,14 +132,19 @@ SYNTHETIC = ClassSet(
     SYNTHETIC_GENERATION_WORDS,
 )
 
+# The toy world (``diclip.data.toy_world``): the class is the object's texture; the background is
+# smooth colour blobs. The shipped toy CLIP was trained on these words.
+TOY = ClassSet("toy", ("background", "stripes", "bars", "checks"), ("stripes", "bars", "checks"),
+               ("blobs", "background"), ("stripes", "bars", "checks"))
+
 assert VOC.num_classes == 21 and COCO.num_classes == 81 and len(COCO_GENERATION_WORDS) == 80
 assert len(COCO_BACKGROUND_WORDS) == 23 and len(VOC_BACKGROUND_WORDS) == 25
 
-_CLASS_SETS: dict[str, ClassSet] = {cs.name: cs for cs in (VOC, COCO, SYNTHETIC)}
+_CLASS_SETS: dict[str, ClassSet] = {cs.name: cs for cs in (VOC, COCO, SYNTHETIC, TOY)}
 
 
 def get_class_set(name: str | ClassSet) -> ClassSet:
-    """Look up a class set by name ("voc", "coco", "synthetic"); a ClassSet passes through."""
+    """Look up a class set by name ("voc", "coco", "synthetic", "toy"); a ClassSet passes through."""
     if isinstance(name, ClassSet):
         return name
     key = str(name).strip().lower()

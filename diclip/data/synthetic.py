@@ -1,5 +1,8 @@
 """A tiny synthetic WSSS dataset in the VOC layout, for tests and smoke runs without downloads.
 
+Two worlds: ``synthetic`` (below) and ``toy`` (:mod:`diclip.data.toy_world`, textures, the world the
+shipped toy models were trained on), chosen by the class set.
+
 Each foreground class has its own shape and colour family (a red ball, a blue box, a green kite,
 a yellow star) on a dull textured background, so even a weak model separates them and CLIP can
 name them. Masks are exactly the drawn pixels: both the image and the mask are painted from the
@@ -146,6 +149,15 @@ def render_sample(rng: np.random.Generator, h: int, w: int, num_fg: int, max_obj
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask
 
 
+def _render_toy(seed: int, split: str, i: int, size: int, max_objects: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``i`` of a split of the toy world (indices the shipped toy models never saw)."""
+    from diclip.data import toy_world
+
+    offset = toy_world.TRAIN_OFFSET if split == "train" else toy_world.VAL_OFFSET
+    sample = toy_world.render(seed, offset + i, toy_world.WorldConfig(size=size, max_objects=max(1, max_objects)))
+    return sample.image, sample.mask
+
+
 def encode_jpeg(image: np.ndarray) -> bytes:
     """JPEG at quality 95 without chroma subsampling, so object colours stay sharp at edges."""
     buf = io.BytesIO()
@@ -196,7 +208,11 @@ def generate_synthetic(
     """
     cs = get_class_set(class_set)
     num_fg = cs.num_classes - 1
-    if num_fg > len(STYLES):
+    h, w = _size_hw(image_size)
+    toy = cs.name == "toy"
+    if toy and h != w:
+        raise ConfigError(f"the toy world is square: synthesize.image_size must be [s, s], got [{h}, {w}]")
+    if not toy and num_fg > len(STYLES):
         raise DataError(
             f"class set {cs.name!r} has {num_fg} foreground classes but the synthetic generator "
             f"draws at most {len(STYLES)}: use class_set='synthetic'"
@@ -207,7 +223,6 @@ def generate_synthetic(
         raise ConfigError(f"max_objects must be >= 1, got {max_objects}")
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
-    h, w = _size_hw(image_size)
     params = {
         "version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
         "image_size": [h, w], "seed": int(seed), "max_objects": int(max_objects), "class_set": cs.name,
@@ -234,8 +249,11 @@ def generate_synthetic(
             ids = []
             for i in range(split_sizes[split]):
                 image_id = f"synth_{split}_{i:05d}"
-                rng = np.random.default_rng([int(seed), split_code, i])
-                image, mask = render_sample(rng, h, w, num_fg, int(max_objects))
+                if toy:
+                    image, mask = _render_toy(int(seed), split, i, h, int(max_objects))
+                else:
+                    rng = np.random.default_rng([int(seed), split_code, i])
+                    image, mask = render_sample(rng, h, w, num_fg, int(max_objects))
                 storage.write_bytes(storage.join(image_dir, f"{image_id}.jpg"), encode_jpeg(image))
                 storage.write_bytes(storage.join(mask_dir, f"{image_id}.png"), encode_mask_png(mask))
                 label = np.zeros(num_fg, dtype=np.float32)

@@ -79,7 +79,7 @@ class VCEFeatureExtractor:
         cap = self.diffusion(images, seeds)
         corr = vce_compact(cap, self.spec.method, self.spec.model.diffusion).expand()
         x = images.to(self.device).float()
-        vis = self.encoder((x - self.mean) / self.std, corr.to(self.device))
+        vis = self.encoder((x - self.mean) / self.std, corr.to(self.device) if self.spec.method.vce else None)
         feats = vis.features.float()
         # The reference normalises over the token axis (dim=1), not channels; the cache lives in this space.
         feats = feats / feats.norm(dim=1, keepdim=True)

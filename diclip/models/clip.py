@@ -18,6 +18,7 @@ import torch
 import diclip  # noqa: F401  (torchvision shim before open_clip)
 import open_clip
 
+from diclip import bundled
 from diclip.config import ClipConfig
 from diclip.errors import ModelError
 from diclip.logging import get_logger
@@ -39,10 +40,11 @@ def _quiet(logger_name: str):
 
 
 def register_bundled_configs() -> None:
-    """Make the bundled model configs (``diclip-tiny``) known to open_clip (idempotent)."""
+    """Make the bundled model configs (``diclip-tiny``, ``diclip-toy``) known to open_clip (idempotent)."""
     global _REGISTERED
     if not _REGISTERED:
-        open_clip.add_model_config(str(resources.files("diclip") / "resources" / "diclip-tiny.json"))
+        for name in ("diclip-tiny.json", "diclip-toy.json"):
+            open_clip.add_model_config(str(resources.files("diclip") / "resources" / name))
         _REGISTERED = True
 
 
@@ -113,9 +115,10 @@ def build_clip(cfg: ClipConfig, device: str | torch.device = "cpu") -> ClipBundl
     quick_gelu = resolve_quick_gelu(cfg)
     try:
         if cfg.pretrained:
-            if _is_file(cfg.pretrained) and not os.path.isfile(cfg.pretrained):
+            weights = bundled.resolve(cfg.pretrained)
+            if _is_file(weights) and not os.path.isfile(weights):
                 raise ModelError(f"CLIP checkpoint not found: {cfg.pretrained}")
-            model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, device=device,
+            model = open_clip.create_model(cfg.name, pretrained=weights, device=device,
                                            force_quick_gelu=quick_gelu)
         else:
             with torch.random.fork_rng(devices=[]), _quiet("root"):

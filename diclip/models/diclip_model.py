@@ -139,6 +139,8 @@ class DiCLIP(nn.Module):
         ``heads``: what runs the trainable part (default ``self.heads``; training passes the DeepSpeed
         engine that wraps it)."""
         heads = self.heads if heads is None else heads
+        if not self.method.vce:
+            corr = None
         vis = self.encoder(self.normalize(images), corr, surgery=not seg_only)
         grid = vis.grid
         b = images.shape[0]

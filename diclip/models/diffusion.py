@@ -18,6 +18,7 @@ from functools import lru_cache
 import torch
 
 import diclip  # noqa: F401
+from diclip import bundled
 from diclip.config import DiffusionConfig
 from diclip.errors import ModelError
 from diclip.logging import get_logger
@@ -131,6 +132,7 @@ def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = 
             **tiny_components(seed), safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     else:
+        source = bundled.resolve(source)
         if (source.startswith((".", "/")) or os.path.sep in source and os.path.exists(os.path.dirname(source) or ".")) \
                 and not os.path.isdir(source):
             raise ModelError(f"diffusion model directory not found: {source}")

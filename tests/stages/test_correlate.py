@@ -124,7 +124,7 @@ def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path):
                  "correlate.resources.concurrency=1", "correlate.crops_per_image=2", "data.crop_size=48"]
     spec = _prepare(root, *overrides)
     env = dict(os.environ, DICLIP_LOG_LEVEL="WARNING")
-    cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/demo.yaml", f"output_uri={root}",
+    cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/tiny.yaml", f"output_uri={root}",
            "ray.progress_bars=false", "synthesize.image_size=[64,80]", "correlate.max_side=80", *overrides]
     err_file = open(tmp_path / "stderr.txt", "w")  # a file, not a pipe: Ray's logs must not fill a pipe
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)

@@ -240,7 +240,7 @@ def test_ctrl_c_stops_training_within_seconds_and_the_rerun_resumes(tmp_path):
     spec = tiny_spec(root, *TRAIN, *args)
     synthesize.run(spec)
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
-    cmd = [sys.executable, "-m", "diclip.cli", "train", "configs/demo.yaml", f"output_uri={root}",
+    cmd = [sys.executable, "-m", "diclip.cli", "train", "configs/tiny.yaml", f"output_uri={root}",
            "ray.progress_bars=false", "synthesize.num_train=6", "synthesize.num_val=4",
            "synthesize.image_size=[64,80]", "correlate.max_side=80", "correlate.resources.batch_size=3", *args]
     env = dict(os.environ, DICLIP_LOG_LEVEL="INFO")

