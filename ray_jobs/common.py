@@ -57,6 +57,31 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     return env
 
 
+DASHBOARD_SCHEMES = ("http://", "https://")
+
+
+def drop_dashboard_address() -> str | None:
+    """Remove an exported ``RAY_ADDRESS=http://HOST:8265`` from this process's environment; return it.
+
+    That address is the Jobs API (what ``diclip submit/status/logs`` use), not a cluster ``ray.init`` can
+    join: Ray refuses it ("Invalid Ray address"). ``diclip run`` outside a submitted job therefore ignores
+    it and starts (or joins) Ray as the spec says; ``ray.address`` joins a cluster explicitly."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if os.environ.get("RAY_JOB_ID") or not address.startswith(DASHBOARD_SCHEMES):
+        return None
+    del os.environ["RAY_ADDRESS"]
+    return address
+
+
+def quiet_ray_backend() -> None:
+    """Local runs: only errors from Ray's C++ core (raylet, ``core_worker.cc``) reach the terminal.
+
+    Its INFO/WARNING lines about worker start-up and exiting actors are harmless at the end of every local
+    run and bury the summary; ``RAY_BACKEND_LOG_LEVEL`` set by the user wins. Must happen before
+    ``ray.init`` starts the raylet (child processes read it at start-up)."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+
+
 def init_ray(spec: JobSpec) -> None:
     """Start or join Ray as the spec says; no-op when this process is already connected.
 
@@ -67,10 +92,15 @@ def init_ray(spec: JobSpec) -> None:
 
     if ray.is_initialized():
         return
+    dashboard = drop_dashboard_address()
+    if dashboard:
+        log.info("note: ignoring RAY_ADDRESS=%s (a dashboard address, for diclip submit/status/logs); this run "
+                 "uses %s", dashboard, f"ray.address={spec.ray.address}" if spec.ray.address else "a local Ray")
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     if spec.ray.address or in_job:
         ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
+        quiet_ray_backend()
         env = worker_env(spec)
         kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": bool(spec.ray.dashboard)}
         if spec.ray.dashboard:
