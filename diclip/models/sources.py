@@ -37,10 +37,15 @@ def hf_offline() -> bool:
 
 
 def hf_cache_dir() -> str:
+    """The Hub cache the loaders will read, from the environment as it is now (huggingface_hub's constants
+    are fixed when it is first imported)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
     from huggingface_hub import constants
 
-    return os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.dirname(constants.HF_HUB_CACHE), "hub")
+    return constants.HF_HUB_CACHE
 
 
 def stage_models(spec: JobSpec, stage: str) -> list[ModelSource]:
@@ -81,7 +86,8 @@ def _looks_local(source: str) -> bool:
 def _hf_cached(repo_id: str, filenames: Iterable[str]) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames)
+    cache = hf_cache_dir()
+    return any(isinstance(try_to_load_from_cache(repo_id, f, cache_dir=cache), str) for f in filenames)
 
 
 def _missing_hub(field: str, what: str, repo_id: str) -> ModelError:
