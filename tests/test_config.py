@@ -266,7 +266,7 @@ def test_validate_names_a_model_that_is_not_reachable(tmp_path, monkeypatch, cap
     assert main(["validate", *base, f"model.diffusion.source={missing_dir}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: stage correlate: model.diffusion.source: diffusion model folder '{missing_dir}' does "
-                   f"not exist; download it with `huggingface-cli download <hub id> --local-dir {missing_dir}` "
+                   f"not exist; download it with `hf download <hub id> --local-dir {missing_dir}` "
                    "(README 'Real data and weights' shows how to pre-fetch weights)"]
 
     hub_id = "stabilityai/stable-diffusion-2-1-base"
@@ -275,7 +275,7 @@ def test_validate_names_a_model_that_is_not_reachable(tmp_path, monkeypatch, cap
     assert len(err) == 1 and err[0].startswith(
         f"error: stage correlate: model.diffusion.source: diffusion model '{hub_id}' is not in the Hugging Face "
         f"cache ({tmp_path / 'hf' / 'hub'}) and HF_HUB_OFFLINE=1; pre-fetch it")
-    assert f"huggingface-cli download {hub_id}" in err[0]
+    assert f"hf download {hub_id}" in err[0]
 
     _fake_hub_snapshot(tmp_path / "hf" / "hub", hub_id, {"model_index.json": "{}"})  # now it is cached
     assert main(["validate", *base, f"model.diffusion.source={hub_id}"]) == 0

@@ -93,7 +93,7 @@ def _hf_cached(repo_id: str, filenames: Iterable[str]) -> bool:
 def _missing_hub(field: str, what: str, repo_id: str) -> ModelError:
     return ModelError(f"{field}: {what} {repo_id!r} is not in the Hugging Face cache ({hf_cache_dir()}) and "
                       f"HF_HUB_OFFLINE=1; pre-fetch it where there is network with "
-                      f"`huggingface-cli download {repo_id}` into the same HF_HOME, or download it to a folder "
+                      f"`hf download {repo_id}` into the same HF_HOME, or download it to a folder "
                       f"and set {field}=<folder> ({PREFETCH_HINT})")
 
 
@@ -111,10 +111,10 @@ def check_source(m: ModelSource) -> None:
             path = os.path.expanduser(src)
             if not os.path.isdir(path):
                 raise ModelError(f"{m.field}: diffusion model folder {src!r} does not exist; download it with "
-                                 f"`huggingface-cli download <hub id> --local-dir {src}` ({PREFETCH_HINT})")
+                                 f"`hf download <hub id> --local-dir {src}` ({PREFETCH_HINT})")
             if not os.path.isfile(os.path.join(path, "model_index.json")):
                 raise ModelError(f"{m.field}: {src!r} is not a diffusers folder (no model_index.json); point it at "
-                                 "a folder written by save_pretrained or huggingface-cli download")
+                                 "a folder written by save_pretrained or hf download")
             return
         if hf_offline() and not _hf_cached(src, ["model_index.json"]):
             raise _missing_hub(m.field, "diffusion model", src)
