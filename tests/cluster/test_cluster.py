@@ -732,3 +732,19 @@ def test_a_second_ray_instance_on_the_host_does_not_confuse_the_pipeline(local_r
     assert "multiple active Ray instances" not in out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["seen"] == [result["own"]]  # our node, not the other instance's
+
+
+# ----------------------------------------------------------------------------------------------
+# the READMEs say what the code does
+# ----------------------------------------------------------------------------------------------
+def test_readmes_apply_the_configmap_before_the_rayjob_and_document_every_cluster_setting() -> None:
+    import dataclasses
+
+    from diclip.config import ClusterConfig
+
+    for readme in (REPO / "README.md", REPO / "cluster" / "README.md"):
+        text = readme.read_text()
+        applies = re.findall(r"kubectl apply -f \S+/(spec-configmap|rayjob)\.yaml", text)
+        assert applies and applies.index("spec-configmap") < applies.index("rayjob"), readme
+    documented = set(re.findall(r"`cluster\.([a-z_0-9]+)`", (REPO / "cluster" / "README.md").read_text()))
+    assert {f.name for f in dataclasses.fields(ClusterConfig)} <= documented
