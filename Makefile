@@ -1,13 +1,31 @@
 # Two entry points for a fresh machine (see README):  make demo  /  make test
 # Both create .venv when it is missing. pip (not uv/poetry) so the local CPU torch wheel is used.
+# TORCH=cpu|cuda picks the torch build (below).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.diclip-installed
 
-# DeepSpeed on CPU; its JIT-built ops go to a per-torch-version folder (a stale one can hang).
-export DS_ACCELERATOR ?= cpu
+# Which torch build the venv gets: TORCH=cpu (default) or TORCH=cuda (`make demo TORCH=cuda`).
+#  cpu:  the CPU wheel from PyTorch's CPU index (the PyPI Linux wheel is a ~3 GB CUDA build), unless pip
+#        already has a local wheel folder (find-links, as on offline CI machines): then pip resolves
+#        torch==2.13.0 from that folder exactly as before, with no index and no network.
+#  cuda: PyPI's default torch 2.13.0 Linux wheel (CUDA 13.0), and DeepSpeed on the GPU.
+# An existing venv keeps its torch: to switch, remove .venv (the install stamp is not per TORCH value).
+TORCH ?= cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+LOCAL_WHEELS := $(strip $(PIP_FIND_LINKS)$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+ifeq ($(TORCH),cpu)
+TORCH_PIP_ARGS ?= $(if $(LOCAL_WHEELS),,--index-url $(TORCH_CPU_INDEX))
+else ifeq ($(TORCH),cuda)
+TORCH_PIP_ARGS ?=
+else
+$(error TORCH must be cpu or cuda, got '$(TORCH)')
+endif
+
+# DeepSpeed on the torch build's device; its JIT-built ops go to a per-torch-version folder (a stale one can hang).
+export DS_ACCELERATOR ?= $(if $(filter cuda,$(TORCH)),cuda,cpu)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions/torch-2.13
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
@@ -21,7 +39,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 torchvision==0.28.0
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0 torchvision==0.28.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -14,7 +14,6 @@ User mistakes (bad keys, missing files, unreachable stores, mismatched artifacts
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import diclip  # noqa: F401  (torchvision shim)
@@ -160,6 +159,9 @@ def _dispatch(args) -> int:
             if local is not None:
                 check_resources(dataclasses.replace(spec, pipeline=dataclasses.replace(spec.pipeline, stages=[cmd])),
                                 *local)
+            from diclip.models.sources import check_stage_models
+
+            check_stage_models(spec, [cmd])  # one line here, not a traceback from every actor
         from ray_jobs import interrupt
 
         ray_mod = sys.modules.get("ray")
@@ -171,7 +173,9 @@ def _dispatch(args) -> int:
         ray_mod = sys.modules.get("ray")
         if not joined and ray_mod is not None and ray_mod.is_initialized():
             ray_mod.shutdown()  # workers' last log lines land before the summary, not after it
-        print(json.dumps({"job": spec.name, "output_uri": spec.output_uri, "stages": results}, indent=2, default=str))
+        from ray_jobs.pipeline import summary_lines, write_summary
+
+        print("\n".join(summary_lines(spec, results, write_summary(spec, results))))
         return 0
     if cmd in ("submit", "status", "logs", "stop"):
         from ray_jobs import submit

@@ -583,6 +583,51 @@ class PipelineConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where and how a job runs on a cluster (``diclip submit``, ``diclip cluster render``).
+
+    Kept in the spec so the rendered manifests and the submitted job agree without hand edits."""
+
+    python: str = "python"
+    """Interpreter the submitted job (and the RayJob entrypoint) runs, e.g. ``/opt/venv/bin/python``. The
+    default is whatever ``python`` is first on the cluster's PATH, which in cluster/Dockerfile is the image's
+    venv; on a hand-started cluster name the venv that holds diclip and the cluster's Ray version."""
+    shared_filesystem: bool = False
+    """Absolute local paths (output_uri, data.root) are on a filesystem every node mounts at the same path
+    (NFS, or a single-node cluster on this machine). Off: a cluster job needs s3:// URIs, because a local
+    path is each node's own disk. Relative paths are always refused (they land in Ray's temporary copy of
+    the working directory and are lost when the job ends)."""
+    namespace: str = "default"
+    """Kubernetes namespace of the rendered RayCluster, RayJob and ConfigMap."""
+    service_account: Optional[str] = None
+    """Kubernetes service account of every Ray pod (e.g. one bound to an IAM role for S3); None: the
+    namespace's default."""
+    s3_secret: str = "diclip-s3"
+    """Kubernetes Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, loaded into every Ray container."""
+    head_cpus: int = 4
+    """CPUs of the head (driver, GCS, dashboard; no stage actor runs there)."""
+    head_memory_gib: int = 16
+    """Memory of the head in GiB."""
+    models_pvc: Optional[str] = None
+    """PersistentVolumeClaim holding pre-fetched model weights (a Hugging Face cache), mounted read-only at
+    ``hf_home`` in every Ray pod with HF_HOME set to it and HF_HUB_OFFLINE=1 (cluster/README.md says how to
+    fill it). None: no volume; the image or the pods must find the weights themselves."""
+    hf_home: str = "/models/hf"
+    """Mount path of ``models_pvc`` and the pods' HF_HOME."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.python.strip()), "cluster.python must name an interpreter, e.g. python or /opt/venv/bin/python")
+        _check(bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", self.namespace)) and len(self.namespace) <= 63,
+               f"cluster.namespace {self.namespace!r} must be a Kubernetes name (lower-case letters, digits, '-')")
+        for key in ("service_account", "s3_secret", "models_pvc"):
+            value = getattr(self, key)
+            _check(value is None or bool(re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value)),
+                   f"cluster.{key} {value!r} must be a Kubernetes name (lower-case letters, digits, '-', '.')")
+        _check(self.head_cpus >= 1 and self.head_memory_gib >= 1, "cluster.head_cpus and cluster.head_memory_gib must be >= 1")
+        _check(self.hf_home.startswith("/"), f"cluster.hf_home must be an absolute path, got {self.hf_home!r}")
+
+
+@dataclass
 class JobSpec:
     name: str = "diclip"
     output_uri: str = "runs/${name}"
@@ -601,6 +646,7 @@ class JobSpec:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)),

@@ -8,7 +8,8 @@ prediction. Headless by construction (no display backend is ever touched).
 from __future__ import annotations
 
 import io
-from typing import Sequence
+import math
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -98,11 +99,36 @@ def encode_rgb(image: np.ndarray, fmt: str = "PNG", quality: int = 90) -> bytes:
 # ----------------------------------------------------------------------------------------------
 GRID_PAD = 4
 GRID_HEADER = 18
+LEGEND_LINE = 16
+"""Height of one legend line: a 12 px swatch and PIL's default font (~11 px)."""
+LEGEND_ENTRY = 120
+"""Width of one legend entry (swatch + class name up to ~16 characters)."""
+LegendEntry = tuple[str, Optional[tuple[int, int, int]]]
+"""(label, colour); a None colour is a text-only entry (e.g. "no foreground class")."""
 
 
-def grid_size(rows: int, cols: int, cell: int, pad: int = GRID_PAD, header: int = GRID_HEADER) -> tuple[int, int]:
-    """(width, height) of :func:`picture_grid` output."""
-    return cols * cell + (cols + 1) * pad, header + rows * cell + (rows + 1) * pad
+def legend_height(entries: int, width: int, pad: int = GRID_PAD) -> int:
+    """Pixels the legend band under a grid of ``width`` takes for ``entries`` entries (0: no band)."""
+    if entries <= 0:
+        return 0
+    per_line = max(1, (width - pad) // LEGEND_ENTRY)
+    return math.ceil(entries / per_line) * LEGEND_LINE + pad
+
+
+def grid_size(rows: int, cols: int, cell: int, pad: int = GRID_PAD, header: int = GRID_HEADER,
+              legend: int = 0) -> tuple[int, int]:
+    """(width, height) of :func:`picture_grid` output; ``legend``: number of legend entries."""
+    width = cols * cell + (cols + 1) * pad
+    return width, header + rows * cell + (rows + 1) * pad + legend_height(legend, width, pad)
+
+
+def class_legend(names: Sequence[str], ids: Iterable[int]) -> list[LegendEntry]:
+    """Legend entries (name, VOC colour) for the class ids drawn, background and ignore left out: pictures
+    overlay classes on the image, so background is the image itself."""
+    present = sorted({int(i) for i in ids if 0 < int(i) < len(names)})
+    if not present:
+        return [("no foreground class (image shows through)", None)]
+    return [(names[i], tuple(int(v) for v in PALETTE[i])) for i in present]
 
 
 def _fit(image: np.ndarray, cell: int) -> Image.Image:
@@ -118,10 +144,12 @@ def _fit(image: np.ndarray, cell: int) -> Image.Image:
 
 
 def picture_grid(rows: Sequence[Sequence[np.ndarray | None]], titles: Sequence[str], cell: int = 160,
-                 row_labels: Sequence[str] | None = None, pad: int = GRID_PAD) -> Image.Image:
-    """Rows of RGB pictures (None: an empty cell) under a header of column titles."""
+                 row_labels: Sequence[str] | None = None, pad: int = GRID_PAD,
+                 legend: Sequence[LegendEntry] = ()) -> Image.Image:
+    """Rows of RGB pictures (None: an empty cell) under a header of column titles, with an optional legend
+    band at the bottom saying which colour is which class."""
     cols = len(titles)
-    width, height = grid_size(len(rows), cols, cell, pad)
+    width, height = grid_size(len(rows), cols, cell, pad, legend=len(legend))
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for c, title in enumerate(titles):
@@ -138,6 +166,16 @@ def picture_grid(rows: Sequence[Sequence[np.ndarray | None]], titles: Sequence[s
                 canvas.paste(_fit(pic, cell), (x, y))
         if row_labels is not None and r < len(row_labels):
             draw.text((pad + 3, y + cell - 14), str(row_labels[r])[:24], fill=(255, 255, 255))
+    if legend:
+        top = GRID_HEADER + len(rows) * (cell + pad) + pad
+        per_line = max(1, (width - pad) // LEGEND_ENTRY)
+        for k, (label, colour) in enumerate(legend):
+            x = pad + (k % per_line) * LEGEND_ENTRY
+            y = top + (k // per_line) * LEGEND_LINE + 2
+            if colour is not None:
+                draw.rectangle([x, y, x + 11, y + 11], fill=tuple(colour), outline=(0, 0, 0))
+                x += 16
+            draw.text((x, y), str(label)[: (LEGEND_ENTRY - 20) // 6], fill=(0, 0, 0))
     return canvas
 
 

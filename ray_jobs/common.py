@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ import pyarrow as pa
 import diclip
 from diclip import storage
 from diclip.config import JobSpec, Resources, to_dict
+from diclip.errors import DiclipError
 from diclip.logging import get_logger, init_logging
 from diclip.storage import Manifest, ShardInfo
 from diclip.storage.manifest import config_hash
@@ -57,6 +59,35 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     return env
 
 
+DASHBOARD_SCHEMES = ("http://", "https://")
+
+
+def drop_dashboard_address() -> str | None:
+    """Remove an exported ``RAY_ADDRESS=http://HOST:8265`` from this process's environment; return it.
+
+    That address is the Jobs API (what ``diclip submit/status/logs`` use), not a cluster ``ray.init`` can
+    join: Ray refuses it ("Invalid Ray address"). ``diclip run`` outside a submitted job therefore ignores
+    it and starts (or joins) Ray as the spec says; ``ray.address`` joins a cluster explicitly."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if os.environ.get("RAY_JOB_ID") or not address.startswith(DASHBOARD_SCHEMES):
+        return None
+    del os.environ["RAY_ADDRESS"]
+    return address
+
+
+QUIET_BACKEND_LEVEL = "fatal"
+"""Ray's C++ core logs at ERROR level what is harmless here (``core_worker.cc``: "Actor ... has constructor
+arguments in the object store and max_restarts > 0", once per actor pool; worker exits at shutdown). Real
+failures still reach the driver as Python exceptions, which every stage turns into one line."""
+
+
+def quiet_ray_backend() -> None:
+    """Local runs: keep Ray's C++ core (raylet, ``core_worker.cc``) off the terminal, so the run's own lines
+    and its summary stay readable. ``RAY_BACKEND_LOG_LEVEL`` set by the user (e.g. ``info`` when debugging
+    Ray itself) wins. Must happen before ``ray.init`` starts the raylet (child processes read it at start)."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", QUIET_BACKEND_LEVEL)
+
+
 def init_ray(spec: JobSpec) -> None:
     """Start or join Ray as the spec says; no-op when this process is already connected.
 
@@ -67,10 +98,15 @@ def init_ray(spec: JobSpec) -> None:
 
     if ray.is_initialized():
         return
+    dashboard = drop_dashboard_address()
+    if dashboard:
+        log.info("note: ignoring RAY_ADDRESS=%s (a dashboard address, for diclip submit/status/logs); this run "
+                 "uses %s", dashboard, f"ray.address={spec.ray.address}" if spec.ray.address else "a local Ray")
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     if spec.ray.address or in_job:
         ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
+        quiet_ray_backend()
         env = worker_env(spec)
         kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": bool(spec.ray.dashboard)}
         if spec.ray.dashboard:
@@ -357,6 +393,29 @@ def _is_actor_start_timeout(e: BaseException) -> bool:
     return False
 
 
+_USER_ERROR = re.compile(r"diclip\.errors\.(\w+): ([^\n]+)")
+
+
+def user_error_in(e: BaseException) -> "DiclipError | None":
+    """The user-facing error an actor raised (e.g. a ModelError in its constructor), found in a Ray error.
+
+    Ray wraps an actor's constructor failure in ``ActorDiedError`` whose only trace of the cause is the
+    remote traceback's text, so the last ``diclip.errors.<Class>: <message>`` line in the chain is taken."""
+    import diclip.errors as errors
+
+    found: DiclipError | None = None
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, DiclipError):
+            return e
+        for name, message in _USER_ERROR.findall(str(e)):
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, DiclipError):
+                found = cls(message)
+        e, seen = e.__cause__ or e.__context__ or getattr(e, "cause", None), seen + 1
+    return found
+
+
 def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, *, desc: str,
              collect: Callable[[dict], None] | None = None, stall_s: float = 0.0) -> PoolResult:
     """Fan ``items`` (small dicts with ``item_id``) out to an actor pool; gather each call's report.
@@ -379,6 +438,11 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
         ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
                             **map_batches_kwargs(res))
         _consume(ds, result, desc, res, collect, stall_s, len(items))
+    except Exception as e:
+        user = user_error_in(e)
+        if user is None or isinstance(e, DiclipError):
+            raise
+        raise type(user)(f"{desc}: {user}") from e  # e.g. a model an actor could not load: one line
     finally:
         ctx.wait_for_min_actors_s = saved_wait
     result.seconds = time.perf_counter() - start

@@ -67,9 +67,6 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> list[dict]:
     results = []
     for name in stages:
         results.append(run_stage(spec, name, force=name in spec.pipeline.force))
-    pictures = pictures_of(results)
-    if pictures:
-        log.info("pictures to look at:\n  %s", "\n  ".join(pictures))
     return results
 
 
@@ -83,3 +80,53 @@ def pictures_of(results: list[dict]) -> list[str]:
             if storage.exists(uri):
                 out.append(uri)
     return out
+
+
+SUMMARY_NAME = "run-summary.json"
+"""Every stage's full summary of the last ``diclip run`` (the terminal gets a few lines per stage)."""
+HEADLINE_KEYS = ("images", "failed", "kept", "filtered", "steps", "loss", "val_miou", "seg_miou", "cam_miou")
+"""Stage-summary numbers worth a glance; everything else stays in the JSON file."""
+
+
+def _fmt(key: str, value: object) -> str:
+    if key.endswith("miou") and isinstance(value, (int, float)):
+        return f"{key} {100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{key} {value:.4g}"
+    return f"{key} {value}"
+
+
+def summary_lines(spec: JobSpec, results: list[dict], summary_uri: str | None) -> list[str]:
+    """A short, human-sized end of a run: one line per stage, the pictures, and what the numbers mean."""
+    from diclip.models.sources import random_models
+
+    lines = [f"job {spec.name}: {len(results)} stage(s), outputs under {spec.output_uri}"]
+    for r in results:
+        if r.get("skipped"):
+            status = "skipped (complete)"
+        else:
+            facts = [_fmt(k, r[k]) for k in HEADLINE_KEYS if r.get(k) is not None]
+            status = f"done in {r.get('seconds', 0):.0f}s" + (f": {', '.join(facts)}" if facts else "")
+        lines.append(f"  {r['stage']:<10} {status}")
+    pictures = pictures_of(results)
+    if pictures:
+        lines.append("pictures: " + "  ".join(pictures))
+    randoms = random_models(spec)
+    if randoms and any(r["stage"] in ("train", "evaluate") for r in results):
+        lines.append(f"note: {', '.join(randoms)}: the models are random, so mIoU near 0 is expected; the run shows "
+                     "that the machinery works, not what DiCLIP scores")
+    if summary_uri:
+        lines.append(f"full summary: {summary_uri}")
+    return lines
+
+
+def write_summary(spec: JobSpec, results: list[dict]) -> str | None:
+    """Write every stage's summary as JSON next to the outputs; None when the store refuses (logged)."""
+    uri = storage.join(spec.output_uri, SUMMARY_NAME)
+    try:
+        storage.write_text(uri, json.dumps({"job": spec.name, "output_uri": spec.output_uri, "stages": results},
+                                           indent=2, default=str) + "\n")
+    except Exception as e:  # the run itself succeeded; losing the file must not fail it
+        log.warning("could not write %s: %s", uri, e)
+        return None
+    return uri

@@ -1,6 +1,6 @@
 """``diclip submit / status / logs / stop``: run a job spec on a running Ray cluster via the Ray Jobs API.
 
-The job is ``python -m diclip.cli run <spec> <overrides> ray.address=auto`` executed on the cluster's head
+The job is ``<cluster.python> -m ray_jobs.launch run <spec> <overrides> ray.address=auto`` executed on the cluster's head
 in an uploaded copy of this repository (runtime_env ``working_dir``), so the cluster runs exactly the code
 and spec the user has locally without an image rebuild. Why the pieces look the way they do:
 
@@ -11,6 +11,10 @@ and spec the user has locally without an image rebuild. Why the pieces look the 
   (``diclip.config`` keeps them out), so the upload holds none either;
 * object-store credentials travel only as runtime_env ``env_vars`` read from the submitter's environment
   (:func:`ray_jobs.common.worker_env`), never through a file;
+* the interpreter is the spec's ``cluster.python`` (default ``python``, the first on the cluster's PATH),
+  and :mod:`ray_jobs.launch` turns a module missing from it into one line naming the fix;
+* outputs must be shared (``s3://``): a relative path would land in Ray's temporary copy of the working dir
+  and vanish with the job (:func:`ray_jobs.validate.check_cluster_uris`);
 * ``ray.address=auto`` makes the driver join the cluster it runs on: without it, a spec with
   ``ray.num_cpus`` would try to start a local instance and Ray refuses inside a job;
 * token auth (Ray >= 2.52, pitfall 15): JobSubmissionClient reads ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``
@@ -87,9 +91,16 @@ def job_overrides(spec: JobSpec) -> list[str]:
     return [] if spec.ray.address else ["ray.address=auto"]
 
 
-def entrypoint(spec_path: str, overrides: Sequence[str] = ()) -> str:
-    """Shell command the cluster runs; every argument shell-quoted (overrides may hold spaces, [], $)."""
-    return shlex.join(["python", "-m", "diclip.cli", "run", spec_path, *overrides])
+ENTRY_MODULE = "ray_jobs.launch"
+"""Stdlib-only wrapper of the CLI: a module missing on the cluster becomes one line, not a traceback."""
+
+
+def entrypoint(spec_path: str, overrides: Sequence[str] = (), python: str = "python") -> str:
+    """Shell command the cluster runs; every argument shell-quoted (overrides may hold spaces, [], $).
+
+    ``python`` is explicit (``cluster.python``) because a bare ``python`` is whatever comes first on the
+    cluster's PATH, which need not be the environment diclip is installed in."""
+    return shlex.join([python, "-m", ENTRY_MODULE, "run", spec_path, *overrides])
 
 
 def runtime_env(spec: JobSpec, root: Path | None = None) -> dict[str, Any]:
@@ -258,16 +269,17 @@ def wait(client: "JobSubmissionClient", job_id: str, address: str, timeout_s: fl
 def submit(spec_file: str, overrides: Sequence[str], address: Optional[str], no_wait: bool = False,
            timeout_s: float = 0.0) -> int:
     """Validate locally, upload the repo + spec, start the job; wait for it unless ``no_wait``."""
-    from ray_jobs.validate import validate_spec
+    from ray_jobs.validate import check_cluster_uris, validate_spec
 
     spec = load_spec(spec_file, list(overrides), absolute_paths=False)
     validate_spec(spec, check_exists=False, local=False)  # it runs (and finds its inputs) on the cluster
+    check_cluster_uris(spec)
     addr = resolve_address(address)
     client = connect(addr)
     sub_id = submission_id(spec)
     staged = stage_spec(spec_file, overrides, spec, sub_id)
     try:
-        cmd = entrypoint(staged.path, staged.overrides)
+        cmd = entrypoint(staged.path, staged.overrides, spec.cluster.python)
         log.info("submitting %s to %s: %s", sub_id, addr, cmd)
         with _api_errors(addr):
             job_id = client.submit_job(entrypoint=cmd, runtime_env=runtime_env(spec), submission_id=sub_id)

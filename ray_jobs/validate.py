@@ -65,6 +65,14 @@ def _within(uri: str, root: str) -> bool:
     return uri == root or uri.startswith(root + "/")
 
 
+DATASET_LAYOUT = {
+    "voc": "JPEGImages/, SegmentationClassAug/ (or SegmentationClass/), ImageSets/Segmentation/{train_aug,val}.txt "
+           "and cls_labels.npy",
+    "coco": "JPEGImages/{train,val}/, SegmentationClass/{train,val}/, ImageSets/Segmentation/ split lists "
+            "and cls_labels.npy",
+}
+"""What ``data.root`` must hold per ``data.layout`` (README: Real data and weights)."""
+
 RAY_STAGES = ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer")
 INGEST_CPUS = 0.25
 """CPUs one Ray Data ingest task reserves while training (``RankDatasetFactory``'s ``map_batches``)."""
@@ -74,7 +82,10 @@ def local_resources(spec: JobSpec) -> tuple[float, float] | None:
     """(CPUs, GPUs) of the local Ray instance this spec would start; None when it joins a cluster."""
     import os
 
-    if spec.ray.address or os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")) and not os.environ.get("RAY_JOB_ID"):
+        address = ""  # a dashboard address: init_ray ignores it and starts a local Ray
+    if spec.ray.address or os.environ.get("RAY_JOB_ID") or address:
         return None
     cpus = float(spec.ray.num_cpus or os.cpu_count() or 1)
     try:
@@ -115,6 +126,29 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
                               f"{stage}.resources.num_gpus=0 (CPU) or run on a cluster with GPUs")
 
 
+CLUSTER_URI_FIELDS = ("output_uri", "data.root")
+"""URIs every node of a cluster job reads or writes: they must be shared (s3://, or a shared filesystem)."""
+
+
+def check_cluster_uris(spec: JobSpec) -> None:
+    """Refuse, in one line, artifact URIs that a cluster job would lose or split across nodes.
+
+    A relative path resolves inside Ray's temporary copy of the working directory (deleted with the job);
+    an absolute local path is each node's own disk unless ``cluster.shared_filesystem`` says otherwise."""
+    for field in CLUSTER_URI_FIELDS:
+        uri = str(_get(spec, field))
+        if uri.startswith("s3://"):
+            continue
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if "://" not in uri and not path.startswith("/"):
+            raise ConfigError(f"{field}={uri!r} is a relative path: on a cluster it lands in Ray's temporary copy "
+                              f"of the working directory and is lost when the job ends; use {field}=s3://bucket/prefix")
+        if "://" not in path and not spec.cluster.shared_filesystem:
+            raise ConfigError(f"{field}={uri!r} is a local path, which on a cluster is each node's own disk; use "
+                              f"{field}=s3://bucket/prefix (or cluster.shared_filesystem=true if every node mounts "
+                              "it at that path)")
+
+
 def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) -> None:
     """``local``: the spec runs on this machine's Ray (not when submitting to a cluster)."""
     # the spec's own endpoint/region, not only AWS_ENDPOINT_URL: validate runs before any stage configures it
@@ -138,8 +172,32 @@ def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) 
                 continue
             if not storage.exists(uri):
                 producer = next((s for s, f in STAGE_OUTPUT.items() if _within(uri, _get(spec, f))), None)
+                if producer == "synthesize" and spec.data.dataset != "synthetic":
+                    # a real dataset is downloaded, never synthesised
+                    raise ConfigError(f"{field}: {uri} does not exist; download the {spec.data.dataset.upper()} "
+                                      f"dataset and set data.root to its folder (path or s3://bucket/prefix) "
+                                      f"holding {DATASET_LAYOUT[spec.data.layout]}")
                 hint = f"; add stage {producer!r} before {stage!r} or run it first" if producer and producer != stage else ""
                 raise ConfigError(f"{field}: {uri} does not exist and no earlier stage produces it{hint}")
         out = _get(spec, out_field)
         _check_uri(out_field, out)
         produced[stage] = out
+    if check_exists:  # weights last: a missing model is one line here, not a traceback per Ray actor
+        from diclip.models.sources import check_stage_models
+
+        check_stage_models(spec, stages_to_run(spec))
+
+
+def stages_to_run(spec: JobSpec) -> list[str]:
+    """The spec's stages that ``run`` would not skip (complete stages need no weights)."""
+    from ray_jobs.pipeline import stage_complete
+
+    out = []
+    for name in spec.pipeline.stages:
+        try:
+            done = name not in spec.pipeline.force and stage_complete(spec, name)
+        except Exception:  # an unreadable old output: the stage runs, so check its models
+            done = False
+        if not done:
+            out.append(name)
+    return out

@@ -228,3 +228,119 @@ def test_overrides_may_follow_options():
     assert args.address == "http://h:8265" and args.overrides == ["output_uri=s3://b/x", "train.max_iters=3"]
     with pytest.raises(SystemExit):
         parse(build_parser(), ["submit", "configs/demo.yaml", "--bogus"])
+
+
+# ----------------------------------------------------------------------------------------------
+# a cluster user's first hour: hints that say what to do
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config, layout", [("voc", "SegmentationClassAug/"), ("coco", "JPEGImages/{train,val}/")])
+def test_a_missing_real_dataset_says_download_it(tmp_path, config, layout):
+    """VOC/COCO are downloaded, never synthesised: the hint names data.root and the expected layout."""
+    spec = load_spec(f"configs/{config}.yaml", [f"output_uri={tmp_path}/runs", f"data.root={tmp_path}/nothing"])
+    with pytest.raises(ConfigError) as e:
+        validate_spec(spec, local=False)  # local=False: the GPU recipe is not refused for this machine
+    msg = str(e.value)
+    assert msg.startswith(f"data.root: {tmp_path}/nothing does not exist; download the {config.upper()} dataset "
+                          "and set data.root to its folder")
+    assert layout in msg and "cls_labels.npy" in msg and "synthesize" not in msg
+
+
+def _fake_hub_snapshot(cache: "os.PathLike[str]", repo_id: str, files: dict[str, str]) -> None:
+    """A Hugging Face cache entry laid out as huggingface_hub writes it (refs/main -> snapshots/<rev>/)."""
+    from pathlib import Path
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    for name, text in files.items():
+        (repo / "snapshots" / "0123abcd").mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / "0123abcd" / name).write_text(text)
+
+
+def test_validate_names_a_model_that_is_not_reachable(tmp_path, monkeypatch, capsys):
+    """Missing weights are one line from validate (and run), naming the stage, the setting and the fix."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["configs/demo.yaml", f"output_uri={tmp_path}/runs", "pipeline.stages=[synthesize,correlate]"]
+    missing_dir = tmp_path / "weights" / "sd21"
+    assert main(["validate", *base, f"model.diffusion.source={missing_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: stage correlate: model.diffusion.source: diffusion model folder '{missing_dir}' does "
+                   f"not exist; download it with `hf download <hub id> --local-dir {missing_dir}` "
+                   "(README 'Real data and weights' shows how to pre-fetch weights)"]
+
+    hub_id = "stabilityai/stable-diffusion-2-1-base"
+    assert main(["validate", *base, f"model.diffusion.source={hub_id}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: stage correlate: model.diffusion.source: diffusion model '{hub_id}' is not in the Hugging Face "
+        f"cache ({tmp_path / 'hf' / 'hub'}) and HF_HUB_OFFLINE=1; pre-fetch it")
+    assert f"hf download {hub_id}" in err[0]
+
+    _fake_hub_snapshot(tmp_path / "hf" / "hub", hub_id, {"model_index.json": "{}"})  # now it is cached
+    assert main(["validate", *base, f"model.diffusion.source={hub_id}"]) == 0
+    capsys.readouterr()
+    # CLIP: an open_clip tag whose Hub weights are not cached; train needs CLIP
+    assert main(["validate", "configs/demo.yaml", f"output_uri={tmp_path}/runs", "model.clip.name=ViT-B-16",
+                 "model.clip.pretrained=openai"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: stage mask: model.clip.pretrained: CLIP ViT-B-16/openai: "
+                                               "Hub repo 'timm/vit_base_patch16_clip_224.openai' is not in the")
+    # a single stage is checked too, before any Ray actor tries to load the model
+    assert main(["correlate", *base, f"model.diffusion.source={missing_dir}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: stage correlate: model.diffusion")
+
+
+def test_an_exported_dashboard_address_does_not_change_local_runs(tmp_path, monkeypatch):
+    """RAY_ADDRESS=http://HOST:8265 is for submit/status/logs; a local run plans for, and starts, local Ray."""
+    from ray_jobs.validate import local_resources
+
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    spec = load_spec("configs/demo.yaml", ["ray.num_cpus=2"])
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert local_resources(spec)[0] == 2.0  # resource checks still apply
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert local_resources(spec) is None  # a GCS address: joining a cluster
+    script = ("import os, ray, diclip\n"
+              "from diclip.config import load_spec\n"
+              "from diclip.logging import init_logging\n"
+              "from ray_jobs.common import init_ray\n"
+              "init_logging()  # as the CLI does\n"
+              "init_ray(load_spec('configs/demo.yaml', ['ray.num_cpus=1', 'ray.dashboard=false']))\n"
+              "print(int(ray.cluster_resources()['CPU']), os.environ.get('RAY_ADDRESS'),\n"
+              "      os.environ.get('RAY_BACKEND_LOG_LEVEL'))\n"
+              "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_JOB_ID", "RAY_BACKEND"))}
+    env["RAY_ADDRESS"] = "http://127.0.0.1:8265"
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a local Ray of 1 CPU; the variable is gone; Ray's C++ core kept quiet (its harmless ERROR lines)
+    assert r.stdout.strip().splitlines()[-1] == "1 None fatal"
+    notes = [ln for ln in r.stderr.splitlines() if "ignoring RAY_ADDRESS=http://127.0.0.1:8265" in ln]
+    assert len(notes) == 1 and "a local Ray" in notes[0]
+
+
+def test_run_summary_is_short_and_the_json_is_kept(tmp_path):
+    from diclip import storage
+    from ray_jobs.pipeline import SUMMARY_NAME, summary_lines, write_summary
+
+    spec = load_spec("configs/demo.yaml", [f"output_uri={tmp_path}"])
+    results = [{"stage": "synthesize", "skipped": True, "output": f"{tmp_path}/data"},
+               {"stage": "train", "seconds": 41.2, "steps": 20, "loss": 1.23456, "val_miou": 0.0123,
+                "output": f"{tmp_path}/train", "best_checkpoint": "x" * 500},
+               {"stage": "evaluate", "seconds": 9.0, "seg_miou": 0.021, "cam_miou": None, "failed": 0,
+                "output": f"{tmp_path}/evaluate"}]
+    uri = write_summary(spec, results)
+    assert uri == storage.join(str(tmp_path), SUMMARY_NAME)
+    import json
+
+    assert json.loads(storage.read_text(uri))["stages"] == results
+    lines = summary_lines(spec, results, uri)
+    assert lines[1] == "  synthesize skipped (complete)"
+    assert lines[2] == "  train      done in 41s: steps 20, loss 1.235, val_miou 1.2%"
+    assert lines[3] == "  evaluate   done in 9s: failed 0, seg_miou 2.1%"
+    assert any(ln.startswith("note: CLIP diclip-tiny (random init), diffusion 'tiny' (random init): the models are "
+                             "random, so mIoU near 0 is expected") for ln in lines)
+    assert lines[-1] == f"full summary: {uri}" and len(lines) <= 8
+    real = load_spec("configs/voc.yaml", [f"output_uri={tmp_path}"])
+    assert not any(ln.startswith("note:") for ln in summary_lines(real, results, uri))

@@ -79,8 +79,18 @@ def load(path: str | Path) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
+BUCKET = "s3://diclip-test"
+
+
+def shared(config: str, *overrides: str) -> list[str]:
+    """Overrides putting a spec's outputs and data in a bucket (rendering refuses node-local paths)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    base = [f"output_uri={BUCKET}/runs/{config}", f"data.root={BUCKET}/datasets/{config}"]
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
+
+
 def render(tmp_path: Path, config: str, *overrides: str, image: str | None = None) -> dict[str, Path]:
-    spec = load_spec(str(CONFIGS / f"{config}.yaml"), list(overrides))
+    spec = load_spec(str(CONFIGS / f"{config}.yaml"), shared(config, *overrides), absolute_paths=False)
     paths = cluster_render.render_all(spec, str(tmp_path / config), image=image)
     return {Path(p).name: Path(p) for p in paths}
 
@@ -97,7 +107,7 @@ def containers(cluster_spec: dict) -> list[dict]:
 @pytest.mark.parametrize("config", ["demo", "coco"])
 def test_rendered_kuberay_manifests_validate_against_crds(tmp_path: Path, config: str) -> None:
     files = render(tmp_path, config)
-    spec = load_spec(str(CONFIGS / f"{config}.yaml"))
+    spec = load_spec(str(CONFIGS / f"{config}.yaml"), shared(config))
     assert set(files) == {"raycluster.yaml", "rayjob.yaml", "spec-configmap.yaml", "cluster-launcher.yaml",
                           f"{spec.name}.yaml"}
     cluster, job = load(files["raycluster.yaml"]), load(files["rayjob.yaml"])
@@ -109,8 +119,9 @@ def test_rendered_kuberay_manifests_validate_against_crds(tmp_path: Path, config
     assert js["shutdownAfterJobFinishes"] is True
     assert js["submitterConfig"]["backoffLimit"] == 0  # pitfall 16: no retries with the same id
     assert isinstance(js["ttlSecondsAfterFinished"], int)
-    assert shlex.split(js["entrypoint"]) == ["python", "-m", "diclip.cli", "run", f"/app/{spec.name}.yaml",
+    assert shlex.split(js["entrypoint"]) == ["python", "-m", "ray_jobs.launch", "run", f"/app/{spec.name}.yaml",
                                              "ray.address=auto"]
+    assert cluster["metadata"]["namespace"] == job["metadata"]["namespace"] == "default"
     # the RayJob's cluster is the RayCluster plus the spec mount on the head
     rcs = copy.deepcopy(js["rayClusterSpec"])
     head = rcs["headGroupSpec"]["template"]["spec"]
@@ -170,7 +181,7 @@ def test_worker_count_follows_gpu_packing(tmp_path: Path) -> None:
 
 
 def test_demo_resources_match_an_independent_count(tmp_path: Path) -> None:
-    spec = load_spec(str(CONFIGS / "demo.yaml"))
+    spec = load_spec(str(CONFIGS / "demo.yaml"), shared("demo"))
     files = render(tmp_path, "demo")
     # recompute from the spec without the renderer's code
     ray_stages = [s for s in ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer")
@@ -201,7 +212,9 @@ def test_cluster_launcher_validates_against_ray_schema(tmp_path: Path, config: s
         pytest.skip("ray.autoscaler._private.util.validate_config not importable")
     validate_config(copy.deepcopy(launcher))  # what `ray up` checks, before and after defaults
     validate_config(prepare_config(copy.deepcopy(launcher)))
-    assert launcher["file_mounts"] == {"~/diclip": str(REPO)}
+    assert launcher["file_mounts"] == {"~/diclip": "."}  # `ray up` from the repository root
+    text = render(tmp_path, config)["cluster-launcher.yaml"].read_text()
+    assert str(REPO) not in text and str(tmp_path) not in text and os.path.expanduser("~") not in text
     assert launcher["max_workers"] >= max(t.get("max_workers", 0) for t in launcher["available_node_types"].values())
 
 
@@ -239,12 +252,12 @@ def test_broken_manifests_fail_schema_validation(tmp_path: Path) -> None:
 
 
 def test_use_gpu_without_gpus_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec = load_spec(str(CONFIGS / "coco.yaml"), ["train.resources.num_gpus=0"])
+    spec = load_spec(str(CONFIGS / "coco.yaml"), shared("coco", "train.resources.num_gpus=0"))
     with pytest.raises(ConfigError) as e:
         cluster_render.render_all(spec, str(tmp_path / "out"))
     assert str(e.value) == "train.use_gpu is true but train.resources.num_gpus is 0"
     assert not (tmp_path / "out").exists()  # nothing half-written
-    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), "train.resources.num_gpus=0",
+    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *shared("coco", "train.resources.num_gpus=0"),
                    "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1] == "error: train.use_gpu is true but train.resources.num_gpus is 0"
@@ -256,6 +269,7 @@ def test_storage_settings_and_image_reach_every_container(tmp_path: Path, monkey
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA" + SECRET_VALUE)
     out = tmp_path / "r"
     rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), "output_uri=s3://bucket/coco",
+                   "data.root=s3://bucket/MSCOCO2014",
                    "storage.endpoint_url=http://minio:9000", "storage.region=eu-west-1",
                    "--out", str(out), "--image", "registry.example/diclip:1.2"])
     assert rc == 0
@@ -271,6 +285,89 @@ def test_storage_settings_and_image_reach_every_container(tmp_path: Path, monkey
     assert load(out / "cluster-launcher.yaml")["provider"]["region"] == "eu-west-1"
     for f in out.iterdir():
         assert SECRET_VALUE not in f.read_text(), f"credential leaked into {f.name}"
+
+
+def test_cluster_section_of_the_spec_reaches_every_pod(tmp_path: Path) -> None:
+    """Namespace, service account, S3 Secret, head size and the model volume come from spec.cluster."""
+    files = render(tmp_path, "coco", "cluster.namespace=vision", "cluster.service_account=diclip-runner",
+                   "cluster.s3_secret=team-s3", "cluster.head_cpus=2", "cluster.head_memory_gib=8",
+                   "cluster.models_pvc=hf-models", "cluster.hf_home=/mnt/hf", "cluster.python=/opt/venv/bin/python")
+    cluster, job, cm = (load(files[f]) for f in ("raycluster.yaml", "rayjob.yaml", "spec-configmap.yaml"))
+    validate_k8s(cluster)
+    validate_k8s(job)
+    assert {d["metadata"]["namespace"] for d in (cluster, job, cm)} == {"vision"}
+    assert shlex.split(job["spec"]["entrypoint"])[:3] == ["/opt/venv/bin/python", "-m", "ray_jobs.launch"]
+    for cs in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        pods = [cs["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cs["workerGroupSpecs"]]
+        for pod in pods:
+            assert pod["serviceAccountName"] == "diclip-runner"
+            assert {"name": "diclip-models", "persistentVolumeClaim": {"claimName": "hf-models", "readOnly": True}} \
+                in pod["volumes"]
+            c = pod["containers"][0]
+            assert {"name": "diclip-models", "mountPath": "/mnt/hf", "readOnly": True} in c["volumeMounts"]
+            env = {e["name"]: e["value"] for e in c["env"]}
+            assert env["HF_HOME"] == "/mnt/hf" and env["HF_HUB_OFFLINE"] == "1"
+            assert c["envFrom"] == [{"secretRef": {"name": "team-s3", "optional": False}}]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
+    launcher = load(files["cluster-launcher.yaml"])
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 2}
+    assert all(cmd.startswith("/opt/venv/bin/python -m pip") for cmd in launcher["setup_commands"][:3])
+    # defaults: no service account, no model volume, the Secret named in the README
+    plain = load(render(tmp_path / "plain", "coco")["raycluster.yaml"])
+    pod = plain["spec"]["headGroupSpec"]["template"]["spec"]
+    assert "serviceAccountName" not in pod and all(v["name"] != "diclip-models" for v in pod["volumes"])
+    assert pod["containers"][0]["envFrom"][0]["secretRef"]["name"] == "diclip-s3"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("cluster.namespace=Team_A", "cluster.namespace 'Team_A' must be a Kubernetes name"),
+    ("cluster.head_cpus=0", "cluster.head_cpus and cluster.head_memory_gib must be >= 1"),
+    ("cluster.hf_home=models", "cluster.hf_home must be an absolute path"),
+])
+def test_bad_cluster_settings_are_one_line(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_spec(str(CONFIGS / "coco.yaml"), [override])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["output_uri=runs/coco", "data.root=s3://b/coco"],
+     "output_uri='runs/coco' is a relative path: on a cluster it lands in Ray's temporary copy"),
+    (["output_uri=s3://b/coco", "data.root=data/MSCOCO2014"], "data.root='data/MSCOCO2014' is a relative path"),
+    (["output_uri=/mnt/runs/coco", "data.root=s3://b/coco"],
+     "output_uri='/mnt/runs/coco' is a local path, which on a cluster is each node's own disk"),
+])
+def test_render_refuses_paths_a_cluster_would_lose(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   overrides: list[str], needle: str) -> None:
+    out = tmp_path / "out"
+    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *overrides, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {needle}"), err
+    assert not out.exists()
+    if overrides[0].startswith("output_uri=/"):  # a filesystem every node mounts at that path is fine
+        assert cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *overrides,
+                         "cluster.shared_filesystem=true", "--out", str(out)]) == 0
+
+
+def test_submit_refuses_outputs_that_stay_in_the_working_dir_copy(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Checked before the cluster is contacted (the address here answers nothing)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = cli.main(["submit", str(CONFIGS / "demo.yaml"), "--address", "http://127.0.0.1:1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: output_uri='runs/demo' is a relative path: on a cluster it lands in Ray's "
+                               "temporary copy of the working directory and is lost when the job ends; use "
+                               "output_uri=s3://bucket/prefix"]
+
+
+def test_a_module_missing_on_the_cluster_is_one_line() -> None:
+    """The job's interpreter without diclip's dependencies (here: site-packages off with -S)."""
+    r = subprocess.run([sys.executable, "-S", "-m", "ray_jobs.launch", "run", "configs/demo.yaml"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {sys.executable} on the cluster has no module ")
+    assert "cluster.python=/path/to/venv/bin/python" in lines[0] and "Traceback" not in r.stderr
 
 
 def test_k8s_names_are_dns_labels() -> None:
@@ -355,8 +452,10 @@ def test_spec_outside_the_repo_uploads_its_merged_yaml(tmp_path: Path, monkeypat
 def test_entrypoint_quotes_every_argument() -> None:
     args = ["name=a b", "pipeline.stages=[synthesize,train]", "output_uri=$HOME/x", "data.root='q'"]
     cmd = submit.entrypoint("configs/my spec.yaml", args)
-    assert shlex.split(cmd) == ["python", "-m", "diclip.cli", "run", "configs/my spec.yaml", *args]
+    assert shlex.split(cmd) == ["python", "-m", "ray_jobs.launch", "run", "configs/my spec.yaml", *args]
     assert "$HOME" in cmd and "'output_uri=$HOME/x'" in cmd  # no expansion by the cluster's shell
+    explicit = submit.entrypoint("c.yaml", [], python="/opt/my venv/bin/python")  # cluster.python
+    assert shlex.split(explicit)[:3] == ["/opt/my venv/bin/python", "-m", "ray_jobs.launch"]
 
 
 def test_submission_ids_are_readable_and_unique() -> None:
@@ -365,7 +464,8 @@ def test_submission_ids_are_readable_and_unique() -> None:
     assert a != b and re.fullmatch(r"diclip-demo-\d{8}-\d{6}-[0-9a-f]{4}", a)
 
 
-@pytest.mark.parametrize("argv", [["submit", str(CONFIGS / "demo.yaml")], ["status", "j"], ["logs", "j"],
+@pytest.mark.parametrize("argv", [["submit", str(CONFIGS / "demo.yaml"), "output_uri=s3://b/x"], ["status", "j"],
+                                  ["logs", "j"],
                                   ["stop", "j"]])
 def test_missing_address_is_one_line(argv: list[str], monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture) -> None:
@@ -375,7 +475,8 @@ def test_missing_address_is_one_line(argv: list[str], monkeypatch: pytest.Monkey
     assert err[-1] == "error: no Ray address: pass --address http://HOST:8265 or set RAY_ADDRESS"
 
 
-@pytest.mark.parametrize("argv", [["submit", str(CONFIGS / "demo.yaml"), "--address", "http://127.0.0.1:1"],
+@pytest.mark.parametrize("argv", [["submit", str(CONFIGS / "demo.yaml"), "output_uri=s3://b/x",
+                                   "--address", "http://127.0.0.1:1"],
                                   ["status", "j", "--address", "http://127.0.0.1:1"],
                                   ["logs", "j", "--follow", "--address", "127.0.0.1:1"],
                                   ["stop", "j"]])
@@ -525,7 +626,8 @@ def test_real_submission_runs_on_a_local_cluster(local_ray_cluster: str, tmp_pat
     name = f"sub-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     rc = cli.main(["submit", str(CONFIGS / "demo.yaml"), f"name={name}", f"output_uri={tmp_path}/runs",
-                   "pipeline.stages=[synthesize]", "--address", address, "--timeout", "300"])
+                   "pipeline.stages=[synthesize]", "cluster.shared_filesystem=true",  # one node: this machine
+                   "--address", address, "--timeout", "300"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0, "\n".join(out[-45:])
     assert out[0].startswith(f"submitted diclip-{name}-")
@@ -539,6 +641,11 @@ def test_real_submission_runs_on_a_local_cluster(local_ray_cluster: str, tmp_pat
     assert cli.main(["logs", job_id, "--address", address]) == 0
     logs = capsys.readouterr().out
     assert "stage synthesize" in logs and "ray.address=auto" in logs
+    with pytest.MonkeyPatch.context() as mp:  # the address only exported, as the README suggests
+        mp.setenv("RAY_ADDRESS", address)
+        assert cli.main(["logs", job_id, "--follow"]) == 0
+        followed = capsys.readouterr().out
+    assert "stage synthesize" in followed
     assert cli.main(["stop", job_id, "--address", address]) == 0
     assert capsys.readouterr().out.strip() == f"{job_id} was not running (SUCCEEDED)"
     assert cli.main(["status", "no-such-job", "--address", address]) == 2
@@ -548,7 +655,7 @@ def test_real_submission_runs_on_a_local_cluster(local_ray_cluster: str, tmp_pat
     src = tmp_path / "elsewhere.yaml"
     shutil.copy(CONFIGS / "demo.yaml", src)
     rc = cli.main(["submit", str(src), f"name={name}-2", f"output_uri={tmp_path}/runs2",
-                   "pipeline.stages=[synthesize]", "--address", address, "--no-wait"])
+                   "pipeline.stages=[synthesize]", "cluster.shared_filesystem=true", "--address", address, "--no-wait"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0 and out[0].startswith(f"submitted diclip-{name}-2-")
     job2 = out[0].split()[1]
@@ -557,6 +664,16 @@ def test_real_submission_runs_on_a_local_cluster(local_ray_cluster: str, tmp_pat
     assert submit.wait(client, job2, address, timeout_s=300) == "SUCCEEDED"
     assert (tmp_path / "runs2" / "data" / "synthetic.json").is_file()
     assert f"{submit.SUBMIT_DIR}/{job2}.yaml" in client.get_job_logs(job2)
+
+    # a cluster.python without diclip's dependencies: the job fails with one line naming the fix
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    rc = cli.main(["submit", str(CONFIGS / "demo.yaml"), f"name={name}-3", f"output_uri={tmp_path}/runs3",
+                   "pipeline.stages=[synthesize]", "cluster.shared_filesystem=true", f"cluster.python={bare}/bin/python",
+                   "--address", address, "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "Traceback" not in out, out
+    assert f"error: {bare}/bin/python on the cluster has no module " in out
     print(f"first submission took {submit_s:.1f}s, whole test {time.monotonic() - t0:.1f}s", file=sys.stderr)
 
 
@@ -615,3 +732,19 @@ def test_a_second_ray_instance_on_the_host_does_not_confuse_the_pipeline(local_r
     assert "multiple active Ray instances" not in out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["seen"] == [result["own"]]  # our node, not the other instance's
+
+
+# ----------------------------------------------------------------------------------------------
+# the READMEs say what the code does
+# ----------------------------------------------------------------------------------------------
+def test_readmes_apply_the_configmap_before_the_rayjob_and_document_every_cluster_setting() -> None:
+    import dataclasses
+
+    from diclip.config import ClusterConfig
+
+    for readme in (REPO / "README.md", REPO / "cluster" / "README.md"):
+        text = readme.read_text()
+        applies = re.findall(r"kubectl apply -f \S+/(spec-configmap|rayjob)\.yaml", text)
+        assert applies and applies.index("spec-configmap") < applies.index("rayjob"), readme
+    documented = set(re.findall(r"`cluster\.([a-z_0-9]+)`", (REPO / "cluster" / "README.md").read_text()))
+    assert {f.name for f in dataclasses.fields(ClusterConfig)} <= documented

@@ -285,3 +285,24 @@ def test_palette_png_round_trip_and_grid_size():
     assert grid.size == viz.grid_size(2, 2, 40)
     ov = viz.overlay(np.full((2, 3, 3), 200, np.uint8), mask)
     assert ov[0, 0].tolist() == [200, 200, 200] and ov[0, 1].tolist() == [164, 100, 100]
+
+
+def test_picture_legend_names_the_class_colours():
+    """A grid with a legend band: one swatch per class drawn, in that class's VOC colour, under the rows."""
+    names = ["background", "ball", "box", "ring"]
+    legend = viz.class_legend(names, [0, 2, 255, 1, 2])
+    assert legend == [("ball", (128, 0, 0)), ("box", (0, 128, 0))]  # background/ignore: the image shows through
+    assert viz.class_legend(names, [0, 255]) == [("no foreground class (image shows through)", None)]
+    cell = 40
+    grid = viz.picture_grid([[np.full((10, 30, 3), 90, np.uint8), None]], ["a", "b"], cell=cell, legend=legend)
+    assert grid.size == viz.grid_size(1, 2, cell, legend=2) and grid.size[1] > viz.grid_size(1, 2, cell)[1]
+    top = viz.GRID_HEADER + cell + 2 * viz.GRID_PAD + 2  # first legend line, below the last row
+    px = np.asarray(grid)
+    assert px[top + 6, viz.GRID_PAD + 6].tolist() == [128, 0, 0]  # swatch 1
+    assert px[top + viz.LEGEND_LINE + 6, viz.GRID_PAD + 6].tolist() == [0, 128, 0]  # narrow grid: next line
+    wide = np.asarray(viz.picture_grid([[None] * 4], list("abcd"), cell=80, legend=legend))
+    assert wide.shape[0] == viz.grid_size(1, 4, 80, legend=2)[1]
+    assert wide[top + 40 + 6, viz.GRID_PAD + viz.LEGEND_ENTRY + 6].tolist() == [0, 128, 0]  # side by side
+    # an all-background prediction is the image itself, not a black square
+    img = np.full((4, 4, 3), 150, np.uint8)
+    assert np.array_equal(viz.overlay(img, np.zeros((4, 4), np.uint8), 0.6), img)

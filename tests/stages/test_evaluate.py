@@ -58,8 +58,11 @@ def test_evaluate_writes_every_output(evaluated):
     assert m["segmentation"]["pixels"] == 4 * 64 * 80 and m["cam"]["pixels"] == 6 * 64 * 80
     report = storage.read_text(storage.join(out, "report.md"))
     assert "| **mIoU** |" in report and "| ball |" in report and "CAM IoU" in report
+    assert ("**random models**" in report) == (not spec.model.clip.pretrained)  # the tiny test models are random
     pic = _png(storage.join(out, "pictures.png"))
-    assert pic.format == "PNG" and pic.size == viz.grid_size(3, 4, evaluate.PICTURE_CELL)
+    width = viz.grid_size(3, 4, evaluate.PICTURE_CELL)[0]
+    legend_rows = (pic.size[1] - viz.grid_size(3, 4, evaluate.PICTURE_CELL)[1] - viz.GRID_PAD) // viz.LEGEND_LINE
+    assert pic.format == "PNG" and pic.size[0] == width and legend_rows >= 1  # rows, then the class legend
     manifest = storage.read_manifest(out)
     assert manifest.num_items == 13 and manifest.num_failed == 0 and manifest.stage == "evaluate"
     assert len(manifest.shards) == 13  # batch size 1: one shard per item

@@ -79,3 +79,28 @@ def test_a_stage_that_cannot_be_scheduled_stops_with_one_line(ray_session):
             break
         time.sleep(0.2)
     assert not left, left
+
+
+class _CannotLoad:
+    """An actor whose model is missing on its node (the driver's pre-flight check passed elsewhere)."""
+
+    def __init__(self):
+        from diclip.errors import ModelError
+
+        raise ModelError("cannot load diffusion model '/models/sd21': no model_index.json")
+
+    def __call__(self, batch):  # pragma: no cover - never constructed
+        return batch
+
+
+def test_an_actor_that_cannot_load_its_model_is_one_line(ray_session):
+    """Ray reports an actor's constructor failure as ActorDiedError with the remote traceback as text; the
+    stage re-raises the user's error, naming the stage, in one line."""
+    from diclip.config import Resources
+    from diclip.errors import ModelError
+    from ray_jobs.common import run_pool
+
+    with pytest.raises(ModelError) as e:
+        run_pool([{"item_id": str(i)} for i in range(4)], _CannotLoad, {}, Resources(concurrency=1, batch_size=2),
+                 desc="correlate", stall_s=60)
+    assert str(e.value) == "correlate: cannot load diffusion model '/models/sd21': no model_index.json"
