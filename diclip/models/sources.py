@@ -99,7 +99,9 @@ def _missing_hub(field: str, what: str, repo_id: str) -> ModelError:
 
 def check_source(m: ModelSource) -> None:
     """Raise a one-line :class:`ModelError` when ``m`` cannot be loaded from what is on this machine."""
-    src = m.source
+    from diclip import bundled
+
+    src = bundled.resolve(m.source)  # diclip:toy/... -> this installation's file
     if m.kind == "diffusion":
         if src == "tiny":
             return
