@@ -187,7 +187,11 @@ class MethodConfig:
 @dataclass
 class DataConfig:
     dataset: str = "voc"
-    """Class set: voc | coco | synthetic."""
+    """Class set: voc | coco | synthetic (ignored when ``classes_file`` is set)."""
+    classes_file: Optional[str] = None
+    """YAML file (path or s3:// URI) naming your own classes: ``classes`` (background first),
+    ``prompt_names`` and ``generation_words`` (one per foreground class) and ``background_words``;
+    optional ``name``. Every stage takes its classes from it when set (see README, "Your own dataset")."""
     root: str = "data/VOC2012"
     """Dataset root (path or s3:// URI) in the WSSS layout."""
     layout: str = "voc"
@@ -615,7 +619,7 @@ def _one_line(e: OmegaConfBaseException, source: str) -> str:
 
 # Fields that hold artifact URIs; relative local paths among them are made absolute at load time,
 # because Ray workers (Train workers especially) do not run in the driver's working directory.
-URI_FIELDS = frozenset({"output_uri", "root", "list_dir", "mask_dir", "output", "images", "masks", "cache",
+URI_FIELDS = frozenset({"output_uri", "root", "list_dir", "mask_dir", "classes_file", "output", "images", "masks", "cache",
                         "correlation", "resume_from", "checkpoint", "input"})
 
 

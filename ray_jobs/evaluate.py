@@ -30,7 +30,7 @@ import torch
 
 from diclip import storage
 from diclip.config import JobSpec
-from diclip.data import get_class_set, open_split
+from diclip.data import class_identity, class_set_for, open_split
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
@@ -93,7 +93,7 @@ def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
     """Everything a committed row depends on (not limit / num_pictures / resources: they add or drop rows)."""
     c = spec.evaluate
     return {"checkpoint": c.checkpoint, "fingerprint": fingerprint, "data_root": spec.data.root,
-            "dataset": spec.data.dataset, "split": c.split, "cam_split": c.cam_split, "size": base_size,
+            "dataset": class_identity(spec.data), "split": c.split, "cam_split": c.cam_split, "size": base_size,
             "scales": list(c.scales), "flip": c.flip, "voc_flip_quirk": c.voc_flip_quirk, "work_ratio": c.work_ratio,
             "crf": c.crf, "maps": c.maps, "correlation": c.correlation if c.maps == "stored" else None,
             "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter}
@@ -171,12 +171,12 @@ class Evaluator:
         self.cfg = spec.evaluate
         self.device = start_actor(spec, self.cfg.resources)
         self.model, self.model_spec, self.card = load_exported_model(self.cfg.checkpoint, self.device,
-                                                                     dataset=spec.data.dataset)
+                                                                     dataset=class_set_for(spec.data))
         self.base = base_size
         self.cam_size = int(self.card.get("crop_size") or self.model_spec.data.crop_size)  # CAMs at the training crop
         self.patch = self.model.encoder.patch
         self.k = self.model.num_classes
-        self.class_set = get_class_set(spec.data.dataset)
+        self.class_set = class_set_for(spec.data)
         self.datasets: dict[str, object] = {}
         self._maps = None
         if self.cfg.crf:
@@ -315,7 +315,7 @@ def write_pictures(spec: JobSpec, rows: dict[str, dict], where: dict[str, str], 
     from diclip import viz
 
     cfg = spec.evaluate
-    class_set = get_class_set(spec.data.dataset)
+    class_set = class_set_for(spec.data)
     ids = seg_ids[: cfg.num_pictures]
     if not ids:
         return 0
@@ -356,7 +356,7 @@ def backfill_pseudo_labels(spec: JobSpec, rows: dict[str, dict], where: dict[str
 
 
 def summaries(spec: JobSpec, rows: dict[str, dict]) -> dict:
-    class_set = get_class_set(spec.data.dataset)
+    class_set = class_set_for(spec.data)
     k = class_set.num_classes
     out = {}
     for task in ("seg", "cam"):
@@ -412,7 +412,7 @@ def run(spec: JobSpec) -> dict:
 
     cfg = spec.evaluate
     t0 = time.perf_counter()
-    info = read_export(cfg.checkpoint, spec.data.dataset)  # one-line errors before any actor starts
+    info = read_export(cfg.checkpoint, class_set_for(spec.data))  # one-line errors before any actor starts
     if cfg.crf:
         from diclip.method.crf import crf_backend
 

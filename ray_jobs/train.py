@@ -191,6 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def export(spec: JobSpec, trainer, module) -> None:
     """Everything inference needs besides CLIP/diffusion weights: trainable weights, cache, spec, card."""
+    from diclip.data.classes import class_set_to_dict
     from diclip.models.kv_cache import save_cache
 
     out = storage.join(spec.train.output, "export")
@@ -200,7 +201,8 @@ def export(spec: JobSpec, trainer, module) -> None:
     storage.write_text(storage.join(out, "spec.yaml"), to_yaml(spec))
     storage.write_json(storage.join(out, "card.json"), {
         "classes": list(trainer.class_set.classes),
-        "dataset": spec.data.dataset,
+        "dataset": trainer.class_set.name,
+        "class_set": class_set_to_dict(trainer.class_set),  # inference needs no classes file
         "clip": trainer.clip.model_id,
         "crop_size": spec.data.crop_size,
         "steps": spec.train.max_iters,
@@ -229,8 +231,10 @@ def run_settings(spec: JobSpec) -> dict:
     for v in inputs.values():
         if v:
             v.pop("uri", None)
+    from diclip.data import class_identity
+
     return {"train": t, "model": to_dict(spec.model), "method": to_dict(spec.method), "data": to_dict(spec.data),
-            "inputs": inputs}
+            "classes": class_identity(spec.data), "inputs": inputs}
 
 
 def run_fingerprint(spec: JobSpec) -> str:
@@ -286,13 +290,13 @@ def preflight(spec: JobSpec) -> None:
     tracebacks: the cache (dimension and classes against the CLIP config) and the correlation maps."""
     import open_clip
 
-    from diclip.data import get_class_set
+    from diclip.data import class_set_for
     from diclip.models.clip import register_bundled_configs
     from diclip.models.kv_cache import load_cache
 
     register_bundled_configs()
     embed_dim = (open_clip.get_model_config(spec.model.clip.name) or {}).get("embed_dim")
-    load_cache(spec.train.cache, embed_dim, list(get_class_set(spec.data.dataset).classes))
+    load_cache(spec.train.cache, embed_dim, list(class_set_for(spec.data).classes))
     if spec.train.mode == "stored" and not storage.is_complete(spec.train.correlation):
         raise ConfigError(f"train.correlation: no complete correlate output at {spec.train.correlation}; "
                           "run the correlate stage first (or train.mode=online)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from diclip.config import JobSpec
-from diclip.data import get_class_set
+from diclip.data import class_set_for
 from diclip.method import metrics as metriclib
 from diclip.method.pseudo import rar_transition_from_mean
 from diclip.method.resample import Geometry
@@ -51,7 +51,7 @@ class DiCLIPTrainer:
     def __init__(self, spec: JobSpec, device: torch.device | str = "cpu", with_diffusion: bool | None = None):
         self.spec = spec
         self.device = torch.device(device)
-        self.class_set = get_class_set(spec.data.dataset)
+        self.class_set = class_set_for(spec.data)
         self.clip = build_clip(spec.model.clip, self.device)
         self.cache = load_cache(spec.train.cache, self.clip.embed_dim, list(self.class_set.classes))
         self.model = DiCLIP(self.clip, self.class_set, self.cache, spec.model, spec.method).to(self.device)
