@@ -102,7 +102,7 @@ def list_items(spec: JobSpec) -> list[dict]:
 def settings(spec: JobSpec) -> dict[str, Any]:
     """Everything that determines an image's pixels (not how many, not resources)."""
     g = spec.generate
-    return {"dataset": class_identity(spec.data), "source": g.source, "model_seed": spec.model.diffusion.seed,
+    return {"dataset": class_identity(spec.data, ("classes", "generation_words")), "source": g.source, "model_seed": spec.model.diffusion.seed,
             "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale, "size": g.size,
             "save_size": g.save_size, "seed": g.seed, "prompt_template": g.prompt_template,
             "prompt_overrides": dict(g.prompt_overrides), "dtype": g.dtype}

@@ -251,11 +251,13 @@ def class_set_for(data_cfg) -> ClassSet:
     return get_class_set(data_cfg.dataset)
 
 
-def class_identity(data_cfg) -> str | dict[str, Any]:
-    """What stage settings record about the classes: the built-in set's name, or a classes file's whole
-    content (so editing the file makes the stages that depend on it stale, not its path)."""
+def class_identity(data_cfg, fields: tuple[str, ...] | None = None) -> str | dict[str, Any]:
+    """What stage settings record about the classes: the built-in set's name, or a classes file's content
+    (so editing the file makes the stages that depend on it stale, not its path). ``fields``: only the
+    parts a stage uses (generation reads class names and generation words, not the CLIP prompts)."""
     if getattr(data_cfg, "classes_file", None):
-        return class_set_to_dict(class_set_for(data_cfg))
+        d = class_set_to_dict(class_set_for(data_cfg))
+        return {k: v for k, v in d.items() if fields is None or k in fields}
     return data_cfg.dataset
 
 
