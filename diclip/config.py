@@ -191,7 +191,11 @@ class MethodConfig:
 @dataclass
 class DataConfig:
     dataset: str = "voc"
-    """Class set: voc | coco | synthetic."""
+    """Class set: voc | coco | synthetic (ignored when ``classes_file`` is set)."""
+    classes_file: Optional[str] = None
+    """YAML file (path or s3:// URI) naming your own classes: ``classes`` (background first),
+    ``prompt_names`` and ``generation_words`` (one per foreground class) and ``background_words``;
+    optional ``name``. Every stage takes its classes from it when set (see README, "Your own dataset")."""
     root: str = "data/VOC2012"
     """Dataset root (path or s3:// URI) in the WSSS layout."""
     layout: str = "voc"
@@ -452,6 +456,9 @@ class TrainConfig(StageBase):
     grad_clip: float = 0.0
     eval_every: int = 2000
     log_every: int = 200
+    tensorboard_pictures: int = 3
+    """Val images drawn into TensorBoard at each validation (image | ground truth | CAM | prediction); 0: none.
+    Scalars always go to ``{train.output}/tensorboard/``."""
     val_limit: int = 0
     """Validate on the first N val images (0: all)."""
     seed: int = 0
@@ -478,6 +485,7 @@ class TrainConfig(StageBase):
         _check(self.val_limit >= 0 and self.max_failures >= 0 and self.keep_checkpoints >= 1,
                "train.val_limit and train.max_failures must be >= 0, train.keep_checkpoints >= 1")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0")
+        _check(self.tensorboard_pictures >= 0, "train.tensorboard_pictures must be >= 0")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.batch_per_worker >= 1, "train.batch_per_worker must be >= 1")
         _check(self.max_iters >= 1, "train.max_iters must be >= 1")
@@ -523,7 +531,9 @@ class EvaluateConfig(StageBase):
     """CAMs from the trained KV adapter instead of cache retrieval (reference LAM eval is training-free)."""
     export_pseudo_labels: bool = False
     """Also write the CAM pseudo-labels of ``cam_split`` as VOC palette PNGs under
-    ``{output}/pseudo_labels/SegmentationClassAug/`` (multi-stage protocol)."""
+    ``{output}/pseudo_labels/SegmentationClassAug/`` (multi-stage protocol). The export must be complete:
+    ``pseudo_labels/export.json`` counts expected vs written masks, and a shortfall (items that failed)
+    fails the stage, naming the missing ids."""
     num_pictures: int = 8
     """Rows of ``pictures.png`` (image | ground truth | CAM | prediction), first images of ``split``."""
     limit: int = 0
@@ -665,7 +675,7 @@ def _one_line(e: OmegaConfBaseException, source: str) -> str:
 
 # Fields that hold artifact URIs; relative local paths among them are made absolute at load time,
 # because Ray workers (Train workers especially) do not run in the driver's working directory.
-URI_FIELDS = frozenset({"output_uri", "root", "list_dir", "mask_dir", "output", "images", "masks", "cache",
+URI_FIELDS = frozenset({"output_uri", "root", "list_dir", "mask_dir", "classes_file", "output", "images", "masks", "cache",
                         "correlation", "resume_from", "checkpoint", "input"})
 
 

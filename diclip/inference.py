@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from diclip import storage
 from diclip.config import JobSpec
 from diclip.errors import ConfigError, DiclipError, ModelError
 from diclip.logging import get_logger
+
+if TYPE_CHECKING:
+    from diclip.data.classes import ClassSet
 
 log = get_logger("diclip.inference")
 
@@ -97,7 +100,7 @@ def _missing(uri: str, what: str) -> ModelError:
                       "the checkpoint setting at a train export directory")
 
 
-def read_export(uri: str, dataset: str | None = None) -> ExportInfo:
+def read_export(uri: str, dataset: "str | ClassSet | None" = None) -> ExportInfo:
     """Check an export's files and class list; cheap (no model is built). One-line errors."""
     for name in (MODEL_FILE, SPEC_FILE, CARD_FILE):
         if not storage.exists(storage.join(uri, name)):
@@ -120,14 +123,28 @@ def read_export(uri: str, dataset: str | None = None) -> ExportInfo:
     return info
 
 
-def check_classes(info: ExportInfo, dataset: str | None) -> None:
+def export_class_set(info: ExportInfo) -> "ClassSet":
+    """The classes an export was trained with: the card's own copy (exports of a ``data.classes_file``
+    carry it, so inference needs no access to that file), else the built-in set its spec names."""
+    from diclip.data import get_class_set
+    from diclip.data.classes import class_set_from_dict
+
+    if isinstance(info.card.get("class_set"), dict):
+        try:
+            return class_set_from_dict(info.card["class_set"])
+        except (KeyError, TypeError, DiclipError) as e:
+            raise ModelError(f"{info.uri}: card.json class_set is corrupt ({e}); re-export the model") from e
+    return get_class_set(info.spec.data.dataset)
+
+
+def check_classes(info: ExportInfo, dataset: "str | ClassSet | None") -> None:
     """The export's classes must be the dataset's (same names, same order: ids are positions)."""
     from diclip.data import get_class_set
 
-    own = get_class_set(info.spec.data.dataset)
+    own = export_class_set(info)
     if list(own.classes) != info.classes:
         raise ModelError(f"{info.uri}: card.json classes {info.classes[:4]}... disagree with the training spec's "
-                         f"dataset {info.spec.data.dataset!r}; re-export the model")
+                         f"class set {own.name!r}; re-export the model")
     if dataset is None:
         return
     try:
@@ -136,25 +153,26 @@ def check_classes(info: ExportInfo, dataset: str | None) -> None:
         raise ConfigError(f"data.dataset: {e}") from e
     if list(want.classes) != info.classes:
         raise ModelError(f"class-list mismatch: the model at {info.uri} was trained on {info.card.get('dataset')!r} "
-                         f"({len(info.classes)} classes: {', '.join(info.classes[:5])}...) but data.dataset="
-                         f"{dataset!r} has {len(want.classes)} ({', '.join(want.classes[:5])}...); evaluate a model "
+                         f"({len(info.classes)} classes: {', '.join(info.classes[:5])}...) but the data's class set "
+                         f"{want.name!r} has {len(want.classes)} ({', '.join(want.classes[:5])}...); evaluate a model "
                          "trained on this dataset")
 
 
-def build_model(spec: JobSpec, cache, device: str | torch.device = "cpu"):
-    """A fresh :class:`DiCLIP` (frozen CLIP from the spec, trainable parts at init) in eval mode."""
-    from diclip.data import get_class_set
+def build_model(spec: JobSpec, cache, device: str | torch.device = "cpu", class_set: "ClassSet | None" = None):
+    """A fresh :class:`DiCLIP` (frozen CLIP from the spec, trainable parts at init) in eval mode;
+    ``class_set`` defaults to the spec's own (``data.classes_file`` or ``data.dataset``)."""
+    from diclip.data import class_set_for
     from diclip.models.clip import build_clip
     from diclip.models.diclip_model import DiCLIP
 
-    class_set = get_class_set(spec.data.dataset)
+    class_set = class_set or class_set_for(spec.data)
     clip = build_clip(spec.model.clip, device)
     model = DiCLIP(clip, class_set, cache, spec.model, spec.method)
     return model.to(device).eval()
 
 
 def load_exported_model(export_uri: str, device: str | torch.device = "cpu", spec_override: JobSpec | None = None,
-                        *, dataset: str | None = None):
+                        *, dataset: "str | ClassSet | None" = None):
     """(DiCLIP in eval mode, spec, card) from a ``train`` export.
 
     ``spec_override``: build with its ``model`` and ``method`` sections instead of the exported ones
@@ -173,7 +191,7 @@ def load_exported_model(export_uri: str, device: str | torch.device = "cpu", spe
         raise ModelError(f"corrupt export weights: {e}") from e
     if meta.get("format", FORMAT) != FORMAT:
         raise ModelError(f"{export_uri}/{MODEL_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    model = build_model(spec, load_cache(storage.join(export_uri, CACHE_DIR)), "cpu")
+    model = build_model(spec, load_cache(storage.join(export_uri, CACHE_DIR)), "cpu", export_class_set(info))
     try:
         model.load_trainable_state_dict(tensors)
     except RuntimeError as e:
@@ -192,11 +210,14 @@ def save_export(uri: str, model, spec: JobSpec, cache, steps: int = 0, mode: str
     storage.save_tensors(storage.join(uri, MODEL_FILE), state, {"format": FORMAT})
     save_cache(storage.join(uri, CACHE_DIR), cache)
     storage.write_text(storage.join(uri, SPEC_FILE), to_yaml(spec))
-    from diclip.data import get_class_set
+    from diclip.data import class_set_for
+    from diclip.data.classes import class_set_to_dict
 
+    class_set = class_set_for(spec.data)
     storage.write_json(storage.join(uri, CARD_FILE), {
-        "classes": list(get_class_set(spec.data.dataset).classes),
-        "dataset": spec.data.dataset,
+        "classes": list(class_set.classes),
+        "dataset": class_set.name,
+        "class_set": class_set_to_dict(class_set),
         "clip": f"{spec.model.clip.name}/{spec.model.clip.pretrained or f'random-seed{spec.model.clip.seed}'}",
         "crop_size": spec.data.crop_size,
         "steps": steps,

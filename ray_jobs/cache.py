@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from diclip import storage
 from diclip.config import JobSpec, to_dict
-from diclip.data import get_class_set
+from diclip.data import class_identity, class_set_for
 from diclip.data.datasets import decode_image, decode_mask
 from diclip.errors import DataError, DiclipError
 from diclip.logging import get_logger
@@ -66,7 +66,7 @@ def settings(spec: JobSpec) -> dict:
     """What determines a feature row: models, VCE settings, size, and which masks (their settings)."""
     mask_settings = storage.join(spec.cache.masks, SETTINGS_FILE)
     masks_hash = storage.read_json(mask_settings).get("hash") if storage.exists(mask_settings) else None
-    return {"dataset": spec.data.dataset, "model": model_settings(spec), "image_size": spec.cache.image_size,
+    return {"dataset": class_identity(spec.data), "model": model_settings(spec), "image_size": spec.cache.image_size,
             "method": {k: getattr(spec.method, k) for k in ("vce", "corr_threshold", "num_clusters", "cluster_iters")},
             "masks_settings": masks_hash}
 
@@ -251,7 +251,7 @@ def reduce_to_centroids(spec: JobSpec, shards: list[str], keep: list[str], num_g
 
 def build_cache(spec: JobSpec, rows: list[dict], card: dict[str, Any]) -> KVCache:
     """Sorted centroids -> keys [N, C] float32 and one-hot values [N, K] (column 0 = background)."""
-    classes = get_class_set(spec.data.dataset).classes
+    classes = class_set_for(spec.data).classes
     rows = sorted(rows, key=lambda r: (int(r["group"]), int(r["rank"])))
     keys = torch.from_numpy(np.stack([np.asarray(r["centroid"], dtype=np.float32) for r in rows]))
     groups = torch.tensor([int(r["group"]) for r in rows])
@@ -264,7 +264,7 @@ def build_cache(spec: JobSpec, rows: list[dict], card: dict[str, Any]) -> KVCach
 # ----------------------------------------------------------------------------------------------
 def run(spec: JobSpec) -> dict:
     c = spec.cache
-    class_set = get_class_set(spec.data.dataset)
+    class_set = class_set_for(spec.data)
     t0 = time.perf_counter()
     sources = {"generate": fingerprint(c.images), "mask": fingerprint(c.masks)}
     items, missing = list_items(spec)

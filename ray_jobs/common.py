@@ -272,14 +272,19 @@ def check_failures(stage: str, committed: int, failures: list[tuple[str, str]], 
 
 
 def finalize(stage_uri: str, stage: str, spec: JobSpec, section: Any, failures: list[tuple[str, str]],
-             models: dict[str, str] | None = None, extra: dict | None = None) -> Manifest:
+             models: dict[str, str] | None = None, extra: dict | None = None,
+             before_commit: Callable[[], None] | None = None) -> Manifest:
     """Dedupe shards, write ``failures.parquet`` then ``manifest.json`` (last: the commit point).
 
     More failures than the stage's ``max_failed_fraction`` write the failures but no manifest and
-    raise :class:`~diclip.errors.StageFailed`: the stage stays incomplete and exits non-zero."""
+    raise :class:`~diclip.errors.StageFailed`: the stage stays incomplete and exits non-zero.
+    ``before_commit`` is a stage's own last check (e.g. an export's completeness); raising there
+    leaves the stage incomplete the same way."""
     shards = dedupe_shards(stage_uri)
     storage.write_failures(stage_uri, failures)
     check_failures(stage, sum(s.rows for s in shards), failures, getattr(section, "max_failed_fraction", 1.0))
+    if before_commit is not None:
+        before_commit()
     cfg = to_dict(section)
     manifest = Manifest(
         stage=stage,

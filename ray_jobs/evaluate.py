@@ -9,7 +9,8 @@
     -> shards/part-*.parquet (one per actor call; confusion matrices stored sparsely per row)
     -> driver: int64 confusion matrices summed over the committed rows (exact; never a mean of
        per-batch mIoUs), metrics.json, report.md, pictures.png,
-       [pseudo_labels/SegmentationClassAug/<id>.png], failures.parquet, manifest.json (last)
+       [pseudo_labels/SegmentationClassAug/<id>.png + pseudo_labels/export.json: expected vs written; a
+       shortfall fails the stage naming the missing ids], failures.parquet, manifest.json (last)
 
 Resumable like every stage: a re-run schedules only items without a committed row, and the totals are
 rebuilt from all committed rows. ``run.json`` records what the results depend on (export fingerprint,
@@ -30,8 +31,8 @@ import torch
 
 from diclip import storage
 from diclip.config import JobSpec
-from diclip.data import get_class_set, open_split
-from diclip.errors import ConfigError, DiclipError
+from diclip.data import class_identity, class_set_for, open_split
+from diclip.errors import ConfigError, DiclipError, StageFailed
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
 from ray_jobs.lineage import call_batched
@@ -43,6 +44,8 @@ log = get_logger("ray_jobs.evaluate")
 STAGE = "evaluate"
 RUN_FILE = "run.json"
 PSEUDO_DIR = ("pseudo_labels", "SegmentationClassAug")
+PSEUDO_COUNT = "export.json"  # expected vs written pseudo-labels, next to SegmentationClassAug/
+MISSING_SHOWN = 10  # missing ids named in the error; export.json lists them all
 PICTURE_CELL = 160  # px per picture cell: large enough to judge a mask, small enough for 8+ rows in one PNG
 PICTURE_TITLES = ("image", "ground truth", "CAM (strongest class)", "prediction")
 PICTURE_ALPHA = 0.6
@@ -96,7 +99,7 @@ def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
     """Everything a committed row depends on (not limit / num_pictures / resources: they add or drop rows)."""
     c = spec.evaluate
     return {"checkpoint": c.checkpoint, "fingerprint": fingerprint, "data_root": spec.data.root,
-            "dataset": spec.data.dataset, "split": c.split, "cam_split": c.cam_split, "size": base_size,
+            "dataset": class_identity(spec.data), "split": c.split, "cam_split": c.cam_split, "size": base_size,
             "scales": list(c.scales), "flip": c.flip, "voc_flip_quirk": c.voc_flip_quirk, "work_ratio": c.work_ratio,
             "crf": c.crf, "maps": c.maps, "correlation": c.correlation if c.maps == "stored" else None,
             "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter}
@@ -174,12 +177,12 @@ class Evaluator:
         self.cfg = spec.evaluate
         self.device = start_actor(spec, self.cfg.resources)
         self.model, self.model_spec, self.card = load_exported_model(self.cfg.checkpoint, self.device,
-                                                                     dataset=spec.data.dataset)
+                                                                     dataset=class_set_for(spec.data))
         self.base = base_size
         self.cam_size = int(self.card.get("crop_size") or self.model_spec.data.crop_size)  # CAMs at the training crop
         self.patch = self.model.encoder.patch
         self.k = self.model.num_classes
-        self.class_set = get_class_set(spec.data.dataset)
+        self.class_set = class_set_for(spec.data)
         self.datasets: dict[str, object] = {}
         self._maps = None
         if self.cfg.crf:
@@ -318,7 +321,7 @@ def write_pictures(spec: JobSpec, rows: dict[str, dict], where: dict[str, str], 
     from diclip import viz
 
     cfg = spec.evaluate
-    class_set = get_class_set(spec.data.dataset)
+    class_set = class_set_for(spec.data)
     ids = seg_ids[: cfg.num_pictures]
     if not ids:
         return 0
@@ -364,8 +367,33 @@ def backfill_pseudo_labels(spec: JobSpec, rows: dict[str, dict], where: dict[str
     return sum(1 for r in rows.values() if r["task"] == "cam")
 
 
+def pseudo_label_export(spec: JobSpec, cam_ids: list[str]) -> dict:
+    """Count the pseudo-label PNGs of ``cam_split`` against the ids listed; the count goes to
+    ``pseudo_labels/export.json`` (expected, written, every missing id) for whoever trains on them."""
+    cfg = spec.evaluate
+    folder = storage.join(cfg.output, *PSEUDO_DIR)
+    written = {u[len(folder):].strip("/")[: -len(".png")] for u in storage.list_files(folder, suffix=".png")}
+    missing = [i for i in cam_ids if i not in written]
+    record = {"split": cfg.cam_split, "folder": folder, "expected": len(cam_ids),
+              "written": len(cam_ids) - len(missing), "missing": missing}
+    storage.write_json(storage.join(cfg.output, PSEUDO_DIR[0], PSEUDO_COUNT), record)
+    return record
+
+
+def require_complete_export(record: dict) -> None:
+    """A pseudo-label set with holes would train the next stage on a silently smaller split: refuse it."""
+    missing = record["missing"]
+    if not missing:
+        return
+    shown = ", ".join(missing[:MISSING_SHOWN]) + (f" (+{len(missing) - MISSING_SHOWN} more)"
+                                                  if len(missing) > MISSING_SHOWN else "")
+    raise StageFailed(f"evaluate: pseudo-label export incomplete: {record['written']} of {record['expected']} masks "
+                      f"of split {record['split']!r} written to {record['folder']}; missing: {shown}; their items "
+                      "failed (see failures.parquet): fix them and run again (written masks are kept)")
+
+
 def summaries(spec: JobSpec, rows: dict[str, dict]) -> dict:
-    class_set = get_class_set(spec.data.dataset)
+    class_set = class_set_for(spec.data)
     k = class_set.num_classes
     out = {}
     for task in ("seg", "cam"):
@@ -427,7 +455,7 @@ def run(spec: JobSpec) -> dict:
 
     cfg = spec.evaluate
     t0 = time.perf_counter()
-    info = read_export(cfg.checkpoint, spec.data.dataset)  # one-line errors before any actor starts
+    info = read_export(cfg.checkpoint, class_set_for(spec.data))  # one-line errors before any actor starts
     if cfg.crf:
         from diclip.method.crf import crf_backend
 
@@ -479,12 +507,18 @@ def run(spec: JobSpec) -> dict:
     storage.write_text(storage.join(cfg.output, "report.md"), report_markdown(spec, metrics))
     seg_ids = [it["image_id"] for it in items if it["task"] == "seg"]
     pictures = write_pictures(spec, rows, where, seg_ids)
-    pseudo = backfill_pseudo_labels(spec, rows, where) if cfg.export_pseudo_labels else 0
+    export = None
+    if cfg.export_pseudo_labels:
+        backfill_pseudo_labels(spec, rows, where)
+        export = pseudo_label_export(spec, [it["image_id"] for it in items if it["task"] == "cam"])
+    pseudo = export["written"] if export else 0
     seg_s, cam_s = metrics["segmentation"], metrics["cam"]
     extra = {"seg_miou": seg_s["miou"], "cam_miou": cam_s["miou"] if cam_s else None, "base_size": base,
-             "fingerprint": info.fingerprint, "pictures": pictures, "pseudo_labels": pseudo}
+             "fingerprint": info.fingerprint, "pictures": pictures, "pseudo_labels": pseudo,
+             "pseudo_labels_expected": export["expected"] if export else 0}
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
-                        {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))}, extra)
+                        {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))}, extra,
+                        before_commit=(lambda: require_complete_export(export)) if export else None)
     rate = counts["seg"] / result.seconds if result.seconds > 0 else 0.0
     # items/s from the first actor call's start to the last call's end: without Ray/actor start-up
     steady = len(pending) / (span[1] - span[0]) if span[1] > span[0] else 0.0

@@ -27,7 +27,7 @@ from PIL import Image
 
 from diclip import storage
 from diclip.config import JobSpec
-from diclip.data import get_class_set
+from diclip.data import class_identity, class_set_for
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
 from ray_jobs.common import (
@@ -73,7 +73,7 @@ def class_prompt(spec: JobSpec, word: str) -> str:
 
 def generation_classes(spec: JobSpec) -> list[tuple[int, str, str]]:
     """(class id, class name, generation word) for every class to generate, in class-id order."""
-    cs = get_class_set(spec.data.dataset)
+    cs = class_set_for(spec.data)
     wanted = list(spec.generate.classes)
     unknown = [c for c in wanted if c not in cs.foreground]
     if unknown:
@@ -102,7 +102,7 @@ def list_items(spec: JobSpec) -> list[dict]:
 def settings(spec: JobSpec) -> dict[str, Any]:
     """Everything that determines an image's pixels (not how many, not resources)."""
     g = spec.generate
-    return {"dataset": spec.data.dataset, "source": g.source, "model_seed": spec.model.diffusion.seed,
+    return {"dataset": class_identity(spec.data, ("classes", "generation_words")), "source": g.source, "model_seed": spec.model.diffusion.seed,
             "num_inference_steps": g.num_inference_steps, "guidance_scale": g.guidance_scale, "size": g.size,
             "save_size": g.save_size, "seed": g.seed, "prompt_template": g.prompt_template,
             "prompt_overrides": dict(g.prompt_overrides), "dtype": g.dtype}

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from diclip import storage
 from diclip.config import JobSpec
-from diclip.data import get_class_set
+from diclip.data import class_identity, class_set_for
 from diclip.data.datasets import decode_image
 from diclip.data.synthetic import encode_mask_png
 from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_bytes
@@ -60,7 +60,7 @@ def output_uri(spec: JobSpec) -> str:
 def settings(spec: JobSpec) -> dict:
     """What determines a mask row (models, method thresholds, filter thresholds), not resources."""
     m = spec.mask
-    return {"dataset": spec.data.dataset, "model": model_settings(spec),
+    return {"dataset": class_identity(spec.data), "model": model_settings(spec),
             "method": {k: getattr(spec.method, k) for k in ("vce", "corr_threshold", "num_clusters", "cluster_iters",
                                                             "caa_threshold", "caa_layers", "label_threshold")},
             "image_size": m.image_size, "rar_steps": m.rar_steps, "min_foreground": m.min_foreground,
@@ -223,7 +223,7 @@ def run(spec: JobSpec) -> dict:
     t0 = time.perf_counter()
     result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask",
                       stall_s=60 * spec.ray.stall_minutes)
-    class_names = get_class_set(spec.data.dataset).classes
+    class_names = class_set_for(spec.data).classes
     counts = summarize(cfg.output, class_names)
     models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}
     extra = {"source": source, "settings_hash": s_hash, **counts}

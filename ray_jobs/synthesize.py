@@ -20,8 +20,12 @@ def is_complete(spec: JobSpec) -> bool:
 
 def run(spec: JobSpec) -> dict:
     c = spec.synthesize
-    world = spec.data.dataset if spec.data.dataset in ("synthetic", "toy") else "synthetic"
-    if world != spec.data.dataset:
+    class_set = spec.data.dataset if spec.data.dataset in ("synthetic", "toy") else "synthetic"
+    if spec.data.classes_file:  # your class names on the synthetic shapes (one shape per class, at most 4)
+        from diclip.data import class_set_for
+
+        class_set = class_set_for(spec.data)
+    elif class_set != spec.data.dataset:
         log.warning("data.dataset is %r; the synthesize stage writes the 'synthetic' class set", spec.data.dataset)
     summary = generate_synthetic(
         spec.data.root,
@@ -30,7 +34,7 @@ def run(spec: JobSpec) -> dict:
         image_size=tuple(c.image_size),
         seed=c.seed,
         max_objects=c.max_objects,
-        class_set=world,
+        class_set=class_set,
         show_progress=spec.ray.progress_bars,
     )
     log.info("synthetic data (%d train / %d val) %s %s", summary["num_train"], summary["num_val"],

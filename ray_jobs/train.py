@@ -5,6 +5,8 @@
     -> every eval_every: validation (confusion matrices all-reduced), DeepSpeed checkpoint on every
        rank, ray.train.report(metrics, checkpoint) -> {train.output}/ray/...
     -> rank 0 exports adapter + segmenter (safetensors) + cache + spec to {train.output}/export
+    -> rank 0's TensorBoard events (written locally) copied to {train.output}/tensorboard/ at every
+       validation and at the end; the driver draws {train.output}/curves.png from metrics.jsonl
 
 Determinism: sample ``pos`` and its crop are functions of (seed, pos); a resumed run restarts from the
 checkpoint's step with the same LR (scheduler state), optimizer state and per-rank RNG, so the next
@@ -32,6 +34,7 @@ log = get_logger("ray_jobs.train")
 STAGE = "train"
 PROGRESS = "progress.json"
 STATE = "diclip_state.json"  # = diclip.train.components.STATE (not imported here: it pulls in torch)
+METRICS = "metrics.jsonl"  # = diclip.train.components.METRICS
 
 
 def output_uri(spec: JobSpec) -> str:
@@ -143,6 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
     b = per_worker_batch(spec)
     metrics_log = C.StepMetrics(spec, rank, world, b * t.grad_accum * world)
     metrics_log.record("setup", {"step": 0, **C.precision_report(trainer, engine)})
+    tb = C.TensorBoardLog(spec, rank)
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
     checkpointer = C.Checkpointer(rank, world, t.seed)
     start = 0
@@ -176,6 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
                      metrics["lr"], metrics["samples_per_s"])
         if not is_eval:
             metrics_log.record("train", metrics)
+            tb.scalars(done, metrics)
             continue
         metrics.update(C.validate(trainer, spec, rank, world, done, store))
         with checkpointer.saved(engine, done, metrics) as d:
@@ -185,12 +190,18 @@ def train_loop_per_worker(config: dict) -> None:
             storage.write_json(storage.join(t.output, PROGRESS), {"step": done})
             log.info("step %d: val mIoU %.4f, CAM mIoU %.4f (checkpoint reported)", done, metrics["val_miou"],
                      metrics["val_cam_miou"])
+            tb.scalars(done, metrics)
+            if t.tensorboard_pictures:
+                tb.picture(done, C.prediction_pictures(trainer, spec, store, t.tensorboard_pictures))
+            tb.sync()
+    tb.close()
     if rank == 0:
         export(spec, trainer, engine.module)
 
 
 def export(spec: JobSpec, trainer, module) -> None:
     """Everything inference needs besides CLIP/diffusion weights: trainable weights, cache, spec, card."""
+    from diclip.data.classes import class_set_to_dict
     from diclip.models.kv_cache import save_cache
 
     out = storage.join(spec.train.output, "export")
@@ -200,7 +211,8 @@ def export(spec: JobSpec, trainer, module) -> None:
     storage.write_text(storage.join(out, "spec.yaml"), to_yaml(spec))
     storage.write_json(storage.join(out, "card.json"), {
         "classes": list(trainer.class_set.classes),
-        "dataset": spec.data.dataset,
+        "dataset": trainer.class_set.name,
+        "class_set": class_set_to_dict(trainer.class_set),  # inference needs no classes file
         "clip": trainer.clip.model_id,
         "crop_size": spec.data.crop_size,
         "steps": spec.train.max_iters,
@@ -222,15 +234,18 @@ def run_settings(spec: JobSpec) -> dict:
     from ray_jobs.lineage import fingerprint
 
     t = {k: v for k, v in to_dict(spec.train).items()
-         if k not in ("resume_from", "max_failures", "keep_checkpoints", "trust_checkpoints", "resources")}
+         if k not in ("resume_from", "max_failures", "keep_checkpoints", "trust_checkpoints", "resources",
+                      "tensorboard_pictures")}
     inputs = {"cache": fingerprint(t["cache"])}
     if spec.train.mode == "stored":
         inputs["correlation"] = fingerprint(t["correlation"])
     for v in inputs.values():
         if v:
             v.pop("uri", None)
+    from diclip.data import class_identity
+
     return {"train": t, "model": to_dict(spec.model), "method": to_dict(spec.method), "data": to_dict(spec.data),
-            "inputs": inputs}
+            "classes": class_identity(spec.data), "inputs": inputs}
 
 
 def run_fingerprint(spec: JobSpec) -> str:
@@ -286,16 +301,32 @@ def preflight(spec: JobSpec) -> None:
     tracebacks: the cache (dimension and classes against the CLIP config) and the correlation maps."""
     import open_clip
 
-    from diclip.data import get_class_set
+    from diclip.data import class_set_for
     from diclip.models.clip import register_bundled_configs
     from diclip.models.kv_cache import load_cache
 
     register_bundled_configs()
     embed_dim = (open_clip.get_model_config(spec.model.clip.name) or {}).get("embed_dim")
-    load_cache(spec.train.cache, embed_dim, list(get_class_set(spec.data.dataset).classes))
+    load_cache(spec.train.cache, embed_dim, list(class_set_for(spec.data).classes))
     if spec.train.mode == "stored" and not storage.is_complete(spec.train.correlation):
         raise ConfigError(f"train.correlation: no complete correlate output at {spec.train.correlation}; "
                           "run the correlate stage first (or train.mode=online)")
+
+
+CURVES = "curves.png"
+
+
+def write_curves(spec: JobSpec) -> None:
+    """``{train.output}/curves.png``: losses and validation mIoUs from ``metrics.jsonl`` (a missing log
+    draws nothing: the picture is a convenience, never a reason to fail a finished run)."""
+    from diclip.train.curves import curves_png, read_records
+
+    uri = storage.join(spec.train.output, METRICS)
+    if not storage.exists(uri):
+        log.warning("train: no %s to draw %s from", uri, CURVES)
+        return
+    storage.write_bytes(storage.join(spec.train.output, CURVES), curves_png(read_records(storage.read_text(uri))))
+
 
 def run(spec: JobSpec) -> dict:
     import ray.data
@@ -378,6 +409,7 @@ def run(spec: JobSpec) -> dict:
     if result.best_checkpoints:
         best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1))
         best = {"path": best_ckpt.path, "val_miou": best_metrics.get("val_miou"), "step": best_metrics.get("step")}
+    write_curves(spec)
     storage.write_failures(t.output, dropped)
     manifest = Manifest(stage=STAGE, shards=[], num_items=items.num_rows // max(1, table_crops(items)),
                         num_failed=len(dropped), config=to_dict(t),

@@ -149,6 +149,25 @@ def check_cluster_uris(spec: JobSpec) -> None:
                               "it at that path)")
 
 
+MASKS_CHECKED = 8
+"""Masks of the training split read by ``validate`` against a classes file (a wrong list shows in the first few)."""
+
+
+def check_class_file(spec: JobSpec) -> None:
+    """``data.classes_file``: the file itself (fields, counts, duplicates), then, when the dataset is already
+    there, its labels file (one entry per foreground class) and the first masks (no class id beyond the list)."""
+    from diclip.data import class_set_for, open_split
+
+    if not spec.data.classes_file:
+        return
+    class_set_for(spec.data)
+    if "synthesize" in spec.pipeline.stages or not storage.exists(spec.data.root):
+        return  # written by this pipeline with these classes
+    ds = open_split(spec.data, spec.data.train_split)  # label width against the class count
+    for image_id in ds.ids[:MASKS_CHECKED]:
+        ds.read_mask(image_id)
+
+
 def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) -> None:
     """``local``: the spec runs on this machine's Ray (not when submitting to a cluster)."""
     # the spec's own endpoint/region, not only AWS_ENDPOINT_URL: validate runs before any stage configures it
@@ -161,6 +180,7 @@ def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) 
     if check_exists:  # an unreachable store or a missing bucket fails here, before Ray starts
         storage.check_writable_root(spec.output_uri)
         storage.exists(spec.output_uri)
+        check_class_file(spec)
     produced: dict[str, str] = {}
     for stage in spec.pipeline.stages:
         out_field = STAGE_OUTPUT[stage]

@@ -6,8 +6,11 @@ from diclip.data.classes import (
     VOC_CLASSES,
     SYNTHETIC_CLASSES,
     ClassSet,
+    class_identity,
+    class_set_for,
     get_class_set,
     known_class_sets,
+    load_class_file,
 )
 from diclip.data.datasets import (
     ClassListMismatch,
@@ -26,8 +29,11 @@ __all__ = [
     "VOC_CLASSES",
     "SYNTHETIC_CLASSES",
     "ClassSet",
+    "class_identity",
+    "class_set_for",
     "get_class_set",
     "known_class_sets",
+    "load_class_file",
     "ClassListMismatch",
     "Sample",
     "SegDataset",

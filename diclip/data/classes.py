@@ -6,9 +6,11 @@ generation words cover the foreground classes 1..K-1 in the same order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from diclip.errors import DataError
+from diclip.errors import ConfigError, DataError
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -95,6 +97,39 @@ SYNTHETIC_BACKGROUND_WORDS: tuple[str, ...] = ("ground", "wall", "grass", "floor
 SYNTHETIC_GENERATION_WORDS: tuple[str, ...] = ("red ball", "blue box", "green kite", "yellow star")
 
 
+def _duplicate(words: tuple[str, ...]) -> str | None:
+    seen: set[str] = set()
+    for w in words:
+        if w in seen:
+            return w
+        seen.add(w)
+    return None
+
+
+def class_set_problems(classes: tuple[str, ...], prompt_names: tuple[str, ...], background_words: tuple[str, ...],
+                       generation_words: tuple[str, ...]) -> list[str]:
+    """What is inconsistent in a class list and its words (empty: nothing). Shared by the built-in sets
+    and ``data.classes_file``, so a user's file is held to the same rules as VOC and COCO."""
+    k = len(classes)
+    problems = []
+    if k < 2 or classes[0] != "background":
+        problems.append("classes must start with 'background' and name at least one foreground class")
+    for field, words in (("classes", classes), ("prompt_names", prompt_names), ("background_words", background_words)):
+        dup = _duplicate(words)
+        if dup is not None:  # two ids with one name (or one prompt) cannot be told apart
+            problems.append(f"{field} lists {dup!r} twice")
+    for field, words in (("prompt_names", prompt_names), ("generation_words", generation_words)):
+        if len(words) != k - 1:
+            problems.append(f"{len(words)} {field} for {k - 1} foreground classes (one per class after background, "
+                            "in class order)")
+    if not background_words:
+        problems.append("no background_words (CLIP needs at least one background prompt)")
+    clash = next((w for w in background_words if w in classes[1:] or w in prompt_names), None)
+    if clash is not None:  # a background prompt that names a class suppresses that class's CAM
+        problems.append(f"background word {clash!r} is also a foreground class or prompt name")
+    return problems
+
+
 @dataclass(frozen=True)
 class ClassSet:
     """One dataset's classes and the words each model stage uses for them."""
@@ -107,12 +142,9 @@ class ClassSet:
 
     def __post_init__(self) -> None:
         # Checked eagerly: a length mismatch silently shifts every class id by one downstream.
-        k = len(self.classes)
-        assert k >= 2 and self.classes[0] == "background", f"{self.name}: classes[0] must be background"
-        assert len(set(self.classes)) == k, f"{self.name}: duplicate class names"
-        assert len(self.prompt_names) == k - 1, f"{self.name}: {len(self.prompt_names)} prompt names for {k - 1} classes"
-        assert len(self.generation_words) == k - 1, f"{self.name}: {len(self.generation_words)} generation words for {k - 1} classes"
-        assert len(self.background_words) >= 1, f"{self.name}: no background words"
+        problems = class_set_problems(self.classes, self.prompt_names, self.background_words, self.generation_words)
+        if problems:
+            raise DataError(f"class set {self.name!r}: {problems[0]}")
 
     @property
     def num_classes(self) -> int:
@@ -158,3 +190,87 @@ def get_class_set(name: str | ClassSet) -> ClassSet:
 def known_class_sets() -> list[str]:
     """Names accepted by ``get_class_set``."""
     return sorted(_CLASS_SETS)
+
+
+# ----------------------------------------------------------------------------------------------
+# data.classes_file: a user's own class list
+# ----------------------------------------------------------------------------------------------
+CLASS_FILE_FIELDS = ("classes", "prompt_names", "background_words", "generation_words")
+"""Required lists of a classes file; ``name`` is optional (default: the file's stem)."""
+
+
+def _word_list(raw: dict, field: str, where: str) -> tuple[str, ...]:
+    if field not in raw:
+        raise ConfigError(f"{where}: missing field {field!r} (a classes file needs {', '.join(CLASS_FILE_FIELDS)})")
+    value = raw[field]
+    if not isinstance(value, list) or not all(isinstance(w, str) and w.strip() for w in value):
+        raise ConfigError(f"{where}: {field} must be a list of non-empty strings, got {value!r}"[:300])
+    return tuple(w.strip() for w in value)
+
+
+def parse_class_file(text: str, uri: str) -> ClassSet:
+    """A :class:`ClassSet` from the YAML text of a classes file; one-line :class:`ConfigError` on any problem."""
+    import yaml
+
+    where = f"data.classes_file {uri}"
+    try:
+        raw: Any = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: cannot parse YAML: {' '.join(str(e).split())[:200]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with {', '.join(CLASS_FILE_FIELDS)}")
+    unknown = sorted(set(raw) - set(CLASS_FILE_FIELDS) - {"name"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (allowed: name, {', '.join(CLASS_FILE_FIELDS)})")
+    words = [_word_list(raw, f, where) for f in CLASS_FILE_FIELDS]
+    problems = class_set_problems(*words)
+    if problems:
+        raise ConfigError(f"{where}: {problems[0]}")
+    stem = os.path.splitext(uri.rstrip("/").rsplit("/", 1)[-1])[0]
+    name = raw.get("name", stem)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}: name must be a non-empty string, got {name!r}")
+    return ClassSet(name.strip(), *words)
+
+
+def load_class_file(uri: str) -> ClassSet:
+    """Read and check a classes file (local path or s3:// URI)."""
+    from diclip import storage
+    from diclip.errors import StorageError
+
+    try:
+        text = storage.read_text(uri)
+    except (StorageError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"data.classes_file: cannot read {uri} ({' '.join(str(e).split())[:200]}); "
+                          "fix the path or unset data.classes_file") from e
+    return parse_class_file(text, uri)
+
+
+def class_set_for(data_cfg) -> ClassSet:
+    """The class set a spec's ``data`` section names: ``data.classes_file`` when set, else ``data.dataset``.
+
+    Every stage resolves its classes here, so a custom file reaches generation words, CLIP prompts,
+    caches, label widths and mask checks alike."""
+    if getattr(data_cfg, "classes_file", None):
+        return load_class_file(data_cfg.classes_file)
+    return get_class_set(data_cfg.dataset)
+
+
+def class_identity(data_cfg, fields: tuple[str, ...] | None = None) -> str | dict[str, Any]:
+    """What stage settings record about the classes: the built-in set's name, or a classes file's content
+    (so editing the file makes the stages that depend on it stale, not its path). ``fields``: only the
+    parts a stage uses (generation reads class names and generation words, not the CLIP prompts)."""
+    if getattr(data_cfg, "classes_file", None):
+        d = class_set_to_dict(class_set_for(data_cfg))
+        return {k: v for k, v in d.items() if fields is None or k in fields}
+    return data_cfg.dataset
+
+
+def class_set_to_dict(cs: ClassSet) -> dict[str, Any]:
+    """JSON-ready form (lists, not tuples: settings are compared with what was read back from JSON)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cs).items()}
+
+
+def class_set_from_dict(d: dict) -> ClassSet:
+    """Inverse of ``dataclasses.asdict`` (a model card's ``class_set``)."""
+    return ClassSet(str(d["name"]), *(tuple(d[f]) for f in CLASS_FILE_FIELDS))

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from diclip import storage
-from diclip.data.classes import ClassSet, get_class_set
+from diclip.data.classes import ClassSet, class_set_for, get_class_set
 from diclip.data.labels import load_cls_labels
 from diclip.errors import DataError, StorageError
 from diclip.logging import get_logger
@@ -466,6 +466,6 @@ def open_dataset(root: str, split: str, class_set: ClassSet | str, **kw) -> SegD
 
 def open_split(data_cfg, split: str) -> SegDataset:
     """The split of the dataset a job spec's ``data`` section (``DataConfig``) describes."""
-    return open_dataset(data_cfg.root, split, data_cfg.dataset, layout=data_cfg.layout,
+    return open_dataset(data_cfg.root, split, class_set_for(data_cfg), layout=data_cfg.layout,
                         labels_file=data_cfg.labels_file, list_dir=data_cfg.list_dir, mask_dir=data_cfg.mask_dir,
                         skip_bad=data_cfg.skip_bad)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diclip.config import JobSpec
-from diclip.data import get_class_set
+from diclip.data import class_set_for
 from diclip.method.cam import surgery_cam
 from diclip.method.pseudo import pseudo_labels, rar_transition_from_mean
 from diclip.models.attention_capture import CapturedAttention, DiffusionAttention
@@ -93,7 +93,7 @@ class TrainingFreeMasker:
         self.spec = spec
         self.size = spec.mask.image_size
         self.extractor = VCEFeatureExtractor(spec, device)
-        self.class_set = get_class_set(spec.data.dataset)
+        self.class_set = class_set_for(spec.data)
         self.num_classes = self.class_set.num_classes
         self.text = class_text_features(self.extractor.clip, self.class_set, spec.model.clip.prompt_template)
 

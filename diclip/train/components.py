@@ -5,7 +5,8 @@
 * :func:`train_step` - one optimizer step (gradient accumulation over micro-batches);
 * :class:`StepMetrics` - running losses, all-reduced means, samples/s, the ``metrics.jsonl`` log;
 * :class:`Checkpointer` - DeepSpeed state + per-rank RNG + step, saved to and restored from a directory;
-* :func:`validate` - segmentation and CAM mIoU on the val split with confusion matrices summed over ranks.
+* :func:`validate` - segmentation and CAM mIoU on the val split with confusion matrices summed over ranks;
+* :class:`TensorBoardLog` - rank 0's event files (scalars, prediction pictures), copied to the train output.
 
 None of them knows about Ray: ``ray_jobs/train.py`` wires them into a Ray Train worker loop (reports,
 checkpoint upload, dataset shards), so each can be tested and reused on its own.
@@ -30,6 +31,8 @@ log = get_logger("diclip.train")
 DS_TAG = "ds"
 STATE = "diclip_state.json"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"  # {train.output}/tensorboard/: event files for `tensorboard --logdir`
+TB_PICTURE_CELL = 128  # px per picture cell in TensorBoard: legible masks, a few kB per validation
 
 
 def _distributed() -> bool:
@@ -227,3 +230,93 @@ def validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) ->
     cam_s = metriclib.summarize(t[1].numpy(), trainer.class_set.classes)
     return {"val_miou": seg_s["miou"], "val_cam_miou": cam_s["miou"], "val_pixel_acc": seg_s["pixel_accuracy"],
             "val_images": int(n.item()), "val_images_skipped": len(ids) - int(n.item())}
+
+
+def prediction_pictures(trainer, spec: JobSpec, store, count: int) -> np.ndarray | None:
+    """A grid (image | ground truth | CAM pseudo-label | prediction) of the first ``count`` val images with
+    maps and masks, as HWC uint8 for TensorBoard; None when there is nothing to show."""
+    from diclip import viz
+    from diclip.data import open_split
+
+    ds = open_split(spec.data, spec.data.val_split)
+    rows, labels = [], []
+    # rank 0 alone draws, after the checkpoint saved the RNG: drawing must not move the stream resume restores
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        for item in ds.ids:
+            if len(rows) >= count:
+                break
+            if store is not None and item not in store:
+                continue
+            sample = ds.load(item)
+            if sample.mask is None:
+                continue
+            rec = store.get([item])[0] if store is not None else None
+            seg, cam = trainer.predict_sample(sample.image, sample.mask.shape, sample.label, rec)
+            rows.append([sample.image, viz.colorize(sample.mask), viz.colorize(cam), viz.colorize(seg)])
+            labels.append(item)
+    if not rows:
+        return None
+    grid = viz.picture_grid(rows, ("image", "ground truth", "CAM pseudo-label", "prediction"), TB_PICTURE_CELL,
+                            row_labels=labels)
+    return np.asarray(grid.convert("RGB"))
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard
+# ----------------------------------------------------------------------------------------------
+class TensorBoardLog:
+    """Rank 0's TensorBoard events (losses, lr, validation mIoUs, prediction pictures).
+
+    SummaryWriter appends to a local file and cannot write to S3 through our endpoint settings, so events
+    go to a local temporary folder and :meth:`sync` copies it to ``{train.output}/tensorboard/`` (at each
+    validation and at the end). A restarted worker writes a new event file next to the old ones; TensorBoard
+    reads them together. Other ranks hold a no-op log."""
+
+    def __init__(self, spec: JobSpec, rank: int):
+        self.dest = storage.join(spec.train.output, TENSORBOARD)
+        self.dir: str | None = None
+        self.writer = None
+        if rank == 0:
+            import tempfile
+
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.dir = tempfile.mkdtemp(prefix="diclip-tb-")
+            self.writer = SummaryWriter(log_dir=self.dir)
+
+    @staticmethod
+    def tag(key: str) -> str:
+        """``val_miou`` -> ``val/miou``, ``loss`` -> ``train/loss``: one TensorBoard section per source."""
+        return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+
+    def scalars(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(self.tag(k), float(v), step)
+
+    def picture(self, step: int, grid: np.ndarray | None) -> None:
+        if self.writer is not None and grid is not None:
+            self.writer.add_image("val/predictions", grid, step, dataformats="HWC")
+
+    def sync(self) -> None:
+        """Flush and copy every event file to the train output (whole files: they are small)."""
+        if self.writer is None or self.dir is None:
+            return
+        self.writer.flush()
+        for base, _, files in os.walk(self.dir):
+            for name in files:
+                path = os.path.join(base, name)
+                with open(path, "rb") as f:
+                    storage.write_bytes(storage.join(self.dest, os.path.relpath(path, self.dir)), f.read())
+
+    def close(self) -> None:
+        import shutil
+
+        if self.writer is None:
+            return
+        self.sync()
+        self.writer.close()
+        shutil.rmtree(self.dir or "", ignore_errors=True)
+        self.writer = None

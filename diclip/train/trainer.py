@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from diclip.config import JobSpec
-from diclip.data import get_class_set
+from diclip.data import class_set_for
 from diclip.method import metrics as metriclib
 from diclip.method.pseudo import rar_transition_from_mean
 from diclip.method.resample import Geometry
@@ -51,7 +51,7 @@ class DiCLIPTrainer:
     def __init__(self, spec: JobSpec, device: torch.device | str = "cpu", with_diffusion: bool | None = None):
         self.spec = spec
         self.device = torch.device(device)
-        self.class_set = get_class_set(spec.data.dataset)
+        self.class_set = class_set_for(spec.data)
         self.clip = build_clip(spec.model.clip, self.device)
         self.cache = load_cache(spec.train.cache, self.clip.embed_dim, list(self.class_set.classes))
         self.model = DiCLIP(self.clip, self.class_set, self.cache, spec.model, spec.method).to(self.device)
@@ -120,7 +120,15 @@ class DiCLIPTrainer:
     @torch.no_grad()
     def validate_sample(self, image: np.ndarray, mask: np.ndarray, label: np.ndarray, record=None,
                         step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Confusion matrices (segmentation, CAM pseudo-labels) for one val image.
+        """Confusion matrices (segmentation, CAM pseudo-labels) for one val image (see ``predict_sample``)."""
+        k = self.class_set.num_classes
+        seg, cam = self.predict_sample(image, mask.shape, label, record)
+        return metriclib.confusion_matrix(mask, seg, k), metriclib.confusion_matrix(mask, cam, k)
+
+    @torch.no_grad()
+    def predict_sample(self, image: np.ndarray, size: tuple[int, int], label: np.ndarray,
+                       record=None) -> tuple[np.ndarray, np.ndarray]:
+        """(segmentation, CAM pseudo-label) class-id maps of one val image at ``size`` (h, w).
 
         As the reference's validation (``build_validation``): the image is resized bilinearly to
         crop x crop (aspect not kept), the model runs in eval mode with the adapter CAM and the
@@ -129,7 +137,6 @@ class DiCLIPTrainer:
         """
         from diclip.data.transforms import resize_geometry
 
-        k = self.class_set.num_classes
         crop = self.spec.data.crop_size
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
         x = F.interpolate(x, size=(crop, crop), mode="bilinear", align_corners=False).to(self.device)
@@ -142,9 +149,7 @@ class DiCLIPTrainer:
         out = self.model(batch.images, corr, use_adapter_cam=True)
         if was_training:
             self.model.train()
-        h, w = mask.shape
+        h, w = size
         seg = F.interpolate(out.seg_logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
         _, cam_label = self.model.pseudo_labels(out, rar, batch.labels, (h, w), gate=True, rar_grid=rar_grid)
-        cm_seg = metriclib.confusion_matrix(mask, seg.cpu().numpy(), k)
-        cm_cam = metriclib.confusion_matrix(mask, cam_label[0].cpu().numpy(), k)
-        return cm_seg, cm_cam
+        return seg.cpu().numpy(), cam_label[0].cpu().numpy()

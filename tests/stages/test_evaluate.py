@@ -12,7 +12,7 @@ from PIL import Image
 
 from diclip import storage, viz
 from diclip.data import get_class_set, open_dataset
-from diclip.errors import ConfigError
+from diclip.errors import ConfigError, StageFailed
 from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square, segment, \
     segmenter_forward
 from diclip.method.metrics import confusion_matrix
@@ -75,6 +75,9 @@ def test_evaluate_writes_every_output(evaluated):
     for i in ds.ids:
         img = _png(storage.join(folder, f"{i}.png"))
         assert img.mode == "P" and img.size == (80, 64) and np.asarray(img).max() < 5
+    count = storage.read_json(storage.join(out, "pseudo_labels", "export.json"))
+    assert count == {"split": "train", "folder": folder, "expected": 6, "written": 6, "missing": []}
+    assert manifest.extra["pseudo_labels"] == manifest.extra["pseudo_labels_expected"] == 6
     assert storage.read_failures(out) == []
 
 
@@ -138,6 +141,50 @@ def test_config_errors_fail_before_ray(prepared, tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         evaluate.run(spec)
     assert "run the correlate stage" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pseudo_label_shortfall_fails_the_stage_naming_the_missing_ids(prepared, tmp_path):
+    """One corrupt training image: its CAM item fails (within max_failed_fraction), so its pseudo-label is
+    missing; the stage writes no manifest and names the id. Repaired, the re-run computes only that item."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(prepared.data.root, root)
+    victim = open_dataset(str(root), "train", get_class_set("synthetic")).ids[2]
+    good = (root / "JPEGImages" / f"{victim}.jpg").read_bytes()
+    (root / "JPEGImages" / f"{victim}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    spec = tiny_spec(prepared.output_uri, *EVAL, f"data.root={root}", f"evaluate.output={tmp_path}/ev",
+                     "evaluate.cam=false", "evaluate.crf=false", "evaluate.scales=[1.0]",
+                     "evaluate.resources.concurrency=1", "evaluate.resources.batch_size=4",
+                     "evaluate.max_failed_fraction=0.5")
+    with pytest.raises(StageFailed) as e:
+        evaluate.run(spec)
+    msg = str(e.value)
+    assert msg.startswith("evaluate: pseudo-label export incomplete: 5 of 6 masks of split 'train'") and "\n" not in msg
+    assert msg.split("missing: ")[1].startswith(f"{victim};")
+    out = spec.evaluate.output
+    assert not storage.is_complete(out)
+    assert [f[0] for f in storage.read_failures(out)] == [f"cam/{victim}"]
+    assert storage.read_json(storage.join(out, "pseudo_labels", "export.json"))["missing"] == [victim]
+    (root / "JPEGImages" / f"{victim}.jpg").write_bytes(good)
+    again = evaluate.run(spec)
+    assert again["computed_now"] == 1 and again["pseudo_labels"] == 6 and storage.is_complete(out)
+
+
+def test_shortfall_message_lists_a_truncated_id_list(tmp_path):
+    spec = tiny_spec(str(tmp_path / "run"), "evaluate.export_pseudo_labels=true")
+    ids = [f"img{i:03d}" for i in range(30)]
+    folder = storage.join(spec.evaluate.output, *evaluate.PSEUDO_DIR)
+    for i in ids[:12]:
+        storage.write_bytes(storage.join(folder, f"{i}.png"), viz.encode_mask_png(np.zeros((2, 2), np.uint8)))
+    storage.write_bytes(storage.join(folder, "stale_other.png"), b"x")  # not in the split: not counted
+    record = evaluate.pseudo_label_export(spec, ids)
+    assert (record["expected"], record["written"], record["missing"]) == (30, 12, ids[12:])
+    with pytest.raises(StageFailed) as e:
+        evaluate.require_complete_export(record)
+    msg = str(e.value)
+    assert "12 of 30 masks" in msg and f"missing: {', '.join(ids[12:22])} (+8 more);" in msg and "\n" not in msg
+    evaluate.require_complete_export(evaluate.pseudo_label_export(spec, ids[:12]))  # complete: no error
 
 
 def _write(path, img: Image.Image, fmt="PNG"):

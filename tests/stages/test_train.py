@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -83,7 +84,23 @@ def test_loss_decreases_on_a_fixed_batch(ray_session, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(clip_before, trainer.clip.model.parameters()))
 
 
-def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run):
+def _tensorboard_events(spec, local_dir):
+    """The run's TensorBoard folder copied down (as a user would from S3) and read back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = storage.join(spec.train.output, "tensorboard")
+    files = storage.list_files(folder)
+    assert any("tfevents" in f for f in files), files
+    for f in files:
+        target = local_dir / f[len(folder):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(f))
+    acc = EventAccumulator(str(local_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run, tmp_path):
     spec, summary = s3_run
     assert summary["steps"] == 4 and 0 <= summary["val_miou"] <= 1
     m = _metrics(spec)
@@ -105,6 +122,20 @@ def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run):
     assert any(f.endswith("diclip_state.json") for f in files)
     assert any(f.endswith("rng_rank1.safetensors") for f in files)  # every rank's part is in the one folder
     assert any("zero_pp_rank_1" in f for f in files)
+    # TensorBoard (rank 0, copied to the bucket): losses and lr every logged step, mIoUs and pictures per validation
+    events = _tensorboard_events(spec, tmp_path / "tb")
+    tags = events.Tags()
+    assert {"train/loss", "train/seg_loss", "train/aff_loss", "train/adapter_loss", "train/lr", "val/miou",
+            "val/cam_miou"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [(e.step, e.value) for e in events.Scalars("val/miou")] == \
+        [(r["step"], pytest.approx(r["val_miou"])) for r in m if r["kind"] == "eval"]
+    pictures = events.Images("val/predictions")
+    assert [p.step for p in pictures] == [2, 4] and pictures[0].width > pictures[0].height > 0
+    from PIL import Image
+
+    curves = Image.open(io.BytesIO(storage.read_bytes(storage.join(spec.train.output, "curves.png"))))
+    assert curves.format == "PNG" and curves.size == (1000, 400)
 
 
 def test_resume_reproduces_the_next_step_exactly(s3_run, moto_server):
