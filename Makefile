@@ -32,7 +32,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: demo test venv bench fullsize-check clean
+.PHONY: demo test venv bench fullsize-check toy-models clean
 
 venv: $(STAMP)
 
@@ -56,5 +56,9 @@ bench: $(STAMP)
 fullsize-check: $(STAMP)
 	$(PY) bench/fullsize_check.py
 
+# re-train the toy models the demo ships (diclip/resources/toy): ~25 min on 2 cores, resumable
+toy-models: $(STAMP)
+	$(VENV)/bin/diclip pretrain-toy --out runs/toy-models
+
 clean:
-	rm -rf runs/demo .pytest_cache
+	rm -rf runs/demo runs/tiny .pytest_cache

@@ -42,7 +42,7 @@ GPU_IMAGES = (16, 48)  # small / large run, as in (a)
 def make_spec(root: str, *overrides: str):
     from diclip.config import load_spec
 
-    return load_spec(str(ROOT / "configs" / "demo.yaml"),
+    return load_spec(str(ROOT / "configs" / "tiny.yaml"),
                      [f"output_uri={root}", "ray.progress_bars=false", f"ray.num_cpus={CPUS}", *overrides])
 
 

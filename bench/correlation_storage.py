@@ -33,7 +33,7 @@ def _setup(size: int, images: int):
     from tests.helpers import random_cache
 
     tmp = tempfile.mkdtemp(prefix="diclip-bench-")
-    spec = load_spec("configs/demo.yaml", [f"output_uri={tmp}", f"data.crop_size={size}", "ray.progress_bars=false",
+    spec = load_spec("configs/tiny.yaml", [f"output_uri={tmp}", f"data.crop_size={size}", "ray.progress_bars=false",
                                            f"synthesize.image_size=[{size},{size}]", f"correlate.max_side={size}",
                                            "train.mode=stored"])
     generate_synthetic(spec.data.root, num_train=max(images, 4), num_val=2, image_size=(size, size), show_progress=False)
@@ -119,7 +119,7 @@ def extraction_rate(spec, images: int) -> dict:
     rates = {}
     for actors in (1, 2):
         tmp = tempfile.mkdtemp(prefix="diclip-bench-corr-")
-        s = load_spec("configs/demo.yaml", [f"output_uri={tmp}", f"data.root={spec.data.root}", "ray.progress_bars=false",
+        s = load_spec("configs/tiny.yaml", [f"output_uri={tmp}", f"data.root={spec.data.root}", "ray.progress_bars=false",
                                             f"correlate.max_side={SIZE}", f"correlate.resources.concurrency={actors}",
                                             "correlate.resources.batch_size=2", "correlate.resources.num_cpus=0.5"])
         t0 = time.perf_counter()

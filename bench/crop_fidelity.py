@@ -12,14 +12,13 @@ Reported: pseudo-label pixel agreement of each with (c), and CAM (pseudo-label) 
 ground truth. Plus bytes per map and object-store totals of the bank for VOC (K=8) and COCO (K=5) per
 RAR codec, at the SD 2.1 geometry (320 px crop: 20x20 CLIP tokens, 40x40 RAR tokens, head dim 64).
 
-``--models demo`` (tiny random, default), ``--models fullsize`` (random-init ViT-B/16 + SD 2.1-base
-topology from ``bench/fullsize_check.py``), ``--models toy`` (the trained toy models, once shipped).
+``--models demo`` (tiny random models of ``configs/tiny.yaml``, default), ``--models fullsize`` (random-init ViT-B/16 + SD 2.1-base
+topology from ``bench/fullsize_check.py``), ``--models toy`` (the shipped toy models of ``configs/demo.yaml``).
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
 import numpy as np
 from _common import RESULTS, write_result
@@ -34,13 +33,13 @@ def spec_for(models: str, root: str, images: int, crops: int):
     base = [f"output_uri={root}", "ray.progress_bars=false", f"correlate.crops_per_image={crops}",
             f"synthesize.num_train={images}", "synthesize.num_val=2", "train.seed=0"]
     if models == "demo":
-        return load_spec("configs/demo.yaml", base + ["synthesize.image_size=[96,128]", "correlate.max_side=128"])
+        return load_spec("configs/tiny.yaml", base + ["synthesize.image_size=[96,128]", "correlate.max_side=128"])
     if models == "fullsize":
         wt = RESULTS / "fullsize"
         clip, sd = wt / "vit-b-16-quickgelu-random.safetensors", wt / "sd21-base-topology-random"
         if not clip.exists() or not (sd / "model_index.json").exists():
             raise SystemExit("run bench/fullsize_check.py first (it builds the full-size random-init models)")
-        return load_spec("configs/demo.yaml", base + [
+        return load_spec("configs/tiny.yaml", base + [
             "model.clip.name=ViT-B-16", f"model.clip.pretrained={clip}", "model.clip.quick_gelu=true",
             f"model.diffusion.source={sd}", "data.crop_size=320", "data.rescale_range=[0.5,2.0]",
             "synthesize.image_size=[320,400]", "correlate.max_side=400", "model.adapter_size=312",

@@ -29,7 +29,7 @@ def run_config(base: str, actors: int, gpu: bool, limit: int = 0) -> dict:
     from diclip.config import load_spec
     from ray_jobs import evaluate
 
-    spec = load_spec("configs/demo.yaml", [
+    spec = load_spec("configs/tiny.yaml", [
         f"output_uri={base}", f"synthesize.num_val={NUM_IMAGES}",
         f"synthesize.image_size=[{IMAGE_SIZE[0]},{IMAGE_SIZE[1]}]",
         "ray.progress_bars=false", f"evaluate.output={base}/evaluate_{actors}_{limit}", "evaluate.cam=false",
@@ -61,7 +61,7 @@ def main() -> None:
 
     busy = os.getloadavg()[0]  # other work on the machine before we start (shared CI/dev boxes)
     base = tempfile.mkdtemp(prefix="diclip-bench-evaluate-")
-    spec = load_spec("configs/demo.yaml", [f"output_uri={base}", f"synthesize.num_val={NUM_IMAGES}",
+    spec = load_spec("configs/tiny.yaml", [f"output_uri={base}", f"synthesize.num_val={NUM_IMAGES}",
                                            f"synthesize.image_size=[{IMAGE_SIZE[0]},{IMAGE_SIZE[1]}]",
                                            f"data.crop_size={CROP}", "ray.progress_bars=false"])
     synthesize.run(spec)

@@ -232,7 +232,7 @@ def fullsize_spec(work: Path, clip_file: str, sd_dir: str, images: int, gpu: boo
 
     res = "{num_cpus: 1, num_gpus: 1, concurrency: 1, batch_size: 2}" if gpu else \
         "{num_cpus: 1, concurrency: 1, batch_size: 2}"
-    return load_spec("configs/demo.yaml", [
+    return load_spec("configs/tiny.yaml", [
         f"output_uri={work / 'run'}", "name=fullsize", "ray.progress_bars=false",
         "model.clip.name=ViT-B-16", f"model.clip.pretrained={clip_file}", "model.clip.quick_gelu=true",
         f"model.diffusion.source={sd_dir}", f"generate.source={sd_dir}",

@@ -23,7 +23,7 @@ def run_config(data_root: str, correlate_uri: str, cache_uri: str, mode: str, wo
     from ray_jobs import train
 
     out = tempfile.mkdtemp(prefix=f"diclip-bench-train-{mode}-{workers}-")
-    spec = load_spec("configs/demo.yaml", [
+    spec = load_spec("configs/tiny.yaml", [
         f"output_uri={out}", f"data.root={data_root}", f"correlate.output={correlate_uri}", f"cache.output={cache_uri}",
         f"data.crop_size={CROP}", f"train.mode={mode}", f"train.num_workers={workers}", f"train.max_iters={ITERS}",
         "train.log_every=4", f"train.eval_every={ITERS}", "train.val_limit=2", "train.batch_per_worker=2",
@@ -47,7 +47,7 @@ def main() -> None:
     from tests.helpers import random_cache
 
     base = tempfile.mkdtemp(prefix="diclip-bench-train-")
-    spec = load_spec("configs/demo.yaml", [f"output_uri={base}", "synthesize.num_train=24", "synthesize.num_val=4",
+    spec = load_spec("configs/tiny.yaml", [f"output_uri={base}", "synthesize.num_train=24", "synthesize.num_val=4",
                                            f"synthesize.image_size=[{CROP},{CROP}]", f"correlate.max_side={CROP}",
                                            "ray.progress_bars=false"])
     synthesize.run(spec)

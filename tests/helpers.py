@@ -33,7 +33,7 @@ def fast_method_config() -> MethodConfig:
 
 
 def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None):
-    """The demo spec shrunk further for tests, writing under ``output_uri``."""
+    """``configs/tiny.yaml`` (random tiny models) shrunk further for tests, writing under ``output_uri``."""
     from diclip.config import load_spec
 
     base = [

@@ -21,12 +21,13 @@ QUICK = [
     "ray.progress_bars=false",
     "synthesize.num_train=32", "synthesize.num_val=16",
     "generate.images_per_class=4", "generate.num_inference_steps=10",
-    "train.max_iters=60", "train.eval_every=30", "train.log_every=10", "train.val_limit=16",
+    "train.max_iters=120", "train.eval_every=120", "train.log_every=20", "train.val_limit=16",
     "evaluate.num_pictures=2", "infer.input=",
     "pipeline.stages=[synthesize,generate,mask,cache,correlate,train,evaluate]",
 ]
-# Measured on this spec (see the closing notes of issue 14), minus a margin for thread-count noise.
-FLOORS = {"cam": 0.0, "segmentation": 0.0}
+# Measured on this spec with the shipped models (2026-11-29, 2 CPUs: CAM 0.375, segmentation 0.419, all
+# background 0.148 / 0.157), minus a margin for run-to-run noise (thread counts, Ray's batch order).
+FLOORS = {"cam": 0.30, "segmentation": 0.33}
 
 
 def all_background_miou(spec, split: str) -> float:
