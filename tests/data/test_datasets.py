@@ -440,7 +440,7 @@ def test_class_sets():
     assert get_class_set("VOC") is VOC and get_class_set(COCO) is COCO
     with pytest.raises(DataError) as e:
         get_class_set("cityscapes")
-    assert "coco, synthetic, voc" in one_line(e)
+    assert "coco, synthetic, toy, voc" in one_line(e)
 
 
 def _exif_jpeg(path: Path, arr: np.ndarray, orientation: int) -> None:
