@@ -143,7 +143,7 @@ def test_resume_reproduces_the_next_step_exactly(s3_run, moto_server):
     optimizer state, LR and RNG."""
     spec, summary = s3_run
     first = {r["step"]: r for r in _metrics(spec)}
-    ray_dir = storage.join(spec.train.output, "ray", "demo-train")
+    ray_dir = storage.join(spec.train.output, "ray", f"{spec.name}-train")
     states = [f for f in storage.list_files(ray_dir) if f.endswith("diclip_state.json")]
     step2 = [f.rsplit("/", 1)[0] for f in states if storage.read_json(f)["step"] == 2]
     assert step2, states
@@ -209,7 +209,7 @@ def _kill_a_train_worker_after_first_checkpoint(spec, killed: list) -> None:
 
     import psutil
 
-    snapshot = storage.join(spec.train.output, "ray", "demo-train", "checkpoint_manager_snapshot.json")
+    snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
     deadline = time.time() + 240
     while time.time() < deadline:
         latest = None
@@ -247,7 +247,7 @@ def test_worker_failure_is_recovered_from_the_last_checkpoint(ray_session, tmp_p
     assert after[0]["step"] > 2 and after[-1]["step"] == 8  # ... from a checkpoint, not from step 0
     assert [r["step"] for r in m if r["kind"] == "eval"][-1] == 8
     manifest = storage.read_manifest(spec.train.output)
-    run_dir = storage.join(spec.train.output, "ray", "demo-train")
+    run_dir = storage.join(spec.train.output, "ray", f"{spec.name}-train")
     managed = {storage.join(run_dir, r["checkpoint_dir_name"]) for r in
                storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"))["checkpoint_results"]}
     # keep_checkpoints=1: the best by val mIoU and the last (an upload the kill cut short may linger unregistered)
@@ -278,7 +278,7 @@ def test_ctrl_c_stops_training_within_seconds_and_the_rerun_resumes(tmp_path):
     with open(tmp_path / "first.txt", "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
     try:
-        snapshot = storage.join(spec.train.output, "ray", "demo-train", "checkpoint_manager_snapshot.json")
+        snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
 
         def registered() -> bool:  # committed = a checkpoint Ray Train has registered, not merely logged
             try:
