@@ -19,6 +19,7 @@ import dataclasses
 import math
 import re
 import os
+import threading
 import time
 from typing import Any
 
@@ -328,6 +329,71 @@ def write_curves(spec: JobSpec) -> None:
     storage.write_bytes(storage.join(spec.train.output, CURVES), curves_png(read_records(storage.read_text(uri))))
 
 
+class TrainWatchdog:
+    """Stop a training run that makes no progress for ``stall_s`` seconds, with one line naming what its
+    workers ask for and what the cluster has free.
+
+    A worker group no node can host waits forever in Ray Train (on a cluster the local resource check
+    cannot see that). Progress is rank 0's ``metrics.jsonl`` growing (setup, every logged step, every
+    validation); when it stops, the watchdog kills this run's controller actor (its workers and placement
+    group go with it) and ``fit`` returns with an error that :func:`run` replaces by :attr:`message`.
+    Committed checkpoints stay, so a re-run with a schedulable plan resumes."""
+
+    POLL_S = 5.0
+
+    def __init__(self, spec: JobSpec, stall_s: float):
+        self.spec, self.stall_s = spec, stall_s
+        self.fired = False
+        self.message = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, controller) -> None:
+        if self.stall_s > 0:
+            self._thread = threading.Thread(target=self._watch, args=(controller,), daemon=True,
+                                            name="train-watchdog")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _progress(self) -> int:
+        try:
+            return len(storage.read_bytes(storage.join(self.spec.train.output, "metrics.jsonl")))
+        except Exception:  # not written yet (or the store hiccuped): no progress seen
+            return -1
+
+    def _watch(self, controller) -> None:
+        import ray
+
+        seen, last = self._progress(), time.monotonic()
+        while not self._stop.wait(min(self.POLL_S, self.stall_s)):
+            now = self._progress()
+            if now != seen:
+                seen, last = now, time.monotonic()
+            elif time.monotonic() - last > self.stall_s:
+                self.message = train_stall_message(self.spec, self.stall_s / 60)
+                self.fired = True
+                ray.kill(controller)
+                return
+
+
+def train_stall_message(spec: JobSpec, minutes: float) -> str:
+    t = spec.train
+    want = {"CPU": t.resources.num_cpus, **({"GPU": max(1.0, t.resources.num_gpus)} if t.use_gpu else {})}
+    try:
+        import ray
+
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    except Exception:  # the message must not fail
+        free, total = {}, {}
+    return (f"train: no progress for {minutes:g} min; each of {t.num_workers} workers asks for {want} and the "
+            f"cluster has {free or 'nothing'} free of {total or 'unknown'} - a request no node can meet (or a "
+            "stuck worker); adjust train.resources / train.num_workers or the cluster, then run again "
+            "(committed checkpoints are kept)")
+
+
 def run(spec: JobSpec) -> dict:
     import ray.data
     import ray.train
@@ -391,18 +457,29 @@ def run(spec: JobSpec) -> dict:
     )
     from ray_jobs import interrupt
 
-    if interrupt.is_installed():
-        # Ray Train's own SIGINT handler "gracefully aborts", which kept training for 40+ s; the
+    watchdog = TrainWatchdog(spec, 60 * spec.ray.stall_minutes)
+    original = trainer._register_sigint_handler
+
+    def on_controller(controller) -> None:  # Ray Train hands the driver its controller actor here
+        watchdog.start(controller)
+        if not interrupt.is_installed():
+            original(controller)
+        # else: Ray Train's own SIGINT handler "gracefully aborts", which kept training for 40+ s; the
         # driver's handler (ray_jobs.interrupt) stops within seconds and a re-run resumes.
-        trainer._register_sigint_handler = lambda controller: None
+
+    trainer._register_sigint_handler = on_controller
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors in text; surface user errors as one line
+        if watchdog.fired:
+            raise DiclipError(watchdog.message) from None
         found = re.search(r"diclip\.errors\.\w+: ([^\n]+)", str(e))
         if found:
             raise DiclipError(f"train worker: {found.group(1)}") from e
         raise
+    finally:
+        watchdog.stop()
     seconds = time.perf_counter() - t0
     metrics = dict(result.metrics or {})
     best = None

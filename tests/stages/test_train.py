@@ -312,3 +312,26 @@ def _metrics_or_none(spec):
         return _metrics(spec)
     except Exception:
         return []
+
+
+def test_a_worker_group_no_node_can_host_stops_with_one_line(s3_run, moto_server):
+    """On a cluster the local resource check cannot see what nodes exist: the watchdog turns a worker group
+    that never starts into one line naming the request and what is free, and frees what the run held."""
+    import time
+
+    import ray
+
+    from diclip.errors import DiclipError
+
+    spec, _ = s3_run
+    stalled = tiny_spec(spec.output_uri, *TRAIN, *BANK, f"train.output={spec.output_uri}/train_stalled",
+                        "train.resources.num_cpus=64", "ray.stall_minutes=0.2", endpoint_url=moto_server)
+    with pytest.raises(DiclipError) as e:
+        train.run(stalled)
+    msg = str(e.value)
+    assert msg.startswith("train: no progress for 0.2 min") and "'CPU': 64" in msg and "free of" in msg, msg
+    assert "\n" not in msg
+    deadline = time.time() + 60  # the killed controller took its placement group and workers with it
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
