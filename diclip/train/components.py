@@ -210,13 +210,7 @@ def validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) ->
     k = trainer.class_set.num_classes
     cms = np.zeros((2, k, k), dtype=np.int64)
     used = 0
-    for item in ids[rank::world]:
-        if store is not None and item not in store:
-            continue
-        sample = ds.load(item)
-        if sample.mask is None:
-            continue
-        rec = store.get([item])[0] if store is not None else None
+    for _, sample, rec in _val_samples(ds, ids[rank::world], store):
         seg, cam = trainer.validate_sample(sample.image, sample.mask, sample.label, rec, step)
         cms[0] += seg
         cms[1] += cam
@@ -232,6 +226,17 @@ def validate(trainer, spec: JobSpec, rank: int, world: int, step: int, store) ->
             "val_images": int(n.item()), "val_images_skipped": len(ids) - int(n.item())}
 
 
+def _val_samples(ds, ids, store):
+    """(id, sample, map record or None) for the validation images that have maps (when stored) and masks."""
+    for item in ids:
+        if store is not None and item not in store:
+            continue
+        sample = ds.load(item)
+        if sample.mask is None:
+            continue
+        yield item, sample, (store.get([item])[0] if store is not None else None)
+
+
 def prediction_pictures(trainer, spec: JobSpec, store, count: int) -> np.ndarray | None:
     """A grid (image | ground truth | CAM pseudo-label | prediction) of the first ``count`` val images with
     maps and masks, as HWC uint8 for TensorBoard; None when there is nothing to show."""
@@ -242,15 +247,9 @@ def prediction_pictures(trainer, spec: JobSpec, store, count: int) -> np.ndarray
     rows, labels = [], []
     # rank 0 alone draws, after the checkpoint saved the RNG: drawing must not move the stream resume restores
     with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-        for item in ds.ids:
+        for item, sample, rec in _val_samples(ds, ds.ids, store):
             if len(rows) >= count:
                 break
-            if store is not None and item not in store:
-                continue
-            sample = ds.load(item)
-            if sample.mask is None:
-                continue
-            rec = store.get([item])[0] if store is not None else None
             seg, cam = trainer.predict_sample(sample.image, sample.mask.shape, sample.label, rec)
             rows.append([sample.image, viz.colorize(sample.mask), viz.colorize(cam), viz.colorize(seg)])
             labels.append(item)
