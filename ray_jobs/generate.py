@@ -8,7 +8,7 @@ the reference passed its seeded noise as ``noise=``, which the pipeline ignores,
 unseeded; here a re-run, another actor or a bigger cache gives the same image for the same item.
 Growing ``images_per_class`` from 50 to 500 generates only indices 50..499 (committed ids are skipped).
 
-Also home of small helpers the ``mask`` and ``cache`` stages share: the settings lock (refuse to mix
+Also home of small helpers the ``mask`` and ``cache`` stages share: the settings lock (never mix
 shards made with other settings in one output) and upstream-manifest fingerprints (a downstream stage
 is stale when the stage it read has grown since).
 """

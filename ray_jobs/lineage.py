@@ -14,32 +14,36 @@ from typing import Any, Callable
 
 from diclip import storage
 from diclip.config import JobSpec, to_dict
-from diclip.errors import ConfigError, StorageError
+from diclip.errors import StorageError
 from diclip.logging import get_logger
 from diclip.storage.manifest import config_hash
-from ray_jobs.common import ID, list_shards, short_error
+from ray_jobs.common import ID, SHARD_DIR, list_shards, short_error
 
 log = get_logger("ray_jobs.lineage")
 SETTINGS_FILE = "settings.json"
 
 
 def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any]) -> str:
-    """Record what defines this stage's rows; refuse to add rows made with other settings.
+    """Record what defines this stage's rows; rows made with other settings are recomputed, never mixed in.
 
-    Resume skips committed items by id, so shards from other settings would be silently mixed in.
-    Returns the settings hash.
+    Resume skips committed items by id, so shards from other settings would be silently mixed with new
+    ones: when the settings changed, the stage starts over in the same output (its shards and manifest
+    are deleted, with a warning naming the changed keys), as ``correlate`` and ``train`` do. Returns the
+    settings hash.
     """
     h = config_hash(settings)
     uri = storage.join(stage_uri, SETTINGS_FILE)
     if storage.exists(uri):
         old = storage.read_json(uri)
-        if old.get("hash") != h and list_shards(stage_uri):
-            changed = sorted(k for k in set(old.get("settings", {})) | set(settings)
-                             if old.get("settings", {}).get(k) != settings.get(k))
-            raise ConfigError(f"{stage}: {stage_uri} holds rows made with other settings (changed: "
-                              f"{', '.join(changed) or 'unknown'}); write to a new {stage}.output or delete it")
         if old.get("hash") == h:
             return h
+        if list_shards(stage_uri):
+            changed = sorted(k for k in set(old.get("settings", {})) | set(settings)
+                             if old.get("settings", {}).get(k) != settings.get(k))
+            log.warning("%s: %s holds rows made with other settings (changed: %s); recomputing all", stage,
+                        stage_uri, ", ".join(changed) or "unknown")
+            storage.delete(storage.join(stage_uri, storage.MANIFEST_NAME))
+            storage.delete_dir(storage.join(stage_uri, SHARD_DIR))
     storage.write_json(uri, {"stage": stage, "hash": h, "settings": settings})
     return h
 

@@ -24,7 +24,7 @@ from diclip.models.diffusion import build_diffusion_from_config
 from diclip.models.kv_cache import CACHE_FILE, load_cache
 from diclip.viz import grid_size
 from ray_jobs import cache, generate, mask
-from ray_jobs.common import read_stage_table
+from ray_jobs.common import list_shards, read_stage_table
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
@@ -112,9 +112,16 @@ def test_generate_grows_incrementally(gen_b):
         storage.join(spec.generate.output, s.path), ["item_id"]).column("item_id").to_pylist())
     assert new_ids == [f"{c}/00002" for c in CLASSES[1:]]  # only the missing index was generated
     assert generate.is_complete(grown)
-    # other image settings in the same output are refused (they would mix with the committed images)
-    with pytest.raises(ConfigError, match="other settings.*guidance_scale"):
-        generate.run(tiny_spec(spec.output_uri, *BASE, "generate.guidance_scale=7"))
+    # other image settings in the same output: stale, and run starts over (never mixes old and new images)
+    changed = tiny_spec(spec.output_uri, *BASE, "generate.images_per_class=3", "generate.guidance_scale=7")
+    assert generate.stale(changed) == ["guidance_scale"] and not generate.is_complete(changed)
+    out = generate.run(changed)
+    assert out["generated_now"] == 12 and out["images"] == 12 and generate.is_complete(changed)
+    redone = images_by_id(changed)
+    assert sorted(redone) == sorted(after) and all(redone[k] != after[k] for k in after)
+    assert len(storage.read_manifest(spec.generate.output).shards) == len(list_shards(spec.generate.output))
+    generate.run(grown)  # and back: the original settings give the original images again (seeded per item)
+    assert images_by_id(grown) == after
 
 
 def test_special_prompts_and_unknown_classes(tmp_path):
