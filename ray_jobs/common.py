@@ -329,16 +329,22 @@ class PoolResult:
         return (self.rows + len(self.failures)) / self.seconds if self.seconds > 0 else 0.0
 
 
-def stall_message(desc: str, res: Resources, minutes: float) -> str:
-    """Why a stage may have stopped moving: what one actor asks for against what the cluster has free."""
-    want = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+def free_and_total() -> tuple[dict, dict]:
+    """The cluster's free and total CPUs/GPUs, for messages ({} when Ray cannot say: a message must not fail)."""
     try:
         import ray
 
         free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    except Exception:  # the message must not fail
-        free, total = {}, {}
+    except Exception:
+        return {}, {}
+    return free, total
+
+
+def stall_message(desc: str, res: Resources, minutes: float) -> str:
+    """Why a stage may have stopped moving: what one actor asks for against what the cluster has free."""
+    want = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    free, total = free_and_total()
     return (f"{desc}: no progress for {minutes:g} min; each actor asks for {want} (x{res.concurrency}) and the "
             f"cluster has {free or 'nothing'} free of {total or 'unknown'} - a resource request no node can "
             f"meet (or a stuck actor); adjust {desc}.resources or the cluster, then run again (work done is kept)")

@@ -29,7 +29,7 @@ from diclip.config import JobSpec, to_dict, to_yaml
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
-from ray_jobs.common import configure_data_context, init_ray, setup_process
+from ray_jobs.common import configure_data_context, free_and_total, init_ray, setup_process
 
 log = get_logger("ray_jobs.train")
 STAGE = "train"
@@ -381,13 +381,7 @@ class TrainWatchdog:
 def train_stall_message(spec: JobSpec, minutes: float) -> str:
     t = spec.train
     want = {"CPU": t.resources.num_cpus, **({"GPU": max(1.0, t.resources.num_gpus)} if t.use_gpu else {})}
-    try:
-        import ray
-
-        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-        total = {k: round(v, 2) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    except Exception:  # the message must not fail
-        free, total = {}, {}
+    free, total = free_and_total()
     return (f"train: no progress for {minutes:g} min; each of {t.num_workers} workers asks for {want} and the "
             f"cluster has {free or 'nothing'} free of {total or 'unknown'} - a request no node can meet (or a "
             "stuck worker); adjust train.resources / train.num_workers or the cluster, then run again "
