@@ -106,16 +106,6 @@ def make_untrained(path: str) -> str:
     return path
 
 
-def all_background(spec, split: str) -> float:
-    from diclip.data.datasets import open_split
-    from diclip.method import metrics
-
-    ds = open_split(spec.data, split)
-    k = ds.class_set.num_classes
-    cm = sum(metrics.confusion_matrix(m, np.zeros_like(m), k) for m in (ds.read_mask(i) for i in ds.ids))
-    return float(metrics.summarize(cm, ds.class_set.classes)["miou"])
-
-
 def colour_affinity(images: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.Tensor:
     """Row-normalised ``exp(-|rgb_i - rgb_j|^2 / 2 sigma^2)`` between grid cells: [B, N, N]."""
     import torch.nn.functional as F
@@ -203,6 +193,7 @@ def main() -> None:
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     from ray_jobs.common import init_ray
+    from ray_jobs.evaluate import all_background_miou
 
     common = base_overrides(a.quick)
     init_ray(load_spec("configs/demo.yaml", [f"output_uri={out}/runs/diclip", *common]))
@@ -218,8 +209,8 @@ def main() -> None:
     spec = results[0]["spec"]
     for name, value in inprocess_cam_mious(spec).items():  # CAM only: the DiCLIP row's model, in-process
         results.append({"row": f"maps: {name} (CAM only)", "cam_miou": value, "seg_miou": None})
-    bg = {"row": "all background", "cam_miou": all_background(spec, spec.evaluate.cam_split),
-          "seg_miou": all_background(spec, spec.evaluate.split)}
+    bg = {"row": "all background", "cam_miou": all_background_miou(spec, spec.evaluate.cam_split),
+          "seg_miou": all_background_miou(spec, spec.evaluate.split)}
     results.append(bg)
     md = ["# DiCLIP ablation on the toy world", "",
           "Shipped toy CLIP + diffusion models (diclip/resources/toy), `configs/demo.yaml` with "

@@ -406,6 +406,19 @@ def summaries(spec: JobSpec, rows: dict[str, dict]) -> dict:
     return out
 
 
+def all_background_miou(spec: JobSpec, split: str) -> float:
+    """mIoU of predicting background everywhere on ``split``: the trivial baseline a CAM or a segmenter
+    must beat (mean over the classes present, as :func:`diclip.method.metrics.summarize` averages)."""
+    ds = open_split(spec.data, split)
+    k = ds.class_set.num_classes
+    cm = np.zeros((k, k), np.int64)
+    for image_id in ds.ids:
+        mask = ds.read_mask(image_id)
+        if mask is not None:
+            cm += metriclib.confusion_matrix(mask, np.zeros_like(mask), k)
+    return float(metriclib.summarize(cm, ds.class_set.classes)["miou"])
+
+
 def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.2f}"
 

@@ -359,9 +359,10 @@ class TrainWatchdog:
 
     def _progress(self) -> int:
         try:
-            return len(storage.read_bytes(storage.join(self.spec.train.output, "metrics.jsonl")))
-        except Exception:  # not written yet (or the store hiccuped): no progress seen
+            n = storage.size(storage.join(self.spec.train.output, METRICS))
+        except Exception:  # the store hiccuped: no progress seen
             return -1
+        return -1 if n is None else n
 
     def _watch(self, controller) -> None:
         import ray

@@ -32,6 +32,16 @@ def fast_method_config() -> MethodConfig:
     return MethodConfig()
 
 
+SHAPES_CLASS_FILE = """\
+name: shapes
+classes: [background, ball, box]
+prompt_names: [ball, box]
+background_words: [ground, wall, sky]
+generation_words: [red ball, blue box]
+"""
+"""A user's own 3-class list (``data.classes_file``) drawn on the synthetic shapes."""
+
+
 def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None):
     """``configs/tiny.yaml`` (random tiny models) shrunk further for tests, writing under ``output_uri``."""
     from diclip.config import load_spec

@@ -440,6 +440,14 @@ def exists(uri: str) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def size(uri: str) -> int | None:
+    """Bytes of the file at ``uri`` (a metadata request, nothing read); None when there is no such file."""
+    fs, path = resolve(uri)
+    with _errors(uri, "check"):
+        info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> list[str]:
     """Sorted URIs of the files under ``uri`` (same scheme style as ``uri``); ``[]`` if absent.
 

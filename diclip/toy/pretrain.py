@@ -44,24 +44,23 @@ class _Child:
         return self.vae_steps + n if m.group(1) == "unet" else n
 
 
-def _arg(extra: list[str], flag: str, default: int) -> int:
-    return int(extra[extra.index(flag) + 1]) if flag in extra else default
+def _recipe(name: str, extra: list[str]):
+    """The child's settings as it will parse them (its recipe defaults plus ``extra``)."""
+    from importlib import import_module
+
+    return import_module(_MODULES[name]).build_parser().parse_args(["--out", "-", *extra])
 
 
 def _start(name: str, out: str, extra: list[str]) -> _Child:
-    module = _MODULES[name]
+    args = _recipe(name, extra)  # before starting anything: its step counts drive the progress bar
+    vae = getattr(args, "vae_steps", 0)
     run_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = open(log_path, "a")
-    proc = subprocess.Popen([sys.executable, "-m", module, "--out", run_dir, *extra], stdout=subprocess.PIPE,
-                            stderr=log, text=True, env=env)
-    if name == "clip":
-        vae, total = 0, _arg(extra, "--steps", 600)
-    else:
-        vae = _arg(extra, "--vae-steps", 300)
-        total = vae + _arg(extra, "--steps", 1500)
-    return _Child(name, proc, log_path, vae, total)
+    proc = subprocess.Popen([sys.executable, "-m", _MODULES[name], "--out", run_dir, *extra],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    return _Child(name, proc, log_path, vae, vae + args.steps)
 
 
 def _pump(c: _Child, done: dict[str, int]) -> None:

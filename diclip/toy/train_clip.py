@@ -217,7 +217,8 @@ def evaluate(model, tokenizer, wcfg, *, seed: int, count: int, surgery_blocks=(1
 
 
 # ---------------------------------------------------------------------------------------------
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's settings (its defaults are the shipped model's)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=600)
@@ -248,7 +249,11 @@ def main(argv=None) -> None:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--stop-at", type=int, default=0,
                     help="end this invocation at this step (checkpointed; the lr schedule still spans --steps)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
     wcfg = world.WorldConfig(size=args.size)

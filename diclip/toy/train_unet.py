@@ -184,7 +184,8 @@ def evaluate(pipe, args, count: int, colour: bool = False) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- train
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's settings (its defaults are the shipped model's)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=1500, help="UNet steps")
@@ -205,7 +206,11 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-count", type=int, default=128)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=20)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     comps = build_components(args, args.seed)
     vae, unet, te, tok, sched = comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"]

@@ -6,27 +6,20 @@ from diclip.data.classes import parse_class_file
 from diclip.data.synthetic import generate_synthetic
 from diclip.errors import ConfigError, DataError
 from ray_jobs.validate import check_class_file
-from tests.helpers import tiny_spec
+from tests.helpers import SHAPES_CLASS_FILE, tiny_spec
 
-SHAPES = """\
-name: shapes
-classes: [background, ball, box]
-prompt_names: [ball, box]
-background_words: [ground, wall, sky]
-generation_words: [red ball, blue box]
-"""
 
 
 def test_a_classes_file_becomes_the_specs_class_set(tmp_path):
     path = tmp_path / "shapes.yaml"
-    path.write_text(SHAPES)
+    path.write_text(SHAPES_CLASS_FILE)
     spec = tiny_spec(str(tmp_path / "run"), f"data.classes_file={path}")
     cs = class_set_for(spec.data)
     assert cs.name == "shapes" and cs.classes == ("background", "ball", "box") and cs.num_classes == 3
     assert cs.generation_words == ("red ball", "blue box") and cs.background_words == ("ground", "wall", "sky")
     assert class_identity(spec.data)["prompt_names"] == ["ball", "box"]  # settings record the content
     assert class_identity(tiny_spec(str(tmp_path / "run")).data) == "synthetic"  # built-ins: just the name
-    assert parse_class_file(SHAPES.replace("name: shapes\n", ""), "s3://b/my-classes.yaml").name == "my-classes"
+    assert parse_class_file(SHAPES_CLASS_FILE.replace("name: shapes\n", ""), "s3://b/my-classes.yaml").name == "my-classes"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -42,7 +35,7 @@ def test_a_classes_file_becomes_the_specs_class_set(tmp_path):
 ])
 def test_inconsistent_classes_files_are_one_line_config_errors(tmp_path, edit, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(SHAPES.replace(*edit))
+    path.write_text(SHAPES_CLASS_FILE.replace(*edit))
     spec = tiny_spec(str(tmp_path / "run"), f"data.classes_file={path}")
     with pytest.raises(ConfigError) as e:
         class_set_for(spec.data)
@@ -60,7 +53,7 @@ def test_validate_checks_the_dataset_against_the_classes_file(tmp_path):
     root = tmp_path / "data"
     generate_synthetic(str(root), num_train=4, num_val=2, image_size=32, show_progress=False)
     path = tmp_path / "shapes.yaml"
-    path.write_text(SHAPES)
+    path.write_text(SHAPES_CLASS_FILE)
     base = [f"data.classes_file={path}", f"data.root={root}", "pipeline.stages=[correlate]"]
     spec = tiny_spec(str(tmp_path / "run"), *base)
     with pytest.raises(DataError) as e:

@@ -5,17 +5,10 @@ import pytest
 from diclip import storage, viz
 from diclip.models.kv_cache import load_cache
 from ray_jobs.pipeline import run_pipeline
-from tests.helpers import tiny_spec
+from tests.helpers import SHAPES_CLASS_FILE, tiny_spec
 
 pytestmark = pytest.mark.timeout(900)
 
-SHAPES = """\
-name: shapes
-classes: [background, ball, box]
-prompt_names: [ball, box]
-background_words: [ground, wall, sky]
-generation_words: [red ball, blue box]
-"""
 CLASSES = ["background", "ball", "box"]
 SMALL = [
     "synthesize.num_train=4", "synthesize.num_val=2",
@@ -30,7 +23,7 @@ SMALL = [
 
 def test_three_class_set_end_to_end(ray_session, tmp_path):
     path = tmp_path / "shapes.yaml"
-    path.write_text(SHAPES)
+    path.write_text(SHAPES_CLASS_FILE)
     spec = tiny_spec(str(tmp_path / "run"), f"data.classes_file={path}", *SMALL)
     results = run_pipeline(spec)
     assert [r["stage"] for r in results] == ["synthesize", "generate", "mask", "cache", "correlate", "train",
@@ -55,7 +48,7 @@ def test_three_class_set_end_to_end(ray_session, tmp_path):
     assert storage.read_manifest(spec.infer.output).extra["classes"] == CLASSES
     # editing the file (a new CLIP prompt) makes the stages that use the prompts stale; data, generated
     # images and maps stay
-    path.write_text(SHAPES.replace("prompt_names: [ball, box]", "prompt_names: [round ball, box]"))
+    path.write_text(SHAPES_CLASS_FILE.replace("prompt_names: [ball, box]", "prompt_names: [round ball, box]"))
     from ray_jobs.pipeline import plan
 
     status = {name: done for name, done, _ in plan(spec)}

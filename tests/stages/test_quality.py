@@ -8,11 +8,11 @@ checks CAM (pseudo-label) mIoU and segmentation mIoU against floors set from mea
 """
 import json
 
-import numpy as np
 import pytest
 
 from diclip import storage
 from diclip.config import load_spec
+from ray_jobs.evaluate import all_background_miou
 from ray_jobs.pipeline import run_pipeline
 
 pytestmark = pytest.mark.timeout(1200)
@@ -28,17 +28,6 @@ QUICK = [
 # Measured on this spec with the shipped models (2026-11-29, 2 CPUs: CAM 0.375, segmentation 0.419, all
 # background 0.148 / 0.157), minus a margin for run-to-run noise (thread counts, Ray's batch order).
 FLOORS = {"cam": 0.30, "segmentation": 0.33}
-
-
-def all_background_miou(spec, split: str) -> float:
-    """mIoU of predicting background everywhere on ``split`` (the trivial baseline; summarize's nan-mean)."""
-    from diclip.data.datasets import open_split
-    from diclip.method import metrics
-
-    ds = open_split(spec.data, split)
-    k = ds.class_set.num_classes
-    cm = sum(metrics.confusion_matrix(m, np.zeros_like(m), k) for m in (ds.read_mask(i) for i in ds.ids))
-    return float(metrics.summarize(cm, ds.class_set.classes)["miou"])
 
 
 def test_toy_models_segment_the_toy_world(ray_session, tmp_path):

@@ -34,10 +34,12 @@ def reset_storage():
 def test_bytes_text_json_roundtrip(storage_root):
     b = storage.join(storage_root, "a", "blob.bin")
     payload = bytes(range(256)) * 10
+    assert storage.size(b) is None  # no file yet
     storage.write_bytes(b, payload)
-    assert storage.read_bytes(b) == payload
+    assert storage.read_bytes(b) == payload and storage.size(b) == len(payload)
     storage.write_bytes(b, b"second")  # overwrite replaces
-    assert storage.read_bytes(b) == b"second"
+    assert storage.read_bytes(b) == b"second" and storage.size(b) == 6
+    assert storage.size(storage.join(storage_root, "a")) is None  # a directory / prefix is not a file
 
     t = storage.join(storage_root, "notes.txt")
     storage.write_text(t, "héllo\nwörld")
