@@ -16,10 +16,11 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
 def dry_run(tmp_path: Path, *args: str, local_wheels: bool = True) -> subprocess.CompletedProcess:
     """``make -n ARGS`` with a venv path that does not exist yet, so the install recipe is printed."""
-    env = dict(os.environ)
+    # Under ``make test`` the parent make's MAKEFLAGS/MAKELEVEL leak in and turn on "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     if not local_wheels:  # a fresh laptop: no find-links anywhere
         env.update(PIP_FIND_LINKS="", PIP_CONFIG_FILE=os.devnull)
-    return subprocess.run(["make", "-n", *args, f"VENV={tmp_path / 'venv'}"], cwd=REPO, env=env,
+    return subprocess.run(["make", "-n", "--no-print-directory", *args, f"VENV={tmp_path / 'venv'}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
