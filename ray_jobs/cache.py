@@ -179,7 +179,7 @@ class KeyExtractor:
                          "fg_tokens": n_fg, "bg_tokens": n_bg})
             reports.append(report_row(it[ID], True))
         if rows:
-            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA))
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), reports=reports)
         return pd.DataFrame(reports)
 
 
@@ -275,7 +275,7 @@ def run(spec: JobSpec) -> dict:
              "GPU" if c.resources.num_gpus else "CPU")
     init_ray(spec)
     result = run_pool(pending, KeyExtractor, {"spec": spec}, c.resources, desc="cache keys",
-                      stall_s=60 * spec.ray.stall_minutes)
+                      stall_s=60 * spec.ray.stall_minutes, output=c.output)
     for iid, err in missing:
         log.warning("cache: %s failed: %s", iid, err)
     failures = list(missing) + list(result.failures)

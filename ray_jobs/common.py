@@ -8,9 +8,12 @@ Exactly-once under kills and retries:
 
 * each actor call writes **one** shard for its batch, named by a hash of the batch's item ids, with an
   atomic write - a retried batch overwrites the same object, a killed actor leaves nothing visible;
-* a (re-)run first lists the committed shards and only schedules items that are not in one;
-* :func:`finalize` drops rows whose item id already appears in an earlier shard (possible only if a
-  killed run and its re-run batched the same item differently), then writes failures and manifest.
+* the call's reports say where each item went; the driver keeps that as the stage's commit index
+  (:mod:`diclip.storage.commit_index`), so a (re-)run reads one index instead of every shard and only
+  schedules items it does not name;
+* :func:`finalize` drops rows whose item id already lives in another shard (possible only if a killed
+  run and its re-run batched the same item differently), then writes the compact index, failures and
+  manifest.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from diclip.errors import DiclipError
 from diclip.logging import get_logger, init_logging
 from diclip.storage import Manifest, ShardInfo
 from diclip.storage.manifest import config_hash
+from diclip.storage.commit_index import INDEX_FILE, CommitIndex, IndexWriter, annotate
 
 log = get_logger("ray_jobs.common")
 ID = "item_id"
@@ -192,12 +196,18 @@ def shard_uri(stage_uri: str, ids: Iterable[str]) -> str:
     return storage.join(stage_uri, SHARD_DIR, f"part-{digest}.parquet")
 
 
-def write_shard(stage_uri: str, table: pa.Table, row_group_size: int | None = None) -> str:
-    """Atomically write one batch's rows (must include ``item_id``); returns the shard URI."""
+def write_shard(stage_uri: str, table: pa.Table, row_group_size: int | None = None,
+                reports: list[dict] | None = None, index_columns: Iterable[str] = ()) -> str:
+    """Atomically write one batch's rows (must include ``item_id``); returns the shard URI.
+
+    ``reports`` (the call's report rows) learn where each committed item now lives, for the driver's
+    commit index (:mod:`diclip.storage.commit_index`)."""
     if table.num_rows == 0:
         return ""
     uri = shard_uri(stage_uri, table.column(ID).to_pylist())
     storage.write_parquet(uri, table, row_group_size=row_group_size)
+    if reports is not None:
+        annotate(reports, uri[len(storage.join(stage_uri, "")):].lstrip("/"), table, index_columns)
     return uri
 
 
@@ -206,40 +216,14 @@ def list_shards(stage_uri: str) -> list[str]:
 
 
 def committed_ids(stage_uri: str) -> dict[str, str]:
-    """item id -> shard URI for every row already committed (first shard wins)."""
-    out: dict[str, str] = {}
-    for shard in list_shards(stage_uri):
-        for i in storage.read_parquet(shard, columns=[ID]).column(ID).to_pylist():
-            out.setdefault(i, shard)
-    return out
+    """item id -> shard URI for every row already committed (first shard wins), from the commit index."""
+    index = CommitIndex.load(stage_uri)
+    return {i: index.shard_uri(i) for i in index.entries}
 
 
 def pending_items(items: list[dict], stage_uri: str) -> list[dict]:
     """The items not yet in a committed shard of ``stage_uri`` (resume skips the rest)."""
-    done = committed_ids(stage_uri)
-    return [it for it in items if it[ID] not in done]
-
-
-def dedupe_shards(stage_uri: str) -> list[ShardInfo]:
-    """Rewrite shards so every item id appears exactly once; returns the surviving shards."""
-    seen: set[str] = set()
-    infos: list[ShardInfo] = []
-    prefix = storage.join(stage_uri, "")
-    for shard in list_shards(stage_uri):
-        ids = storage.read_parquet(shard, columns=[ID]).column(ID).to_pylist()
-        dup = [i in seen for i in ids]
-        if all(dup):
-            storage.delete(shard)
-            continue
-        if any(dup):
-            table = storage.read_parquet(shard)
-            table = table.filter(pa.array([not d for d in dup]))
-            storage.write_parquet(shard, table)
-            ids = [i for i, d in zip(ids, dup) if not d]
-        seen.update(ids)
-        rel = shard[len(prefix):] if shard.startswith(prefix) else shard
-        infos.append(ShardInfo(path=rel.lstrip("/"), rows=len(ids)))
-    return infos
+    return CommitIndex.load(stage_uri).pending(items)
 
 
 def failure_reasons(failures: list[tuple[str, str]], top: int = 3) -> list[tuple[str, int]]:
@@ -273,14 +257,16 @@ def check_failures(stage: str, committed: int, failures: list[tuple[str, str]], 
 
 def finalize(stage_uri: str, stage: str, spec: JobSpec, section: Any, failures: list[tuple[str, str]],
              models: dict[str, str] | None = None, extra: dict | None = None,
-             before_commit: Callable[[], None] | None = None) -> Manifest:
+             before_commit: Callable[[], None] | None = None, index_columns: Iterable[str] = ()) -> Manifest:
     """Dedupe shards, write ``failures.parquet`` then ``manifest.json`` (last: the commit point).
 
     More failures than the stage's ``max_failed_fraction`` write the failures but no manifest and
     raise :class:`~diclip.errors.StageFailed`: the stage stays incomplete and exits non-zero.
     ``before_commit`` is a stage's own last check (e.g. an export's completeness); raising there
     leaves the stage incomplete the same way."""
-    shards = dedupe_shards(stage_uri)
+    index = CommitIndex.load(stage_uri, index_columns)
+    shards = [ShardInfo(path=rel, rows=n) for rel, n in index.dedupe().items()]
+    index.save_compact()
     storage.write_failures(stage_uri, failures)
     check_failures(stage, sum(s.rows for s in shards), failures, getattr(section, "max_failed_fraction", 1.0))
     if before_commit is not None:
@@ -295,7 +281,7 @@ def finalize(stage_uri: str, stage: str, spec: JobSpec, section: Any, failures: 
         config_hash=config_hash(cfg),
         package_version=diclip.__version__,
         models=models or {},
-        extra=extra or {},
+        extra={**(extra or {}), "commit_index": INDEX_FILE},
     )
     storage.write_manifest(stage_uri, manifest)
     return manifest
@@ -428,11 +414,17 @@ def user_error_in(e: BaseException) -> "DiclipError | None":
 
 
 def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, *, desc: str,
-             collect: Callable[[dict], None] | None = None, stall_s: float = 0.0) -> PoolResult:
+             collect: Callable[[dict], None] | None = None, stall_s: float = 0.0, output: str | None = None,
+             index_columns: Iterable[str] = (), prepare: Callable | None = None,
+             prepare_kwargs: dict | None = None) -> PoolResult:
     """Fan ``items`` (small dicts with ``item_id``) out to an actor pool; gather each call's report.
 
     ``actor_cls(**ctor_kwargs)`` loads models once; its ``__call__(batch)`` processes the batch, writes
-    its own shard and returns one report row per item: ``item_id``, ``ok`` (bool), ``error`` (str).
+    its own shard and returns one report row per item: ``item_id``, ``ok`` (bool), ``error`` (str), and
+    for committed items where they were written (:func:`write_shard`), which the driver saves into the
+    commit index of ``output`` as it goes. ``prepare(batch, **prepare_kwargs)`` runs first in Ray Data CPU
+    tasks (``res.prepare_cpus`` each): reading and decoding overlap the actors' model calls, as in Ray's
+    batch-inference pattern.
     """
     import ray.data
 
@@ -446,9 +438,19 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
         ctx.wait_for_min_actors_s = max(1, int(stall_s))
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
+        if prepare is not None:
+            ds = ds.map_batches(prepare, fn_kwargs=prepare_kwargs or {}, batch_format="pandas",
+                                batch_size=res.batch_size, num_cpus=res.prepare_cpus,
+                                ray_remote_args_fn=unfused_task_args)
         ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
                             **map_batches_kwargs(res))
-        _consume(ds, result, desc, res, collect, stall_s, len(items))
+        writer = IndexWriter(output, index_columns) if output else None
+        try:
+            _consume(ds, result, desc, res, collect if writer is None else _both(writer.add, collect), stall_s,
+                     len(items))
+        finally:
+            if writer is not None:
+                writer.save()
     except Exception as e:
         user = user_error_in(e)
         if user is None or isinstance(e, DiclipError):
@@ -460,6 +462,21 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     for item_id, err in result.failures:
         log.warning("%s: %s failed: %s", desc, item_id, err)
     return result
+
+
+def unfused_task_args() -> dict:
+    """Remote args of the input tasks, given as a function so Ray Data keeps them an operator of their own:
+    with equal resource requests (CPU runs) its optimizer would fuse them into the actor pool's operator,
+    and decoding would run on the actors again. DEFAULT is Ray's default scheduling strategy anyway."""
+    return {"scheduling_strategy": "DEFAULT"}
+
+
+def _both(first: Callable[[dict], None], second: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    def call(row: dict) -> None:
+        first(row)
+        if second is not None:
+            second(row)
+    return call
 
 
 def _consume(ds, result: PoolResult, desc: str, res: Resources, collect: Callable[[dict], None] | None,

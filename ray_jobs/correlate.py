@@ -25,18 +25,20 @@ from PIL import Image
 
 from diclip.config import JobSpec
 from diclip.data import open_split
-from diclip.data.correlation import SCHEMA, pack_npz
+from diclip.data.correlation import BANK_COLUMNS, SCHEMA, pack_npz
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
 from diclip.method.resample import resize_grid
 from ray_jobs.common import (
-    ID, pending_items, start_actor, finalize, init_ray, report_row, run_pool, short_error, write_shard,
+    ID, pending_items, start_actor, finalize, init_ray, report_row, run_pool, setup_process, short_error, write_shard,
 )
+from diclip.storage import commit_index
 from ray_jobs.lineage import call_batched
 
 log = get_logger("ray_jobs.correlate")
 STAGE = "correlate"
+INDEX_COLUMNS = BANK_COLUMNS  # kept in the commit index: training builds its bank index from it alone
 
 
 def output_uri(spec: JobSpec) -> str:
@@ -100,8 +102,56 @@ def is_complete(spec: JobSpec) -> bool:
             and (not c.crops_per_image or e.get("crop_split") == c.crop_split))
 
 
+_DATASETS: dict[tuple[int, str], object] = {}  # (spec id, split) -> dataset, per process: split lists read once
+
+
+def dataset_for(spec: JobSpec, split: str):
+    key = (id(spec.data), split)
+    if key not in _DATASETS:
+        _DATASETS[key] = open_split(spec.data, split)
+    return _DATASETS[key]
+
+
+def prepare_one(spec: JobSpec, patch: int, image_id: str, split: str, crop: int) -> tuple[tuple[int, int], np.ndarray,
+                                                                                          list[int]]:
+    """(source size, model input at its extraction size, geometry array or [] for whole images)."""
+    from diclip.data.crop_bank import bank_geometry, geometry_to_array
+    from diclip.data.datasets import decode_image
+    from diclip.data.transforms import apply_geometry
+
+    ds = dataset_for(spec, split)
+    img = decode_image(ds.read_image_bytes(image_id), ds.image_uri(image_id))
+    if crop < 0:
+        h, w = resize_grid(img.shape[:2], patch, spec.correlate.max_side)
+        return img.shape[:2], np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)), []
+    d = spec.data
+    geom = bank_geometry(image_id, crop, img.shape[:2], d.crop_size, tuple(d.rescale_range), d.flip, spec.train.seed)
+    return img.shape[:2], apply_geometry(img, geom), geometry_to_array(geom)
+
+
+def prepare_inputs(batch: pd.DataFrame, spec: JobSpec, patch: int) -> pd.DataFrame:
+    """Ray Data CPU task ahead of the actor pool: read, decode and resize (or crop) every item's image to
+    the model's input, so the (GPU) actors only run models. A bad image becomes ``prep_error``, not a crash."""
+    setup_process(spec)
+    cols: dict[str, list] = {k: [] for k in ("x", "x_h", "x_w", "src_h", "src_w", "geom", "prep_error")}
+    for image_id, split, crop in zip(batch["image"], batch["split"], batch["crop"]):
+        try:
+            src, x, geom = prepare_one(spec, patch, str(image_id), str(split), int(crop))
+            err = ""
+        except DiclipError as e:
+            src, x, geom, err = (0, 0), np.zeros((0, 0, 3), np.uint8), [], str(e)
+        except Exception as e:  # decoder/IO surprises are per-item failures, not fatal
+            src, x, geom, err = (0, 0), np.zeros((0, 0, 3), np.uint8), [], short_error(e)
+        for k, v in (("x", np.ascontiguousarray(x).tobytes()), ("x_h", x.shape[0]), ("x_w", x.shape[1]),
+                     ("src_h", src[0]), ("src_w", src[1]), ("geom", geom), ("prep_error", err)):
+            cols[k].append(v)
+    return batch.assign(**cols)
+
+
 class Correlator:
-    """Ray Data actor: one diffusion pipeline, loaded once; each call writes one shard."""
+    """Ray Data actor: one diffusion pipeline, loaded once; each call writes one shard.
+
+    Its inputs arrive decoded and resized by :func:`prepare_inputs` tasks."""
 
     def __init__(self, spec: JobSpec):
         from diclip.models.attention_capture import DiffusionAttention
@@ -115,35 +165,9 @@ class Correlator:
         self.patch = clip_patch_size(spec)
         self.diff = DiffusionAttention(pipe, spec.model.diffusion, self.patch)
         self.codec = get_codec(self.cfg.rar_codec)
-        self.datasets: dict[str, object] = {}
-
-    def dataset(self, split: str):
-        if split not in self.datasets:
-            self.datasets[split] = open_split(self.spec.data, split)
-        return self.datasets[split]
-
-    def load(self, item_id: str, split: str) -> np.ndarray:
-        from diclip.data.datasets import decode_image
-
-        ds = self.dataset(split)
-        return decode_image(ds.read_image_bytes(item_id), ds.image_uri(item_id))
-
-    def prepare(self, image_id: str, split: str, crop: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(source image, model input at its extraction size, geometry array or [] for whole images)."""
-        from diclip.data.crop_bank import bank_geometry, geometry_to_array
-        from diclip.data.transforms import apply_geometry
-
-        img = self.load(image_id, split)
-        if crop < 0:
-            h, w = resize_grid(img.shape[:2], self.patch, self.cfg.max_side)
-            return img, np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)), []
-        d = self.spec.data
-        geom = bank_geometry(image_id, crop, img.shape[:2], d.crop_size, tuple(d.rescale_range), d.flip,
-                             self.spec.train.seed)
-        return img, apply_geometry(img, geom), geometry_to_array(geom)
 
     def extract(self, members: list[tuple]) -> list[dict]:
-        """Maps of same-size inputs (item, split, source image, input, crop, geometry) -> shard rows."""
+        """Maps of same-size inputs (item, split, source size, input, crop, geometry) -> shard rows."""
         from diclip.models.correlation import noise_seed, vce_compact
 
         images = torch.from_numpy(np.stack([m[3] for m in members])).permute(0, 3, 1, 2).float() / 255.0
@@ -151,11 +175,11 @@ class Correlator:
         cap = self.diff(images, seeds)
         comp = vce_compact(cap, self.spec.method, self.spec.model.diffusion)
         rows = []
-        for b, (item_id, split, img, _, crop, geom) in enumerate(members):
+        for b, (item_id, split, src, _, crop, geom) in enumerate(members):
             k = int(comp.ids[b].max()) + 1
             rar = self.codec.encode(cap.rar_q[b].cpu(), cap.rar_k[b].cpu(), cap.rar_scale)
             rows.append({
-                ID: item_id, "split": split, "src_h": img.shape[0], "src_w": img.shape[1],
+                ID: item_id, "split": split, "src_h": src[0], "src_w": src[1],
                 "grid_h": cap.clip_grid[0], "grid_w": cap.clip_grid[1], "vce_k": k,
                 "vce_ids": comp.ids[b].cpu().numpy().astype(np.uint8).tobytes(),
                 "vce_rows": comp.rows[b, :k].cpu().numpy().astype(np.float16).tobytes(),
@@ -166,14 +190,13 @@ class Correlator:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         reports, groups = [], defaultdict(list)
-        for item_id, split, image_id, crop in zip(batch[ID], batch["split"], batch["image"], batch["crop"]):
-            try:
-                img, x, geom = self.prepare(str(image_id), str(split), int(crop))
-                groups[x.shape[:2]].append((item_id, split, img, x, int(crop), geom))
-            except DiclipError as e:
-                reports.append(report_row(item_id, False, str(e)))
-            except Exception as e:  # decoder/IO surprises are per-item failures, not fatal
-                reports.append(report_row(item_id, False, short_error(e)))
+        for it in batch.to_dict("records"):
+            if it["prep_error"]:
+                reports.append(report_row(it[ID], False, it["prep_error"]))
+                continue
+            x = np.frombuffer(it["x"], np.uint8).reshape(int(it["x_h"]), int(it["x_w"]), 3)
+            groups[x.shape[:2]].append((it[ID], it["split"], (int(it["src_h"]), int(it["src_w"])), x,
+                                        int(it["crop"]), [int(v) for v in it["geom"]]))
         rows = []
         for members in groups.values():
             # the batched UNet call falls back to one image at a time, so one bad item (or an OOM on a big
@@ -189,7 +212,8 @@ class Correlator:
                     reports.append(report_row(m[0], True))
         if rows:
             # one row per row group: training fetches single images' maps with one ranged read
-            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1,
+                        reports=reports, index_columns=INDEX_COLUMNS)
         return pd.DataFrame(reports)
 
 
@@ -283,10 +307,7 @@ def run(spec: JobSpec) -> dict:
     if stale:  # maps made with other settings would be silently mixed with new ones: start over
         log.warning("correlate: committed maps at %s were made with other settings (%s); recomputing all",
                     cfg.output, ", ".join(stale))
-        from diclip import storage
-
-        storage.delete(storage.join(cfg.output, storage.MANIFEST_NAME))
-        storage.delete_dir(storage.join(cfg.output, "shards"))
+        commit_index.reset(cfg.output)
     pending = pending_items(items, cfg.output)
     log.info("correlate: %d maps (%d crops per %s image), %d already in committed shards, %d to extract "
              "(%d actors x batch %d, %s)", len(items), cfg.crops_per_image, cfg.crop_split,
@@ -296,12 +317,14 @@ def run(spec: JobSpec) -> dict:
         init_ray(spec)
     t0 = time.perf_counter()
     result = run_pool(pending, Correlator, {"spec": spec}, cfg.resources, desc="correlate",
-                      stall_s=60 * spec.ray.stall_minutes)
+                      prepare=prepare_inputs, prepare_kwargs={"spec": spec, "patch": clip_patch_size(spec)},
+                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output, index_columns=INDEX_COLUMNS)
     models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(clip_patch_size(spec))}
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
                         extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),
                                "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image,
-                               "crop_split": cfg.crop_split, "settings": settings(spec)})
+                               "crop_split": cfg.crop_split, "settings": settings(spec)},
+                        index_columns=INDEX_COLUMNS)
     if cfg.num_pictures and write_preview(spec, items):
         log.info("correlate: example maps in %s", cfg.output.rstrip("/") + "/preview.png")
     rate = result.items_per_s

@@ -36,8 +36,9 @@ from diclip.errors import ConfigError, DiclipError, StageFailed
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
 from ray_jobs.lineage import call_batched
+from diclip.storage import commit_index
 from ray_jobs.common import (
-    ID, start_actor, finalize, init_ray, list_shards, report_row, run_pool, short_error, write_shard,
+    ID, start_actor, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error, write_shard,
 )
 
 log = get_logger("ray_jobs.evaluate")
@@ -143,7 +144,7 @@ def reset_if_changed(out: str, key: dict, stale_dirs: list[str]) -> None:
         changed = sorted(k for k in set(key) | set(old or {}) if (old or {}).get(k) != key.get(k))
         log.warning("%s: results there were computed with different settings (%s); discarding them",
                     out, ", ".join(changed) or "unknown")
-        storage.delete(storage.join(out, storage.MANIFEST_NAME))
+        commit_index.reset(out)  # manifest, shards and the index of them
         for d in stale_dirs:
             storage.delete_dir(storage.join(out, d))
     if old != key:
@@ -167,8 +168,45 @@ def dense_cm(rows, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # actor
 # ----------------------------------------------------------------------------------------------
+_DATASETS: dict[tuple[int, str], object] = {}  # (spec id, split) -> dataset, per process: split lists read once
+
+
+def prepare_samples(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
+    """Ray Data CPU task ahead of the actor pool: read and decode each item's image, mask and label, so the
+    (GPU) actors only run the model. A bad item becomes ``prep_error``, not a crash."""
+    setup_process(spec)
+    cols: dict[str, list] = {k: [] for k in ("img", "img_h", "img_w", "mask", "label", "prep_error")}
+    for image_id, split in zip(batch["image_id"], batch["split"]):
+        key = (id(spec.data), str(split))
+        try:
+            if key not in _DATASETS:
+                _DATASETS[key] = open_split(spec.data, str(split))
+            s = _DATASETS[key].load(str(image_id))
+            vals = (np.ascontiguousarray(s.image).tobytes(), s.image.shape[0], s.image.shape[1],
+                    b"" if s.mask is None else np.ascontiguousarray(s.mask).tobytes(), s.label.tolist(), "")
+        except DiclipError as e:
+            vals = (b"", 0, 0, b"", [], str(e))
+        except Exception as e:  # decoder/IO surprises fail the item, not the stage
+            vals = (b"", 0, 0, b"", [], short_error(e))
+        for k, v in zip(cols, vals):
+            cols[k].append(v)
+    return batch.assign(**cols)
+
+
+def unpack_sample(item: dict):
+    """The :class:`~diclip.data.datasets.Sample` a :func:`prepare_samples` row carries."""
+    from diclip.data.datasets import Sample
+
+    h, w = int(item["img_h"]), int(item["img_w"])
+    mask = np.frombuffer(item["mask"], np.uint8).reshape(h, w).copy() if len(item["mask"]) else None
+    return Sample(id=str(item["image_id"]), image=np.frombuffer(item["img"], np.uint8).reshape(h, w, 3).copy(),
+                  label=np.asarray(item["label"], np.float32), mask=mask)
+
+
 class Evaluator:
-    """Ray Data actor: the exported model loaded once; each call writes one shard for its batch."""
+    """Ray Data actor: the exported model loaded once; each call writes one shard for its batch.
+
+    Its inputs arrive decoded by :func:`prepare_samples` tasks."""
 
     def __init__(self, spec: JobSpec, base_size: int):
         from diclip.inference import load_exported_model
@@ -183,17 +221,11 @@ class Evaluator:
         self.patch = self.model.encoder.patch
         self.k = self.model.num_classes
         self.class_set = class_set_for(spec.data)
-        self.datasets: dict[str, object] = {}
         self._maps = None
         if self.cfg.crf:
             from diclip.method.crf import crf_backend
 
             crf_backend()
-
-    def dataset(self, split: str):
-        if split not in self.datasets:
-            self.datasets[split] = open_split(self.spec.data, split)
-        return self.datasets[split]
 
     @property
     def maps(self):
@@ -259,7 +291,9 @@ class Evaluator:
                 if item["task"] in ("cam", "pic") and not self.maps.has(item["image_id"]):
                     raise DiclipError(f"no correlation map for {item['image_id']!r} in {self.cfg.correlation}; "
                                       f"run correlate over split {item['split']!r} or set evaluate.maps=online")
-                sample = self.dataset(item["split"]).load(item["image_id"])
+                if item["prep_error"]:
+                    raise DiclipError(item["prep_error"])
+                sample = unpack_sample(item)
                 groups["seg" if item["task"] == "seg" else "cam"].append((item, sample))
             except DiclipError as e:
                 reports.append(report_row(item[ID], False, str(e)) | {"task": item["task"]})
@@ -278,7 +312,7 @@ class Evaluator:
                     rows.append(res)
                     reports.append(report_row(res[ID], True) | {"task": res["task"]})
         if rows:
-            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA))
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), reports=reports)
         out = pd.DataFrame(reports)
         out["pid"] = os.getpid()  # which actor did the work (the summary counts actors that contributed)
         out["t_start"], out["t_end"] = t_start, time.time()  # compute span, for throughput without start-up
@@ -504,7 +538,8 @@ def run(spec: JobSpec) -> dict:
             counts[str(row.get("task"))] += 1
 
     result = run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
-                      collect=collect, stall_s=60 * spec.ray.stall_minutes)
+                      prepare=prepare_samples, prepare_kwargs={"spec": spec},
+                      collect=collect, stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
     rows, where = committed_rows(cfg.output, wanted)
     sums = summaries(spec, rows)
     metrics = {

@@ -178,7 +178,8 @@ class ImageGenerator:
             reports.append(report_row(it[ID], True))
         if rows:
             # one image per row group: the mask and cache actors fetch single images with ranged reads
-            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1,
+                        reports=reports)
         return pd.DataFrame(reports)
 
 
@@ -199,7 +200,7 @@ def run(spec: JobSpec) -> dict:
         init_ray(spec)
     t0 = time.perf_counter()
     result = run_pool(pending, ImageGenerator, {"spec": spec}, cfg.resources, desc="generate",
-                      stall_s=60 * spec.ray.stall_minutes)
+                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
     failed = {i for i, _ in result.failures}
     new = [it for it in pending if it[ID] not in failed]
     per_class = Counter(i.rsplit("/", 1)[0] for i in done) + Counter(it["class_name"] for it in new)

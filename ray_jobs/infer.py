@@ -125,7 +125,7 @@ class Inferer:
                              "classes": [int(v) for v in np.unique(mask)], "mask": mask_rel(name), "overlay": ov})
                 reports.append(report_row(name, True))
         if rows:  # after the PNGs: a committed row implies its files exist
-            write_shard(c.output, pa.Table.from_pylist(rows, schema=SCHEMA))
+            write_shard(c.output, pa.Table.from_pylist(rows, schema=SCHEMA), reports=reports)
         return pd.DataFrame(reports)
 
 
@@ -191,7 +191,7 @@ def run(spec: JobSpec) -> dict:
     # never more actors than items: an idle actor would only load the model
     res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
     result = run_pool(pending, Inferer, {"spec": spec, "base_size": base}, res, desc="infer",
-                      stall_s=60 * spec.ray.stall_minutes)
+                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
                         {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))},
                         extra={"classes": info.classes, "base_size": base, "fingerprint": info.fingerprint})

@@ -17,7 +17,8 @@ from diclip.config import JobSpec, to_dict
 from diclip.errors import StorageError
 from diclip.logging import get_logger
 from diclip.storage.manifest import config_hash
-from ray_jobs.common import ID, SHARD_DIR, list_shards, short_error
+from diclip.storage import commit_index
+from ray_jobs.common import ID, list_shards, short_error
 
 log = get_logger("ray_jobs.lineage")
 SETTINGS_FILE = "settings.json"
@@ -42,8 +43,7 @@ def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any]) -> str:
                              if old.get("settings", {}).get(k) != settings.get(k))
             log.warning("%s: %s holds rows made with other settings (changed: %s); recomputing all", stage,
                         stage_uri, ", ".join(changed) or "unknown")
-            storage.delete(storage.join(stage_uri, storage.MANIFEST_NAME))
-            storage.delete_dir(storage.join(stage_uri, SHARD_DIR))
+            commit_index.reset(stage_uri)
     storage.write_json(uri, {"stage": stage, "hash": h, "settings": settings})
     return h
 

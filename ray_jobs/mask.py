@@ -137,7 +137,8 @@ class MaskActor:
                          "width": int(img.shape[1]), "height": int(img.shape[0])})
             reports.append(report_row(it[ID], True))
         if rows:
-            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
+            write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1,
+                        reports=reports)
         return pd.DataFrame(reports)
 
 
@@ -222,7 +223,7 @@ def run(spec: JobSpec) -> dict:
         init_ray(spec)
     t0 = time.perf_counter()
     result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask",
-                      stall_s=60 * spec.ray.stall_minutes)
+                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
     class_names = class_set_for(spec.data).classes
     counts = summarize(cfg.output, class_names)
     models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}

@@ -33,6 +33,7 @@ from ray_jobs.common import configure_data_context, free_and_total, init_ray, se
 
 log = get_logger("ray_jobs.train")
 STAGE = "train"
+PREFETCH_BATCHES = 4  # batches each worker keeps loaded ahead: hides a slow object-store read behind steps
 PROGRESS = "progress.json"
 STATE = "diclip_state.json"  # = diclip.train.components.STATE (not imported here: it pulls in torch)
 METRICS = "metrics.jsonl"  # = diclip.train.components.METRICS
@@ -165,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         store = CorrelationStore(t.correlation)
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = C.RankBatches(shard.iter_batches(batch_size=b, batch_format="numpy", prefetch_batches=2), rank, world, b)
+    batches = C.RankBatches(shard.iter_batches(batch_size=b, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES), rank, world, b)
     engine.train()
     for step in range(start, t.max_iters):
         metrics_log.add(C.train_step(engine, trainer, batches, step, t.grad_accum, device))

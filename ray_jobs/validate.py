@@ -97,6 +97,10 @@ def local_resources(spec: JobSpec) -> tuple[float, float] | None:
     return cpus, gpus
 
 
+PREPARED_STAGES = ("correlate", "evaluate")
+"""Stages whose inputs are read and decoded by Ray Data CPU tasks ahead of the actor pool."""
+
+
 def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
     """Refuse, in one line, a plan that cannot make progress on a cluster of ``cpus`` CPUs and ``gpus`` GPUs.
 
@@ -121,6 +125,10 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
         if res.num_cpus > cpus:
             raise ConfigError(f"{stage}: one actor asks for {res.num_cpus:g} CPUs but the local Ray has {cpus:g}; "
                               f"lower {stage}.resources.num_cpus")
+        if stage in PREPARED_STAGES and res.num_cpus + res.prepare_cpus > cpus:
+            raise ConfigError(f"{stage}: one actor ({res.num_cpus:g} CPUs) and one input task ({res.prepare_cpus:g} "
+                              f"CPUs) do not fit in the {cpus:g} CPUs, so no input would ever reach the actors; lower "
+                              f"{stage}.resources.num_cpus or {stage}.resources.prepare_cpus")
         if res.num_gpus > 0 and res.num_gpus > gpus:
             raise ConfigError(f"{stage}: actors ask for {res.num_gpus:g} GPU but this machine has {gpus:g}; set "
                               f"{stage}.resources.num_gpus=0 (CPU) or run on a cluster with GPUs")

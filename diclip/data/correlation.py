@@ -19,6 +19,7 @@ import torch
 
 from diclip import storage
 from diclip.errors import DataError, StorageError
+from diclip.storage.commit_index import CommitIndex
 from diclip.method.codecs import get_codec
 from diclip.method.resample import Geometry, batch_taps, resample_compact
 
@@ -37,6 +38,7 @@ SCHEMA = pa.schema([
     ("geom", pa.list_(pa.int32())),  # the bank crop's geometry (diclip.data.crop_bank); [] for whole images
 ])
 MAP_COLUMNS = [f.name for f in SCHEMA]
+BANK_COLUMNS = ("crop", "geom")  # kept in the commit index, so the training index needs no shard reads
 
 
 def pack_npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -118,16 +120,14 @@ class CorrelationStore:
             raise StorageError(f"no correlation maps at {uri} (manifest.json missing); run the correlate stage first")
         self.manifest = manifest
         self._index: dict[str, tuple[str, int]] | None = None
+        self._commit: CommitIndex | None = None
 
     @property
     def index(self) -> dict[str, tuple[str, int]]:
+        """item id -> (shard URI, row), from the stage's commit index (one read for a complete store)."""
         if self._index is None:
-            idx: dict[str, tuple[str, int]] = {}
-            for s in self.manifest.shards:
-                path = storage.join(self.uri, s.path)
-                for i, item in enumerate(storage.read_parquet(path, columns=["item_id"]).column("item_id").to_pylist()):
-                    idx[item] = (path, i)
-            self._index = idx
+            self._commit = CommitIndex.load(self.uri, BANK_COLUMNS)
+            self._index = {i: (storage.join(self.uri, e[0]), e[1]) for i, e in self._commit.entries.items()}
         return self._index
 
     def shard_uris(self) -> list[str]:
@@ -146,14 +146,9 @@ class CorrelationStore:
 
     def bank_geometries(self) -> dict[str, list[int]]:
         """Row id -> stored crop geometry (9 ints) for every per-crop bank row."""
-        out: dict[str, list[int]] = {}
-        for uri in self.shard_uris():
-            t = storage.read_parquet(uri, columns=["item_id", "crop", "geom"])
-            for item, crop, geom in zip(t.column("item_id").to_pylist(), t.column("crop").to_pylist(),
-                                        t.column("geom").to_pylist()):
-                if crop is not None and crop >= 0:
-                    out[item] = [int(v) for v in geom]
-        return out
+        self.index  # noqa: B018 - loads the commit index, which carries crop and geometry
+        return {i: [int(v) for v in e[3]] for i, e in self._commit.entries.items()
+                if e[2] is not None and e[2] >= 0}
 
 
 def read_record(shard: str, row: int) -> CorrelationRecord:

@@ -15,6 +15,8 @@ of its image: the crop's pixels are rebuilt from the stored geometry and its map
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 
@@ -132,6 +134,9 @@ def load_rows(batch: dict, crop: int, scale_range: tuple[float, float], flip: bo
               with_maps: bool, storage_options: dict | None = None) -> dict:
     """Ray Data batch function: read + decode + augment images, fetch map rows. Pure per position.
 
+    The reads of a batch go out together on threads, map rows grouped per shard (one ranged read for all
+    of a shard's rows), so a task waits for one round trip per batch, not one per sample.
+
     Runs in Ray Data task processes, which know nothing of the job: ``storage_options`` points
     them at the job's object store.
     """
@@ -142,12 +147,20 @@ def load_rows(batch: dict, crop: int, scale_range: tuple[float, float], flip: bo
         if storage.get_options() != opts:
             storage.configure(opts)
 
+    n = len(batch["pos"])
+    uris = [str(u) for u in batch["image_uri"]]
+    # all of the batch's I/O at once on threads (object-store round trips overlap), then CPU work without waits
+    pool = io_pool()
+    image_bytes = pool.map(storage.read_bytes, uris)
+    maps = (fetch_map_rows([str(s) for s in batch["corr_shard"]], [int(r) for r in batch["corr_row"]], pool)
+            if with_maps else None)
+    image_bytes = list(image_bytes)
     out: dict[str, list] = {k: [] for k in ("pos", "item_id", "image", "label", "geom")}
     corr_cols: dict[str, list] = {}
-    for i in range(len(batch["pos"])):
+    for i in range(n):
         pos = int(batch["pos"][i])
-        uri = str(batch["image_uri"][i])
-        image = decode_image(storage.read_bytes(uri), uri)
+        uri = uris[i]
+        image = decode_image(image_bytes[i], uri)
         if "bank_geom" in batch:  # the bank's crop: its pixels from the stored geometry, its maps as stored
             bank = bank_geometry_from_array(batch["bank_geom"][i])
             if tuple(bank.src_size) != image.shape[:2]:
@@ -164,9 +177,8 @@ def load_rows(batch: dict, crop: int, scale_range: tuple[float, float], flip: bo
         out["label"].append(np.asarray(batch["label"][i], dtype=np.float32))
         out["geom"].append(np.asarray([*geom.src_size, *geom.scaled_size, int(geom.flip), *geom.offset,
                                        *geom.out_size], dtype=np.int64))
-        if with_maps:
-            row = storage.read_parquet_rows(str(batch["corr_shard"][i]), [int(batch["corr_row"][i])]).to_pylist()[0]
-            for k, v in row.items():
+        if maps is not None:
+            for k, v in maps[i].items():
                 corr_cols.setdefault(f"corr_{k}", []).append(v)
     result = {k: np.stack(v) if k in ("image", "label", "geom") else np.asarray(v) for k, v in out.items()}
     for k, v in corr_cols.items():
@@ -174,6 +186,34 @@ def load_rows(batch: dict, crop: int, scale_range: tuple[float, float], flip: bo
         arr[:] = v
         result[k] = arr
     return result
+
+
+IO_THREADS = 16  # concurrent object-store reads per loader task (latency-bound, not CPU-bound)
+_IO_POOL: ThreadPoolExecutor | None = None
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """This process's reader threads (one pool for the task process's life, not one per batch)."""
+    global _IO_POOL
+    if _IO_POOL is None:
+        _IO_POOL = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="diclip-read")
+    return _IO_POOL
+
+
+def fetch_map_rows(shards: list[str], rows: list[int], pool: ThreadPoolExecutor) -> list[dict]:
+    """The batch's map rows in batch order: one ranged read per shard (its rows together), shards in parallel."""
+    from diclip import storage
+
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(shards):
+        by_shard.setdefault(shard, []).append(i)
+    tables = pool.map(lambda kv: storage.read_parquet_rows(kv[0], [rows[i] for i in kv[1]]).to_pylist(),
+                      list(by_shard.items()))
+    out: list[dict] = [{}] * len(shards)
+    for idx, got in zip(by_shard.values(), tables):
+        for i, row in zip(idx, got):
+            out[i] = row
+    return out
 
 
 geometry_from_array = bank_geometry_from_array

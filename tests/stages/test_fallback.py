@@ -41,7 +41,7 @@ def test_correlate_batch_failure_falls_back_per_item(tmp_path):
     actor.diff = flaky
     ids = ["synth_train_00000", "synth_train_00001", "synth_train_00002"]
     batch = pd.DataFrame({"item_id": ids, "split": ["train"] * 3, "image": ids, "crop": [-1] * 3})
-    report = actor(batch)
+    report = actor(correlate.prepare_inputs(batch, spec, actor.patch))  # the CPU task's output feeds the actor
     assert report["ok"].all() and list(report["item_id"]) == ids
     assert seen[0] == 3 and seen[1:] == [1, 1, 1]
     rows = storage.read_parquet(list_shards(spec.correlate.output)[0], columns=["item_id"]).column("item_id")
