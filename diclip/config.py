@@ -233,11 +233,15 @@ class Resources:
     prepare_cpus: float = 0.5
     """CPUs per Ray Data task that reads, decodes and resizes inputs ahead of the actor pool (correlate,
     evaluate), so the (GPU) actors only run models."""
+    prepare_concurrency: int = 0
+    """At most this many input tasks at once; 0 = one per actor (decoding an image costs about what a GPU
+    takes to run the model on it). Each task process starts once, so fewer is cheaper on small machines."""
 
     def check(self, stage: str) -> None:
         """Value checks, naming the stage (a Resources block does not know whose it is)."""
         _check(self.num_cpus > 0, f"{stage}.resources.num_cpus must be > 0")
         _check(self.prepare_cpus > 0, f"{stage}.resources.prepare_cpus must be > 0")
+        _check(self.prepare_concurrency >= 0, f"{stage}.resources.prepare_concurrency must be >= 0")
         _check(self.num_gpus >= 0, f"{stage}.resources.num_gpus must be >= 0")
         _check(self.concurrency >= 1, f"{stage}.resources.concurrency must be >= 1")
         _check(self.batch_size >= 1, f"{stage}.resources.batch_size must be >= 1")

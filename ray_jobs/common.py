@@ -441,6 +441,7 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
         if prepare is not None:
             ds = ds.map_batches(prepare, fn_kwargs=prepare_kwargs or {}, batch_format="pandas",
                                 batch_size=res.batch_size, num_cpus=res.prepare_cpus,
+                                concurrency=res.prepare_concurrency or res.concurrency,
                                 ray_remote_args_fn=unfused_task_args)
         ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
                             **map_batches_kwargs(res))

@@ -1,0 +1,291 @@
+"""Orchestration: does the correlate stage keep 1-16 GPU actors busy, and what does it cost besides the model?
+
+The real ``correlate`` stage (local Ray, Ray Data input tasks feeding the actor pool, real shard writes to
+the moto S3 server in its own process, commit index, finalize) over real 500x375 JPEGs (read, decode,
+resize to 320 px), with one thing replaced - this benchmark measures orchestration, so **the model call is a
+stand-in**: a calibrated wait of ``--wait`` seconds per image (a GPU doing diffusion + ACR) returning
+real-size rows (the full-size bank's ~832 KB RAR payload per 320x320 map, scaled by area, through the real
+codec and shard writer). The wait is long enough that this machine's 2 cores are not what limits.
+
+* efficiency - over the window where every actor has started and none has run out of work, the fraction
+  of time each actor spends inside the wait (its "GPU" busy), averaged over actors; items/s alongside.
+* overhead - CPU seconds of every process the run used (driver, Ray's raylet/GCS, input tasks, actors;
+  not the S3 server's) over the same window (start-up excluded), split into what scales with images (input
+  tasks + actors, per image) and a fixed background (driver + Ray's processes, per second). The reported
+  overhead is per image at a GPU's pace (one image per ~10 ms): with a GPU doing an image in ~10 ms, ``overhead / 10`` is how many
+  CPU cores each GPU needs to stay fed.
+
+Last line: ``efficiency at 16 actors: X.XX; overhead Y CPU-ms per image``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from _common import write_result
+
+BATCHES_PER_ACTOR = 10
+BATCH = 4
+ACTORS = (1, 2, 4, 8, 16)
+SPANS_DIR = tempfile.mkdtemp(prefix="diclip-orch-spans-")
+
+
+def start_moto() -> tuple[str, subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"http://127.0.0.1:{port}", proc
+
+
+def make_bucket(url: str, name: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    for _ in range(150):
+        try:
+            client.create_bucket(Bucket=name)
+            return
+        except Exception:
+            time.sleep(0.2)
+    raise SystemExit("moto server did not start")
+
+
+def stand_in_class(wait_s: float):
+    """A Correlator whose model call is a wait (defined here: Ray ships it to the actors by value)."""
+    import numpy as np
+    import torch
+
+    from ray_jobs import correlate
+    from ray_jobs.common import start_actor
+
+    class StandInCorrelator(correlate.Correlator):
+        def __init__(self, spec):  # no diffusion pipeline: the wait stands in for it
+            from diclip.method.codecs import get_codec
+
+            self.spec, self.cfg = spec, spec.correlate
+            self.device = start_actor(spec, self.cfg.resources)
+            self.patch = 16
+            self.codec = get_codec(self.cfg.rar_codec)
+            self.qk: dict[tuple, torch.Tensor] = {}
+            self.log = open(os.path.join(SPANS_DIR, f"{os.getpid()}.jsonl"), "a")
+
+        def extract(self, members: list[tuple]) -> list[dict]:
+            t0 = time.time()
+            time.sleep(wait_s * len(members))  # the GPU: diffusion + ACR for the batch
+            self.log.write(json.dumps([t0, time.time(), len(members)]) + "\n")
+            self.log.flush()
+            rows = []
+            for item_id, split, src, x, crop, geom in members:
+                h, w = x.shape[0] // self.patch, x.shape[1] // self.patch
+                tokens = (x.shape[0] // 8) * (x.shape[1] // 8)  # the RAR layer's grid
+                if tokens not in self.qk:  # the full-size bank's ~832 KB per 320x320 map, scaled by area
+                    self.qk[tokens] = torch.randn(5, tokens, 26)
+                rar = self.codec.encode(self.qk[tokens], self.qk[tokens], 0.125)
+                rows.append({"item_id": item_id, "split": split, "src_h": src[0], "src_w": src[1], "grid_h": h,
+                             "grid_w": w, "vce_k": 16, "vce_ids": np.zeros(h * w, np.uint8).tobytes(),
+                             "vce_rows": np.zeros((16, h * w), np.float16).tobytes(), "rar_grid_h": x.shape[0] // 8,
+                             "rar_grid_w": x.shape[1] // 8, "rar_codec": self.codec.name,
+                             "rar": correlate.pack_npz(rar), "crop": crop, "geom": geom})
+            return rows
+
+    return StandInCorrelator
+
+
+def process_cpu_seconds(exclude: set[int]) -> dict[int, tuple[str, float]]:
+    """pid -> (group, CPU seconds) for this process and its descendants; groups: driver, workers (Ray
+    worker processes: input tasks and actors), system (raylet, GCS, dashboard agents ...)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        if p.pid in exclude:
+            continue
+        try:
+            t = p.cpu_times()
+            cmd = " ".join(p.cmdline())
+            group = ("driver" if p.pid == me.pid else
+                     "workers" if "default_worker.py" in cmd or p.name().startswith("ray::") or "ray::" in cmd
+                     else "system")
+            out[p.pid] = (group, t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def read_spans() -> list[list]:
+    out = []
+    for f in glob.glob(os.path.join(SPANS_DIR, "*.jsonl")):
+        rows = [json.loads(x) for x in open(f)]
+        if rows:
+            out.append(rows)
+    return out
+
+
+def efficiency(actors: int, spans: list[list]) -> tuple[float, float, float, float]:
+    """(mean fraction of the steady-state window each actor spends in its wait, window start, end, mean gap
+    between an actor's waits in s). The window: every actor has started, none has run out of work."""
+    lo = max(r[0][0] for r in spans)
+    hi = min(r[-1][1] for r in spans)
+    gaps = [b[0] - a[1] for r in spans for a, b in zip(r, r[1:])]
+    gap = sum(gaps) / len(gaps) if gaps else float("nan")
+    if hi <= lo:
+        return float("nan"), lo, hi, gap
+    busy = [sum(max(0.0, min(e, hi) - max(s, lo)) for s, e, _ in r) / (hi - lo) for r in spans]
+    return sum(busy) / actors, lo, hi, gap
+
+
+class CpuSampler:
+    """CPU seconds of this process and its descendants (Ray's), sampled twice a second on a thread, so
+    the steady-state window's CPU can be read off without start-up and shutdown."""
+
+    def __init__(self, exclude: set[int]):
+        import threading
+
+        self.exclude, self.samples, self.stop = exclude, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.samples.append((time.time(), process_cpu_seconds(self.exclude)))
+            self.stop.wait(0.5)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def between(self, lo: float, hi: float) -> dict[str, float]:
+        """CPU seconds used in [lo, hi] per group (a process that ends inside counts up to its last sample)."""
+        i = min(range(len(self.samples)), key=lambda k: abs(self.samples[k][0] - lo))
+        j = min(range(len(self.samples)), key=lambda k: abs(self.samples[k][0] - hi))
+        start, last = self.samples[i][1], {}
+        for _, snap in self.samples[i:j + 1]:
+            last.update(snap)
+        out = {"driver": 0.0, "workers": 0.0, "system": 0.0}
+        for pid, (group, v) in last.items():
+            out[group] += v - start.get(pid, (group, 0.0))[1]
+        return out
+
+
+def run_once(base, actors: int, wait_s: float, moto_pid: int) -> dict:
+    import dataclasses
+
+    from diclip.storage import commit_index  # noqa: F401  (the stage writes one)
+    from ray_jobs import correlate
+
+    for f in glob.glob(os.path.join(SPANS_DIR, "*.jsonl")):
+        os.remove(f)
+    # 2 cores: input tasks enough for the stand-in's rate (each task process imports torch once)
+    res = dataclasses.replace(base.correlate.resources, concurrency=actors, prepare_concurrency=max(1, actors // 4))
+    spec = dataclasses.replace(base, correlate=dataclasses.replace(
+        base.correlate, output=f"{base.output_uri}/correlate-{actors}", resources=res))
+    n = actors * BATCHES_PER_ACTOR * BATCH
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, train_split=f"train{n}"))
+    spec = dataclasses.replace(spec, correlate=dataclasses.replace(spec.correlate, splits=[f"train{n}"]))
+    real = correlate.Correlator
+    correlate.Correlator = stand_in_class(wait_s)
+    try:
+        with CpuSampler({moto_pid}) as cpu:
+            t0 = time.perf_counter()
+            out = correlate.run(spec)
+            wall = time.perf_counter() - t0
+    finally:
+        correlate.Correlator = real
+    spans = read_spans()
+    eff, lo, hi, gap = efficiency(actors, spans)
+    done = sum(k for r in spans for s, e, k in r if lo <= e <= hi)  # images whose wait ended in the window
+    return {"actors": actors, "images": n, "committed": out["images"], "failed": out["failed"], "wall_s": wall,
+            "items_per_s": out["images_per_s"], "ideal_items_per_s": actors / wait_s, "efficiency": eff,
+            "actors_seen": len(spans), "steady_window_s": hi - lo, "steady_items_per_s": done / max(hi - lo, 1e-9),
+            "mean_gap_between_calls_s": gap, **cpu_report(cpu.between(lo, hi), done, hi - lo)}
+
+
+GPU_IMAGE_S = 0.010  # one H100 on the method's diffusion work at 320 px (VAE encode + one UNet pass)
+
+
+def cpu_report(cpu: dict[str, float], done: int, window: float) -> dict:
+    """Per-image CPU (input tasks + actors' non-model work) and the fixed background (driver + Ray's own
+    processes, per second), and what one image costs when a GPU finishes one every ``GPU_IMAGE_S``."""
+    per_image = 1000 * cpu["workers"] / max(done, 1)
+    background = (cpu["driver"] + cpu["system"]) / max(window, 1e-9)  # CPU-s per s
+    return {"cpu_ms_per_image": 1000 * sum(cpu.values()) / max(done, 1), "worker_cpu_ms_per_image": per_image,
+            "background_cpu_per_s": background, "cpu_groups_s": cpu,
+            "cpu_ms_per_image_at_gpu_rate": per_image + 1000 * background * GPU_IMAGE_S}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--wait", type=float, default=0.5, help="stand-in model seconds per image")
+    p.add_argument("--actors", type=int, nargs="+", default=list(ACTORS))
+    args = p.parse_args()
+    url, moto = start_moto()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=url)
+    try:
+        make_bucket(url, "orchestration")
+        rows = measure(url, moto.pid, args)
+    finally:
+        moto.terminate()  # the one server this bench started, by its handle
+        moto.wait(timeout=30)
+    write_result("orchestration", {"wait_s": args.wait, "batch": BATCH, "rows": rows})
+    last = rows[-1]
+    print(f"per image at a GPU's {1000 * GPU_IMAGE_S:.0f} ms: {last['worker_cpu_ms_per_image']:.1f} CPU-ms in tasks/actors + "
+          f"{1000 * last['background_cpu_per_s'] * GPU_IMAGE_S:.1f} of background = "
+          f"{last['cpu_ms_per_image_at_gpu_rate']:.1f} CPU-ms")
+    print(f"efficiency at {last['actors']} actors: {last['efficiency']:.2f}; overhead "
+          f"{last['cpu_ms_per_image_at_gpu_rate']:.0f} CPU-ms per image")
+
+
+def measure(url: str, moto_pid: int, args) -> list[dict]:
+    import ray
+
+    from diclip import storage
+    from diclip.config import load_spec
+    from ray_jobs import synthesize
+    from ray_jobs.common import init_ray
+
+    most = max(args.actors) * BATCHES_PER_ACTOR * BATCH
+    spec = load_spec("configs/tiny.yaml", [
+        "output_uri=s3://orchestration/run", f"storage.endpoint_url={url}", "ray.progress_bars=false",
+        f"synthesize.num_train={most}", "synthesize.num_val=2", "synthesize.image_size=[375,500]",
+        "correlate.max_side=320", f"correlate.resources.batch_size={BATCH}", "correlate.resources.num_cpus=0.05",
+        "correlate.resources.prepare_cpus=0.1", "correlate.num_pictures=0", "correlate.rar_codec=qk_fp16"])
+    storage.configure(storage.StorageOptions(endpoint_url=url))
+    print(f"writing {most} 500x375 images to the moto S3 server ...", flush=True)
+    synthesize.run(spec)
+    ids = storage.read_text(f"{spec.data.root}/ImageSets/Segmentation/train.txt").split()
+    for a in args.actors:  # one split list per size, so every run extracts exactly its images
+        n = a * BATCHES_PER_ACTOR * BATCH
+        storage.write_text(f"{spec.data.root}/ImageSets/Segmentation/train{n}.txt", "\n".join(ids[:n]) + "\n")
+    init_ray(spec)
+    rows = []
+    try:
+        for a in args.actors:
+            r = run_once(spec, a, args.wait, moto_pid)
+            rows.append(r)
+            print(f"{a:>2} actors: {r['images']} images in {r['wall_s']:.1f} s (start-up included); steady state "
+                  f"{r['steady_window_s']:.1f} s: {r['steady_items_per_s']:.1f} img/s of ideal "
+                  f"{r['ideal_items_per_s']:.1f}, efficiency {r['efficiency']:.2f}, gap between calls "
+                  f"{r['mean_gap_between_calls_s']:.2f} s; CPU {r['cpu_ms_per_image']:.0f} ms per image = "
+                  f"{r['worker_cpu_ms_per_image']:.1f} ms in tasks/actors + background {r['background_cpu_per_s']:.2f} "
+                  f"CPU-s/s (driver, Ray)", flush=True)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
