@@ -7,7 +7,10 @@ maps through the ``qk_fp16`` codec, cached in ``--records`` so later runs skip t
 ``tr.losses(batch, step)`` + backward with every component wrapped in a wall-clock timer (nested timers:
 a component's time includes its children), and optionally prints torch.profiler's top operators.
 
-    python bench/profile_step.py [--repeat 3] [--step 0] [--ops] [--online]
+    python bench/profile_step.py [--repeat 3] [--step 0] [--cpu-time] [--ops] [--online]
+
+Run from the repository root (the spec reads configs/tiny.yaml); with an editable install that points at
+another checkout, put this one first: ``PYTHONPATH=$PWD``. On a shared machine prefer ``--cpu-time``.
 """
 from __future__ import annotations
 
@@ -129,7 +132,8 @@ def make_batch(spec, samples, records_file: Path):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--work", default=str(RESULTS / "fullsize"), help="folder with (or for) the full-size models")
-    p.add_argument("--records", default=str(RESULTS / "fullsize" / "profile_records.pkl"))
+    p.add_argument("--records", default=str(RESULTS / "profile_step_records.pkl"),
+                   help="cache of the batch's stored maps (built with a UNet pass per image when missing)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--step", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
