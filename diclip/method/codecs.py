@@ -26,14 +26,29 @@ from diclip.method.resample import resample_map, resample_tokens
 
 
 def _attn_mean(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Head mean of softmax(q k^T * scale): q, k [B, h, M, d] -> [B, M, M]; masked keys get 0."""
-    logits = q.float() @ k.float().transpose(-1, -2) * scale
+    """Head mean of softmax(q k^T * scale): q, k [B, h, M, d] -> [B, M, M]; masked keys get 0.
+
+    ``key_mask`` [B, M] also zeroes the rows of masked (padding) queries.
+
+    Computed one image at a time with in-place updates: at full size a [B, h, M, M] temporary is
+    80 MB, which the allocator maps fresh (page faults) on every call, while the per-image [h, M, M]
+    ones are reused. The row mask is applied after the head mean (multiplying by 0/1 commutes with
+    the mean exactly) and an all-valid mask is skipped, so the values are those of the plain batched
+    form ``softmax(q k^T * scale)`` masked, ``nan_to_num``, masked rows, ``mean(1)``."""
+    q, k = q.float(), k.float()
+    if key_mask is not None and bool(key_mask.all()):
+        key_mask = None
+    out = torch.empty(q.shape[0], q.shape[2], k.shape[2], dtype=torch.float32, device=q.device)
+    for i in range(q.shape[0]):
+        logits = (q[i] @ k[i].transpose(-1, -2)).mul_(scale)  # [h, M, M]
+        if key_mask is not None:
+            logits.masked_fill_(~key_mask[i, None, None, :], float("-inf"))
+        torch.mean(logits.softmax(-1), 0, out=out[i])
+        del logits
     if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    p = logits.softmax(-1)
-    if key_mask is not None:
-        p = torch.nan_to_num(p, nan=0.0) * key_mask[:, None, :, None]
-    return p.mean(1)
+        # rows are NaN only in an image with no valid key at all, and all its rows are masked to 0
+        out = torch.nan_to_num_(out, nan=0.0).mul_(key_mask[:, :, None])
+    return out
 
 
 class RarCodec(Protocol):

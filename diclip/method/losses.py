@@ -20,8 +20,11 @@ def balanced_seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: i
     label = label.long()
     bg = torch.where(label == 0, label, torch.full_like(label, ignore_index))
     fg = torch.where((label != 0), label, torch.full_like(label, ignore_index))
-    ce_bg = F.cross_entropy(logits, bg, ignore_index=ignore_index, reduction="none")
-    ce_fg = F.cross_entropy(logits, fg, ignore_index=ignore_index, reduction="none")
+    # cross_entropy is nll_loss(log_softmax(logits)); the log-softmax is shared by both terms (same values;
+    # the two terms' gradients have disjoint support, so their sum before its backward is exact too)
+    logp = F.log_softmax(logits, dim=1)
+    ce_bg = F.nll_loss(logp, bg, ignore_index=ignore_index, reduction="none")
+    ce_fg = F.nll_loss(logp, fg, ignore_index=ignore_index, reduction="none")
     bg_loss = ce_bg.sum() / ((bg != ignore_index).sum() + 1e-6)
     fg_loss = ce_fg.sum() / ((fg != ignore_index).sum() + 1e-6)
     return 0.5 * (bg_loss + fg_loss)

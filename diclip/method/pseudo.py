@@ -170,11 +170,31 @@ def rar_transition(attn: torch.Tensor, heads: Sequence[int] = (1, 2)) -> torch.T
 
 
 def rar_transition_from_mean(p: torch.Tensor) -> torch.Tensor:
-    """:func:`rar_transition` for an already head-averaged map [B, M, M]."""
-    p = p / p.amax(dim=-2, keepdim=True).clamp_min(_TINY)
-    bonus = torch.where(p > 0, 0.02 * torch.log10(math.e * p.clamp_min(_TINY)), torch.zeros_like(p))
-    p = (p + bonus).clamp_min(0)
-    return p / p.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+    """:func:`rar_transition` for an already head-averaged map [B, M, M] (or one map [M, M]).
+
+    Runs one map at a time with in-place updates of its own temporaries (the input is never
+    modified): the values are those of ``p / colmax``, ``where(p > 0, 0.02 * log10(e * p), 0)``,
+    clamp, row-normalise, but without allocating several fresh [B, M, M] tensors (40 MB each at
+    full size) per call. (With autograd recording, the same formula runs out of place.)"""
+    if p.requires_grad and torch.is_grad_enabled():
+        p = p / p.amax(dim=-2, keepdim=True).clamp_min(_TINY)
+        p = (p + torch.where(p > 0, 0.02 * torch.log10(math.e * p.clamp_min(_TINY)), torch.zeros_like(p))).clamp_min(0)
+        return p / p.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+    out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    if p.dim() > 2:
+        for i in range(p.shape[0]):
+            _rar_transition_into(p[i], out[i])
+    else:
+        _rar_transition_into(p, out)
+    return out
+
+
+def _rar_transition_into(p: torch.Tensor, out: torch.Tensor) -> None:
+    torch.div(p, p.amax(dim=-2, keepdim=True).clamp_min(_TINY), out=out)
+    bonus = out.clamp_min(_TINY).mul_(math.e).log10_().mul_(0.02).masked_fill_(~(out > 0), 0.0)
+    out.add_(bonus).clamp_min_(0)
+    del bonus
+    out.div_(out.sum(dim=-1, keepdim=True).clamp_min(_TINY))
 
 
 def rar_walk_with_transition(
@@ -235,10 +255,16 @@ def rar_cams(
     x = walked.transpose(1, 2).reshape(b, k, ah, aw)
     if inter_size is not None:
         x = F.interpolate(x, size=inter_size, mode="bilinear", align_corners=False)
-        lo = x.amin(dim=(-1, -2), keepdim=True)
-        x = x - lo
-        x = x / x.amax(dim=(-1, -2), keepdim=True).clamp_min(_TINY)
-    x = x * (labels > 0).to(x.dtype)[:, :, None, None]
+        # interpolate keeps the input's channels-last layout, over which a reduction on (h, w) is strided
+        # and slow: min/max (exact) are taken on a contiguous copy; updates run in place on the fresh output
+        dense = x.contiguous()
+        lo = dense.amin(dim=(-1, -2), keepdim=True)
+        hi = dense.sub_(lo).amax(dim=(-1, -2), keepdim=True)  # the max of x - lo
+        del dense
+        x = x.sub_(lo).div_(hi.clamp_min(_TINY))
+        x = x.mul_((labels > 0).to(x.dtype)[:, :, None, None])
+    else:
+        x = x * (labels > 0).to(x.dtype)[:, :, None, None]
     return F.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
 
 
@@ -252,10 +278,12 @@ def cams_to_label(cams: torch.Tensor, labels: torch.Tensor, threshold: float = 0
     b, k, h, w = cams.shape
     x = cams.reshape(b, k, -1)
     x = x - x.amin(dim=-1, keepdim=True)
-    x = x / (x.amax(dim=-1, keepdim=True) + 1e-6)
-    x = x.reshape(b, k, h, w) * (labels > threshold).to(x.dtype)[:, :, None, None]
+    x = x.div_(x.amax(dim=-1, keepdim=True) + 1e-6)
+    x = x.reshape(b, k, h, w).mul_((labels > threshold).to(x.dtype)[:, :, None, None])
     scores = torch.cat([1 - x.amax(dim=1, keepdim=True), x], dim=1)
-    return scores, scores.argmax(dim=1)
+    # argmax over a channels-last copy: the same first-maximum index, far faster on CPU than a strided
+    # reduction over dim 1
+    return scores, scores.permute(0, 2, 3, 1).contiguous().argmax(dim=-1)
 
 
 def pseudo_labels(

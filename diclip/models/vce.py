@@ -106,11 +106,26 @@ class VCEVisionEncoder(nn.Module):
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]  # [B, H, N, D]
 
+    @staticmethod
+    def _mlp(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``blk.mlp(x)``; open_clip's QuickGELU MLP runs with its activation in place (the same values as
+        ``h * sigmoid(1.702 * h)``, without two [B, N, 4W] temporaries). Only under no_grad."""
+        from open_clip.transformer import QuickGELU
+
+        mlp = blk.mlp
+        if (not torch.is_grad_enabled() and isinstance(mlp, nn.Sequential) and len(mlp) == 3
+                and type(getattr(mlp, "gelu", None)) is QuickGELU and isinstance(mlp.c_fc, nn.Linear)
+                and isinstance(mlp.c_proj, nn.Linear)):
+            h = mlp.c_fc(x)
+            h.mul_(h.mul(1.702).sigmoid_())
+            return mlp.c_proj(h)
+        return mlp(x)
+
     def _standard_block(self, blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = blk.ln_1(x)
         out, weights = blk.attn(y, y, y, need_weights=True, average_attn_weights=True)
         x = x + blk.ls_1(out)
-        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        x = x + blk.ls_2(self._mlp(blk, blk.ln_2(x)))
         return x, weights
 
     def _surgery_attention(self, blk: nn.Module, y: torch.Tensor, corr: torch.Tensor | None):
@@ -118,14 +133,17 @@ class VCEVisionEncoder(nn.Module):
         b, n, c = y.shape
         q, k, v = self._qkv(attn, y)
         s = (c // attn.num_heads) ** -0.5
-        ori = (q @ k.transpose(-1, -2) * s).softmax(-1)
-        sur = (q @ q.transpose(-1, -2) * s).softmax(-1) + 2 * (k @ k.transpose(-1, -2) * s).softmax(-1)
+        # (runs under no_grad: the [B, H, N, N] temporaries are updated in place, same values as
+        # softmax(q k^T s), softmax(q q^T s) + 2 softmax(k k^T s) and the map added to every head)
+        ori = (q @ k.transpose(-1, -2)).mul_(s).softmax(-1)
+        sur = (q @ q.transpose(-1, -2)).mul_(s).softmax(-1)
+        sur.add_((k @ k.transpose(-1, -2)).mul_(s).softmax(-1).mul_(2))
         if corr is not None:
-            sur = sur.clone()
-            sur[:, :, 1:, 1:] = sur[:, :, 1:, 1:] + corr[:, None].to(sur.dtype)
-        sur = sur.sum(1, keepdim=True)  # one map for all heads
+            sur[:, :, 1:, 1:] += corr[:, None].to(sur.dtype)
+        sur = sur.sum(1)  # one map for all heads
         x_ori = (ori @ v).transpose(1, 2).reshape(b, n, c)
-        x_new = (sur @ v).transpose(1, 2).reshape(b, n, c)
+        # the shared map times every head's values at once: v as [B, N, H*D] is a view of the qkv projection
+        x_new = sur @ v.transpose(1, 2).reshape(b, n, c)
         proj = attn.out_proj
         return F.linear(x_new, proj.weight, proj.bias), F.linear(x_ori, proj.weight, proj.bias), ori.sum(1)
 
@@ -155,7 +173,7 @@ class VCEVisionEncoder(nn.Module):
                 x = x + blk.ls_1(res_ori)
                 if reference and i > first_surgery:
                     tokens[-1] = x  # the previous entry, updated in place before this block's MLP
-                x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+                x = x + blk.ls_2(self._mlp(blk, blk.ln_2(x)))
             tokens.append(x)
             attns.append(w)
         out = x if x_new is None else torch.cat([x[:, :1], x_new[:, 1:]], dim=1)
