@@ -100,6 +100,25 @@ def stand_in_class(wait_s: float):
     return StandInCorrelator
 
 
+def timed_class():
+    """The real Correlator (tiny diffusion model on CPU), its model calls logged: ``--model`` mode."""
+    from ray_jobs import correlate
+
+    class TimedCorrelator(correlate.Correlator):
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.log = open(os.path.join(SPANS_DIR, f"{os.getpid()}.jsonl"), "a")
+
+        def extract(self, members: list[tuple]) -> list[dict]:
+            t0 = time.time()
+            rows = super().extract(members)
+            self.log.write(json.dumps([t0, time.time(), len(members)]) + "\n")
+            self.log.flush()
+            return rows
+
+    return TimedCorrelator
+
+
 def process_cpu_seconds(exclude: set[int]) -> dict[int, tuple[str, float]]:
     """pid -> (group, CPU seconds) for this process and its descendants; groups: driver, workers (Ray
     worker processes: input tasks and actors), system (raylet, GCS, dashboard agents ...)."""
@@ -114,8 +133,8 @@ def process_cpu_seconds(exclude: set[int]) -> dict[int, tuple[str, float]]:
             t = p.cpu_times()
             cmd = " ".join(p.cmdline())
             group = ("driver" if p.pid == me.pid else
-                     "workers" if "default_worker.py" in cmd or p.name().startswith("ray::") or "ray::" in cmd
-                     else "system")
+                     "actors" if "MapWorker" in cmd else
+                     "tasks" if "default_worker.py" in cmd or "ray::" in cmd else "system")
             out[p.pid] = (group, t.user + t.system)
         except psutil.Error:
             pass
@@ -174,7 +193,7 @@ class CpuSampler:
         start, last = self.samples[i][1], {}
         for _, snap in self.samples[i:j + 1]:
             last.update(snap)
-        out = {"driver": 0.0, "workers": 0.0, "system": 0.0}
+        out = {"driver": 0.0, "actors": 0.0, "tasks": 0.0, "system": 0.0}
         for pid, (group, v) in last.items():
             out[group] += v - start.get(pid, (group, 0.0))[1]
         return out
@@ -196,7 +215,7 @@ def run_once(base, actors: int, wait_s: float, moto_pid: int) -> dict:
     spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, train_split=f"train{n}"))
     spec = dataclasses.replace(spec, correlate=dataclasses.replace(spec.correlate, splits=[f"train{n}"]))
     real = correlate.Correlator
-    correlate.Correlator = stand_in_class(wait_s)
+    correlate.Correlator = stand_in_class(wait_s) if wait_s else timed_class()
     try:
         with CpuSampler({moto_pid}) as cpu:
             t0 = time.perf_counter()
@@ -208,7 +227,8 @@ def run_once(base, actors: int, wait_s: float, moto_pid: int) -> dict:
     eff, lo, hi, gap = efficiency(actors, spans)
     done = sum(k for r in spans for s, e, k in r if lo <= e <= hi)  # images whose wait ended in the window
     return {"actors": actors, "images": n, "committed": out["images"], "failed": out["failed"], "wall_s": wall,
-            "items_per_s": out["images_per_s"], "ideal_items_per_s": actors / wait_s, "efficiency": eff,
+            "items_per_s": out["images_per_s"], "ideal_items_per_s": actors / wait_s if wait_s else float("nan"),
+            "efficiency": eff, "cores_busy": sum(cpu.between(lo, hi).values()) / max(hi - lo, 1e-9),
             "actors_seen": len(spans), "steady_window_s": hi - lo, "steady_items_per_s": done / max(hi - lo, 1e-9),
             "mean_gap_between_calls_s": gap, **cpu_report(cpu.between(lo, hi), done, hi - lo)}
 
@@ -219,10 +239,12 @@ GPU_IMAGE_S = 0.010  # one H100 on the method's diffusion work at 320 px (VAE en
 def cpu_report(cpu: dict[str, float], done: int, window: float) -> dict:
     """Per-image CPU (input tasks + actors' non-model work) and the fixed background (driver + Ray's own
     processes, per second), and what one image costs when a GPU finishes one every ``GPU_IMAGE_S``."""
-    per_image = 1000 * cpu["workers"] / max(done, 1)
+    per_image = 1000 * (cpu["actors"] + cpu["tasks"]) / max(done, 1)
     background = (cpu["driver"] + cpu["system"]) / max(window, 1e-9)  # CPU-s per s
     return {"cpu_ms_per_image": 1000 * sum(cpu.values()) / max(done, 1), "worker_cpu_ms_per_image": per_image,
             "background_cpu_per_s": background, "cpu_groups_s": cpu,
+            "actor_cpu_ms_per_image": 1000 * cpu["actors"] / max(done, 1),
+            "task_cpu_ms_per_image": 1000 * cpu["tasks"] / max(done, 1),
             "cpu_ms_per_image_at_gpu_rate": per_image + 1000 * background * GPU_IMAGE_S}
 
 
@@ -230,6 +252,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--wait", type=float, default=0.5, help="stand-in model seconds per image")
     p.add_argument("--actors", type=int, nargs="+", default=list(ACTORS))
+    p.add_argument("--model", action="store_true", help="the real tiny diffusion model on CPU instead of the wait "
+                   "(why 2 actors vs 1 stays low here: the cores are busy)")
     args = p.parse_args()
     url, moto = start_moto()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
@@ -240,6 +264,12 @@ def main() -> None:
     finally:
         moto.terminate()  # the one server this bench started, by its handle
         moto.wait(timeout=30)
+    if args.model:
+        one, two = (next(r for r in rows if r["actors"] == a) for a in (1, 2))
+        write_result("orchestration_model", {"batch": BATCH, "rows": rows})
+        print(f"real tiny model: 2 actors vs 1 in steady state {two['steady_items_per_s'] / one['steady_items_per_s']:.2f}x; "
+              f"cores busy {one['cores_busy']:.2f} -> {two['cores_busy']:.2f} of 2")
+        return
     write_result("orchestration", {"wait_s": args.wait, "batch": BATCH, "rows": rows})
     last = rows[-1]
     print(f"per image at a GPU's {1000 * GPU_IMAGE_S:.0f} ms: {last['worker_cpu_ms_per_image']:.1f} CPU-ms in tasks/actors + "
@@ -274,14 +304,15 @@ def measure(url: str, moto_pid: int, args) -> list[dict]:
     rows = []
     try:
         for a in args.actors:
-            r = run_once(spec, a, args.wait, moto_pid)
+            r = run_once(spec, a, 0.0 if args.model else args.wait, moto_pid)
             rows.append(r)
             print(f"{a:>2} actors: {r['images']} images in {r['wall_s']:.1f} s (start-up included); steady state "
                   f"{r['steady_window_s']:.1f} s: {r['steady_items_per_s']:.1f} img/s of ideal "
                   f"{r['ideal_items_per_s']:.1f}, efficiency {r['efficiency']:.2f}, gap between calls "
                   f"{r['mean_gap_between_calls_s']:.2f} s; CPU {r['cpu_ms_per_image']:.0f} ms per image = "
-                  f"{r['worker_cpu_ms_per_image']:.1f} ms in tasks/actors + background {r['background_cpu_per_s']:.2f} "
-                  f"CPU-s/s (driver, Ray)", flush=True)
+                  f"{r['worker_cpu_ms_per_image']:.1f} ms in input tasks ({r['task_cpu_ms_per_image']:.1f}) and actors "
+                  f"({r['actor_cpu_ms_per_image']:.1f}) + background {r['background_cpu_per_s']:.2f} "
+                  f"CPU-s/s (driver, Ray); {r['cores_busy']:.2f} cores busy", flush=True)
     finally:
         ray.shutdown()
     return rows

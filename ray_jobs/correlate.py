@@ -102,11 +102,11 @@ def is_complete(spec: JobSpec) -> bool:
             and (not c.crops_per_image or e.get("crop_split") == c.crop_split))
 
 
-_DATASETS: dict[tuple[int, str], object] = {}  # (spec id, split) -> dataset, per process: split lists read once
+_DATASETS: dict[tuple[str, str], object] = {}  # (data config, split) -> dataset, per process: lists read once
 
 
 def dataset_for(spec: JobSpec, split: str):
-    key = (id(spec.data), split)
+    key = (repr(spec.data), split)
     if key not in _DATASETS:
         _DATASETS[key] = open_split(spec.data, split)
     return _DATASETS[key]

@@ -168,7 +168,7 @@ def dense_cm(rows, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # actor
 # ----------------------------------------------------------------------------------------------
-_DATASETS: dict[tuple[int, str], object] = {}  # (spec id, split) -> dataset, per process: split lists read once
+_DATASETS: dict[tuple[str, str], object] = {}  # (data config, split) -> dataset, per process: lists read once
 
 
 def prepare_samples(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
@@ -177,7 +177,7 @@ def prepare_samples(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
     setup_process(spec)
     cols: dict[str, list] = {k: [] for k in ("img", "img_h", "img_w", "mask", "label", "prep_error")}
     for image_id, split in zip(batch["image_id"], batch["split"]):
-        key = (id(spec.data), str(split))
+        key = (repr(spec.data), str(split))
         try:
             if key not in _DATASETS:
                 _DATASETS[key] = open_split(spec.data, str(split))

@@ -71,7 +71,10 @@ def configure(options: StorageOptions | None) -> None:
     """
     global _options
     with _lock:
-        _options = replace(options) if options is not None else StorageOptions()
+        new = replace(options) if options is not None else StorageOptions()
+        if new == _options:  # the same settings again (a Ray task's per-batch setup): keep the warm clients
+            return
+        _options = new
         _s3_cache.clear()
 
 

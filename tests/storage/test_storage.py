@@ -207,7 +207,7 @@ def test_uri_helpers():
     assert storage.local_path("/abs/p") == "/abs/p"
 
 
-def test_resolve_caches_s3_filesystem_and_configure_drops_it(reset_storage):
+def test_resolve_caches_s3_filesystem_and_new_settings_drop_it(reset_storage):
     storage.configure(storage.StorageOptions(endpoint_url="http://127.0.0.1:9", region="eu-west-1"))
     fs1, p1 = storage.resolve("s3://bkt/a/b")
     fs2, _ = storage.resolve("s3://bkt/other")
@@ -215,8 +215,10 @@ def test_resolve_caches_s3_filesystem_and_configure_drops_it(reset_storage):
     assert fs1.region == "eu-west-1"
     assert storage.get_options().endpoint_url == "http://127.0.0.1:9"
     storage.configure(storage.StorageOptions(endpoint_url="http://127.0.0.1:9", region="eu-west-1"))
+    assert storage.resolve("s3://bkt/a")[0] is fs1  # the same settings again (a task's per-batch setup): kept warm
+    storage.configure(storage.StorageOptions(endpoint_url="http://127.0.0.1:9", region="eu-west-2"))
     fs3, _ = storage.resolve("s3://bkt/a")
-    assert fs3 is not fs1
+    assert fs3 is not fs1 and fs3.region == "eu-west-2"
     storage.configure(None)
     assert storage.get_options() == storage.StorageOptions()
     local_fs, lp = storage.resolve("rel/x")
