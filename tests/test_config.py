@@ -179,6 +179,8 @@ def test_plans_the_local_ray_cannot_run_are_refused_in_one_line(capsys):
         check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 16, 0)
     check_resources(load_spec("configs/voc.yaml"), 64, 8)  # a GPU box fits the reference recipe
     check_resources(load_spec("configs/demo.yaml"), 2, 0)
+    with pytest.raises(ConfigError, match="correlate: one actor .* and one input task .* do not fit in the 2 CPUs"):
+        check_resources(load_spec("configs/demo.yaml", ["correlate.resources.num_cpus=2"]), 2, 0)
     for argv in (["validate", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"],
                  ["train", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"]):
         assert main(argv) == 2

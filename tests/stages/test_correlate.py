@@ -65,6 +65,12 @@ def test_correlate_two_actors_and_roundtrip_local(ray_session, tmp_path):
     assert [c.shape for c in cols] == [(64, 80, 3)] * 4
     ids = rec.vce_ids.reshape(4, 5)
     assert np.array_equal(cols[1][::16, ::16], colorize(ids % 20 + 1))
+    # resume and the training index read one commit index, not the shards
+    from diclip.storage.commit_index import CommitIndex
+
+    idx = CommitIndex.load(spec.correlate.output, correlate.INDEX_COLUMNS)
+    assert len(idx) == 10 and idx.reads == 3 and manifest.extra["commit_index"] == "index.parquet"
+    assert store.locate("synth_train_00000") == (idx.shard_uri("synth_train_00000"), idx.entries["synth_train_00000"][1])
     # re-running a complete stage does nothing
     again = correlate.run(spec)
     assert again["extracted_now"] == 0 and again["images"] == 10

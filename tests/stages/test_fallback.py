@@ -1,4 +1,6 @@
 """Batched model calls fall back to one item at a time: one bad item (or an OOM on a big batch) fails alone."""
+import os
+
 import pandas as pd
 import pytest
 
@@ -104,3 +106,25 @@ def test_an_actor_that_cannot_load_its_model_is_one_line(ray_session):
         run_pool([{"item_id": str(i)} for i in range(4)], _CannotLoad, {}, Resources(concurrency=1, batch_size=2),
                  desc="correlate", stall_s=60)
     assert str(e.value) == "correlate: cannot load diffusion model '/models/sd21': no model_index.json"
+
+
+def _tag_input(batch):
+    return batch.assign(input_pid=os.getpid())
+
+
+class _TagActor:
+    def __call__(self, batch):
+        return batch.assign(ok=True, error="", actor_pid=os.getpid())
+
+
+def test_inputs_are_prepared_in_cpu_tasks_apart_from_the_actors(ray_session):
+    """Equal CPU requests would let Ray Data fuse the input step into the actor pool (decoding on the GPU
+    actors again); run_pool keeps it a task operator of its own."""
+    from diclip.config import Resources
+    from ray_jobs.common import run_pool
+
+    rows: list[dict] = []
+    res = Resources(num_cpus=0.5, prepare_cpus=0.5, concurrency=1, batch_size=2)
+    out = run_pool([{"item_id": str(i)} for i in range(6)], _TagActor, {}, res, desc="t", collect=rows.append,
+                   prepare=_tag_input)
+    assert out.rows == 6 and all(r["input_pid"] != r["actor_pid"] for r in rows)
