@@ -9,6 +9,19 @@ _FORMAT = "[diclip] %(asctime)s %(levelname)s %(name)s: %(message)s"
 _warned: set[str] = set()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (not the stream at set-up, which a test runner or a
+    redirect may have closed since)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def init_logging(level: str | int | None = None) -> None:
     """Configure the ``diclip`` logger once per process (idempotent).
 
@@ -17,7 +30,7 @@ def init_logging(level: str | int | None = None) -> None:
     level = level or os.environ.get("DICLIP_LOG_LEVEL", "INFO")
     root = logging.getLogger("diclip")
     if not any(getattr(h, "_diclip", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler._diclip = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -133,13 +133,19 @@ class VCEVisionEncoder(nn.Module):
         b, n, c = y.shape
         q, k, v = self._qkv(attn, y)
         s = (c // attn.num_heads) ** -0.5
-        # (runs under no_grad: the [B, H, N, N] temporaries are updated in place, same values as
-        # softmax(q k^T s), softmax(q q^T s) + 2 softmax(k k^T s) and the map added to every head)
-        ori = (q @ k.transpose(-1, -2)).mul_(s).softmax(-1)
-        sur = (q @ q.transpose(-1, -2)).mul_(s).softmax(-1)
-        sur.add_((k @ k.transpose(-1, -2)).mul_(s).softmax(-1).mul_(2))
-        if corr is not None:
-            sur[:, :, 1:, 1:] += corr[:, None].to(sur.dtype)
+        if torch.is_grad_enabled():  # training CLIP itself (the toy pretraining): autograd needs the originals
+            ori = (q @ k.transpose(-1, -2) * s).softmax(-1)
+            sur = (q @ q.transpose(-1, -2) * s).softmax(-1) + 2 * (k @ k.transpose(-1, -2) * s).softmax(-1)
+            if corr is not None:
+                sur = sur.clone()
+                sur[:, :, 1:, 1:] = sur[:, :, 1:, 1:] + corr[:, None].to(sur.dtype)
+        else:
+            # the [B, H, N, N] temporaries updated in place: the same values as above, less memory traffic
+            ori = (q @ k.transpose(-1, -2)).mul_(s).softmax(-1)
+            sur = (q @ q.transpose(-1, -2)).mul_(s).softmax(-1)
+            sur.add_((k @ k.transpose(-1, -2)).mul_(s).softmax(-1).mul_(2))
+            if corr is not None:
+                sur[:, :, 1:, 1:] += corr[:, None].to(sur.dtype)
         sur = sur.sum(1)  # one map for all heads
         x_ori = (ori @ v).transpose(1, 2).reshape(b, n, c)
         # the shared map times every head's values at once: v as [B, N, H*D] is a view of the qkv projection

@@ -48,7 +48,8 @@ def test_evaluate_writes_every_output(evaluated):
     spec, summary = evaluated
     out = spec.evaluate.output
     assert summary["failed"] == 0 and summary["seg_images"] == 4 and summary["cam_images"] == 6
-    assert summary["computed_now"] == 4 + 6 + 3 and summary["actors_used"] == 2
+    # inputs stream in from CPU tasks, so an actor that starts after they are drained may get none
+    assert summary["computed_now"] == 4 + 6 + 3 and summary["actors_used"] in (1, 2)
     m = storage.read_json(storage.join(out, "metrics.json"))
     classes = list(get_class_set("synthetic").classes)
     for task in ("segmentation", "cam"):
