@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import platform
 import statistics
 import sys
@@ -60,3 +61,42 @@ def write_result(name: str, result: dict) -> Path:
 
 def ratio_line(label: str, a: float, b: float, unit: str = "") -> str:
     return f"{label}: {a:.4g}{unit} vs {b:.4g}{unit} -> ratio {a / b:.2f}x" if b else f"{label}: {a:.4g} vs 0"
+
+
+@contextmanager
+def moto_bucket(name: str):
+    """A bucket on a moto S3 server in its own process (its request handling must not count as the bench's
+    CPU), with diclip.storage and AWS_ENDPOINT_URL pointed at it; yields (endpoint URL, server pid). The
+    server is stopped at the end by its handle - the one process this started."""
+    import socket
+    import subprocess
+
+    import boto3
+
+    from diclip import storage
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+            os.environ.setdefault(k, v)
+        os.environ["AWS_ENDPOINT_URL"] = url
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        for _ in range(150):
+            try:
+                client.create_bucket(Bucket=name)
+                break
+            except Exception:
+                time.sleep(0.2)
+        else:
+            raise SystemExit("moto server did not start")
+        storage.configure(storage.StorageOptions(endpoint_url=url))
+        yield url, server.pid
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import tempfile
+from contextlib import nullcontext
 import time
 
 import numpy as np
 
-from _common import write_result
+from _common import moto_bucket, write_result
 
 IMAGES = 48
 BATCH = 4
@@ -106,70 +106,35 @@ def rate(fn, bs: list[dict]) -> tuple[float, float]:
     return n / wall, 1000 * cpu / n
 
 
-def s3_root() -> tuple[str, object]:
-    """A bucket on a moto S3 server in its own process (its request handling must not count as loader CPU)."""
-    import socket
-    import subprocess
-    import sys
-
-    import boto3
-
-    from diclip import storage
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"), ("AWS_DEFAULT_REGION", "us-east-1")):
-        os.environ.setdefault(k, v)
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="loader-bench")
-            break
-        except Exception:
-            time.sleep(0.2)
-    storage.configure(storage.StorageOptions(endpoint_url=url))
-    return "s3://loader-bench", server
-
-
 def main() -> None:
-    import logging
-
     import torch
 
     from diclip.train.data import load_rows
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--gpus", type=int, default=8)
-    p.parse_args()
+    p.add_argument("--gpus", type=int, default=8, help="GPUs the loader must keep fed")
+    args = p.parse_args()
     torch.set_num_threads(1)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    need = 4 * 8 * BATCH / REF_STEP_S
+    need = 4 * args.gpus * BATCH / REF_STEP_S
     result: dict = {"need_samples_per_s": need}
     for store in ("local", "s3"):
-        server = None
-        root, server = (tempfile.mkdtemp(prefix="diclip-loader-"), None) if store == "local" else s3_root()
-        bs = batches(write_data(root), seed=1)
-        old, old_cpu = rate(per_sample_loader, bs)
-        new, new_cpu = rate(load_rows, bs)
+        with moto_bucket("loader-bench") if store == "s3" else nullcontext() as s3:
+            root = "s3://loader-bench" if s3 else tempfile.mkdtemp(prefix="diclip-loader-")
+            bs = batches(write_data(root), seed=1)
+            old, old_cpu = rate(per_sample_loader, bs)
+            new, new_cpu = rate(load_rows, bs)
         result[store] = {"per_sample": old, "batched": new, "speedup": new / old, "cpu_ms_per_sample": new_cpu}
         print(f"{store:>5}: per-sample reads {old:6.1f} samples/s, batched+threaded {new:6.1f} samples/s "
               f"({new / old:.2f}x); {new_cpu:.1f} CPU-ms per sample", flush=True)
-        if server is not None:
-            server.terminate()  # the one process this bench started, by its handle
-            server.wait(timeout=30)
     r = result["s3"]["batched"]
     cpu_bound = 1000 / result["local"]["cpu_ms_per_sample"]
     result["tasks_needed_s3"] = math.ceil(need / r)
     result["cores_needed_cpu_bound"] = math.ceil(need / cpu_bound)
     write_result("loader_throughput", result)
-    print(f"8 GPUs at the reference's {REF_STEP_S} s/step consume {need / 4:.0f} samples/s; 4x = {need:.0f}: "
+    print(f"{args.gpus} GPUs at the reference's {REF_STEP_S} s/step consume {need / 4:.0f} samples/s; 4x = {need:.0f}: "
           f"{math.ceil(need / cpu_bound)} CPU cores at {cpu_bound:.0f} samples/s per core "
-          f"({math.ceil(need / cpu_bound) / 8:.1f} per GPU)")
-    print(f"loader: {r:.0f} samples/s per task (S3), need {need:.0f} for 4x 8 GPUs -> {math.ceil(need / r)} tasks")
+          f"({math.ceil(need / cpu_bound) / args.gpus:.1f} per GPU)")
+    print(f"loader: {r:.0f} samples/s per task (S3), need {need:.0f} for 4x {args.gpus} GPUs -> {math.ceil(need / r)} tasks")
 
 
 if __name__ == "__main__":

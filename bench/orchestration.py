@@ -23,40 +23,15 @@ import argparse
 import glob
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 
-from _common import write_result
+from _common import moto_bucket, write_result
 
 BATCHES_PER_ACTOR = 10
 BATCH = 4
 ACTORS = (1, 2, 4, 8, 16)
 SPANS_DIR = tempfile.mkdtemp(prefix="diclip-orch-spans-")
-
-
-def start_moto() -> tuple[str, subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return f"http://127.0.0.1:{port}", proc
-
-
-def make_bucket(url: str, name: str) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    for _ in range(150):
-        try:
-            client.create_bucket(Bucket=name)
-            return
-        except Exception:
-            time.sleep(0.2)
-    raise SystemExit("moto server did not start")
 
 
 def stand_in_class(wait_s: float):
@@ -255,15 +230,8 @@ def main() -> None:
     p.add_argument("--model", action="store_true", help="the real tiny diffusion model on CPU instead of the wait "
                    "(why 2 actors vs 1 stays low here: the cores are busy)")
     args = p.parse_args()
-    url, moto = start_moto()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=url)
-    try:
-        make_bucket(url, "orchestration")
-        rows = measure(url, moto.pid, args)
-    finally:
-        moto.terminate()  # the one server this bench started, by its handle
-        moto.wait(timeout=30)
+    with moto_bucket("orchestration") as (url, moto_pid):
+        rows = measure(url, moto_pid, args)
     if args.model:
         one, two = (next(r for r in rows if r["actors"] == a) for a in (1, 2))
         write_result("orchestration_model", {"batch": BATCH, "rows": rows})

@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -33,11 +34,9 @@ from diclip.errors import DiclipError
 from diclip.logging import get_logger, init_logging
 from diclip.storage import Manifest, ShardInfo
 from diclip.storage.manifest import config_hash
-from diclip.storage.commit_index import INDEX_FILE, CommitIndex, IndexWriter, annotate
+from diclip.storage.commit_index import ID, INDEX_FILE, SHARD_DIR, CommitIndex, IndexWriter, annotate, relative
 
 log = get_logger("ray_jobs.common")
-ID = "item_id"
-SHARD_DIR = "shards"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +206,7 @@ def write_shard(stage_uri: str, table: pa.Table, row_group_size: int | None = No
     uri = shard_uri(stage_uri, table.column(ID).to_pylist())
     storage.write_parquet(uri, table, row_group_size=row_group_size)
     if reports is not None:
-        annotate(reports, uri[len(storage.join(stage_uri, "")):].lstrip("/"), table, index_columns)
+        annotate(reports, relative(stage_uri, uri), table, index_columns)
     return uri
 
 
@@ -422,9 +421,9 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     ``actor_cls(**ctor_kwargs)`` loads models once; its ``__call__(batch)`` processes the batch, writes
     its own shard and returns one report row per item: ``item_id``, ``ok`` (bool), ``error`` (str), and
     for committed items where they were written (:func:`write_shard`), which the driver saves into the
-    commit index of ``output`` as it goes. ``prepare(batch, **prepare_kwargs)`` runs first in Ray Data CPU
-    tasks (``res.prepare_cpus`` each): reading and decoding overlap the actors' model calls, as in Ray's
-    batch-inference pattern.
+    commit index of ``output`` as it goes. ``prepare(batch, run=<this run's id>, **prepare_kwargs)`` runs
+    first in Ray Data CPU tasks (``res.prepare_cpus`` each): reading and decoding overlap the actors' model
+    calls, as in Ray's batch-inference pattern.
     """
     import ray.data
 
@@ -439,7 +438,9 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
         if prepare is not None:
-            ds = ds.map_batches(prepare, fn_kwargs=prepare_kwargs or {}, batch_format="pandas",
+            # ``run`` identifies this run to the input tasks, whose processes outlive it (per-run caches)
+            ds = ds.map_batches(prepare, fn_kwargs={**(prepare_kwargs or {}), "run": uuid.uuid4().hex},
+                                batch_format="pandas",
                                 batch_size=res.batch_size, num_cpus=res.prepare_cpus,
                                 concurrency=res.prepare_concurrency or res.concurrency,
                                 ray_remote_args_fn=unfused_task_args)
@@ -513,3 +514,9 @@ def report_row(item_id: str, ok: bool, error: str = "") -> dict:
 
 def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def item_error(e: BaseException) -> str:
+    """What a failed item's report says: a user-facing error as written, anything else (decoder, I/O
+    surprises) as its type and a short message."""
+    return str(e) if isinstance(e, DiclipError) else short_error(e)

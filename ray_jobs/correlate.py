@@ -24,14 +24,14 @@ import torch
 from PIL import Image
 
 from diclip.config import JobSpec
-from diclip.data import open_split
+from diclip.data import cached_split, open_split
 from diclip.data.correlation import BANK_COLUMNS, SCHEMA, pack_npz
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
 from diclip.method.resample import resize_grid
 from ray_jobs.common import (
-    ID, pending_items, start_actor, finalize, init_ray, report_row, run_pool, setup_process, short_error, write_shard,
+    ID, pending_items, start_actor, finalize, init_ray, item_error, report_row, run_pool, setup_process, write_shard,
 )
 from diclip.storage import commit_index
 from ray_jobs.lineage import call_batched
@@ -102,24 +102,14 @@ def is_complete(spec: JobSpec) -> bool:
             and (not c.crops_per_image or e.get("crop_split") == c.crop_split))
 
 
-_DATASETS: dict[tuple[str, str], object] = {}  # (data config, split) -> dataset, per process: lists read once
-
-
-def dataset_for(spec: JobSpec, split: str):
-    key = (repr(spec.data), split)
-    if key not in _DATASETS:
-        _DATASETS[key] = open_split(spec.data, split)
-    return _DATASETS[key]
-
-
-def prepare_one(spec: JobSpec, patch: int, image_id: str, split: str, crop: int) -> tuple[tuple[int, int], np.ndarray,
-                                                                                          list[int]]:
+def prepare_one(spec: JobSpec, patch: int, image_id: str, split: str, crop: int,
+                run: str) -> tuple[tuple[int, int], np.ndarray, list[int]]:
     """(source size, model input at its extraction size, geometry array or [] for whole images)."""
     from diclip.data.crop_bank import bank_geometry, geometry_to_array
     from diclip.data.datasets import decode_image
     from diclip.data.transforms import apply_geometry
 
-    ds = dataset_for(spec, split)
+    ds = cached_split(spec.data, split, scope=run)
     img = decode_image(ds.read_image_bytes(image_id), ds.image_uri(image_id))
     if crop < 0:
         h, w = resize_grid(img.shape[:2], patch, spec.correlate.max_side)
@@ -129,19 +119,18 @@ def prepare_one(spec: JobSpec, patch: int, image_id: str, split: str, crop: int)
     return img.shape[:2], apply_geometry(img, geom), geometry_to_array(geom)
 
 
-def prepare_inputs(batch: pd.DataFrame, spec: JobSpec, patch: int) -> pd.DataFrame:
+def prepare_inputs(batch: pd.DataFrame, spec: JobSpec, patch: int, run: str) -> pd.DataFrame:
     """Ray Data CPU task ahead of the actor pool: read, decode and resize (or crop) every item's image to
-    the model's input, so the (GPU) actors only run models. A bad image becomes ``prep_error``, not a crash."""
+    the model's input, so the (GPU) actors only run models. A bad image becomes ``prep_error``, not a crash.
+    ``run`` (the run's id) scopes the per-process split cache."""
     setup_process(spec)
     cols: dict[str, list] = {k: [] for k in ("x", "x_h", "x_w", "src_h", "src_w", "geom", "prep_error")}
     for image_id, split, crop in zip(batch["image"], batch["split"], batch["crop"]):
         try:
-            src, x, geom = prepare_one(spec, patch, str(image_id), str(split), int(crop))
+            src, x, geom = prepare_one(spec, patch, str(image_id), str(split), int(crop), run)
             err = ""
-        except DiclipError as e:
-            src, x, geom, err = (0, 0), np.zeros((0, 0, 3), np.uint8), [], str(e)
-        except Exception as e:  # decoder/IO surprises are per-item failures, not fatal
-            src, x, geom, err = (0, 0), np.zeros((0, 0, 3), np.uint8), [], short_error(e)
+        except Exception as e:  # bad images and decoder/IO surprises are per-item failures, not fatal
+            src, x, geom, err = (0, 0), np.zeros((0, 0, 3), np.uint8), [], item_error(e)
         for k, v in (("x", np.ascontiguousarray(x).tobytes()), ("x_h", x.shape[0]), ("x_w", x.shape[1]),
                      ("src_h", src[0]), ("src_w", src[1]), ("geom", geom), ("prep_error", err)):
             cols[k].append(v)
@@ -205,8 +194,7 @@ class Correlator:
                                    STAGE)
             for m, res in zip(members, results):
                 if isinstance(res, Exception):
-                    reports.append(report_row(m[0], False, str(res) if isinstance(res, DiclipError)
-                                              else short_error(res)))
+                    reports.append(report_row(m[0], False, item_error(res)))
                 else:
                     rows.append(res)
                     reports.append(report_row(m[0], True))

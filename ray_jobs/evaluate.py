@@ -31,14 +31,14 @@ import torch
 
 from diclip import storage
 from diclip.config import JobSpec
-from diclip.data import class_identity, class_set_for, open_split
+from diclip.data import cached_split, class_identity, class_set_for, open_split
 from diclip.errors import ConfigError, DiclipError, StageFailed
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
 from ray_jobs.lineage import call_batched
 from diclip.storage import commit_index
 from ray_jobs.common import (
-    ID, start_actor, finalize, init_ray, list_shards, report_row, run_pool, setup_process, short_error, write_shard,
+    ID, start_actor, finalize, init_ray, item_error, list_shards, report_row, run_pool, setup_process, write_shard,
 )
 
 log = get_logger("ray_jobs.evaluate")
@@ -168,26 +168,19 @@ def dense_cm(rows, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # actor
 # ----------------------------------------------------------------------------------------------
-_DATASETS: dict[tuple[str, str], object] = {}  # (data config, split) -> dataset, per process: lists read once
-
-
-def prepare_samples(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
+def prepare_samples(batch: pd.DataFrame, spec: JobSpec, run: str) -> pd.DataFrame:
     """Ray Data CPU task ahead of the actor pool: read and decode each item's image, mask and label, so the
-    (GPU) actors only run the model. A bad item becomes ``prep_error``, not a crash."""
+    (GPU) actors only run the model. A bad item becomes ``prep_error``, not a crash. ``run`` (the run's id)
+    scopes the per-process split cache."""
     setup_process(spec)
     cols: dict[str, list] = {k: [] for k in ("img", "img_h", "img_w", "mask", "label", "prep_error")}
     for image_id, split in zip(batch["image_id"], batch["split"]):
-        key = (repr(spec.data), str(split))
         try:
-            if key not in _DATASETS:
-                _DATASETS[key] = open_split(spec.data, str(split))
-            s = _DATASETS[key].load(str(image_id))
+            s = cached_split(spec.data, str(split), scope=run).load(str(image_id))
             vals = (np.ascontiguousarray(s.image).tobytes(), s.image.shape[0], s.image.shape[1],
                     b"" if s.mask is None else np.ascontiguousarray(s.mask).tobytes(), s.label.tolist(), "")
-        except DiclipError as e:
-            vals = (b"", 0, 0, b"", [], str(e))
-        except Exception as e:  # decoder/IO surprises fail the item, not the stage
-            vals = (b"", 0, 0, b"", [], short_error(e))
+        except Exception as e:  # bad items and decoder/IO surprises fail the item, not the stage
+            vals = (b"", 0, 0, b"", [], item_error(e))
         for k, v in zip(cols, vals):
             cols[k].append(v)
     return batch.assign(**cols)
@@ -295,10 +288,8 @@ class Evaluator:
                     raise DiclipError(item["prep_error"])
                 sample = unpack_sample(item)
                 groups["seg" if item["task"] == "seg" else "cam"].append((item, sample))
-            except DiclipError as e:
-                reports.append(report_row(item[ID], False, str(e)) | {"task": item["task"]})
-            except Exception as e:  # decoder/IO surprises fail the item, not the stage
-                reports.append(report_row(item[ID], False, short_error(e)) | {"task": item["task"]})
+            except Exception as e:  # bad items and decoder/IO surprises fail the item, not the stage
+                reports.append(report_row(item[ID], False, item_error(e)) | {"task": item["task"]})
         rows: list[dict] = []
         for kind, members in groups.items():
             fn = self.segment if kind == "seg" else self.cams
@@ -306,8 +297,7 @@ class Evaluator:
             results = call_batched(lambda ms: fn(ms), [members], f"{STAGE} {kind}")
             for (it, _), res in zip(members, results):
                 if isinstance(res, Exception):
-                    err = str(res) if isinstance(res, DiclipError) else short_error(res)
-                    reports.append(report_row(it[ID], False, err) | {"task": it["task"]})
+                    reports.append(report_row(it[ID], False, item_error(res)) | {"task": it["task"]})
                 else:
                     rows.append(res)
                     reports.append(report_row(res[ID], True) | {"task": res["task"]})

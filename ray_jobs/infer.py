@@ -27,7 +27,7 @@ from diclip.config import JobSpec
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, start_actor, committed_ids, finalize, init_ray, report_row, run_pool, short_error, write_shard,
+    ID, start_actor, committed_ids, finalize, init_ray, item_error, report_row, run_pool, short_error, write_shard,
 )
 from ray_jobs.evaluate import reset_if_changed
 from ray_jobs.lineage import call_batched
@@ -108,8 +108,7 @@ class Inferer:
             masks = call_batched(run, [[m[2] for m in members]], STAGE)
             for (name, source, image), mask in zip(members, masks):
                 if isinstance(mask, Exception):
-                    reports.append(report_row(name, False, str(mask) if isinstance(mask, DiclipError)
-                                              else short_error(mask)))
+                    reports.append(report_row(name, False, item_error(mask)))
                     continue
                 try:
                     storage.write_bytes(storage.join(c.output, mask_rel(name)), encode_mask_png(mask))

@@ -126,9 +126,14 @@ class CorrelationStore:
     def index(self) -> dict[str, tuple[str, int]]:
         """item id -> (shard URI, row), from the stage's commit index (one read for a complete store)."""
         if self._index is None:
-            self._commit = CommitIndex.load(self.uri, BANK_COLUMNS)
-            self._index = {i: (storage.join(self.uri, e[0]), e[1]) for i, e in self._commit.entries.items()}
+            self._index = {i: (storage.join(self.uri, e[0]), e[1]) for i, e in self._commit_index().entries.items()}
         return self._index
+
+    def _commit_index(self) -> CommitIndex:
+        """The stage's commit index, with each row's crop and geometry; loaded once."""
+        if self._commit is None:
+            self._commit = CommitIndex.load(self.uri, BANK_COLUMNS)
+        return self._commit
 
     def shard_uris(self) -> list[str]:
         return [storage.join(self.uri, s.path) for s in self.manifest.shards]
@@ -146,8 +151,7 @@ class CorrelationStore:
 
     def bank_geometries(self) -> dict[str, list[int]]:
         """Row id -> stored crop geometry (9 ints) for every per-crop bank row."""
-        self.index  # noqa: B018 - loads the commit index, which carries crop and geometry
-        return {i: [int(v) for v in e[3]] for i, e in self._commit.entries.items()
+        return {i: [int(v) for v in e[3]] for i, e in self._commit_index().entries.items()
                 if e[2] is not None and e[2] >= 0}
 
 

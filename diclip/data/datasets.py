@@ -469,3 +469,20 @@ def open_split(data_cfg, split: str) -> SegDataset:
     return open_dataset(data_cfg.root, split, class_set_for(data_cfg), layout=data_cfg.layout,
                         labels_file=data_cfg.labels_file, list_dir=data_cfg.list_dir, mask_dir=data_cfg.mask_dir,
                         skip_bad=data_cfg.skip_bad)
+
+
+_SPLITS: dict[tuple[str, str], SegDataset] = {}
+_SPLITS_SCOPE: list[str] = [""]
+
+
+def cached_split(data_cfg, split: str, scope: str) -> SegDataset:
+    """:func:`open_split`, once per (data config, split) within ``scope`` (a run's id): Ray Data task
+    processes run many batches, and a COCO split list and labels file are too big to read again for each.
+    Task processes outlive a run, so a new scope drops what an earlier run read (its data may have changed)."""
+    if scope != _SPLITS_SCOPE[0]:
+        _SPLITS.clear()
+        _SPLITS_SCOPE[0] = scope
+    key = (repr(data_cfg), split)
+    if key not in _SPLITS:
+        _SPLITS[key] = open_split(data_cfg, split)
+    return _SPLITS[key]

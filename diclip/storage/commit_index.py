@@ -21,15 +21,19 @@ from typing import Iterable
 import pyarrow as pa
 
 from diclip import storage
-from diclip.logging import get_logger
 
-log = get_logger("diclip.storage.commit_index")
 ID = "item_id"
 INDEX_FILE = "index.parquet"
 PARTS_DIR = "index"
 SHARD_DIR = "shards"
 SAVE_EVERY_S = 30.0
 BASE_COLUMNS = ("shard", "row", "shard_rows")
+
+
+def relative(stage_uri: str, uri: str) -> str:
+    """``uri`` relative to the stage folder (how the index and the manifest name shards)."""
+    prefix = storage.join(stage_uri, "")
+    return uri[len(prefix):].lstrip("/") if uri.startswith(prefix) else uri
 
 
 def annotate(reports: list[dict], shard_rel: str, table: pa.Table, extra_columns: Iterable[str] = ()) -> None:
@@ -85,10 +89,9 @@ class CommitIndex:
     def _scan_uncovered_shards(self) -> None:
         """Read the shards no index names (or names in part): a killed run's last, unsaved batches."""
         covered = Counter(s for s, *_ in self.entries.values())
-        prefix = storage.join(self.stage_uri, "")
         self.reads += 1
         for uri in storage.list_files(storage.join(self.stage_uri, SHARD_DIR), suffix=".parquet"):
-            rel = uri[len(prefix):].lstrip("/") if uri.startswith(prefix) else uri
+            rel = relative(self.stage_uri, uri)
             if rel in self.shard_rows and covered[rel] >= self.shard_rows[rel]:
                 continue
             self.reads += 1

@@ -143,9 +143,7 @@ def load_rows(batch: dict, crop: int, scale_range: tuple[float, float], flip: bo
     from diclip import storage
 
     if storage_options is not None:
-        opts = storage.StorageOptions(**storage_options)
-        if storage.get_options() != opts:
-            storage.configure(opts)
+        storage.configure(storage.StorageOptions(**storage_options))  # a no-op when already so
 
     n = len(batch["pos"])
     uris = [str(u) for u in batch["image_uri"]]

@@ -475,3 +475,19 @@ def test_exif_rotated_photos_are_read_as_displayed_and_masks_follow(tmp_path):
         assert (s.mask[red] == 1).mean() > 0.95 and (s.mask[~red] == 0).mean() > 0.95  # aligned
     data = (root / "JPEGImages" / "raw.jpg").read_bytes()
     assert decode_image(data, "raw.jpg").shape == (50, 30, 3)
+
+
+def test_cached_split_reads_a_split_once_per_run_and_again_for_the_next(tmp_path):
+    """Input-task processes outlive a run: within one run a split is opened once, a new run sees new data."""
+    from diclip.config import load_spec
+    from diclip.data import cached_split
+    from diclip.data.synthetic import generate_synthetic
+
+    root = tmp_path / "data"
+    generate_synthetic(str(root), num_train=3, num_val=2, image_size=(32, 32), show_progress=False)
+    spec = load_spec("configs/tiny.yaml", [f"output_uri={tmp_path}", f"data.root={root}"])
+    first = cached_split(spec.data, "train", scope="run-1")
+    assert cached_split(spec.data, "train", scope="run-1") is first and len(first.ids) == 3
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(first.ids[:2]) + "\n")
+    assert cached_split(spec.data, "train", scope="run-1").ids == first.ids  # same run: not read again
+    assert cached_split(spec.data, "train", scope="run-2").ids == first.ids[:2]  # next run: the new list

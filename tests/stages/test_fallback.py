@@ -43,7 +43,7 @@ def test_correlate_batch_failure_falls_back_per_item(tmp_path):
     actor.diff = flaky
     ids = ["synth_train_00000", "synth_train_00001", "synth_train_00002"]
     batch = pd.DataFrame({"item_id": ids, "split": ["train"] * 3, "image": ids, "crop": [-1] * 3})
-    report = actor(correlate.prepare_inputs(batch, spec, actor.patch))  # the CPU task's output feeds the actor
+    report = actor(correlate.prepare_inputs(batch, spec, actor.patch, run="test"))  # the CPU task's output feeds the actor
     assert report["ok"].all() and list(report["item_id"]) == ids
     assert seen[0] == 3 and seen[1:] == [1, 1, 1]
     rows = storage.read_parquet(list_shards(spec.correlate.output)[0], columns=["item_id"]).column("item_id")
@@ -108,8 +108,8 @@ def test_an_actor_that_cannot_load_its_model_is_one_line(ray_session):
     assert str(e.value) == "correlate: cannot load diffusion model '/models/sd21': no model_index.json"
 
 
-def _tag_input(batch):
-    return batch.assign(input_pid=os.getpid())
+def _tag_input(batch, run: str):
+    return batch.assign(input_pid=os.getpid(), run=run)
 
 
 class _TagActor:
@@ -128,3 +128,4 @@ def test_inputs_are_prepared_in_cpu_tasks_apart_from_the_actors(ray_session):
     out = run_pool([{"item_id": str(i)} for i in range(6)], _TagActor, {}, res, desc="t", collect=rows.append,
                    prepare=_tag_input)
     assert out.rows == 6 and all(r["input_pid"] != r["actor_pid"] for r in rows)
+    assert len({r["run"] for r in rows}) == 1 and rows[0]["run"]  # one id per run for the input tasks' caches
