@@ -417,8 +417,13 @@ class CorrelateConfig(StageBase):
     """Split whose images get the crop bank."""
     rar_codec: str = "qk_fp16"
     """Compact form of the RAR attention map (see diclip.method.codecs)."""
+    whole_image: str = "square"
+    """How whole images are extracted. ``square``: resized (aspect not kept) to ``data.crop_size`` square
+    with the tensor bilinear resize the reference's validation and CAM evaluation feed Stable Diffusion,
+    so stored maps for those are the reference's exactly. ``aspect``: aspect kept, longest side <=
+    ``max_side`` (finer whole-image maps for training without a bank on large images)."""
     max_side: int = 512
-    """Longest side (px) at which whole images are extracted; the grid covers the whole image."""
+    """Longest side (px) at which whole images are extracted with ``whole_image: aspect``."""
     num_pictures: int = 4
     """Images in ``preview.png`` (image | ACR clusters | VCE and RAR maps of the centre token); 0: none."""
 
@@ -429,6 +434,8 @@ class CorrelateConfig(StageBase):
         _check(self.num_pictures >= 0, "correlate.num_pictures must be >= 0")
         _check(self.crops_per_image >= 0, "correlate.crops_per_image must be >= 0")
         _check(self.max_side >= 16, "correlate.max_side must be >= 16")
+        _check(self.whole_image in ("square", "aspect"),
+               f"correlate.whole_image must be square or aspect, got {self.whole_image!r}")
         _check(self.rar_codec in RAR_CODECS,
                f"correlate.rar_codec must be one of {', '.join(RAR_CODECS)}, got {self.rar_codec!r}")
 
@@ -469,6 +476,11 @@ class TrainConfig(StageBase):
     Scalars always go to ``{train.output}/tensorboard/``."""
     val_limit: int = 0
     """Validate on the first N val images (0: all)."""
+    val_caa_threshold: float = 0.79
+    """CAA threshold of the validation CAM pseudo-labels. The reference's validation hard-codes 0.79 for
+    VOC and COCO alike (training on COCO uses method.caa_threshold 0.88)."""
+    val_rar_steps: int = 5
+    """RAR random-walk steps of the validation CAM pseudo-labels (reference: 5 for both datasets)."""
     seed: int = 0
     resume_from: Optional[str] = None
     max_failures: int = 1
@@ -494,6 +506,8 @@ class TrainConfig(StageBase):
                "train.val_limit and train.max_failures must be >= 0, train.keep_checkpoints >= 1")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0")
         _check(self.tensorboard_pictures >= 0, "train.tensorboard_pictures must be >= 0")
+        _check(0.0 <= self.val_caa_threshold <= 1.0 and self.val_rar_steps >= 0,
+               "train.val_caa_threshold must be in [0, 1] and train.val_rar_steps >= 0")
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.batch_per_worker >= 1, "train.batch_per_worker must be >= 1")
         _check(self.max_iters >= 1, "train.max_iters must be >= 1")

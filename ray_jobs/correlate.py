@@ -5,9 +5,12 @@ The reference runs a Stable Diffusion pass inside every training step; here a Ra
 
     dataset ids -> Ray Dataset -> map_batches(Correlator) -> shards/part-*.parquet + manifest.json
 
-Images of ``correlate.splits`` are extracted whole, resized so both sides are multiples of 16 (longest
-side <= max_side); the shard records the CLIP grid and the RAR grid, and training resamples the maps to
-each crop. With ``correlate.crops_per_image = K`` the training split also gets the per-crop map bank
+Images of ``correlate.splits`` are extracted whole: by default resized to the ``data.crop_size`` square
+(aspect not kept) exactly as the reference's validation and CAM evaluation resize them before their
+Stable Diffusion pass, so the stored maps are the ones the reference computes there; with
+``whole_image: aspect``, aspect kept with both sides multiples of the patch (longest side <= max_side).
+The shard records the CLIP grid and the RAR grid; evaluation reads square maps as they are and training
+without a bank resamples them to each crop. With ``correlate.crops_per_image = K`` the training split also gets the per-crop map bank
 (:mod:`diclip.data.crop_bank`): K seeded training crops per image, each extracted as the crop itself,
 with its geometry stored so training reproduces the crop's pixels. ``preview.png`` draws a few stored
 maps (ACR clusters, centre-token rows) over their images.
@@ -80,7 +83,8 @@ def list_items(spec: JobSpec) -> list[dict]:
 def settings(spec: JobSpec) -> dict:
     """What the stored maps depend on, besides the item list (a change makes them stale)."""
     c, d, m = spec.correlate, spec.model.diffusion, spec.method
-    return {"rar_codec": get_codec(c.rar_codec).name, "max_side": c.max_side, "diffusion": d.source,
+    return {"rar_codec": get_codec(c.rar_codec).name, "whole_image": c.whole_image,
+            "max_side": c.max_side if c.whole_image == "aspect" else None, "diffusion": d.source,
             "diffusion_seed": d.seed, "steps": d.num_inference_steps, "timestep_index": d.timestep_index,
             "vce_layer": d.vce_layer, "rar_layer": d.rar_layer, "heads": list(d.heads), "dtype": d.dtype,
             "corr_threshold": m.corr_threshold, "num_clusters": m.num_clusters, "cluster_iters": m.cluster_iters,
@@ -104,13 +108,20 @@ def is_complete(spec: JobSpec) -> bool:
 
 def prepare_one(spec: JobSpec, patch: int, image_id: str, split: str, crop: int,
                 run: str) -> tuple[tuple[int, int], np.ndarray, list[int]]:
-    """(source size, model input at its extraction size, geometry array or [] for whole images)."""
+    """(source size, model input at its extraction size, geometry array or [] for whole images).
+
+    The input is uint8 [H, W, 3], or float32 in [0, 1] for square whole images: the reference's
+    validation feeds SD the float bilinear resize, so rounding it to uint8 would change the maps."""
     from diclip.data.crop_bank import bank_geometry, geometry_to_array
     from diclip.data.datasets import decode_image
     from diclip.data.transforms import apply_geometry
 
     ds = cached_split(spec.data, split, scope=run)
     img = decode_image(ds.read_image_bytes(image_id), ds.image_uri(image_id))
+    if crop < 0 and spec.correlate.whole_image == "square":
+        from diclip.inference import resize_square
+
+        return img.shape[:2], resize_square(img, spec.data.crop_size).permute(1, 2, 0).numpy(), []
     if crop < 0:
         h, w = resize_grid(img.shape[:2], patch, spec.correlate.max_side)
         return img.shape[:2], np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)), []
@@ -124,7 +135,7 @@ def prepare_inputs(batch: pd.DataFrame, spec: JobSpec, patch: int, run: str) -> 
     the model's input, so the (GPU) actors only run models. A bad image becomes ``prep_error``, not a crash.
     ``run`` (the run's id) scopes the per-process split cache."""
     setup_process(spec)
-    cols: dict[str, list] = {k: [] for k in ("x", "x_h", "x_w", "src_h", "src_w", "geom", "prep_error")}
+    cols: dict[str, list] = {k: [] for k in ("x", "x_h", "x_w", "x_float", "src_h", "src_w", "geom", "prep_error")}
     for image_id, split, crop in zip(batch["image"], batch["split"], batch["crop"]):
         try:
             src, x, geom = prepare_one(spec, patch, str(image_id), str(split), int(crop), run)
@@ -132,6 +143,7 @@ def prepare_inputs(batch: pd.DataFrame, spec: JobSpec, patch: int, run: str) -> 
         except Exception as e:  # bad images and decoder/IO surprises are per-item failures, not fatal
             src, x, geom, err = (0, 0), np.zeros((0, 0, 3), np.uint8), [], item_error(e)
         for k, v in (("x", np.ascontiguousarray(x).tobytes()), ("x_h", x.shape[0]), ("x_w", x.shape[1]),
+                     ("x_float", x.dtype == np.float32),
                      ("src_h", src[0]), ("src_w", src[1]), ("geom", geom), ("prep_error", err)):
             cols[k].append(v)
     return batch.assign(**cols)
@@ -159,7 +171,8 @@ class Correlator:
         """Maps of same-size inputs (item, split, source size, input, crop, geometry) -> shard rows."""
         from diclip.models.correlation import noise_seed, vce_compact
 
-        images = torch.from_numpy(np.stack([m[3] for m in members])).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.stack([m[3] for m in members])).permute(0, 3, 1, 2)
+        images = x if x.is_floating_point() else x.float() / 255.0
         seeds = [noise_seed(m[0], self.spec.model.diffusion.seed) for m in members]
         cap = self.diff(images, seeds)
         comp = vce_compact(cap, self.spec.method, self.spec.model.diffusion)
@@ -183,8 +196,9 @@ class Correlator:
             if it["prep_error"]:
                 reports.append(report_row(it[ID], False, it["prep_error"]))
                 continue
-            x = np.frombuffer(it["x"], np.uint8).reshape(int(it["x_h"]), int(it["x_w"]), 3)
-            groups[x.shape[:2]].append((it[ID], it["split"], (int(it["src_h"]), int(it["src_w"])), x,
+            x = np.frombuffer(it["x"], np.float32 if it["x_float"] else np.uint8).reshape(
+                int(it["x_h"]), int(it["x_w"]), 3)
+            groups[(x.shape[:2], x.dtype.str)].append((it[ID], it["split"], (int(it["src_h"]), int(it["src_w"])), x,
                                         int(it["crop"]), [int(v) for v in it["geom"]]))
         rows = []
         for members in groups.values():
@@ -310,7 +324,7 @@ def run(spec: JobSpec) -> dict:
     models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(clip_patch_size(spec))}
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
                         extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),
-                               "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image,
+                               "whole_image": cfg.whole_image, "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image,
                                "crop_split": cfg.crop_split, "settings": settings(spec)},
                         index_columns=INDEX_COLUMNS)
     if cfg.num_pictures and write_preview(spec, items):

@@ -132,14 +132,15 @@ class DiCLIPTrainer:
 
         As the reference's validation (``build_validation``): the image is resized bilinearly to
         crop x crop (aspect not kept), the model runs in eval mode with the adapter CAM and the
-        segmenter's affinity gating CLIP's (at every step), RAR takes ``method.rar_steps`` steps, and
-        logits and CAMs are upsampled to the ground-truth size.
+        segmenter's affinity gating CLIP's (at every step), CAA at ``train.val_caa_threshold`` (0.79)
+        and ``train.val_rar_steps`` (5) RAR steps - constants there, for COCO too - and logits and
+        CAMs are upsampled to the ground-truth size.
         """
         from diclip.data.transforms import resize_geometry
+        from diclip.inference import resize_square
 
         crop = self.spec.data.crop_size
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div(255)
-        x = F.interpolate(x, size=(crop, crop), mode="bilinear", align_corners=False).to(self.device)
+        x = resize_square(image, crop)[None].to(self.device)
         geom = resize_geometry(image.shape[:2], (crop, crop))
         batch = Batch(["val"], x, torch.from_numpy(label[None].astype(np.float32)).to(self.device), [geom],
                       [record] if record is not None else None, [0])
@@ -151,5 +152,7 @@ class DiCLIPTrainer:
             self.model.train()
         h, w = size
         seg = F.interpolate(out.seg_logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0]
-        _, cam_label = self.model.pseudo_labels(out, rar, batch.labels, (h, w), gate=True, rar_grid=rar_grid)
+        t = self.spec.train
+        _, cam_label = self.model.pseudo_labels(out, rar, batch.labels, (h, w), gate=True, rar_grid=rar_grid,
+                                                caa_threshold=t.val_caa_threshold, rar_steps=t.val_rar_steps)
         return seg.cpu().numpy(), cam_label[0].cpu().numpy()

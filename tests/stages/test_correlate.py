@@ -32,7 +32,9 @@ def _prepare(root, *overrides, endpoint_url=None):
 
 
 def test_correlate_two_actors_and_roundtrip_local(ray_session, tmp_path):
-    spec = _prepare(str(tmp_path / "run"))
+    """Whole images with the aspect kept (``whole_image: aspect``; the square default is tested against
+    online maps in test_crop_bank)."""
+    spec = _prepare(str(tmp_path / "run"), "correlate.whole_image=aspect")
     out = correlate.run(spec)
     assert out["images"] == 10 and out["failed"] == 0
     manifest = storage.read_manifest(spec.correlate.output)
@@ -105,7 +107,7 @@ def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server
     assert "synth_val_00001" not in store and len(store.index) == 9
     rec = store.get(["synth_val_00000"])[0]
     vce, rar = batch_maps([rec], None, None, None)
-    assert vce.shape == (1, 20, 20) and torch.isfinite(rar).all()
+    assert vce.shape == (1, 16, 16) and torch.isfinite(rar).all()  # the 64 px crop square: 4x4 tokens
 
 
 def _tree(pid: int) -> list:

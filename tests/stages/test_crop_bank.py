@@ -74,6 +74,27 @@ def test_bank_maps_are_the_online_maps_of_the_crop(bank):
     assert len(geoms) == 12 and geometry_from_array(geoms[crop_item_id(item, 1)]) == geom
 
 
+def test_eval_maps_are_the_online_maps_of_the_square(bank):
+    """Validation and CAM evaluation read whole-image maps extracted at the crop square, as the reference
+    runs SD on its 320x320 resize: stored maps equal online maps of that square, no resampling."""
+    from diclip.inference import MapSource, resize_square
+
+    spec = bank
+    ds = open_dataset(spec.data.root, "val", get_class_set("synthetic"))
+    items = ds.ids[:2]
+    images = [ds.load(i).image for i in items]
+    x = torch.stack([resize_square(im, spec.data.crop_size) for im in images])
+    sizes = [im.shape[:2] for im in images]
+    assert sizes[0] != (48, 48)  # the aspect is not kept
+    stored = MapSource("stored", spec, 16, correlation_uri=spec.correlate.output)
+    assert stored.store.get([items[0]])[0].grid == (3, 3)
+    corr_s, rar_s, grid_s = stored(items, x, sizes)
+    corr_o, rar_o, grid_o = MapSource("online", spec, 16)(items, x, sizes)
+    assert grid_s == grid_o == (6, 6)
+    torch.testing.assert_close(corr_s, corr_o, rtol=2e-3, atol=1e-6)  # fp16 rows in storage
+    torch.testing.assert_close(rar_s, rar_o, rtol=2e-3, atol=1e-6)
+
+
 def test_training_index_and_loader_use_the_bank(bank):
     spec = bank
     items = build_items(spec, "train", spec.correlate.output)
