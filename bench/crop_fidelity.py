@@ -92,7 +92,8 @@ def measure(spec, crops: int) -> dict:
     for item in ds.ids:
         s = ds.load(item)
         for k in range(crops):
-            geom = bank_geometry(item, k, s.image.shape[:2], crop, tuple(d.rescale_range), d.flip, spec.train.seed)
+            geom = bank_geometry(item, k, s.image.shape[:2], crop, tuple(d.rescale_range), d.flip,
+                                 spec.correlate.crop_seed)
             x = torch.from_numpy(apply_geometry(s.image, geom)).permute(2, 0, 1)[None].float() / 255
             gts.append(apply_geometry(s.mask, geom, is_mask=True, fill=255))
             lab = torch.from_numpy(s.label[None]).float()

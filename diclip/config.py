@@ -5,8 +5,9 @@ A job spec is one YAML file merged over :class:`JobSpec` (OmegaConf structured c
 one-line :class:`~diclip.errors.ConfigError` naming the key; value checks live in ``__post_init__``
 methods, which run when the merged config is turned into objects (``OmegaConf.to_object``).
 
-Defaults follow the reference implementation (PASCAL VOC, ViT-B/16, SD 2.1-base); ``configs/demo.yaml``
-shrinks everything to tiny random models and synthetic data.
+Defaults follow the reference implementation (PASCAL VOC, ViT-B/16, SD 2.1-base, one process with 4
+images per step in fp32, CAM evaluation on VOC ``train``); ``configs/demo.yaml`` shrinks everything to the
+shipped toy models and the toy world, ``configs/tiny.yaml`` to tiny random models.
 """
 from __future__ import annotations
 
@@ -415,6 +416,9 @@ class CorrelateConfig(StageBase):
     resamples whole-image maps to its random crops. Raising K later extracts only the new crops."""
     crop_split: str = "${data.train_split}"
     """Split whose images get the crop bank."""
+    crop_seed: int = 0
+    """Seed of the bank's crop geometries (with the image id and crop index). Apart from ``train.seed``,
+    which picks the crop each training position uses, so a new training seed reuses the bank."""
     rar_codec: str = "qk_fp16"
     """Compact form of the RAR attention map (see diclip.method.codecs)."""
     whole_image: str = "square"
@@ -447,7 +451,9 @@ class TrainConfig(StageBase):
     correlation: str = "${correlate.output}"
     mode: str = "stored"
     """stored: read correlation maps written by ``correlate``; online: run diffusion in the step."""
-    num_workers: int = 2
+    num_workers: int = 1
+    """Ray Train workers; with ``batch_per_worker`` 4 the reference's effective batch of 4 (one GPU).
+    Scaled multi-GPU recipes: configs/voc-8gpu.yaml, configs/coco-8gpu.yaml."""
     use_gpu: bool = False
     batch_per_worker: int = 4
     global_batch: Optional[int] = None
@@ -461,10 +467,10 @@ class TrainConfig(StageBase):
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     power: float = 1.0
-    precision: str = "auto"
+    precision: str = "fp32"
     """Precision of the trainable adapter + segmenter (the only module DeepSpeed wraps; frozen CLIP and
     diffusion keep their own dtype). auto: bf16 on GPUs that support it, else fp32; fp32; bf16 (also
-    on CPU); fp16 (GPUs only, dynamic loss scaling). The reference trains in fp32."""
+    on CPU); fp16 (GPUs only, dynamic loss scaling). The default is the reference's fp32."""
     deepspeed_config: str = "configs/deepspeed.yaml"
     zero_stage: int = 1
     grad_accum: int = 1
@@ -522,8 +528,9 @@ class EvaluateConfig(StageBase):
     """A ``train`` export (model.safetensors, cache/, spec.yaml, card.json); the model is built from its spec."""
     split: str = "${data.val_split}"
     """Split for segmentation mIoU (multi-scale + flip inference of the segmenter)."""
-    cam_split: str = "${data.train_split}"
-    """Split for CAM pseudo-label mIoU (reference: VOC train) and for the pseudo-label export."""
+    cam_split: str = "train"
+    """Split for CAM pseudo-label mIoU and for the pseudo-label export (reference: VOC ``train``, 1,464
+    images; ``train_aug`` exports pseudo-labels for every training image)."""
     scales: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.2, 1.5])
     """Segmentation input squares, as multiples of ``size`` (reference: 224/320/384/480 at 320)."""
     flip: bool = True

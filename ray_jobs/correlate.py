@@ -89,7 +89,7 @@ def settings(spec: JobSpec) -> dict:
             "vce_layer": d.vce_layer, "rar_layer": d.rar_layer, "heads": list(d.heads), "dtype": d.dtype,
             "corr_threshold": m.corr_threshold, "num_clusters": m.num_clusters, "cluster_iters": m.cluster_iters,
             "acr_precision": m.acr_precision, "crop_size": spec.data.crop_size,
-            "rescale_range": list(spec.data.rescale_range), "flip": spec.data.flip, "seed": spec.train.seed}
+            "rescale_range": list(spec.data.rescale_range), "flip": spec.data.flip, "crop_seed": c.crop_seed}
 
 
 def is_complete(spec: JobSpec) -> bool:
@@ -126,7 +126,8 @@ def prepare_one(spec: JobSpec, patch: int, image_id: str, split: str, crop: int,
         h, w = resize_grid(img.shape[:2], patch, spec.correlate.max_side)
         return img.shape[:2], np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR)), []
     d = spec.data
-    geom = bank_geometry(image_id, crop, img.shape[:2], d.crop_size, tuple(d.rescale_range), d.flip, spec.train.seed)
+    geom = bank_geometry(image_id, crop, img.shape[:2], d.crop_size, tuple(d.rescale_range), d.flip,
+                         spec.correlate.crop_seed)
     return img.shape[:2], apply_geometry(img, geom), geometry_to_array(geom)
 
 
@@ -274,7 +275,7 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
             if it["crop"] >= 0:  # what the bank extracted from: the crop itself
                 d = spec.data
                 image = apply_geometry(image, bank_geometry(it["image"], it["crop"], image.shape[:2], d.crop_size,
-                                                            tuple(d.rescale_range), d.flip, spec.train.seed))
+                                                            tuple(d.rescale_range), d.flip, cfg.crop_seed))
             rec = store.get([it[ID]])[0]
         except DiclipError as e:
             log.warning("correlate preview: skipping %s: %s", it[ID], e)

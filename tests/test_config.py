@@ -17,6 +17,9 @@ def test_defaults_are_the_reference_voc_settings():
     assert spec.method.caa_threshold == 0.79 and spec.method.rar_steps == 5
     assert spec.model.diffusion.timestep_index == 45 and spec.model.diffusion.heads == [1, 2]
     assert spec.correlate.output == "runs/diclip/correlate"  # interpolated from output_uri and name
+    assert effective_batch(spec) == 4 and spec.train.precision == "fp32"  # one process, 4 images, fp32
+    assert spec.evaluate.cam_split == "train" and spec.correlate.whole_image == "square"
+    assert (spec.train.val_caa_threshold, spec.train.val_rar_steps) == (0.79, 5)  # build_validation's constants
 
 
 @pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/tiny.yaml", "configs/voc.yaml", "configs/coco.yaml",

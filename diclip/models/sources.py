@@ -160,6 +160,11 @@ def check_stage_models(spec: JobSpec, stages: Iterable[str]) -> None:
                 continue
             seen.add((m.field, m.source))
             try:
+                if m.kind == "clip":  # a quick_gelu setting contradicting the weights: refused before Ray starts
+                    from diclip.models.clip import register_bundled_configs, resolve_quick_gelu
+
+                    register_bundled_configs()
+                    resolve_quick_gelu(spec.model.clip)
                 check_source(m)
             except ModelError as e:
                 raise ModelError(f"stage {stage}: {e}") from e

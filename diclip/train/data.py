@@ -42,7 +42,7 @@ def build_items(spec: JobSpec, split: str, correlation_uri: str | None) -> pa.Ta
 
     ds = open_split(spec.data, split)
     store = CorrelationStore(correlation_uri) if correlation_uri else None
-    crops = bank_crops(store, split) if store is not None else 0
+    crops = bank_crops(store, split, spec.correlate.crops_per_image) if store is not None else 0
     geoms = store.bank_geometries() if crops else {}
     cols: dict[str, list] = {"item_id": [], "label": [], "image_uri": []}
     if store is not None:
@@ -88,11 +88,18 @@ def dropped_items(items: pa.Table) -> list[str]:
     return json.loads((items.schema.metadata or {}).get(b"dropped", b"[]"))
 
 
-def bank_crops(store: CorrelationStore, split: str) -> int:
-    """K of the store's per-crop bank when it was built for ``split`` (0: none)."""
+def bank_crops(store: CorrelationStore, split: str, want: int) -> int:
+    """Crops per image training draws from: the spec's K (``want``; 0 = whole-image maps), which the
+    store's bank must cover. A store grown to more crops serves a smaller K (crops 0..K-1), so what
+    trains depends on the spec, not on the store's history."""
+    if not want:
+        return 0
     extra = store.manifest.extra
-    k = int(extra.get("crops_per_image", 0) or 0)
-    return k if k and extra.get("crop_split") == split else 0
+    have = int(extra.get("crops_per_image", 0) or 0) if extra.get("crop_split") == split else 0
+    if have < want:
+        raise DataError(f"correlate.crops_per_image={want} but the maps at {store.uri} hold {have} crops per "
+                        f"{split!r} image; run the correlate stage with this spec first")
+    return want
 
 
 def table_crops(items: pa.Table) -> int:

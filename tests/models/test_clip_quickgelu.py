@@ -86,3 +86,16 @@ def test_quick_gelu_resolution_and_contradictions():
         resolve_quick_gelu(ClipConfig(name="ViT-B-16", pretrained="openai", quick_gelu=False))
     with pytest.raises(ModelError, match="contradicts the model config"):
         resolve_quick_gelu(ClipConfig(name="ViT-B-16-quickgelu", pretrained="", quick_gelu=False))
+
+
+def test_validate_refuses_a_quick_gelu_contradiction_before_ray(tmp_path):
+    """The contradiction is a spec error: ``validate`` (and ``run``) refuse it in one line before any actor
+    loads weights, whether or not the weights are on this machine."""
+    from diclip.config import load_spec
+    from diclip.models.sources import check_stage_models
+
+    spec = load_spec("configs/voc.yaml", [f"output_uri={tmp_path}", "model.clip.quick_gelu=false"])
+    with pytest.raises(ModelError) as e:
+        check_stage_models(spec, ["train"])
+    assert "stage train: model.clip.quick_gelu=False contradicts the pretrained tag" in str(e.value)
+    assert "\n" not in str(e.value)

@@ -60,7 +60,7 @@ def test_bank_maps_are_the_online_maps_of_the_crop(bank):
     # what online mode computes on that crop, with the same noise and model
     d = spec.data
     geom = bank_geometry(item, 1, ds.load(item).image.shape[:2], d.crop_size, tuple(d.rescale_range), d.flip,
-                         spec.train.seed)
+                         spec.correlate.crop_seed)
     crop = torch.from_numpy(apply_geometry(ds.load(item).image, geom)).permute(2, 0, 1)[None].float() / 255
     diff = DiffusionAttention(build_diffusion_from_config(spec.model.diffusion), spec.model.diffusion)
     cap = diff(crop, [noise_seed(crop_item_id(item, 1), spec.model.diffusion.seed)])
@@ -138,5 +138,15 @@ def test_growing_k_extracts_only_the_new_crops(bank):
     assert before <= {s.path for s in manifest.shards}  # earlier shards kept as they were
     new = CorrelationStore(spec.correlate.output).get([crop_item_id(item, 1)])[0]
     assert np.array_equal(new.vce_rows, rec.vce_rows)
-    # growing it back down is a no-op: K=2 is covered by the K=3 bank
+    # growing it back down is a no-op: K=2 is covered by the K=3 bank; a new training seed reuses the bank
     assert correlate.is_complete(spec)
+    assert correlate.is_complete(tiny_spec(spec.output_uri, *BANK, "train.seed=7"))
+    assert not correlate.is_complete(tiny_spec(spec.output_uri, *BANK, "correlate.crop_seed=7"))
+    # training follows the spec's K: the K=2 spec trains on crops 0..1 of the K=3 bank; K=4 is refused
+    items = build_items(spec, "train", spec.correlate.output)
+    assert items.num_rows == 12 and items.schema.metadata[b"crops"] == b"2"
+    from diclip.errors import DataError
+
+    with pytest.raises(DataError, match="crops_per_image=4 but the maps .* hold 3 crops"):
+        build_items(tiny_spec(spec.output_uri, "correlate.crops_per_image=4", "data.crop_size=48"), "train",
+                    spec.correlate.output)
