@@ -14,9 +14,10 @@ resized (aspect not kept) to squares of ``round(size * s)`` pixels for every sca
 multiple of the patch size, which the ViT needs; 0.7/1.0/1.2/1.5 x 320 are exact), the segmenter alone
 runs on the batch and on its horizontal flip, each scale's logits are resized to ``work_ratio`` x the
 image size (0.4 VOC, 0.2 COCO), averaged over flips and scales, upsampled to the image size and
-arg-maxed. The reference VOC script ignores the flipped logits at scale 1.0 (a quirk; COCO does not);
-we average the flip at every scale by default and reproduce the quirk only with
-``voc_flip_quirk=True``. Optional dense CRF: :mod:`diclip.method.crf`.
+arg-maxed. The reference VOC script ignores the flipped logits at scale 1.0 (a quirk; COCO does not):
+``evaluate.voc_flip_quirk`` reproduces it by default, configs/coco.yaml turns it off, and
+:func:`multiscale_logits` itself averages the flip at every scale unless asked for the quirk.
+Dense CRF (on in the VOC/COCO protocol): :mod:`diclip.method.crf`.
 
 **CAM pseudo-labels** (reference ``tools/infer_lam.py``): the image resized to the crop square, one
 full forward with the VCE correlation, CLIP-affinity propagation inside CAM boxes without segmenter

@@ -491,3 +491,21 @@ def test_cached_split_reads_a_split_once_per_run_and_again_for_the_next(tmp_path
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(first.ids[:2]) + "\n")
     assert cached_split(spec.data, "train", scope="run-1").ids == first.ids  # same run: not read again
     assert cached_split(spec.data, "train", scope="run-2").ids == first.ids[:2]  # next run: the new list
+
+
+def test_generation_words_are_the_references():
+    """The words the reference generated its KV-cache images with (its per-class folder names): VOC from
+    maintain_kv_cache's generator, COCO from datasets/dif_coco/main.py (whose last word is misspelt
+    'toothbrus' there; the intended word is used)."""
+    from diclip.data.classes import COCO, VOC
+
+    voc = ("plane bicycle bird boat bottle buses car cat chair cow table dog horse motorbike people plant sheep "
+           "sofa train monitor").split()
+    coco = ("person|bicycle|car|motorbike|aeroplane|bus|train|truck|boat|traffic light|fire hydrant|stop sign|"
+            "parking meter|bench|bird|cat|dog|horse|sheep|cow|elephant|bear|zebra|giraffe|backpack|umbrella|handbag|"
+            "tie|suitcase|frisbee|skis|snowboard|sports ball|kite|baseball bat|baseball glove|skateboard|surfboard|"
+            "tennis racket|bottle|wine glass|cup|fork|knife|spoon|bowl|banana|apple|sandwich|orange|broccoli|carrot|"
+            "hot dog|pizza|donut|cake|chair|sofa|pottedplant|bed|diningtable|toilet|tvmonitor|laptop|mouse|remote|"
+            "keyboard|cell phone|microwave|oven|toaster|sink|refrigerator|book|clock|vase|scissors|teddy bear|"
+            "hair drier|toothbrush").split("|")
+    assert list(VOC.generation_words) == voc and list(COCO.generation_words) == coco
