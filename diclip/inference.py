@@ -302,13 +302,18 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def segment(forward: SegForward, images: Sequence[np.ndarray], base: int, scales: Sequence[float], *,
             flip: bool = True, work_ratio: float = 0.4, multiple: int = 16, voc_flip_quirk: bool = False,
-            crf: bool = False, device: str | torch.device = "cpu") -> list[np.ndarray]:
-    """Masks (uint8 class ids at each image's size) for RGB uint8 images of any sizes."""
+            crf: bool = False, device: str | torch.device = "cpu",
+            raw_out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Masks (uint8 class ids at each image's size) for RGB uint8 images of any sizes.
+
+    ``raw_out``: a list that receives the arg-max before CRF of each image (the reference reports both)."""
     tensors = [to_tensor(im, device) for im in images]
     logits = multiscale_logits(forward, tensors, base, scales, flip, work_ratio, multiple, voc_flip_quirk)
     out = []
     for im, lg in zip(images, logits):
         full = upsample(lg, im.shape[:2])
+        if raw_out is not None:
+            raw_out.append(full.argmax(0).to(torch.uint8).cpu().numpy())
         if crf:
             from diclip.method.crf import dense_crf
 

@@ -61,8 +61,12 @@ SCHEMA = pa.schema([
     ("cm_idx", pa.list_(pa.int32())),  # sparse confusion matrix: flat index gt * K + pred ...
     ("cm_cnt", pa.list_(pa.int64())),  # ... and its pixel count (empty without ground truth)
     ("cam_class", pa.int16()),  # pic: class id shown (0: no present class)
+    ("cm_raw_idx", pa.list_(pa.int32())),  # seg with CRF: the confusion matrix before CRF (the reference
+    ("cm_raw_cnt", pa.list_(pa.int64())),  # reports both), empty otherwise
 ])
-SUMMARY_COLUMNS = [ID, "task", "image_id", "cm_idx", "cm_cnt", "cam_class"]
+SUMMARY_COLUMNS = [ID, "task", "image_id", "cm_idx", "cm_cnt", "cam_class", "cm_raw_idx", "cm_raw_cnt"]
+ROW_FORMAT = 2
+"""Version of the row layout above; part of the run key, so outputs of an older layout are recomputed."""
 
 
 def output_uri(spec: JobSpec) -> str:
@@ -103,7 +107,8 @@ def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
             "dataset": class_identity(spec.data), "split": c.split, "cam_split": c.cam_split, "size": base_size,
             "scales": list(c.scales), "flip": c.flip, "voc_flip_quirk": c.voc_flip_quirk, "work_ratio": c.work_ratio,
             "crf": c.crf, "maps": c.maps, "correlation": c.correlation if c.maps == "stored" else None,
-            "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter}
+            "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter,
+            "row_format": ROW_FORMAT}
 
 
 def current_key(spec: JobSpec) -> dict | None:
@@ -228,23 +233,28 @@ class Evaluator:
             self._maps = MapSource(self.cfg.maps, self.model_spec, self.patch, self.device, self.cfg.correlation)
         return self._maps
 
-    def _row(self, item: dict, h: int, w: int, png: bytes, cm: np.ndarray | None = None, cam_class: int = -1) -> dict:
+    def _row(self, item: dict, h: int, w: int, png: bytes, cm: np.ndarray | None = None, cam_class: int = -1,
+             cm_raw: np.ndarray | None = None) -> dict:
         idx, cnt = sparse_cm(cm) if cm is not None else ([], [])
+        raw_idx, raw_cnt = sparse_cm(cm_raw) if cm_raw is not None else ([], [])
         return {ID: item[ID], "task": item["task"], "image_id": item["image_id"], "height": h, "width": w,
-                "png": png, "cm_idx": idx, "cm_cnt": cnt, "cam_class": cam_class}
+                "png": png, "cm_idx": idx, "cm_cnt": cnt, "cam_class": cam_class,
+                "cm_raw_idx": raw_idx, "cm_raw_cnt": raw_cnt}
 
     def segment(self, members: list[tuple[dict, object]]) -> list[dict]:
         from diclip.inference import segment, segmenter_forward
         from diclip.viz import encode_mask_png
 
         c = self.cfg
+        raws: list[np.ndarray] = []
         preds = segment(segmenter_forward(self.model), [s.image for _, s in members], self.base, c.scales,
                         flip=c.flip, work_ratio=c.work_ratio, multiple=self.patch, voc_flip_quirk=c.voc_flip_quirk,
-                        crf=c.crf, device=self.device)
+                        crf=c.crf, device=self.device, raw_out=raws if c.crf else None)
         rows = []
-        for (item, s), pred in zip(members, preds):
+        for j, ((item, s), pred) in enumerate(zip(members, preds)):
             cm = metriclib.confusion_matrix(s.mask, pred, self.k) if s.mask is not None else None
-            rows.append(self._row(item, *pred.shape, encode_mask_png(pred), cm))
+            cm_raw = metriclib.confusion_matrix(s.mask, raws[j], self.k) if s.mask is not None and raws else None
+            rows.append(self._row(item, *pred.shape, encode_mask_png(pred), cm, cm_raw=cm_raw))
         return rows
 
     def cams(self, members: list[tuple[dict, object]]) -> list[dict]:
@@ -426,6 +436,11 @@ def summaries(spec: JobSpec, rows: dict[str, dict]) -> dict:
         s = metriclib.summarize(cm, class_set.classes)
         s.update(images=len(mine), images_with_gt=sum(1 for r in mine if r["cm_idx"]),
                  confusion_matrix=cm.tolist())
+        if task == "seg" and any(r.get("cm_raw_idx") for r in mine):  # CRF on: also the logits' own argmax
+            raw = metriclib.summarize(dense_cm([(r["cm_raw_idx"], r["cm_raw_cnt"]) for r in mine], k),
+                                      class_set.classes)
+            s["before_crf"] = {"miou": raw["miou"], "per_class_iou": raw["per_class_iou"],
+                               "pixel_accuracy": raw["pixel_accuracy"]}
         out[task] = s
     return out
 
@@ -454,7 +469,8 @@ def report_markdown(spec: JobSpec, metrics: dict) -> str:
         f"# Evaluation of `{c.checkpoint}`", "",
         f"- segmentation: split `{c.split}`, {seg['images']} images ({seg['images_with_gt']} with ground truth); "
         f"scales {list(c.scales)} x {metrics['base_size']} px, flip {c.flip}"
-        f"{' (VOC quirk: no flip at 1.0)' if c.voc_flip_quirk else ''}, CRF {c.crf}",
+        f"{' (VOC quirk: no flip at 1.0)' if c.voc_flip_quirk else ''}, CRF {c.crf}"
+        + (f" (mIoU before CRF: {_pct(seg['before_crf']['miou'])}%)" if seg.get("before_crf") else ""),
     ]
     if cam is not None:
         lines.append(f"- CAM pseudo-labels: split `{c.cam_split}`, {cam['images']} images ({cam['images_with_gt']} "

@@ -59,6 +59,8 @@ def test_evaluate_writes_every_output(evaluated):
     assert m["segmentation"]["pixels"] == 4 * 64 * 80 and m["cam"]["pixels"] == 6 * 64 * 80
     report = storage.read_text(storage.join(out, "report.md"))
     assert "| **mIoU** |" in report and "| ball |" in report and "CAM IoU" in report
+    # CRF on (the protocol's default): the mIoU before CRF is reported too, as the reference does
+    assert spec.evaluate.crf and 0 <= m["segmentation"]["before_crf"]["miou"] <= 1 and "mIoU before CRF" in report
     assert ("**random models**" in report) == (not spec.model.clip.pretrained)  # the tiny test models are random
     pic = _png(storage.join(out, "pictures.png"))
     width = viz.grid_size(3, 4, evaluate.PICTURE_CELL)[0]
@@ -93,12 +95,14 @@ def test_distributed_totals_equal_single_process(evaluated):
     torch.set_num_threads(1)
     try:
         model, mspec, _ = load_exported_model(spec.evaluate.checkpoint, dataset="synthetic")
-        seg_cm = np.zeros((5, 5), np.int64)
+        seg_cm, raw_cm = np.zeros((5, 5), np.int64), np.zeros((5, 5), np.int64)
         for s in open_dataset(spec.data.root, "val", cs):
             e = spec.evaluate
+            raw: list = []
             pred = segment(segmenter_forward(model), [s.image], 64, e.scales, flip=e.flip, work_ratio=e.work_ratio,
-                           voc_flip_quirk=e.voc_flip_quirk, crf=e.crf)[0]
+                           voc_flip_quirk=e.voc_flip_quirk, crf=e.crf, raw_out=raw)[0]
             seg_cm += confusion_matrix(s.mask, pred, 5)
+            raw_cm += confusion_matrix(s.mask, raw[0], 5)
         cam_cm = np.zeros((5, 5), np.int64)
         maps = MapSource("stored", mspec, 16, correlation_uri=spec.correlate.output)
         for s in open_dataset(spec.data.root, "train", cs):
@@ -110,6 +114,9 @@ def test_distributed_totals_equal_single_process(evaluated):
         torch.set_num_threads(threads)
     assert np.array_equal(np.asarray(m["segmentation"]["confusion_matrix"], np.int64), seg_cm)
     assert np.array_equal(np.asarray(m["cam"]["confusion_matrix"], np.int64), cam_cm)
+    from diclip.method.metrics import summarize
+
+    assert m["segmentation"]["before_crf"]["miou"] == pytest.approx(summarize(raw_cm, cs.classes)["miou"])
     assert seg_cm.sum() == 4 * 64 * 80 and cam_cm.sum() == 6 * 64 * 80
 
 
