@@ -248,7 +248,9 @@ def main(argv=None) -> None:
         b = world.batch(args.seed + 1, vstep * args.vae_batch, args.vae_batch, wcfg)
         x = to_pm1(b["images"])
         post = vae.encode(x).latent_dist
-        z = post.sample()
+        # a generator per step, seeded by (seed, step): seeded and bit-exact across resume (the global RNG
+        # is neither checkpointed nor seeded here)
+        z = post.sample(generator=torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000 + vstep))
         rec = vae.decode(z).sample
         l_rec = F.mse_loss(rec, x)
         l_kl = post.kl().mean() / x[0].numel()
