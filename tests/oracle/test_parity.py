@@ -274,7 +274,12 @@ def test_online_training_step_matches_oracle(tmp_path, parts):
                                     num_classes=K, return_dynamic=step >= m.adapter_cam_from_iter)
         theirs = oracle.training_step(outs, raw, lab, (160, 160), step, **kw)
         want = oracle.training_step(outs, raw, lab, (160, 160), step, pseudo=pl, **kw)
+        labels64 = oracle.training_step(outs, raw, lab, (160, 160), step, dtype=torch.float64, **kw)["pseudo"]
     for i in range(2):
         assert_labels_agree_beyond_ties(pl[i], theirs["pseudo"][i], scores[i])
+    # the pseudo-label logic on the online maps, exactly (in float64, where rounding cannot flip near-ties)
+    _, pl64 = trainer.model.pseudo_labels(as64(out), pseudo.rar_transition(raw.double(), tuple(d.heads)), lab.double(),
+                                          (160, 160), gate=True, rar_grid=rar_grid)
+    assert torch.equal(pl64, labels64)
     for mine, ref_name in LOSSES:
         torch.testing.assert_close(got[mine].detach(), want[ref_name], **TOL)
