@@ -121,8 +121,8 @@ def _tree(pid: int) -> list:
 
 def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path):
     """SIGTERM (what Kubernetes sends) stops a run of whole images plus a per-crop bank in seconds with one
-    line, leaves none of its processes behind, keeps the committed shards, and a re-run completes every
-    map exactly once."""
+    line, leaves none of its processes behind, keeps the committed shards; a second run is killed with
+    SIGKILL; a third completes every map exactly once."""
     import psutil
 
     from ray_jobs.interrupt import MESSAGE
@@ -156,6 +156,21 @@ def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path):
     partial = len(list_shards(spec.correlate.output))
     for s in list_shards(spec.correlate.output):  # every visible shard is complete and readable
         storage.read_parquet(s)
+    # a second run is killed hard (SIGKILL to it and every process it started, as an OOM killer or a lost
+    # node would): its last shards were never indexed, and the next run must still count each map once
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list_shards(spec.correlate.output)) < partial + 2:
+            time.sleep(0.2)
+    finally:
+        tree = _tree(proc.pid)
+        for p in tree:
+            p.kill()
+        psutil.wait_procs(tree, timeout=10)
+    assert len(list_shards(spec.correlate.output)) >= partial + 2 and not storage.is_complete(spec.correlate.output)
+    partial = len(list_shards(spec.correlate.output))
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = storage.read_manifest(spec.correlate.output)
