@@ -4,13 +4,15 @@ For the same training images, the same bank crops (geometry from the training sa
 
 (a) ``whole``  - the image's whole-image maps (``correlate`` without a bank) resampled to the crop;
 (b) ``bank``   - the per-crop bank's maps (``correlate.crops_per_image``), extracted on the crop itself;
-(c) ``online`` - the reference's behaviour: the diffusion pass on the crop in the step (the noise of the
-                 step at that training position);
-(c') ``online2`` - (c) with another noise draw: the noise floor any stored map is measured against.
+(c) ``online`` - the reference's behaviour: the diffusion pass on the crop in the step, here with the
+                 noise draw the bank used, so (b) vs (c) isolates storage and (a) vs (c) resampling;
+(c') ``online2`` - (c) with another noise draw: what the reference itself varies by from step to step
+                 (it draws fresh noise each time), the floor any map is measured against.
 
 Reported: pseudo-label pixel agreement of each with (c), and CAM (pseudo-label) mIoU against the crop's
-ground truth. Plus bytes per map and object-store totals of the bank for VOC (K=8) and COCO (K=5) per
-RAR codec, at the SD 2.1 geometry (320 px crop: 20x20 CLIP tokens, 40x40 RAR tokens, head dim 64).
+ground truth. Plus bytes per map and per image, and object-store totals of the bank for VOC (K=8) and
+COCO (K=5) for every RAR codec, at the SD 2.1 geometry (320 px crop: 20x20 CLIP tokens, 40x40 RAR tokens,
+head dim 64); ``bench/correlation_storage.py`` measures each codec's pseudo-label agreement.
 
 ``--models demo`` (tiny random models of ``configs/tiny.yaml``, default), ``--models fullsize`` (random-init ViT-B/16 + SD 2.1-base
 topology from ``bench/fullsize_check.py``), ``--models toy`` (the shipped toy models of ``configs/demo.yaml``).
@@ -107,7 +109,7 @@ def measure(spec, crops: int) -> dict:
             bank = store.get([crop_item_id(item, k)])[0]
             v, r = batch_maps([bank], None, None, None)
             maps["bank"] = (v, rar_transition_from_mean(r), bank.rar_grid)
-            for name, key in (("online", f"{item}:{k}"), ("online2", f"{item}:{k}:again")):
+            for name, key in (("online", crop_item_id(item, k)), ("online2", f"{item}:{k}:again")):
                 cap = trainer.diffusion(x, [noise_seed(key, spec.model.diffusion.seed)])
                 comp = vce_compact(cap, spec.method, spec.model.diffusion)
                 maps[name] = (comp.expand(), rar_transition_from_mean(rar_mean(cap)), cap.rar_grid)
@@ -127,15 +129,16 @@ def bank_bytes() -> dict:
     """Bytes per bank map at the SD 2.1 geometry per codec, and the object-store totals."""
     import torch
 
-    from diclip.method.codecs import get_codec, nbytes
+    from diclip.method.codecs import RAR_CODECS, get_codec, nbytes
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 1600, 64, generator=g), torch.randn(2, 1600, 64, generator=g)
     vce = 400 + 16 * 400 * 2  # uint8 ids + ~16 fp16 cluster rows on the 20x20 grid
     out = {}
-    for name in ("qk_fp16", "qk_int8"):
+    for name in RAR_CODECS:
         per_map = vce + nbytes(get_codec(name).encode(q, k, 0.125))
-        out[name] = {"bytes_per_map": per_map,
+        out[name] = {"bytes_per_map": per_map, "voc_bytes_per_image": per_map * VOC_K,
+                     "coco_bytes_per_image": per_map * COCO_K,
                      "voc_total_gb": per_map * VOC_IMAGES * VOC_K / 1e9,
                      "coco_total_gb": per_map * COCO_IMAGES * COCO_K / 1e9}
     return out
@@ -157,8 +160,9 @@ def main() -> None:
         print(f"  {name:<8} pseudo-label agreement with online {100 * r['agreement_with_online']:6.2f}%   "
               f"CAM mIoU {r['cam_miou']:.3f}")
     for name, s in sizes.items():
-        print(f"  bank {name}: {s['bytes_per_map'] / 1e3:.0f} kB per map; VOC K={VOC_K}: {s['voc_total_gb']:.0f} GB, "
-              f"COCO K={COCO_K}: {s['coco_total_gb']:.0f} GB")
+        print(f"  bank {name}: {s['bytes_per_map'] / 1e3:.0f} kB per map; VOC K={VOC_K}: "
+              f"{s['voc_bytes_per_image'] / 1e6:.1f} MB per image, {s['voc_total_gb']:.0f} GB; COCO K={COCO_K}: "
+              f"{s['coco_bytes_per_image'] / 1e6:.1f} MB per image, {s['coco_total_gb']:.0f} GB")
     write_result(f"crop_fidelity_{args.models}", {"models": args.models, "fidelity": res, "bank_bytes": sizes})
     b, w, o2 = (res[n]["agreement_with_online"] for n in ("bank", "whole", "online2"))
     print(f"agreement with online maps: bank {100 * b:.2f}% vs whole-image {100 * w:.2f}% "
