@@ -614,6 +614,10 @@ class PipelineConfig:
             _check(s in STAGE_NAMES, f"pipeline: unknown stage {s!r}; known stages: {', '.join(STAGE_NAMES)}")
 
 
+DEFAULT_MODELS_HOME = "/models/hf"
+"""Mount path of ``cluster.models_pvc`` when ``cluster.hf_home`` is not set."""
+
+
 @dataclass
 class ClusterConfig:
     """Where and how a job runs on a cluster (``diclip submit``, ``diclip cluster render``).
@@ -644,8 +648,17 @@ class ClusterConfig:
     """PersistentVolumeClaim holding pre-fetched model weights (a Hugging Face cache), mounted read-only at
     ``hf_home`` in every Ray pod with HF_HOME set to it and HF_HUB_OFFLINE=1 (cluster/README.md says how to
     fill it). None: no volume; the image or the pods must find the weights themselves."""
-    hf_home: str = "/models/hf"
-    """Mount path of ``models_pvc`` and the pods' HF_HOME."""
+    hf_home: Optional[str] = None
+    """A filled Hugging Face cache every node reads: when set (or with ``models_pvc``), every Ray pod and every
+    node of the rendered cluster launcher gets HF_HOME there and HF_HUB_OFFLINE=1, so models load from it and
+    a missing one fails at once. Also the mount path of ``models_pvc`` (default ``/models/hf`` then). On AWS,
+    mount an EFS volume there or ``aws s3 sync`` a filled cache into it (cluster/README.md). None and no PVC:
+    the nodes find (or download) the weights themselves."""
+
+    @property
+    def models_home(self) -> Optional[str]:
+        """HF_HOME of the cluster's nodes: ``hf_home``, or ``/models/hf`` for a ``models_pvc`` mount; None: unset."""
+        return self.hf_home or (DEFAULT_MODELS_HOME if self.models_pvc else None)
 
     def __post_init__(self) -> None:
         _check(bool(self.python.strip()), "cluster.python must name an interpreter, e.g. python or /opt/venv/bin/python")
@@ -656,7 +669,8 @@ class ClusterConfig:
             _check(value is None or bool(re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value)),
                    f"cluster.{key} {value!r} must be a Kubernetes name (lower-case letters, digits, '-', '.')")
         _check(self.head_cpus >= 1 and self.head_memory_gib >= 1, "cluster.head_cpus and cluster.head_memory_gib must be >= 1")
-        _check(self.hf_home.startswith("/"), f"cluster.hf_home must be an absolute path, got {self.hf_home!r}")
+        _check(self.hf_home is None or self.hf_home.startswith("/"),
+               f"cluster.hf_home must be an absolute path, got {self.hf_home!r}")
 
 
 @dataclass

@@ -311,13 +311,55 @@ def test_cluster_section_of_the_spec_reaches_every_pod(tmp_path: Path) -> None:
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     launcher = load(files["cluster-launcher.yaml"])
-    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 2}
+    head = launcher["available_node_types"][launcher["head_node_type"]]
+    assert head["resources"] == {"CPU": 2} and head["node_config"]["InstanceType"] == "m5.large"  # 2 vCPU / 8 GiB
     assert all(cmd.startswith("/opt/venv/bin/python -m pip") for cmd in launcher["setup_commands"][:3])
-    # defaults: no service account, no model volume, the Secret named in the README
-    plain = load(render(tmp_path / "plain", "coco")["raycluster.yaml"])
+    # the weights cache on every launcher node: ~/.bashrc (Ray's login shells) reaches ray start and its workers
+    bashrc = _launcher_bashrc(launcher["setup_commands"])
+    assert bashrc["HF_HOME"] == "/mnt/hf" and bashrc["HF_HUB_OFFLINE"] == "1" and bashrc["DS_ACCELERATOR"] == "cuda"
+    # defaults: no service account, no model volume, the Secret named in the README, no weights cache
+    plain_files = render(tmp_path / "plain", "coco")
+    plain = load(plain_files["raycluster.yaml"])
     pod = plain["spec"]["headGroupSpec"]["template"]["spec"]
     assert "serviceAccountName" not in pod and all(v["name"] != "diclip-models" for v in pod["volumes"])
     assert pod["containers"][0]["envFrom"][0]["secretRef"]["name"] == "diclip-s3"
+    assert not {"HF_HOME", "HF_HUB_OFFLINE"} & {e["name"] for e in pod["containers"][0]["env"]}
+    plain_launcher = load(plain_files["cluster-launcher.yaml"])
+    assert plain_launcher["available_node_types"]["head"]["node_config"]["InstanceType"] == "m5.xlarge"  # 4 / 16
+    assert "HF_HOME" not in _launcher_bashrc(plain_launcher["setup_commands"])
+    # a PVC without hf_home mounts at /models/hf; hf_home without a PVC (weights baked into the image, an EFS
+    # mount) sets the variables without a volume
+    pvc = load(render(tmp_path / "pvc", "coco", "cluster.models_pvc=hf-models")["raycluster.yaml"])
+    c = pvc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "diclip-models", "mountPath": "/models/hf", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "HF_HOME", "value": "/models/hf"} in c["env"]
+    efs = render(tmp_path / "efs", "coco", "cluster.hf_home=/efs/hf", "cluster.head_cpus=6")
+    c = load(efs["raycluster.yaml"])["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_HOME", "value": "/efs/hf"} in c["env"]
+    assert all(m["name"] != "diclip-models" for m in c.get("volumeMounts", []))
+    efs_launcher = load(efs["cluster-launcher.yaml"])
+    assert _launcher_bashrc(efs_launcher["setup_commands"])["HF_HOME"] == "/efs/hf"
+    assert efs_launcher["available_node_types"]["head"]["node_config"]["InstanceType"] == "m5.2xlarge"  # 6 CPUs
+
+
+def _launcher_bashrc(commands: list[str]) -> dict[str, str]:
+    """The variables the launcher's setup commands append to ~/.bashrc, as a login shell would see them."""
+    found = {}
+    for cmd in commands:
+        words = shlex.split(cmd)
+        if words[:1] == ["echo"] and words[-2:] == [">>", "~/.bashrc"]:
+            (line,) = words[1:-2]
+            key, _, value = line.removeprefix("export ").partition("=")
+            found[key] = shlex.split(value)[0]
+    return found
+
+
+def test_a_head_no_listed_instance_fits_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *S3_ROOTS, "cluster.head_cpus=128",
+                   "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: cluster.head_cpus=128 / cluster.head_memory_gib=16: no AWS head instance type "
+                               "fits (the largest listed, m5.24xlarge, has 96 vCPUs / 384 GiB)"]
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -427,13 +469,52 @@ def test_upload_package_is_small_and_keeps_the_packages(tmp_path: Path) -> None:
     out = tmp_path / "pkg.zip"
     _zip_files(str(REPO), list(submit.EXCLUDES), str(out), include_gitignore=True)
     names = zipfile.ZipFile(out).namelist()
-    assert out.stat().st_size < 20 * 2**20, f"upload is {out.stat().st_size / 2**20:.1f} MiB"
+    assert out.stat().st_size < 40 * 2**20, f"upload is {out.stat().st_size / 2**20:.1f} MiB"  # 21 MB are toy weights
     assert "ray_jobs/submit.py" in names and "diclip/cli.py" in names
     # "/data" is anchored: the diclip.data package must survive the exclude
     assert any(n.startswith("diclip/data/") for n in names)
     for banned in (".git/", ".venv/", "runs/", "data/"):
         assert not any(n.startswith(banned) for n in names), banned
-    assert not any("__pycache__" in n or n.endswith(".safetensors") for n in names)
+    assert not any("__pycache__" in n for n in names)
+    # the shipped toy weights travel (diclip:toy/... in configs/demo.yaml must load on the cluster); other
+    # weights stay home, and without the toy folder the package stays as small as before
+    assert sorted(n for n in names if n.endswith(".safetensors")) == TOY_WEIGHTS
+    toy = sum(i.compress_size for i in zipfile.ZipFile(out).infolist() if i.filename.startswith(TOY_DIR))
+    assert out.stat().st_size - toy < 5 * 2**20, f"upload without the toy models is {(out.stat().st_size - toy) / 2**20:.1f} MiB"
+    stray = REPO / "runs" / "weights.safetensors"  # a user's own weights in the repository stay out
+    assert not submit._uploaded(stray, REPO) and submit._uploaded(REPO / TOY_WEIGHTS[0], REPO)
+
+
+TOY_DIR = "diclip/resources/toy/"
+TOY_WEIGHTS = sorted(str(p.relative_to(REPO)) for p in (REPO / TOY_DIR).rglob("*.safetensors"))
+
+
+def test_launcher_rsync_and_docker_context_keep_the_toy_weights(tmp_path: Path) -> None:
+    """The launcher's rsync rules, run by the real rsync with the arguments Ray builds from them, and the
+    Dockerfile's ignore file: the toy weights reach every node and the image, other weights do not."""
+    assert len(TOY_WEIGHTS) == 4
+    src = tmp_path / "repo"  # a copy of the layout that matters, plus weights of the user's own
+    for rel in [*TOY_WEIGHTS, "diclip/cli.py", "weights/sd.safetensors", "runs/x/model.safetensors", ".venv/x.py"]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"x")
+    launcher = yaml.safe_load((REPO / "cluster" / "aws" / "cluster-launcher.yaml").read_text())
+    rsync = shutil.which("rsync")
+    if rsync:
+        from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+        args = SSHCommandRunner._create_rsync_filter_args(None, launcher)  # self is unused
+        r = subprocess.run([rsync, "-a", *args, f"{src}/", str(tmp_path / "node")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        synced = sorted(str(p.relative_to(tmp_path / "node")) for p in (tmp_path / "node").rglob("*") if p.is_file())
+        assert synced == sorted([*TOY_WEIGHTS, "diclip/cli.py"])
+    # .dockerignore: '!' re-includes, the last matching line wins (the gitwildmatch meaning of these lines)
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    rules = [line for line in (REPO / "cluster" / "Dockerfile.dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    ignored = PathSpec.from_lines("gitwildmatch", rules)
+    assert not any(ignored.match_file(p) for p in TOY_WEIGHTS)
+    assert ignored.match_file("weights/sd.safetensors") and ignored.match_file("diclip/other/w.safetensors")
 
 
 def test_spec_inside_the_repo_is_referenced_with_overrides() -> None:
