@@ -648,8 +648,8 @@ class ClusterConfig:
     """Memory of the head in GiB."""
     models_pvc: Optional[str] = None
     """PersistentVolumeClaim holding pre-fetched model weights (a Hugging Face cache), mounted read-only at
-    ``hf_home`` in every Ray pod with HF_HOME set to it and HF_HUB_OFFLINE=1 (cluster/README.md says how to
-    fill it). None: no volume; the image or the pods must find the weights themselves."""
+    ``hf_home`` (default ``/models/hf``) in every Ray pod with HF_HOME set to it and HF_HUB_OFFLINE=1
+    (cluster/README.md says how to fill it). None: no volume; the image or the pods must find the weights."""
     hf_home: Optional[str] = None
     """A filled Hugging Face cache every node reads: when set (or with ``models_pvc``), every Ray pod and every
     node of the rendered cluster launcher gets HF_HOME there and HF_HUB_OFFLINE=1, so models load from it and
