@@ -631,10 +631,10 @@ class ClusterConfig:
     default is whatever ``python`` is first on the cluster's PATH, which in cluster/Dockerfile is the image's
     venv; on a hand-started cluster name the venv that holds diclip and the cluster's Ray version."""
     shared_filesystem: bool = False
-    """Absolute local artifact paths (output_uri, data.root, data.classes_file, ...) are on a filesystem every node mounts at the same path
-    (NFS, or a single-node cluster on this machine). Off: a cluster job needs s3:// URIs, because a local
-    path is each node's own disk. Relative paths are always refused (they land in Ray's temporary copy of
-    the working directory and are lost when the job ends)."""
+    """Absolute local artifact paths (output_uri, data.root, data.classes_file, ...) are on a filesystem every
+    node mounts at the same path (NFS, or a single-node cluster on this machine). Off: a cluster job needs
+    s3:// URIs, because a local path is each node's own disk. Relative paths are always refused (they land
+    in Ray's temporary copy of the working directory and are lost when the job ends)."""
     namespace: str = "default"
     """Kubernetes namespace of the rendered RayCluster, RayJob and ConfigMap."""
     service_account: Optional[str] = None
