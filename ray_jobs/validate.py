@@ -134,17 +134,43 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
                               f"{stage}.resources.num_gpus=0 (CPU) or run on a cluster with GPUs")
 
 
-CLUSTER_URI_FIELDS = ("output_uri", "data.root")
-"""URIs every node of a cluster job reads or writes: they must be shared (s3://, or a shared filesystem)."""
+CLUSTER_URI_ROOTS = ("output_uri", "data.root")
+"""Checked first: every other artifact URI usually lives under one of them, and the message names the root."""
+
+
+def cluster_uri_fields(spec: JobSpec) -> list[tuple[str, str]]:
+    """Every artifact URI a cluster job reads or writes, as (dotted field, value): the fields named in
+    :data:`diclip.config.URI_FIELDS` that are set, the two roots first. A stage's own settings count only
+    when the stage is in the pipeline (``infer.input`` of a spec that never infers is not read). Model
+    sources are not artifact URIs: a local model path is legitimate on a cluster (a mounted volume)."""
+    import dataclasses
+
+    from diclip.config import URI_FIELDS
+
+    found: list[tuple[str, str]] = []
+
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.name in URI_FIELDS and isinstance(value, str) and value:
+                found.append((f"{prefix}{f.name}", value))
+
+    walk(spec, "")
+    found = [(k, v) for k, v in found if k.split(".")[0] not in STAGE_OUTPUT or k.split(".")[0] in spec.pipeline.stages]
+    roots = [(k, v) for k, v in found if k in CLUSTER_URI_ROOTS]
+    return sorted(roots, key=lambda kv: CLUSTER_URI_ROOTS.index(kv[0])) + [kv for kv in found if kv not in roots]
 
 
 def check_cluster_uris(spec: JobSpec) -> None:
     """Refuse, in one line, artifact URIs that a cluster job would lose or split across nodes.
 
     A relative path resolves inside Ray's temporary copy of the working directory (deleted with the job);
-    an absolute local path is each node's own disk unless ``cluster.shared_filesystem`` says otherwise."""
-    for field in CLUSTER_URI_FIELDS:
-        uri = str(_get(spec, field))
+    an absolute local path is each node's own disk unless ``cluster.shared_filesystem`` says otherwise.
+    Every URI field is checked (data.classes_file, infer.input, stage outputs, train.resume_from, ...);
+    those under ``output_uri``/``data.root`` pass or fail with their root, which is checked first."""
+    for field, uri in cluster_uri_fields(spec):
         if uri.startswith("s3://"):
             continue
         path = uri[len("file://"):] if uri.startswith("file://") else uri

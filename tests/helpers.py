@@ -1,5 +1,8 @@
-"""Small builders shared by tests (tiny configs, random caches)."""
+"""Small builders shared by tests (tiny configs, random caches, the commands the READMEs show)."""
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,3 +61,33 @@ def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None)
     if endpoint_url:
         base.append(f"storage.endpoint_url={endpoint_url}")
     return load_spec("configs/tiny.yaml", base + list(overrides))
+
+
+REPO = Path(__file__).resolve().parents[1]
+READMES = (REPO / "README.md", REPO / "cluster" / "README.md")
+
+
+def readme_commands(path: Path) -> list[tuple[str, str]]:
+    """(section heading, command) for every command line in the code blocks of a README: backslash
+    continuations joined, a leading ``$ `` prompt and ``#`` comments dropped, ``;``/``&&`` chains split. Tests run or parse
+    these, so the docs and the tests cannot drift apart."""
+    out: list[tuple[str, str]] = []
+    section, in_block, pending = "", False, ""
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_block, pending = not in_block, ""
+            continue
+        if not in_block:
+            if line.startswith("#"):
+                section = line.lstrip("#").strip()
+            continue
+        line = pending + line.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        line = re.sub(r"(^|\s)#.*$", "", line.removeprefix("$ ")).strip()  # comments go first: they hold ';'
+        for part in re.split(r"\s*(?:;|&&)\s+", line):
+            if part:
+                out.append((section, part))
+    return out

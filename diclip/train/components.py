@@ -45,6 +45,9 @@ def _distributed() -> bool:
 def build_engine(trainer, spec: JobSpec, device: torch.device):
     """(engine, optimizer) with only ``trainer.model.heads`` inside DeepSpeed: its precision must not
     touch the frozen CLIP. Checkpoints are read weights-only (:mod:`diclip.train.safe_checkpoint`)."""
+    from diclip._compat import default_ds_accelerator
+
+    default_ds_accelerator(device.type == "cuda")  # before deepspeed is imported
     import deepspeed
 
     from diclip.method.schedule import poly_warmup_multiplier

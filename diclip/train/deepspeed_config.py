@@ -2,12 +2,12 @@
 the job spec, and the checks that turn impossible combinations into one-line errors."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from diclip._compat import default_ds_accelerator
 from diclip.config import JobSpec
 from diclip.errors import ConfigError
 
@@ -107,7 +107,7 @@ def build_deepspeed_config(spec: JobSpec, use_gpu: bool | None = None) -> dict[s
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ConfigError(f"{t.deepspeed_config}: cannot fill 'auto' for {', '.join(leftover)}")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    default_ds_accelerator(use_gpu)
     return cfg
 
 

@@ -13,7 +13,11 @@ import pickle
 from typing import Any
 
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+from diclip._compat import default_ds_accelerator
+
+default_ds_accelerator()  # before deepspeed is imported: no "Setting accelerator to CPU" warning
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 
 from diclip.errors import ModelError
 

@@ -311,13 +311,55 @@ def test_cluster_section_of_the_spec_reaches_every_pod(tmp_path: Path) -> None:
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     launcher = load(files["cluster-launcher.yaml"])
-    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 2}
+    head = launcher["available_node_types"][launcher["head_node_type"]]
+    assert head["resources"] == {"CPU": 2} and head["node_config"]["InstanceType"] == "m5.large"  # 2 vCPU / 8 GiB
     assert all(cmd.startswith("/opt/venv/bin/python -m pip") for cmd in launcher["setup_commands"][:3])
-    # defaults: no service account, no model volume, the Secret named in the README
-    plain = load(render(tmp_path / "plain", "coco")["raycluster.yaml"])
+    # the weights cache on every launcher node: ~/.bashrc (Ray's login shells) reaches ray start and its workers
+    bashrc = _launcher_bashrc(launcher["setup_commands"])
+    assert bashrc["HF_HOME"] == "/mnt/hf" and bashrc["HF_HUB_OFFLINE"] == "1" and bashrc["DS_ACCELERATOR"] == "cuda"
+    # defaults: no service account, no model volume, the Secret named in the README, no weights cache
+    plain_files = render(tmp_path / "plain", "coco")
+    plain = load(plain_files["raycluster.yaml"])
     pod = plain["spec"]["headGroupSpec"]["template"]["spec"]
     assert "serviceAccountName" not in pod and all(v["name"] != "diclip-models" for v in pod["volumes"])
     assert pod["containers"][0]["envFrom"][0]["secretRef"]["name"] == "diclip-s3"
+    assert not {"HF_HOME", "HF_HUB_OFFLINE"} & {e["name"] for e in pod["containers"][0]["env"]}
+    plain_launcher = load(plain_files["cluster-launcher.yaml"])
+    assert plain_launcher["available_node_types"]["head"]["node_config"]["InstanceType"] == "m5.xlarge"  # 4 / 16
+    assert "HF_HOME" not in _launcher_bashrc(plain_launcher["setup_commands"])
+    # a PVC without hf_home mounts at /models/hf; hf_home without a PVC (weights baked into the image, an EFS
+    # mount) sets the variables without a volume
+    pvc = load(render(tmp_path / "pvc", "coco", "cluster.models_pvc=hf-models")["raycluster.yaml"])
+    c = pvc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "diclip-models", "mountPath": "/models/hf", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "HF_HOME", "value": "/models/hf"} in c["env"]
+    efs = render(tmp_path / "efs", "coco", "cluster.hf_home=/efs/hf", "cluster.head_cpus=6")
+    c = load(efs["raycluster.yaml"])["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "HF_HOME", "value": "/efs/hf"} in c["env"]
+    assert all(m["name"] != "diclip-models" for m in c.get("volumeMounts", []))
+    efs_launcher = load(efs["cluster-launcher.yaml"])
+    assert _launcher_bashrc(efs_launcher["setup_commands"])["HF_HOME"] == "/efs/hf"
+    assert efs_launcher["available_node_types"]["head"]["node_config"]["InstanceType"] == "m5.2xlarge"  # 6 CPUs
+
+
+def _launcher_bashrc(commands: list[str]) -> dict[str, str]:
+    """The variables the launcher's setup commands append to ~/.bashrc, as a login shell would see them."""
+    found = {}
+    for cmd in commands:
+        words = shlex.split(cmd)
+        if words[:1] == ["echo"] and words[-2:] == [">>", "~/.bashrc"]:
+            (line,) = words[1:-2]
+            key, _, value = line.removeprefix("export ").partition("=")
+            found[key] = shlex.split(value)[0]
+    return found
+
+
+def test_a_head_no_listed_instance_fits_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *S3_ROOTS, "cluster.head_cpus=128",
+                   "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: cluster.head_cpus=128 / cluster.head_memory_gib=16: no AWS head instance type "
+                               "fits (the largest listed, m5.24xlarge, has 96 vCPUs / 384 GiB)"]
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -330,12 +372,23 @@ def test_bad_cluster_settings_are_one_line(override: str, needle: str) -> None:
         load_spec(str(CONFIGS / "coco.yaml"), [override])
 
 
+S3_ROOTS = ["output_uri=s3://b/coco", "data.root=s3://b/MSCOCO2014"]
+LOCAL = "is a local path, which on a cluster is each node's own disk"
+
+
 @pytest.mark.parametrize("overrides, needle", [
     (["output_uri=runs/coco", "data.root=s3://b/coco"],
      "output_uri='runs/coco' is a relative path: on a cluster it lands in Ray's temporary copy"),
     (["output_uri=s3://b/coco", "data.root=data/MSCOCO2014"], "data.root='data/MSCOCO2014' is a relative path"),
-    (["output_uri=/mnt/runs/coco", "data.root=s3://b/coco"],
-     "output_uri='/mnt/runs/coco' is a local path, which on a cluster is each node's own disk"),
+    (["output_uri=/mnt/runs/coco", "data.root=s3://b/coco"], f"output_uri='/mnt/runs/coco' {LOCAL}"),
+    # every URI field of diclip.config.URI_FIELDS, not only the two roots
+    ([*S3_ROOTS, "data.classes_file=/home/me/shapes.yaml"], f"data.classes_file='/home/me/shapes.yaml' {LOCAL}"),
+    ([*S3_ROOTS, "data.classes_file=shapes.yaml"], "data.classes_file='shapes.yaml' is a relative path"),
+    ([*S3_ROOTS, "pipeline.stages=[train,infer]", "infer.input=/home/me/pics"], f"infer.input='/home/me/pics' {LOCAL}"),
+    ([*S3_ROOTS, "correlate.output=/scratch/corr"], f"correlate.output='/scratch/corr' {LOCAL}"),
+    ([*S3_ROOTS, "train.resume_from=ckpt/step_100"], "train.resume_from='ckpt/step_100' is a relative path"),
+    ([*S3_ROOTS, "evaluate.checkpoint=file:///home/me/export"], f"evaluate.checkpoint='file:///home/me/export' {LOCAL}"),
+    ([*S3_ROOTS, "mask.images=/data/generated"], f"mask.images='/data/generated' {LOCAL}"),
 ])
 def test_render_refuses_paths_a_cluster_would_lose(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                    overrides: list[str], needle: str) -> None:
@@ -344,9 +397,19 @@ def test_render_refuses_paths_a_cluster_would_lose(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {needle}"), err
     assert not out.exists()
-    if overrides[0].startswith("output_uri=/"):  # a filesystem every node mounts at that path is fine
+    if needle.endswith(LOCAL) or LOCAL in needle:  # a filesystem every node mounts at that path is fine
         assert cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *overrides,
                          "cluster.shared_filesystem=true", "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.diffusion.source=/models/sd21-base", "generate.source=/models/sd15"],  # a mounted volume (PVC, EFS)
+    ["model.clip.pretrained=/models/clip/vit_b16.safetensors"],
+    ["infer.input=/home/me/pics"],  # coco.yaml does not infer: infer.input is not read
+])
+def test_render_accepts_local_models_and_settings_of_stages_that_do_not_run(tmp_path: Path, overrides: list[str]) -> None:
+    assert cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *S3_ROOTS, *overrides,
+                     "--out", str(tmp_path / "out")]) == 0
 
 
 def test_submit_refuses_outputs_that_stay_in_the_working_dir_copy(monkeypatch: pytest.MonkeyPatch,
@@ -406,13 +469,52 @@ def test_upload_package_is_small_and_keeps_the_packages(tmp_path: Path) -> None:
     out = tmp_path / "pkg.zip"
     _zip_files(str(REPO), list(submit.EXCLUDES), str(out), include_gitignore=True)
     names = zipfile.ZipFile(out).namelist()
-    assert out.stat().st_size < 20 * 2**20, f"upload is {out.stat().st_size / 2**20:.1f} MiB"
+    assert out.stat().st_size < 40 * 2**20, f"upload is {out.stat().st_size / 2**20:.1f} MiB"  # 21 MB are toy weights
     assert "ray_jobs/submit.py" in names and "diclip/cli.py" in names
     # "/data" is anchored: the diclip.data package must survive the exclude
     assert any(n.startswith("diclip/data/") for n in names)
     for banned in (".git/", ".venv/", "runs/", "data/"):
         assert not any(n.startswith(banned) for n in names), banned
-    assert not any("__pycache__" in n or n.endswith(".safetensors") for n in names)
+    assert not any("__pycache__" in n for n in names)
+    # the shipped toy weights travel (diclip:toy/... in configs/demo.yaml must load on the cluster); other
+    # weights stay home, and without the toy folder the package stays as small as before
+    assert sorted(n for n in names if n.endswith(".safetensors")) == TOY_WEIGHTS
+    toy = sum(i.compress_size for i in zipfile.ZipFile(out).infolist() if i.filename.startswith(TOY_DIR))
+    assert out.stat().st_size - toy < 5 * 2**20, f"upload without the toy models is {(out.stat().st_size - toy) / 2**20:.1f} MiB"
+    stray = REPO / "runs" / "weights.safetensors"  # a user's own weights in the repository stay out
+    assert not submit._uploaded(stray, REPO) and submit._uploaded(REPO / TOY_WEIGHTS[0], REPO)
+
+
+TOY_DIR = "diclip/resources/toy/"
+TOY_WEIGHTS = sorted(str(p.relative_to(REPO)) for p in (REPO / TOY_DIR).rglob("*.safetensors"))
+
+
+def test_launcher_rsync_and_docker_context_keep_the_toy_weights(tmp_path: Path) -> None:
+    """The launcher's rsync rules, run by the real rsync with the arguments Ray builds from them, and the
+    Dockerfile's ignore file: the toy weights reach every node and the image, other weights do not."""
+    assert len(TOY_WEIGHTS) == 4
+    src = tmp_path / "repo"  # a copy of the layout that matters, plus weights of the user's own
+    for rel in [*TOY_WEIGHTS, "diclip/cli.py", "weights/sd.safetensors", "runs/x/model.safetensors", ".venv/x.py"]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"x")
+    launcher = yaml.safe_load((REPO / "cluster" / "aws" / "cluster-launcher.yaml").read_text())
+    rsync = shutil.which("rsync")
+    if rsync:
+        from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+        args = SSHCommandRunner._create_rsync_filter_args(None, launcher)  # self is unused
+        r = subprocess.run([rsync, "-a", *args, f"{src}/", str(tmp_path / "node")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        synced = sorted(str(p.relative_to(tmp_path / "node")) for p in (tmp_path / "node").rglob("*") if p.is_file())
+        assert synced == sorted([*TOY_WEIGHTS, "diclip/cli.py"])
+    # .dockerignore: '!' re-includes, the last matching line wins (the gitwildmatch meaning of these lines)
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    rules = [line for line in (REPO / "cluster" / "Dockerfile.dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    ignored = PathSpec.from_lines("gitwildmatch", rules)
+    assert not any(ignored.match_file(p) for p in TOY_WEIGHTS)
+    assert ignored.match_file("weights/sd.safetensors") and ignored.match_file("diclip/other/w.safetensors")
 
 
 def test_spec_inside_the_repo_is_referenced_with_overrides() -> None:
@@ -748,3 +850,46 @@ def test_readmes_apply_the_configmap_before_the_rayjob_and_document_every_cluste
         assert applies and applies.index("spec-configmap") < applies.index("rayjob"), readme
     documented = set(re.findall(r"`cluster\.([a-z_0-9]+)`", (REPO / "cluster" / "README.md").read_text()))
     assert {f.name for f in dataclasses.fields(ClusterConfig)} <= documented
+
+
+def _merge_patch(target: object, patch: object) -> object:
+    """RFC 7386 JSON merge patch, what `kubectl run --overrides` applies by default: lists are replaced."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+def test_the_pvc_fill_pod_of_the_cluster_readme_runs_a_shell_with_the_claim_mounted() -> None:
+    """`kubectl run hf-fill ... --overrides=JSON`: kubectl merges JSON over the pod it generates, and a
+    merge patch replaces the containers list, so the shell must be the override's own command (a `-- bash`
+    would be lost). Checked here by applying the README's JSON to the pod kubectl generates for `run -it
+    --image I hf-fill`, then validating the pod spec against the Kubernetes PodSpec schema vendored in the
+    KubeRay CRD; kubectl itself is not run (no cluster here)."""
+    text = (REPO / "cluster" / "README.md").read_text()
+    m = re.search(r"kubectl run hf-fill (.*?)--overrides='(.*?)'([^\n]*)", text, re.S)
+    assert m, "cluster/README.md has no kubectl run hf-fill ... --overrides='...'"
+    assert "-n <namespace>" in m.group(1) and not m.group(3).strip(), m.group(3)  # nothing after the JSON
+    generated = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hf-fill"},
+                 "spec": {"containers": [{"name": "hf-fill", "image": "python:3.11-slim", "stdin": True,
+                                          "stdinOnce": True, "tty": True}]}}
+    pod = _merge_patch(generated, json.loads(m.group(2)))
+    (c,) = pod["spec"]["containers"]
+    assert c["command"] == ["bash"] and c["stdin"] and c["tty"]
+    (mount,) = c["volumeMounts"]
+    (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert mount["mountPath"] == "/models/hf" and vol["persistentVolumeClaim"]["claimName"] == "hf-models"
+    _, schema = crd("RayCluster")
+    pod_spec = schema["properties"]["spec"]["properties"]["headGroupSpec"]["properties"]["template"]
+    jsonschema.Draft7Validator(pod_spec["properties"]["spec"]).validate(pod["spec"])
+    # the fill commands that follow use the same HF_HOME, and only ids that exist on the Hub today
+    after = text[m.end():].split("```", 1)[0]
+    assert "export HF_HOME=/models/hf" in after
+    assert "stabilityai/" not in after and "runwayml/" not in after
+    for line in re.findall(r"^kubectl get rayjob .*$", text, re.M):
+        assert " -n " in line, line

@@ -68,3 +68,48 @@ def test_validate_checks_the_dataset_against_the_classes_file(tmp_path):
     # the built-in list still fits the data
     check_class_file(tiny_spec(str(tmp_path / "run"), f"data.root={root}", "pipeline.stages=[correlate]"))
     assert get_class_set("synthetic").num_classes == 5
+
+
+def test_the_readme_own_dataset_command_works_as_written(tmp_path):
+    """README "Your own dataset": its laptop command, taken from README.md and run as a user would (from a
+    folder holding shapes.yaml; configs/ is the repository's), on a 3-class VOC-layout folder. Only
+    data.root is swapped for this test's folder; the rest of the line is the README's."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from diclip.data.classes import parse_class_file
+    from tests.helpers import REPO, readme_commands
+
+    (line,) = [c for section, c in readme_commands(REPO / "README.md")
+               if section == "Your own dataset" and c.startswith(".venv/bin/diclip validate configs/demo.yaml")]
+    words = shlex.split(line)
+    assert "data.root=/data/shapes" in words and "data.classes_file=shapes.yaml" in words
+    data = tmp_path / "shapes"  # what a user brings: VOC layout, the file's 3 classes, not made by this pipeline
+    generate_synthetic(str(data), num_train=4, num_val=2, image_size=32, show_progress=False,
+                       class_set=parse_class_file(SHAPES_CLASS_FILE, "shapes.yaml"))
+    (data / "synthetic.json").unlink()
+    assert sorted(os.listdir(data / "ImageSets" / "Segmentation")) == ["train.txt", "val.txt"]
+    (tmp_path / "shapes.yaml").write_text(SHAPES_CLASS_FILE)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+
+    def run(root):
+        argv = [w.replace("/data/shapes", str(root)) for w in words[1:]]
+        return subprocess.run([sys.executable, "-m", "diclip.cli", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r = run(data)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "ok: configs/demo.yaml (generate, mask, cache, correlate, train, evaluate, infer)"
+    for stage, row in zip(["generate", "mask", "cache", "correlate", "train", "evaluate", "infer"], lines[1:]):
+        assert row.split()[:3] == [stage, "to", "run"] and row.split()[-1] == str(tmp_path / "runs" / "shapes" / stage)
+    # the same line on a dataset of other classes (the 4-class synthetic set) is refused in one line
+    other = tmp_path / "other"
+    generate_synthetic(str(other), num_train=4, num_val=2, image_size=32, show_progress=False)
+    r = run(other)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "'shapes' has 2 foreground classes" in err[0], r.stderr

@@ -119,3 +119,43 @@ def test_tiny_pipeline_generates_with_its_pndm_scheduler(pipe):
     out = pipe("a red ball", num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="np",
                generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_a_saved_pipeline_loads_quietly_with_accelerate(capfd):
+    """Every Ray actor loads a pipeline: no progress bars, no 'accelerate not found / low cpu memory' warning.
+
+    ``diclip:toy/diffusion`` is a folder written by ``save_pretrained`` (the demo's model)."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from diffusers.utils.import_utils import is_accelerate_available
+
+    from diclip import bundled
+
+    assert is_accelerate_available()  # so diffusers loads with low_cpu_mem_usage=True (no double copy)
+    bars_before = diffusers_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = build_diffusion(bundled.resolve("diclip:toy/diffusion"))
+    out, err = capfd.readouterr()
+    lines = (out + err).splitlines() + [str(w.message) for w in caught]
+    noisy = [line for line in lines if any(word in line.lower() for word in ("accelerate", "low cpu memory", "loading"))]
+    assert not noisy, noisy
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    assert diffusers_logging.is_progress_bar_enabled() == bars_before  # only the load was quiet
+
+
+def test_processes_that_import_deepspeed_pick_an_accelerator_quietly():
+    """Without DS_ACCELERATOR (``diclip`` run outside make), importing DeepSpeed must not warn
+    'Setting accelerator to CPU'; diclip sets the default before its first deepspeed import."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA device in this process, whatever the machine has
+    r = subprocess.run([sys.executable, "-c", "import os, diclip.train.safe_checkpoint; print(os.environ['DS_ACCELERATOR'])"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "cpu" and "Setting accelerator" not in r.stderr, r.stderr
