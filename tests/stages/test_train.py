@@ -90,7 +90,7 @@ def _tensorboard_events(spec, local_dir):
 
     folder = storage.join(spec.train.output, "tensorboard")
     files = storage.list_files(folder)
-    assert any("tfevents" in f for f in files), files
+    assert sum("tfevents" in f for f in files) == 1, files  # one writer: rank 0 of the 2-worker run
     for f in files:
         target = local_dir / f[len(folder):].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
