@@ -175,12 +175,28 @@ def test_plans_the_local_ray_cannot_run_are_refused_in_one_line(capsys):
     starving = load_spec("configs/demo.yaml", ["ray.num_cpus=2", "train.resources.num_cpus=1"])
     with pytest.raises(ConfigError, match="leave Ray Data no CPU to load batches"):
         check_resources(starving, 2, 0)
-    with pytest.raises(ConfigError, match="correlate: actors ask for 1 GPU but this machine has 0"):
-        check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 16, 0)
+    with pytest.raises(ConfigError, match="correlate: its pool of 8 actors x 1 GPU = 8 GPUs but this machine has 0"):
+        check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 64, 0)
+    with pytest.raises(ConfigError, match="correlate: its pool of 8 actors x 4 CPUs = 32 CPUs does not fit in the "
+                                          "local Ray's 16 CPUs"):
+        check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 16, 8)
     check_resources(load_spec("configs/voc.yaml"), 64, 8)  # a GPU box fits the reference recipe
     check_resources(load_spec("configs/demo.yaml"), 2, 0)
-    with pytest.raises(ConfigError, match="correlate: one actor .* and one input task .* do not fit in the 2 CPUs"):
+    check_resources(load_spec("configs/tiny.yaml"), 2, 0)
+    with pytest.raises(ConfigError, match="correlate: its pool of 2 actors x 2 CPUs = 4 CPUs does not fit"):
         check_resources(load_spec("configs/demo.yaml", ["correlate.resources.num_cpus=2"]), 2, 0)
+    # the pool fits, but leaves its input tasks no CPU (fixed-size pool: every actor starts before any input)
+    with pytest.raises(ConfigError, match=r"evaluate: its pool of 2 actors x 1 CPUs = 2 CPUs leaves 0 of the 2 CPUs, "
+                                          r"less than one input task needs \(0.5\)"):
+        check_resources(load_spec("configs/demo.yaml", ["evaluate.resources.num_cpus=1"]), 2, 0)
+    # stages without input tasks may take every CPU
+    check_resources(load_spec("configs/demo.yaml", ["generate.resources.num_cpus=1", "infer.resources.num_cpus=1"]),
+                    2, 0)
+    assert main(["validate", "configs/demo.yaml", "ray.num_cpus=2", "correlate.resources.num_cpus=1",
+                 "correlate.resources.concurrency=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: correlate: its pool of 2 actors x 1 CPUs = 2 CPUs leaves 0") and "\n" not in err
+    assert "correlate.resources.concurrency" in err and "ray.num_cpus" in err
     for argv in (["validate", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"],
                  ["train", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"]):
         assert main(argv) == 2
