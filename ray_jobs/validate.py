@@ -211,7 +211,8 @@ def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) 
                 producer = next((s for s, f in STAGE_OUTPUT.items() if _within(uri, _get(spec, f))), None)
                 if producer == "synthesize" and spec.data.dataset != "synthetic":
                     # a real dataset is downloaded, never synthesised
-                    raise ConfigError(f"{field}: {uri} does not exist; download the {spec.data.dataset.upper()} "
+                    which = "your" if spec.data.classes_file else f"the {spec.data.dataset.upper()}"
+                    raise ConfigError(f"{field}: {uri} does not exist; download {which} "
                                       f"dataset and set data.root to its folder (path or s3://bucket/prefix) "
                                       f"holding {DATASET_LAYOUT[spec.data.layout]}")
                 hint = f"; add stage {producer!r} before {stage!r} or run it first" if producer and producer != stage else ""
