@@ -59,8 +59,10 @@ class RayConfig:
     actors ask for and what the cluster has free (a request no node can meet otherwise waits forever).
     0: wait forever. Generous by default: a first model load on a cold node can take minutes."""
     dashboard: bool = True
-    """A local Ray instance starts its dashboard (http://127.0.0.1:8265): job and actor views, and the
-    State API that Ray Train uses to clean up after a dead controller. Off saves ~0.6 s of start-up."""
+    """A local Ray instance starts its dashboard (on a free port, addressed explicitly so another Ray
+    instance on the host does not confuse it): job and actor views, and the State API that Ray Train's
+    placement-group cleaner polls. Off saves ~0.6 s of start-up; Ray then runs no State API, so training
+    leaves that cleaner out (the placement group still goes with its controller)."""
 
 
 @dataclass

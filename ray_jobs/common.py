@@ -91,6 +91,16 @@ def quiet_ray_backend() -> None:
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", QUIET_BACKEND_LEVEL)
 
 
+_STATE_API = True
+
+
+def has_state_api() -> bool:
+    """False when this process started its own Ray with ``ray.dashboard=false``: that instance runs only a
+    minimal dashboard (usage stats), without Ray's State API, so nothing may rely on it (Ray Train's
+    placement-group cleaner, :func:`ray_jobs.train.without_state_api_callbacks`)."""
+    return _STATE_API
+
+
 def init_ray(spec: JobSpec) -> None:
     """Start or join Ray as the spec says; no-op when this process is already connected.
 
@@ -99,6 +109,7 @@ def init_ray(spec: JobSpec) -> None:
     """
     import ray
 
+    global _STATE_API
     if ray.is_initialized():
         return
     dashboard = drop_dashboard_address()
@@ -119,6 +130,8 @@ def init_ray(spec: JobSpec) -> None:
             port = free_port()
             kwargs["dashboard_port"] = port
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # without the dashboard there is no State API to address (Ray starts a usage-stats-only head)
+        _STATE_API = bool(spec.ray.dashboard)
         kwargs["runtime_env"] = {"env_vars": env}
         if spec.ray.num_cpus:
             kwargs["num_cpus"] = spec.ray.num_cpus
