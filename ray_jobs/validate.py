@@ -101,13 +101,14 @@ PREPARED_STAGES = ("correlate", "evaluate")
 """Stages whose inputs are read and decoded by Ray Data CPU tasks ahead of the actor pool."""
 
 
-def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
+def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the local Ray") -> None:
     """Refuse, in one line, a plan that cannot make progress on a cluster of ``cpus`` CPUs and ``gpus`` GPUs.
 
     An actor pool is fixed-size (``concurrency`` actors): one larger than the cluster waits forever for its
     actors, and one that takes every CPU leaves none for the input tasks of the stages that have them
     (:data:`PREPARED_STAGES`). A train stage whose workers reserve every CPU starves Ray Data's ingest tasks
-    the same way. Each waits silently (until ``ray.stall_minutes``)."""
+    the same way. Each waits silently (until ``ray.stall_minutes``). ``where``: whose CPUs and GPUs these are
+    (a joined cluster without autoscaler is checked the same way, :mod:`ray_jobs.cluster_fit`)."""
     for stage in spec.pipeline.stages:
         if stage not in RAY_STAGES:
             continue
@@ -122,12 +123,12 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
                     f"lower train.resources.num_cpus or train.num_workers, or raise ray.num_cpus")
             if t.use_gpu and t.num_workers * max(1.0, res.num_gpus) > gpus:
                 raise ConfigError(f"train: {t.num_workers} workers need {t.num_workers * max(1.0, res.num_gpus):g} "
-                                  f"GPUs but this machine has {gpus:g}; set train.use_gpu=false or run on a cluster")
+                                  f"GPUs but {where} has {gpus:g}; set train.use_gpu=false or run on a cluster with GPUs")
             continue
         pool = res.concurrency * res.num_cpus  # ActorPoolStrategy(size=concurrency): every actor must start
         if pool > cpus:
             raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
-                              f"does not fit in the local Ray's {cpus:g} CPUs (the pool is fixed-size, so it would wait "
+                              f"does not fit in {where}'s {cpus:g} CPUs (the pool is fixed-size, so it would wait "
                               f"forever); lower {stage}.resources.concurrency or {stage}.resources.num_cpus, or raise "
                               f"ray.num_cpus")
         if stage in PREPARED_STAGES and pool + res.prepare_cpus > cpus:
@@ -138,7 +139,7 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
                               f"{stage}.resources.prepare_cpus, or raise ray.num_cpus")
         if res.num_gpus > 0 and res.concurrency * res.num_gpus > gpus:
             raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_gpus:g} GPU = "
-                              f"{res.concurrency * res.num_gpus:g} GPUs but this machine has {gpus:g}; set "
+                              f"{res.concurrency * res.num_gpus:g} GPUs but {where} has {gpus:g}; set "
                               f"{stage}.resources.num_gpus=0 (CPU), lower {stage}.resources.concurrency or run on a "
                               f"cluster with GPUs")
 

@@ -203,7 +203,8 @@ def test_plans_the_local_ray_cannot_run_are_refused_in_one_line(capsys):
     starving = load_spec("configs/demo.yaml", ["ray.num_cpus=2", "train.resources.num_cpus=1"])
     with pytest.raises(ConfigError, match="leave Ray Data no CPU to load batches"):
         check_resources(starving, 2, 0)
-    with pytest.raises(ConfigError, match="correlate: its pool of 8 actors x 1 GPU = 8 GPUs but this machine has 0"):
+    with pytest.raises(ConfigError, match="correlate: its pool of 8 actors x 1 GPU = 8 GPUs but the local Ray "
+                                          "has 0"):
         check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 64, 0)
     with pytest.raises(ConfigError, match="correlate: its pool of 8 actors x 4 CPUs = 32 CPUs does not fit in the "
                                           "local Ray's 16 CPUs"):
