@@ -118,6 +118,7 @@ def init_ray(spec: JobSpec) -> None:
                  "uses %s", dashboard, f"ray.address={spec.ray.address}" if spec.ray.address else "a local Ray")
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     if spec.ray.address or in_job:
+        _STATE_API = True  # the cluster's own dashboard, if any, is its business
         ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
         quiet_ray_backend()
@@ -363,8 +364,8 @@ def stall_message(desc: str, res: Resources, minutes: float, prepared: bool = Fa
             f"cluster has {free or 'nothing'} free of {total or 'unknown'}")
     tail = "then run again (work done is kept)"
     if node and any(v > node.get(k, 0.0) for k, v in want.items()):
-        return (f"{head} - one actor needs more than its largest node has ({node}), a request no node can meet "
-                f"(unless an autoscaler adds bigger nodes); adjust {desc}.resources or the cluster, {tail}")
+        return (f"{head} - one actor needs more than the cluster's largest node has ({node}), a request no node "
+                f"can meet (unless an autoscaler adds bigger nodes); adjust {desc}.resources or the cluster, {tail}")
     if total and any(v > total.get(k, 0.0) for k, v in pool.items()):
         return (f"{head} - the fixed-size pool needs {pool} in all, more than the cluster has (unless an "
                 f"autoscaler adds nodes); lower {desc}.resources.concurrency or grow the cluster, {tail}")

@@ -109,6 +109,7 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the l
     (:data:`PREPARED_STAGES`). A train stage whose workers reserve every CPU starves Ray Data's ingest tasks
     the same way. Each waits silently (until ``ray.stall_minutes``). ``where``: whose CPUs and GPUs these are
     (a joined cluster without autoscaler is checked the same way, :mod:`ray_jobs.cluster_fit`)."""
+    grow = "raise ray.num_cpus" if where == "the local Ray" else "add nodes to the cluster"
     for stage in spec.pipeline.stages:
         if stage not in RAY_STAGES:
             continue
@@ -120,23 +121,24 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the l
                 raise ConfigError(
                     f"train: {t.num_workers} workers x {res.num_cpus:g} CPUs = {need_cpu:g} of the {cpus:g} CPUs leave "
                     f"Ray Data no CPU to load batches (it needs {INGEST_CPUS:g}), so training would wait forever; "
-                    f"lower train.resources.num_cpus or train.num_workers, or raise ray.num_cpus")
+                    f"lower train.resources.num_cpus or train.num_workers, or {grow}")
             if t.use_gpu and t.num_workers * max(1.0, res.num_gpus) > gpus:
                 raise ConfigError(f"train: {t.num_workers} workers need {t.num_workers * max(1.0, res.num_gpus):g} "
-                                  f"GPUs but {where} has {gpus:g}; set train.use_gpu=false or run on a cluster with GPUs")
+                                  f"GPUs but {where} has {gpus:g}; set train.use_gpu=false or run on a cluster "
+                                  "with GPUs")
             continue
         pool = res.concurrency * res.num_cpus  # ActorPoolStrategy(size=concurrency): every actor must start
         if pool > cpus:
             raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
                               f"does not fit in {where}'s {cpus:g} CPUs (the pool is fixed-size, so it would wait "
-                              f"forever); lower {stage}.resources.concurrency or {stage}.resources.num_cpus, or raise "
-                              f"ray.num_cpus")
+                              f"forever); lower {stage}.resources.concurrency or {stage}.resources.num_cpus, or "
+                              f"{grow}")
         if stage in PREPARED_STAGES and pool + res.prepare_cpus > cpus:
             raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
                               f"leaves {cpus - pool:g} of the {cpus:g} CPUs, less than one input task needs "
                               f"({res.prepare_cpus:g}), so no input would ever reach the actors; lower "
                               f"{stage}.resources.concurrency, {stage}.resources.num_cpus or "
-                              f"{stage}.resources.prepare_cpus, or raise ray.num_cpus")
+                              f"{stage}.resources.prepare_cpus, or {grow}")
         if res.num_gpus > 0 and res.concurrency * res.num_gpus > gpus:
             raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_gpus:g} GPU = "
                               f"{res.concurrency * res.num_gpus:g} GPUs but {where} has {gpus:g}; set "
