@@ -168,6 +168,12 @@ def _dispatch(args) -> int:
         joined = ray_mod is not None and ray_mod.is_initialized()
         if any(s != "synthesize" for s in (stages or spec.pipeline.stages)):
             init_ray(spec)
+            from ray_jobs.validate import local_resources, stages_to_run
+
+            if local_resources(spec) is None:  # joined a cluster: refuse a stage no node of it can ever host
+                from ray_jobs.cluster_fit import check_joined_cluster
+
+                check_joined_cluster(spec, stages or stages_to_run(spec))
         interrupt.install()  # after ray.init, which installs its own SIGTERM handler
         results = run_pipeline(spec, stages)
         ray_mod = sys.modules.get("ray")

@@ -60,8 +60,10 @@ class RayConfig:
     actors ask for and what the cluster has free (a request no node can meet otherwise waits forever).
     0: wait forever. Generous by default: a first model load on a cold node can take minutes."""
     dashboard: bool = True
-    """A local Ray instance starts its dashboard (http://127.0.0.1:8265): job and actor views, and the
-    State API that Ray Train uses to clean up after a dead controller. Off saves ~0.6 s of start-up."""
+    """A local Ray instance starts its dashboard (on a free port, addressed explicitly so another Ray
+    instance on the host does not confuse it): job and actor views, and the State API that Ray Train's
+    placement-group cleaner polls. Off saves ~0.6 s of start-up; Ray then runs no State API, so training
+    leaves that cleaner out (the placement group still goes with its controller)."""
 
 
 @dataclass
@@ -193,7 +195,8 @@ class MethodConfig:
 @dataclass
 class DataConfig:
     dataset: str = "voc"
-    """Class set: voc | coco | synthetic (ignored when ``classes_file`` is set)."""
+    """Built-in class set: voc | coco | synthetic | toy. Not checked, and ignored, when ``classes_file`` is
+    set: the file names its own set (its ``name``)."""
     classes_file: Optional[str] = None
     """YAML file (path or s3:// URI) naming your own classes: ``classes`` (background first),
     ``prompt_names`` and ``generation_words`` (one per foreground class) and ``background_words``;
@@ -216,6 +219,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.layout in ("voc", "coco"), f"data.layout must be voc|coco, got {self.layout!r}")
+        if not self.classes_file:  # a classes file names its own set; otherwise the name must be a built-in one
+            from diclip.data.classes import known_class_sets
+
+            known = known_class_sets()
+            _check(self.dataset.strip().lower() in known,
+                   f"data.dataset must be one of {', '.join(known)} (or set data.classes_file to your own classes "
+                   f"file), got {self.dataset!r}")
         _check(self.crop_size > 0 and self.crop_size % 16 == 0, "data.crop_size must be a positive multiple of 16")
         _check(len(self.rescale_range) == 2 and 0 < self.rescale_range[0] <= self.rescale_range[1],
                "data.rescale_range must be [low, high] with 0 < low <= high")

@@ -91,6 +91,16 @@ def quiet_ray_backend() -> None:
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", QUIET_BACKEND_LEVEL)
 
 
+_STATE_API = True
+
+
+def has_state_api() -> bool:
+    """False when this process started its own Ray with ``ray.dashboard=false``: that instance runs only a
+    minimal dashboard (usage stats), without Ray's State API, so nothing may rely on it (Ray Train's
+    placement-group cleaner, :func:`ray_jobs.train.without_state_api_callbacks`)."""
+    return _STATE_API
+
+
 def init_ray(spec: JobSpec) -> None:
     """Start or join Ray as the spec says; no-op when this process is already connected.
 
@@ -99,6 +109,7 @@ def init_ray(spec: JobSpec) -> None:
     """
     import ray
 
+    global _STATE_API
     if ray.is_initialized():
         return
     dashboard = drop_dashboard_address()
@@ -107,6 +118,7 @@ def init_ray(spec: JobSpec) -> None:
                  "uses %s", dashboard, f"ray.address={spec.ray.address}" if spec.ray.address else "a local Ray")
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     if spec.ray.address or in_job:
+        _STATE_API = True  # the cluster's own dashboard, if any, is its business
         ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
         quiet_ray_backend()
@@ -119,6 +131,8 @@ def init_ray(spec: JobSpec) -> None:
             port = free_port()
             kwargs["dashboard_port"] = port
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # without the dashboard there is no State API to address (Ray starts a usage-stats-only head)
+        _STATE_API = bool(spec.ray.dashboard)
         kwargs["runtime_env"] = {"env_vars": env}
         if spec.ray.num_cpus:
             kwargs["num_cpus"] = spec.ray.num_cpus
@@ -326,18 +340,47 @@ def free_and_total() -> tuple[dict, dict]:
     return free, total
 
 
-def stall_message(desc: str, res: Resources, minutes: float) -> str:
-    """Why a stage may have stopped moving: what one actor asks for against what the cluster has free."""
+def largest_node() -> dict:
+    """CPUs/GPUs of the biggest alive node, for messages ({} when Ray cannot say)."""
+    try:
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    except Exception:
+        return {}
+    return {k: max(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")} if nodes else {}
+
+
+def stall_message(desc: str, res: Resources, minutes: float, prepared: bool = False) -> str:
+    """Why a stage may have stopped moving, from what its pool asks for against what the cluster has.
+
+    Three different stalls: a pool the cluster cannot hold (waits for nodes that may never come), a pool
+    that holds the CPUs its own input tasks (``prepared``) need, and neither (a stuck actor or call)."""
     want = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+    pool = {k: v * res.concurrency for k, v in want.items()}
     free, total = free_and_total()
-    return (f"{desc}: no progress for {minutes:g} min; each actor asks for {want} (x{res.concurrency}) and the "
-            f"cluster has {free or 'nothing'} free of {total or 'unknown'} - a resource request no node can "
-            f"meet (or a stuck actor); adjust {desc}.resources or the cluster, then run again (work done is kept)")
+    node = largest_node()
+    head = (f"{desc}: no progress for {minutes:g} min; each of {res.concurrency} actors asks for {want} and the "
+            f"cluster has {free or 'nothing'} free of {total or 'unknown'}")
+    tail = "then run again (work done is kept)"
+    if node and any(v > node.get(k, 0.0) for k, v in want.items()):
+        return (f"{head} - one actor needs more than the cluster's largest node has ({node}), a request no node "
+                f"can meet (unless an autoscaler adds bigger nodes); adjust {desc}.resources or the cluster, {tail}")
+    if total and any(v > total.get(k, 0.0) for k, v in pool.items()):
+        return (f"{head} - the fixed-size pool needs {pool} in all, more than the cluster has (unless an "
+                f"autoscaler adds nodes); lower {desc}.resources.concurrency or grow the cluster, {tail}")
+    if prepared and total and free.get("CPU", 0.0) < res.prepare_cpus:
+        return (f"{head} - the actors hold the CPUs, so their input tasks ({res.prepare_cpus:g} CPUs each) get "
+                f"none and no input reaches the actors; lower {desc}.resources.concurrency, num_cpus or "
+                f"prepare_cpus, or add CPUs, {tail}")
+    return (f"{head} - the requests fit, so an actor or a call may be stuck (or one batch takes longer than "
+            f"that); check the actors' logs, or raise ray.stall_minutes, {tail}")
 
 
-def watched(batches: Iterator, desc: str, res: Resources, stall_s: float) -> Iterator:
+def watched(batches: Iterator, desc: str, res: Resources, stall_s: float, prepared: bool = False) -> Iterator:
     """Yield from ``batches`` (consumed on a thread), raising a one-line :class:`DiclipError` when nothing
-    arrives for ``stall_s`` seconds - a request no node can meet otherwise waits forever, silently."""
+    arrives for ``stall_s`` seconds - a request no node can meet, or input tasks starved of CPUs by their
+    own actor pool (``prepared``: the pool has input tasks), otherwise wait forever, silently."""
     import queue
     import threading
 
@@ -367,13 +410,13 @@ def watched(batches: Iterator, desc: str, res: Resources, stall_s: float) -> Ite
             b = q.get(timeout=min(5.0, stall_s))
         except queue.Empty:
             if time.monotonic() - last > limit:
-                raise DiclipError(stall_message(desc, res, limit / 60)) from None
+                raise DiclipError(stall_message(desc, res, limit / 60, prepared)) from None
             continue
         if b is end:
             return
         if isinstance(b, BaseException):
             if _is_actor_start_timeout(b):
-                raise DiclipError(stall_message(desc, res, stall_s / 60)) from None
+                raise DiclipError(stall_message(desc, res, stall_s / 60, prepared)) from None
             raise b
         last, limit = time.monotonic(), stall_s
         yield b
@@ -449,7 +492,7 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
         writer = IndexWriter(output, index_columns) if output else None
         try:
             _consume(ds, result, desc, res, collect if writer is None else _both(writer.add, collect), stall_s,
-                     len(items))
+                     len(items), prepared=prepare is not None)
         finally:
             if writer is not None:
                 writer.save()
@@ -482,11 +525,11 @@ def _both(first: Callable[[dict], None], second: Callable[[dict], None] | None) 
 
 
 def _consume(ds, result: PoolResult, desc: str, res: Resources, collect: Callable[[dict], None] | None,
-             stall_s: float, total: int) -> None:
+             stall_s: float, total: int, prepared: bool = False) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="img", disable=not _progress_enabled(), leave=False)
-    for batch in watched(ds.iter_batches(batch_size=None, batch_format="pandas"), desc, res, stall_s):
+    for batch in watched(ds.iter_batches(batch_size=None, batch_format="pandas"), desc, res, stall_s, prepared):
         for row in batch.to_dict("records"):
             if row.get("ok"):
                 result.rows += 1

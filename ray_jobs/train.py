@@ -391,6 +391,27 @@ def train_stall_message(spec: JobSpec, minutes: float) -> str:
             "(committed checkpoints are kept)")
 
 
+def without_state_api_callbacks(trainer) -> None:
+    """Leave out Ray Train's placement-group cleaner, which polls the State API and, on an instance without
+    one (``ray.dashboard=false``), dies with a traceback (with another Ray instance on the host: "Found
+    multiple active Ray instances"). It is a second line of defence only: the worker group's placement
+    group belongs to the controller actor, and Ray removes it when that actor dies (what the stall watchdog
+    relies on, tested without a dashboard). ``_create_default_callbacks`` is private Ray Train API; if it
+    changes, the cleaner simply stays."""
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return
+    defaults = getattr(trainer, "_create_default_callbacks", None)
+    if defaults is None:
+        return
+
+    def create() -> list:
+        return [c for c in defaults() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    trainer._create_default_callbacks = create
+
+
 def run(spec: JobSpec) -> dict:
     import ray.data
     import ray.train
@@ -465,6 +486,10 @@ def run(spec: JobSpec) -> dict:
         # driver's handler (ray_jobs.interrupt) stops within seconds and a re-run resumes.
 
     trainer._register_sigint_handler = on_controller
+    from ray_jobs.common import has_state_api
+
+    if not has_state_api():
+        without_state_api_callbacks(trainer)
     t0 = time.perf_counter()
     try:
         result = trainer.fit()

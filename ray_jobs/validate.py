@@ -101,11 +101,15 @@ PREPARED_STAGES = ("correlate", "evaluate")
 """Stages whose inputs are read and decoded by Ray Data CPU tasks ahead of the actor pool."""
 
 
-def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
+def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the local Ray") -> None:
     """Refuse, in one line, a plan that cannot make progress on a cluster of ``cpus`` CPUs and ``gpus`` GPUs.
 
-    An actor pool larger than the cluster waits forever for its actors; a train stage whose workers
-    reserve every CPU starves Ray Data's ingest tasks, and the run sits silently."""
+    An actor pool is fixed-size (``concurrency`` actors): one larger than the cluster waits forever for its
+    actors, and one that takes every CPU leaves none for the input tasks of the stages that have them
+    (:data:`PREPARED_STAGES`). A train stage whose workers reserve every CPU starves Ray Data's ingest tasks
+    the same way. Each waits silently (until ``ray.stall_minutes``). ``where``: whose CPUs and GPUs these are
+    (a joined cluster without autoscaler is checked the same way, :mod:`ray_jobs.cluster_fit`)."""
+    grow = "raise ray.num_cpus" if where == "the local Ray" else "add nodes to the cluster"
     for stage in spec.pipeline.stages:
         if stage not in RAY_STAGES:
             continue
@@ -117,21 +121,29 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float) -> None:
                 raise ConfigError(
                     f"train: {t.num_workers} workers x {res.num_cpus:g} CPUs = {need_cpu:g} of the {cpus:g} CPUs leave "
                     f"Ray Data no CPU to load batches (it needs {INGEST_CPUS:g}), so training would wait forever; "
-                    f"lower train.resources.num_cpus or train.num_workers, or raise ray.num_cpus")
+                    f"lower train.resources.num_cpus or train.num_workers, or {grow}")
             if t.use_gpu and t.num_workers * max(1.0, res.num_gpus) > gpus:
                 raise ConfigError(f"train: {t.num_workers} workers need {t.num_workers * max(1.0, res.num_gpus):g} "
-                                  f"GPUs but this machine has {gpus:g}; set train.use_gpu=false or run on a cluster")
+                                  f"GPUs but {where} has {gpus:g}; set train.use_gpu=false or run on a cluster "
+                                  "with GPUs")
             continue
-        if res.num_cpus > cpus:
-            raise ConfigError(f"{stage}: one actor asks for {res.num_cpus:g} CPUs but the local Ray has {cpus:g}; "
-                              f"lower {stage}.resources.num_cpus")
-        if stage in PREPARED_STAGES and res.num_cpus + res.prepare_cpus > cpus:
-            raise ConfigError(f"{stage}: one actor ({res.num_cpus:g} CPUs) and one input task ({res.prepare_cpus:g} "
-                              f"CPUs) do not fit in the {cpus:g} CPUs, so no input would ever reach the actors; lower "
-                              f"{stage}.resources.num_cpus or {stage}.resources.prepare_cpus")
-        if res.num_gpus > 0 and res.num_gpus > gpus:
-            raise ConfigError(f"{stage}: actors ask for {res.num_gpus:g} GPU but this machine has {gpus:g}; set "
-                              f"{stage}.resources.num_gpus=0 (CPU) or run on a cluster with GPUs")
+        pool = res.concurrency * res.num_cpus  # ActorPoolStrategy(size=concurrency): every actor must start
+        if pool > cpus:
+            raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
+                              f"does not fit in {where}'s {cpus:g} CPUs (the pool is fixed-size, so it would wait "
+                              f"forever); lower {stage}.resources.concurrency or {stage}.resources.num_cpus, or "
+                              f"{grow}")
+        if stage in PREPARED_STAGES and pool + res.prepare_cpus > cpus:
+            raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
+                              f"leaves {cpus - pool:g} of the {cpus:g} CPUs, less than one input task needs "
+                              f"({res.prepare_cpus:g}), so no input would ever reach the actors; lower "
+                              f"{stage}.resources.concurrency, {stage}.resources.num_cpus or "
+                              f"{stage}.resources.prepare_cpus, or {grow}")
+        if res.num_gpus > 0 and res.concurrency * res.num_gpus > gpus:
+            raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_gpus:g} GPU = "
+                              f"{res.concurrency * res.num_gpus:g} GPUs but {where} has {gpus:g}; set "
+                              f"{stage}.resources.num_gpus=0 (CPU), lower {stage}.resources.concurrency or run on a "
+                              f"cluster with GPUs")
 
 
 CLUSTER_URI_ROOTS = ("output_uri", "data.root")
@@ -228,7 +240,8 @@ def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) 
                 producer = next((s for s, f in STAGE_OUTPUT.items() if _within(uri, _get(spec, f))), None)
                 if producer == "synthesize" and spec.data.dataset != "synthetic":
                     # a real dataset is downloaded, never synthesised
-                    raise ConfigError(f"{field}: {uri} does not exist; download the {spec.data.dataset.upper()} "
+                    which = "your" if spec.data.classes_file else f"the {spec.data.dataset.upper()}"
+                    raise ConfigError(f"{field}: {uri} does not exist; download {which} "
                                       f"dataset and set data.root to its folder (path or s3://bucket/prefix) "
                                       f"holding {DATASET_LAYOUT[spec.data.layout]}")
                 hint = f"; add stage {producer!r} before {stage!r} or run it first" if producer and producer != stage else ""

@@ -107,6 +107,17 @@ def test_relative_paths_become_absolute_for_workers():
     ("model.clip.nme=x", "model.clip.nme"),
     ("train.max_iters=abc", "train.max_iters"),
     ("train.mode=fast", "train.mode must be stored|online"),
+    ("correlate.rar_codec=bogus", "correlate.rar_codec must be one of"),
+    ("correlate.whole_image=bogus", "correlate.whole_image must be square or aspect, got 'bogus'"),
+    ("data.dataset=bogus", "data.dataset must be one of coco, synthetic, toy, voc (or set data.classes_file"),
+    ("data.layout=bogus", "data.layout must be voc|coco, got 'bogus'"),
+    ("train.precision=fp8", "train.precision must be auto|fp32|bf16|fp16, got 'fp8'"),
+    ("evaluate.maps=bogus", "evaluate.maps must be stored|online, got 'bogus'"),
+    ("generate.dtype=fp8", "generate.dtype must be auto|float16|bfloat16|float32, got 'fp8'"),
+    ("model.diffusion.dtype=fp8", "model.diffusion.dtype must be auto|float16|bfloat16|float32"),
+    ("model.segmenter_features=bogus", "model.segmenter_features must be reference|clean, got 'bogus'"),
+    ("method.acr_precision=bogus", "method.acr_precision must be reference|fp32, got 'bogus'"),
+    ("cache.reduce_shuffle=bogus", "cache.reduce_shuffle must be sort|hash, got 'bogus'"),
     ("data.crop_size=100", "multiple of 16"),
     ("pipeline.stages=[train,bogus]", "unknown stage 'bogus'"),
     ("resources", "not of the form key=value"),
@@ -116,6 +127,23 @@ def test_config_errors_are_one_line_and_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_spec("configs/demo.yaml", [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unknown_dataset_is_refused_by_validate_and_a_classes_file_names_its_own(tmp_path, capsys):
+    """``data.dataset=bogus`` used to print ok and fail later in a stage; a classes file brings its own set,
+    so there the name is not checked."""
+    from tests.helpers import SHAPES_CLASS_FILE
+
+    assert main(["validate", "configs/demo.yaml", f"output_uri={tmp_path}/run", "data.dataset=bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.dataset must be one of coco, synthetic, toy, voc") and "\n" not in err
+    assert load_spec("configs/demo.yaml", ["data.dataset=VOC"]).data.dataset == "VOC"  # get_class_set's spelling
+    classes = tmp_path / "shapes.yaml"
+    classes.write_text(SHAPES_CLASS_FILE)
+    spec = load_spec("configs/tiny.yaml", [f"data.classes_file={classes}", "data.dataset=shapes"])
+    from diclip.data import class_set_for
+
+    assert class_set_for(spec.data).name == "shapes"
 
 
 def test_unknown_key_in_yaml_file(tmp_path):
@@ -178,12 +206,29 @@ def test_plans_the_local_ray_cannot_run_are_refused_in_one_line(capsys):
     starving = load_spec("configs/demo.yaml", ["ray.num_cpus=2", "train.resources.num_cpus=1"])
     with pytest.raises(ConfigError, match="leave Ray Data no CPU to load batches"):
         check_resources(starving, 2, 0)
-    with pytest.raises(ConfigError, match="correlate: actors ask for 1 GPU but this machine has 0"):
-        check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 16, 0)
+    with pytest.raises(ConfigError, match="correlate: its pool of 8 actors x 1 GPU = 8 GPUs but the local Ray "
+                                          "has 0"):
+        check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 64, 0)
+    with pytest.raises(ConfigError, match="correlate: its pool of 8 actors x 4 CPUs = 32 CPUs does not fit in the "
+                                          "local Ray's 16 CPUs"):
+        check_resources(load_spec("configs/voc.yaml", ["pipeline.stages=[correlate]"]), 16, 8)
     check_resources(load_spec("configs/voc.yaml"), 64, 8)  # a GPU box fits the reference recipe
     check_resources(load_spec("configs/demo.yaml"), 2, 0)
-    with pytest.raises(ConfigError, match="correlate: one actor .* and one input task .* do not fit in the 2 CPUs"):
+    check_resources(load_spec("configs/tiny.yaml"), 2, 0)
+    with pytest.raises(ConfigError, match="correlate: its pool of 2 actors x 2 CPUs = 4 CPUs does not fit"):
         check_resources(load_spec("configs/demo.yaml", ["correlate.resources.num_cpus=2"]), 2, 0)
+    # the pool fits, but leaves its input tasks no CPU (fixed-size pool: every actor starts before any input)
+    with pytest.raises(ConfigError, match=r"evaluate: its pool of 2 actors x 1 CPUs = 2 CPUs leaves 0 of the 2 CPUs, "
+                                          r"less than one input task needs \(0.5\)"):
+        check_resources(load_spec("configs/demo.yaml", ["evaluate.resources.num_cpus=1"]), 2, 0)
+    # stages without input tasks may take every CPU
+    check_resources(load_spec("configs/demo.yaml", ["generate.resources.num_cpus=1", "infer.resources.num_cpus=1"]),
+                    2, 0)
+    assert main(["validate", "configs/demo.yaml", "ray.num_cpus=2", "correlate.resources.num_cpus=1",
+                 "correlate.resources.concurrency=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: correlate: its pool of 2 actors x 1 CPUs = 2 CPUs leaves 0") and "\n" not in err
+    assert "correlate.resources.concurrency" in err and "ray.num_cpus" in err
     for argv in (["validate", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"],
                  ["train", "configs/demo.yaml", "ray.num_cpus=2", "train.resources.num_cpus=1"]):
         assert main(argv) == 2

@@ -647,7 +647,7 @@ def _session_pids(sid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def ray_cluster(auth_env: dict[str, str]) -> Iterator[str]:
+def ray_cluster(auth_env: dict[str, str], gcs_port: int | None = None, extra: tuple[str, ...] = ()) -> Iterator[str]:
     """A real single-node Ray cluster with a dashboard; yields its Jobs API address.
 
     Only this cluster is torn down: `ray stop` would kill every Ray instance of this user (other test
@@ -664,10 +664,10 @@ def ray_cluster(auth_env: dict[str, str]) -> Iterator[str]:
     # `python` in the job's entrypoint must be this virtualenv's interpreter
     env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **auth_env)
     log_path = Path(temp_dir) / "ray-start.log"
-    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dash}",
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port or _free_port()}", f"--dashboard-port={dash}",
            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--temp-dir={temp_dir}"]
+           f"--temp-dir={temp_dir}", *extra]
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -834,6 +834,66 @@ def test_a_second_ray_instance_on_the_host_does_not_confuse_the_pipeline(local_r
     assert "multiple active Ray instances" not in out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["seen"] == [result["own"]]  # our node, not the other instance's
+
+
+def _view(nodes, node_types=None, autoscaling=False):
+    from ray_jobs.cluster_fit import ClusterView
+
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    return ClusterView(nodes=nodes, total=total, node_types=node_types, autoscaling=autoscaling)
+
+
+def test_a_joined_cluster_is_checked_against_what_it_can_ever_offer() -> None:
+    """Nodes now, the autoscaler's node types when published, or (unknown types) a note that the run waits."""
+    from ray_jobs.cluster_fit import check_cluster
+
+    voc = load_spec(str(CONFIGS / "voc.yaml"), shared("voc"))
+    cpu_only = [{"CPU": 16.0, "GPU": 0.0}]
+    with pytest.raises(ConfigError, match=r"^correlate: each actor asks for \{CPU: 4, GPU: 1\} but the cluster has no "
+                                          r"GPU and no autoscaler to add one, so it would wait forever; set "
+                                          r"correlate.resources.num_gpus=0 \(CPU\)"):
+        check_cluster(voc, ["correlate"], _view(cpu_only))
+    with pytest.raises(ConfigError, match=r"^train: each worker asks for \{CPU: 8, GPU: 1\} .* train.use_gpu=false"):
+        check_cluster(voc, ["train"], _view(cpu_only))
+    # an autoscaling cluster that starts without GPUs: its node types decide
+    gpu_type = {"CPU": 8.0, "GPU": 1.0}
+    notes = check_cluster(voc, ["correlate", "train"], _view(cpu_only, [cpu_only[0], gpu_type], autoscaling=True))
+    assert len(notes) == 2 and "waiting (up to ray.stall_minutes=30) for the autoscaler" in notes[0]
+    with pytest.raises(ConfigError, match=r"none of its autoscaler's node types \(\{CPU: 16, GPU: 0\}\) has it"):
+        check_cluster(voc, ["correlate"], _view(cpu_only, [cpu_only[0]], autoscaling=True))
+    # node types not published, but an autoscaler runs: one note, and the run waits for it
+    notes = check_cluster(voc, ["correlate"], _view(cpu_only, autoscaling=True))
+    assert notes == ["correlate: each actor asks for {CPU: 4, GPU: 1} and the cluster has no GPU now; waiting (up "
+                     "to ray.stall_minutes=30) for the cluster's autoscaler to add such a node"]
+    # a fixed cluster that has the GPUs: the whole fixed-size pool must fit too
+    gpu_box = [{"CPU": 64.0, "GPU": 8.0}]
+    assert check_cluster(voc, list(voc.pipeline.stages), _view(gpu_box)) == []
+    with pytest.raises(ConfigError, match=r"^correlate: its pool of 8 actors x 1 GPU = 8 GPUs but the cluster has 4"):
+        check_cluster(voc, ["correlate"], _view([{"CPU": 64.0, "GPU": 4.0}]))
+    with pytest.raises(ConfigError, match=r"^correlate: each actor asks for \{CPU: 4, GPU: 1\} but its largest node has "
+                                          r"\{CPU: 2, GPU: 1\}"):
+        check_cluster(voc, ["correlate"], _view([{"CPU": 2.0, "GPU": 1.0}]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_gpu_stage_on_a_joined_cluster_without_gpus_is_refused_at_once(tmp_path: Path) -> None:
+    """A real `ray start --head --num-gpus=0` cluster (no autoscaler): a GPU stage joining it (ray.address) is
+    refused in one line right after joining, instead of waiting ray.stall_minutes for the watchdog."""
+    gcs = _free_port()
+    with ray_cluster({"RAY_AUTH_MODE": "disabled"}, gcs_port=gcs, extra=("--num-gpus=0",)):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+        env["RAY_AUTH_MODE"] = "disabled"
+        r = subprocess.run([sys.executable, "-m", "diclip.cli", "correlate", str(CONFIGS / "tiny.yaml"),
+                            f"output_uri={tmp_path}/run", f"ray.address=127.0.0.1:{gcs}",
+                            "correlate.resources.num_gpus=1"], cwd=str(REPO), env=env, capture_output=True,
+                           text=True, timeout=240)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert err[-1] == ("error: correlate: each actor asks for {CPU: 0.5, GPU: 1} but the cluster has no GPU and no "
+                       "autoscaler to add one, so it would wait forever; set correlate.resources.num_gpus=0 (CPU), or "
+                       "join a cluster with GPU nodes")
+    assert not any("Traceback" in line for line in err)
 
 
 # ----------------------------------------------------------------------------------------------

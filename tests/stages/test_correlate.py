@@ -87,15 +87,29 @@ def test_centre_row_picks_the_centre_token_and_scales_to_unit_range():
     assert np.allclose(row, want)
 
 
-def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server):
-    from diclip.errors import StageFailed
+def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server, capsys):
+    import re
+
+    from diclip.cli import main
 
     spec = _prepare(f"{s3_bucket}/run", endpoint_url=moto_server)
     bad = storage.join(spec.data.root, "JPEGImages", "synth_val_00001.jpg")
     storage.write_bytes(bad, b"this is not a jpeg")
-    # 1 of 10 is more than the default 5%: failures recorded, no manifest, the reason in one line
-    with pytest.raises(StageFailed, match=r"1 of 10 items failed .* top reasons: 1x cannot decode image <item>"):
-        correlate.run(spec)
+    # 1 of 10 is more than the default 5%: failures recorded, no manifest, the reason in one line, and the
+    # command exits non-zero (through the CLI, which joins this test's Ray session)
+    argv = ["correlate", "configs/tiny.yaml", f"output_uri={spec.output_uri}", f"storage.endpoint_url={moto_server}",
+            "ray.progress_bars=false", "synthesize.num_train=6", "synthesize.num_val=4",
+            "synthesize.image_size=[64,80]", "correlate.max_side=80", "correlate.resources.batch_size=3"]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(argv) == 2
+    finally:  # the CLI routes Ctrl-C/SIGTERM to its driver handler: give pytest its own back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"error: correlate: 1 of 10 items failed .* top reasons: 1x cannot decode image <item>.*",
+                        err[-1])
+    assert not any("Traceback" in line for line in err)
     assert not storage.is_complete(spec.correlate.output) and len(storage.read_failures(spec.correlate.output)) == 1
     spec = tiny_spec(spec.output_uri, "correlate.max_failed_fraction=0.2", endpoint_url=moto_server)
     out = correlate.run(spec)

@@ -83,6 +83,22 @@ def test_a_stage_that_cannot_be_scheduled_stops_with_one_line(ray_session):
     assert not left, left
 
 
+def test_a_pool_that_starves_its_input_tasks_says_so(ray_session):
+    """A fixed-size pool that takes every CPU leaves its input tasks none: the watchdog's line says that (the
+    requests fit the cluster), not that no node can meet them."""
+    from diclip.config import Resources
+    from diclip.errors import DiclipError
+    from ray_jobs.common import run_pool
+
+    res = Resources(num_cpus=1, prepare_cpus=0.5, concurrency=2, batch_size=2)  # 2 x 1 CPU = this test cluster
+    with pytest.raises(DiclipError) as e:
+        run_pool([{"item_id": str(i)} for i in range(4)], _Echo, {}, res, desc="correlate", stall_s=5,
+                 prepare=_tag_input)
+    msg = str(e.value)
+    assert msg.startswith("correlate: no progress for") and "\n" not in msg
+    assert "input tasks (0.5 CPUs each) get none" in msg and "no node can meet" not in msg
+
+
 class _CannotLoad:
     """An actor whose model is missing on its node (the driver's pre-flight check passed elsewhere)."""
 

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 
@@ -17,12 +18,17 @@ from tests.helpers import random_cache, tiny_spec
 pytestmark = pytest.mark.timeout(600)
 BANK = ["correlate.crops_per_image=2"]
 TRAIN = ["train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4", "train.warmup_iters=1",
-         "train.keep_checkpoints=2"]
+         "train.keep_checkpoints=2", "correlate.max_failed_fraction=0.3", "train.max_failed_fraction=0.2"]
+CORRUPT = ("synth_train_00001", "synth_val_00002")
+"""One corrupt image per split: correlate fails them, training drops the train one (recorded) and validation
+skips the val one (counted); within the fractions TRAIN allows."""
 
 
 def _prepare(root, *overrides, endpoint_url=None):
     spec = tiny_spec(root, *TRAIN, *overrides, endpoint_url=endpoint_url)
     synthesize.run(spec)
+    for item in CORRUPT:
+        storage.write_bytes(storage.join(spec.data.root, "JPEGImages", f"{item}.jpg"), b"not a jpeg")
     correlate.run(spec)
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
     return spec
@@ -107,10 +113,23 @@ def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run, tmp_path):
     assert [r["step"] for r in m if r["kind"] == "eval"] == [2, 4]
     assert [r["step"] for r in m if r["kind"] == "train"] == [1, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m if r["kind"] != "setup")
+    # the corrupt val image has no map: skipped and counted, not silently averaged away
+    assert all((r["val_images"], r["val_images_skipped"]) == (3, 1) for r in m if r["kind"] == "eval")
     setup = [r for r in m if r["kind"] == "setup"]
     assert setup and setup[0]["precision"] == "fp32" and setup[0]["dtype_trainable"] == "float32"
     manifest = storage.read_manifest(spec.train.output)
     assert manifest.extra["best_checkpoint"]["step"] in (2, 4)
+    # the corrupt train image failed in correlate: training left it out and says so
+    assert (manifest.num_items, manifest.num_failed) == (5, 1)
+    assert storage.read_failures(spec.train.output) == [(CORRUPT[0], "no correlation map (failed in correlate)")]
+    # more drops than train.max_failed_fraction: refused before any worker starts, with the reason
+    from diclip.errors import StageFailed
+
+    strict = dataclasses.replace(spec, train=dataclasses.replace(spec.train, max_failed_fraction=0.1,
+                                                                  output=f"{spec.output_uri}/train_strict"))
+    with pytest.raises(StageFailed, match=r"^train: 1 of 6 items failed .* 1x no correlation map"):
+        train.run(strict)
+    assert not storage.is_complete(strict.train.output)
     export = storage.join(spec.train.output, "export")
     tensors, meta = storage.load_tensors(storage.join(export, "model.safetensors"))
     assert any(k.startswith("adapter.") for k in tensors) and any(k.startswith("segmenter.") for k in tensors)
@@ -258,9 +277,15 @@ def test_worker_failure_is_recovered_from_the_last_checkpoint(ray_session, tmp_p
     assert managed == {manifest.extra["best_checkpoint"]["path"], manifest.extra["last_checkpoint"]}
 
 
-def test_ctrl_c_stops_training_within_seconds_and_the_rerun_resumes(tmp_path):
-    """SIGINT during training: Ray Train's own "graceful abort" kept going for 40+ s; now the driver stops
-    in seconds with one line, and a re-run continues from the last checkpoint instead of step 0."""
+def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(ray_session, tmp_path):
+    """SIGINT during training: Ray Train's own "graceful abort" kept going for 40+ s; SIGTERM (what Kubernetes
+    sends, killing 30 s later) was ignored too. Now the driver stops in seconds with one line on either, keeps
+    the committed checkpoint, and a re-run continues from it instead of step 0. One run is interrupted by each
+    signal (the second while it trains from the first's checkpoint), then a third finishes.
+
+    The runs start their own Ray with ``ray.dashboard=false`` while this test's session is a second instance
+    on the host: Ray Train's placement-group cleaner, which needs the State API that such an instance lacks,
+    printed a traceback ("Found multiple active Ray instances"); the pipeline leaves it out there."""
     import os
     import signal
     import subprocess
@@ -270,8 +295,9 @@ def test_ctrl_c_stops_training_within_seconds_and_the_rerun_resumes(tmp_path):
     from ray_jobs.interrupt import MESSAGE
 
     root = str(tmp_path / "run")
-    args = ["train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
-            "train.warmup_iters=1", "train.mode=online"]  # online maps: no correlate stage to prepare
+    args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
+            "train.warmup_iters=1", "train.mode=online",  # online maps: no correlate stage to prepare
+            "ray.dashboard=false"]
     spec = tiny_spec(root, *TRAIN, *args)
     synthesize.run(spec)
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
@@ -279,36 +305,48 @@ def test_ctrl_c_stops_training_within_seconds_and_the_rerun_resumes(tmp_path):
            "ray.progress_bars=false", "synthesize.num_train=6", "synthesize.num_val=4",
            "synthesize.image_size=[64,80]", "correlate.max_side=80", "correlate.resources.batch_size=3", *args]
     env = dict(os.environ, DICLIP_LOG_LEVEL="INFO")
-    with open(tmp_path / "first.txt", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
-    try:
-        snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
+    snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
 
-        def registered() -> bool:  # committed = a checkpoint Ray Train has registered, not merely logged
-            try:
-                return bool(storage.read_json(snapshot).get("latest_checkpoint_result"))
-            except Exception:
-                return False
+    def registered() -> bool:  # committed = a checkpoint Ray Train has registered, not merely logged
+        try:
+            return bool(storage.read_json(snapshot).get("latest_checkpoint_result"))
+        except Exception:
+            return False
 
-        deadline = time.time() + 240
-        while time.time() < deadline and not registered():
-            time.sleep(0.2)
-        assert registered(), "training never registered its first checkpoint"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)  # the contract: stopped within 30 s
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130
-    assert (tmp_path / "first.txt").read_text().strip().splitlines()[-1] == MESSAGE
+    def setups() -> int:  # each worker-group start logs one setup record
+        return sum(r["kind"] == "setup" for r in _metrics_or_none(spec))
+
+    def interrupt(sig: int, ready, log_name: str) -> int:
+        with open(tmp_path / log_name, "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and not ready() and proc.poll() is None:
+                time.sleep(0.2)
+            assert ready(), f"training never got to the point of the {signal.Signals(sig).name}"
+            proc.send_signal(sig)
+            proc.wait(timeout=30)  # the contract: stopped within 30 s
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert (tmp_path / log_name).read_text().strip().splitlines()[-1] == MESSAGE
+        return proc.returncode
+
+    assert interrupt(signal.SIGINT, registered, "first.txt") == 130
+    assert not storage.is_complete(spec.train.output)
+    before = setups()
+    assert interrupt(signal.SIGTERM, lambda: setups() > before, "second.txt") == 143  # training again, resumed
+    assert "resuming from" in (tmp_path / "second.txt").read_text()
     assert not storage.is_complete(spec.train.output)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout + again.stderr
     m = _metrics(spec)
-    second = m[max(i for i, r in enumerate(m) if r["kind"] == "setup"):]
-    assert second[1]["step"] > 1 and second[-1]["step"] == 4  # continued past step 1, finished
+    last = m[max(i for i, r in enumerate(m) if r["kind"] == "setup"):]
+    assert last[1]["step"] > 1 and last[-1]["step"] == 6  # continued past step 1, finished
     assert storage.is_complete(spec.train.output)
+    logs = (tmp_path / "first.txt").read_text() + (tmp_path / "second.txt").read_text() + again.stdout + again.stderr
+    assert "PlacementGroupCleaner" not in logs and "multiple active Ray instances" not in logs
 
 
 def _metrics_or_none(spec):
