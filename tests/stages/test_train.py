@@ -297,7 +297,7 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
     root = str(tmp_path / "run")
     args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
             "train.warmup_iters=1", "train.mode=online",  # online maps: no correlate stage to prepare
-            "ray.dashboard=false"]
+            "ray.dashboard=false", "train.num_workers=1"]  # one worker: three runs' start-up is the cost
     spec = tiny_spec(root, *TRAIN, *args)
     synthesize.run(spec)
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
