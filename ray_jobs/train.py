@@ -231,9 +231,9 @@ RUN_FILE = "run.json"
 
 def run_settings(spec: JobSpec) -> dict:
     """What a training run's checkpoints depend on: model, method, data and train settings (not where it
-    resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the KV
-    cache and, with stored maps, the correlation maps)."""
-    from ray_jobs.lineage import fingerprint
+    resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the images,
+    the KV cache and, with stored maps, the correlation maps)."""
+    from ray_jobs.lineage import data_identity, fingerprint
 
     t = {k: v for k, v in to_dict(spec.train).items()
          if k not in ("resume_from", "max_failures", "keep_checkpoints", "trust_checkpoints", "resources",
@@ -244,6 +244,7 @@ def run_settings(spec: JobSpec) -> dict:
     for v in inputs.values():
         if v:
             v.pop("uri", None)
+    inputs["data"] = data_identity(spec)
     from diclip.data import class_identity
 
     return {"train": t, "model": to_dict(spec.model), "method": to_dict(spec.method), "data": to_dict(spec.data),
