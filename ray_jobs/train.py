@@ -307,6 +307,11 @@ RUN_OUTPUTS = ("export", "tensorboard")
 RUN_FILES = ("manifest.json", "failures.parquet", METRICS, PROGRESS, "curves.png", RUN_FILE)
 
 
+def _bare(uri: str) -> str:
+    """A URI without its scheme, ending in '/' (Ray Train reports S3 checkpoint paths without s3://)."""
+    return uri.split("://", 1)[-1].rstrip("/") + "/"
+
+
 def clear_other_run(spec: JobSpec) -> None:
     """Remove a previous run made with other settings (or unknown ones) before training starts over.
 
@@ -318,7 +323,7 @@ def clear_other_run(spec: JobSpec) -> None:
     if old is not None and old.get("fingerprint") == run_fingerprint(spec):
         return
     folder = run_dir(spec)
-    if t.resume_from and (t.resume_from.rstrip("/") + "/").startswith(folder.rstrip("/") + "/"):
+    if t.resume_from and _bare(t.resume_from).startswith(_bare(folder)):
         raise ConfigError(f"train.resume_from: {t.resume_from} is in the run folder of a run with other settings, "
                           "which this run replaces; copy that checkpoint elsewhere first")
     found = storage.exists(storage.join(folder, "checkpoint_manager_snapshot.json")) or \

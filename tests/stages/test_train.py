@@ -357,3 +357,16 @@ def test_a_changed_setting_trains_from_step_0_instead_of_resuming_the_old_run(ra
     assert storage.read_bytes(weights) != before
     assert [r["kind"] for r in m].count("setup") == 1  # the old run's log went with it
     assert train.is_complete(changed) and not train.is_complete(spec)
+
+
+def test_a_resume_from_inside_the_run_folder_being_replaced_is_refused(tmp_path):
+    """Starting over deletes the old run's folder: a checkpoint there named as train.resume_from would be
+    deleted before it is read, so that is one line instead (a checkpoint elsewhere is fine)."""
+    spec = tiny_spec(str(tmp_path / "run"))
+    storage.write_json(storage.join(spec.train.output, "run.json"), {"fingerprint": "another run"})
+    inside = storage.join(train.run_dir(spec), "checkpoint_2026")
+    with pytest.raises(ConfigError, match="train.resume_from: .* run with other settings") as e:
+        train.clear_other_run(tiny_spec(str(tmp_path / "run"), f"train.resume_from={inside.split('://')[-1]}"))
+    assert "\n" not in str(e.value) and storage.exists(storage.join(spec.train.output, "run.json"))
+    train.clear_other_run(tiny_spec(str(tmp_path / "run"), f"train.resume_from={tmp_path}/elsewhere"))
+    assert not storage.exists(storage.join(spec.train.output, "run.json"))
