@@ -96,7 +96,7 @@ def measure(n: int, work: Path, scan: bool) -> dict:
     r = {"items": n, "shards": -(-n // BATCH)}
     _, r["list_s"] = timed(lambda: open_split(spec.data, "train").ids)
     items, r["plan_s"] = timed(lambda: (correlate.list_items(spec), correlate.settings(spec))[0])
-    pending, r["resume_s"] = timed(lambda: (correlate.storage_settings_changed(spec), pending_items(items, out))[1])
+    pending, r["resume_s"] = timed(lambda: (correlate.stale(spec), pending_items(items, out))[1])
     assert not pending, f"{len(pending)} items pending after a complete commit"
     r["resume_reads"] = CommitIndex.load(out).reads + 1  # + the manifest
     if scan:  # the resume this replaced: every shard's id column

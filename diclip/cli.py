@@ -130,13 +130,13 @@ def _dispatch(args) -> int:
     if cmd == "validate":
         from ray_jobs.validate import validate_spec
 
-        from ray_jobs.pipeline import plan, stale_settings
+        from ray_jobs.pipeline import plan_details, stale_settings
 
         spec = _load(args)
         validate_spec(spec)
         print(f"ok: {args.spec} ({', '.join(spec.pipeline.stages)})")
-        for name, done, uri in plan(spec):
-            changed = [] if done else stale_settings(spec, name)
+        for name, done, uri, upstream in plan_details(spec):
+            changed = [] if done else stale_settings(spec, name, upstream)
             status = "complete, run skips it" if done else f"stale: {', '.join(changed[:6])}" if changed else "to run"
             print(f"  {name:<10} {status:<22} {uri}")
         return 0

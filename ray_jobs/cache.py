@@ -40,8 +40,8 @@ from ray_jobs.common import (
     write_shard,
 )
 from ray_jobs.lineage import (
-    SETTINGS_FILE, call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
-    same_source, settings_match,
+    INPUTS, call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
+    recorded_hash, same_source, settings_match,
 )
 
 log = get_logger("ray_jobs.cache")
@@ -63,12 +63,12 @@ def output_uri(spec: JobSpec) -> str:
 
 
 def settings(spec: JobSpec) -> dict:
-    """What determines a feature row: models, VCE settings, size, and which masks (their settings)."""
-    mask_settings = storage.join(spec.cache.masks, SETTINGS_FILE)
-    masks_hash = storage.read_json(mask_settings).get("hash") if storage.exists(mask_settings) else None
-    return {"dataset": class_identity(spec.data), "model": model_settings(spec), "image_size": spec.cache.image_size,
+    """What determines a feature row: models, VCE settings, size, and which images and masks (the settings
+    they were made with)."""
+    c = spec.cache
+    return {"dataset": class_identity(spec.data), "model": model_settings(spec), "image_size": c.image_size,
             "method": {k: getattr(spec.method, k) for k in ("vce", "corr_threshold", "num_clusters", "cluster_iters")},
-            "masks_settings": masks_hash}
+            INPUTS: {"generate": recorded_hash(c.images), "mask": recorded_hash(c.masks)}}
 
 
 def reduce_settings(spec: JobSpec) -> dict:

@@ -36,8 +36,7 @@ from diclip.method.resample import resize_grid
 from ray_jobs.common import (
     ID, pending_items, start_actor, finalize, init_ray, item_error, report_row, run_pool, setup_process, write_shard,
 )
-from diclip.storage import commit_index
-from ray_jobs.lineage import call_batched
+from ray_jobs.lineage import call_batched, claim_settings, data_identity, settings_match, stale_keys
 
 log = get_logger("ray_jobs.correlate")
 STAGE = "correlate"
@@ -89,19 +88,20 @@ def settings(spec: JobSpec) -> dict:
             "vce_layer": d.vce_layer, "rar_layer": d.rar_layer, "heads": list(d.heads), "dtype": d.dtype,
             "corr_threshold": m.corr_threshold, "num_clusters": m.num_clusters, "cluster_iters": m.cluster_iters,
             "acr_precision": m.acr_precision, "crop_size": spec.data.crop_size,
-            "rescale_range": list(spec.data.rescale_range), "flip": spec.data.flip, "crop_seed": c.crop_seed}
+            "rescale_range": list(spec.data.rescale_range), "flip": spec.data.flip, "crop_seed": c.crop_seed,
+            "data": data_identity(spec)}
 
 
 def is_complete(spec: JobSpec) -> bool:
-    """Manifest present, recorded with these settings, covering these splits and this many crops."""
+    """Manifest present, made with these settings (``settings.json``), covering these splits and crops."""
     from diclip import storage
 
     c = spec.correlate
     m = storage.read_manifest(c.output)
-    if m is None:
+    if m is None or not settings_match(c.output, settings(spec)):
         return False
     e = m.extra
-    return (e.get("settings") == settings(spec) and set(c.splits) <= set(e.get("splits", []))
+    return (set(c.splits) <= set(e.get("splits", []))
             and e.get("crops_per_image", 0) >= c.crops_per_image
             and (not c.crops_per_image or e.get("crop_split") == c.crop_split))
 
@@ -289,28 +289,16 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
 
 
 def stale(spec: JobSpec) -> list[str]:
-    return storage_settings_changed(spec)
-
-
-def storage_settings_changed(spec: JobSpec) -> list[str]:
-    """Settings keys whose values differ from the ones the committed maps were made with (a previous
-    manifest), so new maps would not match old ones; [] when nothing was committed before."""
-    from diclip import storage
-
-    m = storage.read_manifest(spec.correlate.output)
-    old = (m.extra.get("settings") if m is not None else None) or {}
-    new = settings(spec)
-    return sorted(k for k in new if k in old and old[k] != new[k])
+    """Settings that changed since the committed maps were made (``validate`` lists them)."""
+    return stale_keys(spec.correlate.output, settings(spec))
 
 
 def run(spec: JobSpec) -> dict:
     cfg = spec.correlate
     items = list_items(spec)
-    stale = storage_settings_changed(spec)
-    if stale:  # maps made with other settings would be silently mixed with new ones: start over
-        log.warning("correlate: committed maps at %s were made with other settings (%s); recomputing all",
-                    cfg.output, ", ".join(stale))
-        commit_index.reset(cfg.output)
+    # recorded before any map is extracted: maps of an interrupted or failed run with other settings
+    # are dropped here, never mixed with new ones
+    s_hash = claim_settings(cfg.output, STAGE, settings(spec))
     pending = pending_items(items, cfg.output)
     log.info("correlate: %d maps (%d crops per %s image), %d already in committed shards, %d to extract "
              "(%d actors x batch %d, %s)", len(items), cfg.crops_per_image, cfg.crop_split,
@@ -326,7 +314,8 @@ def run(spec: JobSpec) -> dict:
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
                         extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),
                                "whole_image": cfg.whole_image, "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image,
-                               "crop_split": cfg.crop_split, "settings": settings(spec)},
+                               "crop_split": cfg.crop_split, "settings": settings(spec),
+                               "settings_hash": s_hash},
                         index_columns=INDEX_COLUMNS)
     if cfg.num_pictures and write_preview(spec, items):
         log.info("correlate: example maps in %s", cfg.output.rstrip("/") + "/preview.png")

@@ -35,6 +35,7 @@ from diclip.data import cached_split, class_identity, class_set_for, open_split
 from diclip.errors import ConfigError, DiclipError, StageFailed
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
+from ray_jobs import lineage
 from ray_jobs.lineage import call_batched
 from diclip.storage import commit_index
 from ray_jobs.common import (
@@ -101,12 +102,18 @@ def list_items(spec: JobSpec) -> list[dict]:
 
 
 def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
-    """Everything a committed row depends on (not limit / num_pictures / resources: they add or drop rows)."""
+    """Everything a committed row depends on (not limit / num_pictures / resources: they add or drop rows),
+    including which images (a re-drawn synthetic set keeps its ids) and the fingerprint of the stored maps
+    read (recomputed maps at the same URI are other inputs)."""
     c = spec.evaluate
+    maps = lineage.fingerprint(c.correlation) if c.maps == "stored" else None
+    if maps:
+        maps.pop("uri", None)
     return {"checkpoint": c.checkpoint, "fingerprint": fingerprint, "data_root": spec.data.root,
             "dataset": class_identity(spec.data), "split": c.split, "cam_split": c.cam_split, "size": base_size,
             "scales": list(c.scales), "flip": c.flip, "voc_flip_quirk": c.voc_flip_quirk, "work_ratio": c.work_ratio,
             "crf": c.crf, "maps": c.maps, "correlation": c.correlation if c.maps == "stored" else None,
+            "correlation_maps": maps, "data": lineage.data_identity(spec),
             "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter,
             "row_format": ROW_FORMAT}
 

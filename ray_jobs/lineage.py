@@ -1,7 +1,9 @@
 """Stage lineage: what a stage's rows were made with, and where upstream rows live.
 
 * a settings lock (``settings.json`` in the stage folder): resume skips committed items by id, so rows
-  made with other settings would be mixed in silently - :func:`claim_settings` refuses instead;
+  made with other settings would be mixed in silently - :func:`claim_settings` refuses instead; the
+  settings include the upstream stages' settings hashes (:func:`recorded_hash`), so regenerated images
+  with the same ids make the masks and the cache recompute;
 * upstream fingerprints (a complete stage's shard list) recorded in downstream manifests, so a grown
   upstream (more generated images) makes the downstream stage incomplete again;
 * locating and fetching rows of a complete upstream stage with ranged reads;
@@ -34,16 +36,14 @@ def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any]) -> str:
     """
     h = config_hash(settings)
     uri = storage.join(stage_uri, SETTINGS_FILE)
-    if storage.exists(uri):
-        old = storage.read_json(uri)
-        if old.get("hash") == h:
-            return h
-        if list_shards(stage_uri):
-            changed = sorted(k for k in set(old.get("settings", {})) | set(settings)
-                             if old.get("settings", {}).get(k) != settings.get(k))
-            log.warning("%s: %s holds rows made with other settings (changed: %s); recomputing all", stage,
-                        stage_uri, ", ".join(changed) or "unknown")
-            commit_index.reset(stage_uri)
+    old = storage.read_json(uri) if storage.exists(uri) else None
+    if old is not None and old.get("hash") == h:
+        return h
+    if list_shards(stage_uri):  # rows of other settings, or of unknown ones (no settings recorded)
+        changed = changed_keys(old.get("settings"), settings) if old is not None else []
+        log.warning("%s: %s holds rows made with other settings (changed: %s); recomputing all", stage,
+                    stage_uri, ", ".join(changed[:8]) or "unknown")
+        commit_index.reset(stage_uri)
     storage.write_json(uri, {"stage": stage, "hash": h, "settings": settings})
     return h
 
@@ -62,11 +62,27 @@ def changed_keys(old: dict | None, new: dict) -> list[str]:
 
 
 def stale_keys(stage_uri: str, settings: dict[str, Any]) -> list[str]:
-    """Settings that differ from those the committed rows were made with ([] when none recorded)."""
+    """Settings that differ from those the committed rows were made with ([] when none recorded);
+    a changed upstream (``inputs.<stage>``) reads "<stage> output changed"."""
     uri = storage.join(stage_uri, SETTINGS_FILE)
     if not storage.exists(uri):
         return []
-    return changed_keys(storage.read_json(uri).get("settings"), settings)
+    return [f"{k.split('.', 1)[1]} output changed" if k.startswith(f"{INPUTS}.") else k
+            for k in changed_keys(storage.read_json(uri).get("settings"), settings)]
+
+
+INPUTS = "inputs"
+"""Settings key of the upstream settings hashes a stage's rows were made from."""
+
+
+def recorded_hash(stage_uri: str) -> str | None:
+    """The settings hash an upstream stage's rows were made with (None when it records none).
+
+    Folded into a downstream stage's settings (under :data:`INPUTS`): item ids do not change when the
+    upstream is recomputed with other settings (same ids, other images), so without it the downstream
+    rows of the old images would count as complete."""
+    uri = storage.join(stage_uri, SETTINGS_FILE)
+    return storage.read_json(uri).get("hash") if storage.exists(uri) else None
 
 
 def settings_match(stage_uri: str, settings: dict[str, Any]) -> bool:
@@ -75,13 +91,16 @@ def settings_match(stage_uri: str, settings: dict[str, Any]) -> bool:
 
 
 def fingerprint(stage_uri: str) -> dict[str, Any] | None:
-    """Identity of a complete stage output (its manifest's shard list), or None when incomplete."""
+    """Identity of a complete stage output (its manifest's shard list and the settings hash its rows were
+    made with: shard names follow item ids, so rows recomputed with other settings keep them), or None
+    when incomplete."""
     m = storage.read_manifest(stage_uri)
     if m is None:
         return None
     shards = hashlib.sha1("\n".join(f"{s.path}:{s.rows}" for s in sorted(m.shards, key=lambda s: s.path))
                           .encode()).hexdigest()[:16]
-    return {"uri": stage_uri, "config_hash": m.config_hash, "num_items": m.num_items, "shards": shards}
+    return {"uri": stage_uri, "config_hash": m.config_hash, "num_items": m.num_items, "shards": shards,
+            "settings_hash": m.extra.get("settings_hash")}
 
 
 def same_source(recorded: dict | None, current: dict | None) -> bool:
@@ -89,6 +108,15 @@ def same_source(recorded: dict | None, current: dict | None) -> bool:
     if current is None:  # upstream gone or rewriting: keep what we have
         return True
     return bool(recorded) and all(recorded.get(k) == current.get(k) for k in ("num_items", "shards"))
+
+
+def data_identity(spec: JobSpec) -> dict[str, Any]:
+    """Which images a stage reads from ``data.root``: where, in which layout, and - for a synthetic dataset -
+    the parameters it was drawn with (image ids do not change when it is re-drawn with another seed)."""
+    from diclip.data.synthetic import recorded_params
+
+    d = spec.data
+    return {"root": d.root, "layout": d.layout, "dataset": d.dataset, "synthetic": recorded_params(d.root)}
 
 
 def model_settings(spec: JobSpec) -> dict[str, Any]:

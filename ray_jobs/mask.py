@@ -34,8 +34,8 @@ from ray_jobs.common import (
     write_shard,
 )
 from ray_jobs.lineage import (
-    call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located, same_source,
-    settings_match,
+    INPUTS, call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
+    recorded_hash, same_source, settings_match,
 )
 
 log = get_logger("ray_jobs.mask")
@@ -58,13 +58,14 @@ def output_uri(spec: JobSpec) -> str:
 
 
 def settings(spec: JobSpec) -> dict:
-    """What determines a mask row (models, method thresholds, filter thresholds), not resources."""
+    """What determines a mask row (models, method thresholds, filter thresholds, the generate settings the
+    images were made with), not resources."""
     m = spec.mask
     return {"dataset": class_identity(spec.data), "model": model_settings(spec),
             "method": {k: getattr(spec.method, k) for k in ("vce", "corr_threshold", "num_clusters", "cluster_iters",
                                                             "caa_threshold", "caa_layers", "label_threshold")},
             "image_size": m.image_size, "rar_steps": m.rar_steps, "min_foreground": m.min_foreground,
-            "max_foreground": m.max_foreground}
+            "max_foreground": m.max_foreground, INPUTS: {"generate": recorded_hash(m.images)}}
 
 
 def filter_reason(fraction: float, lo: float, hi: float) -> str:

@@ -1,8 +1,8 @@
 """Run a job spec: its stages in order on local Ray (or the cluster it is submitted to).
 
-A stage whose outputs are complete (manifest present) is skipped unless listed in
-``pipeline.force``, so a spec can be re-run after a failure, or started from any stage once earlier
-artifacts exist.
+A stage whose outputs are complete (manifest present, made with the spec's settings from the inputs
+it read) is skipped unless listed in ``pipeline.force``, so a spec can be re-run after a failure, or
+started from any stage once earlier artifacts exist.
 """
 from __future__ import annotations
 
@@ -28,20 +28,57 @@ def stage_complete(spec: JobSpec, name: str) -> bool:
     return storage.is_complete(mod.output_uri(spec))
 
 
+def producers(spec: JobSpec, name: str) -> list[str]:
+    """The stages before ``name`` in this pipeline whose output it reads (``validate.stage_inputs``)."""
+    from ray_jobs.validate import stage_inputs, within
+
+    stages = list(spec.pipeline.stages)
+    earlier = stages[:stages.index(name)] if name in stages else stages
+    uris = list(stage_inputs(spec, name).values())
+    return [p for p in earlier if any(within(u, stage_module(p).output_uri(spec)) for u in uris)]
+
+
+def plan_details(spec: JobSpec) -> list[tuple[str, bool, str, list[str]]]:
+    """(stage, complete, output, upstream stages that will run) for the spec's stages, in order.
+
+    A complete stage that reads the output of a stage ``run`` recomputes is not complete either, although
+    its output still matches what it read: that input will change (a stale ``train`` -> ``evaluate``,
+    ``infer``); the upstream list names them. A stage without a complete output of its own is simply
+    run, so its list is empty."""
+    will_run: set[str] = set()
+    out = []
+    for name in spec.pipeline.stages:
+        try:
+            own = stage_complete(spec, name)
+        except Exception as e:  # an unreadable old output: run recomputes the stage
+            log.debug("completeness check of %s failed: %s", name, e)
+            own = False
+        upstream = [p for p in producers(spec, name) if p in will_run] if own else []
+        done = own and not upstream and name not in spec.pipeline.force
+        if not done:
+            will_run.add(name)
+        out.append((name, done, stage_module(name).output_uri(spec), upstream))
+    return out
+
+
 def plan(spec: JobSpec) -> list[tuple[str, bool, str]]:
     """(stage, complete, output) for the spec's stages: what ``run`` would skip and what it would run."""
-    return [(name, name not in spec.pipeline.force and stage_complete(spec, name), stage_module(name).output_uri(spec))
-            for name in spec.pipeline.stages]
+    return [(name, done, uri) for name, done, uri, _ in plan_details(spec)]
 
 
-def stale_settings(spec: JobSpec, name: str) -> list[str]:
-    """Settings (or inputs) that changed since the stage's committed output was made; [] if none is known."""
+def stale_settings(spec: JobSpec, name: str, upstream: list[str] | None = None) -> list[str]:
+    """Settings (or inputs) that changed since the stage's committed output was made, then the upstream
+    stages whose output will change ("<stage> output will change"; ``upstream`` as :func:`plan_details`
+    gives it, computed when None); [] if none is known."""
     mod = stage_module(name)
     try:
-        return list(mod.stale(spec)) if hasattr(mod, "stale") else []
+        own = list(mod.stale(spec)) if hasattr(mod, "stale") else []
     except Exception as e:  # a plan listing must not fail on an unreadable old output
         log.debug("stale check of %s failed: %s", name, e)
-        return []
+        own = []
+    if upstream is None:
+        upstream = next((up for n, _, _, up in plan_details(spec) if n == name), [])
+    return own + [f"{p} output will change" for p in upstream]
 
 
 def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:

@@ -74,7 +74,7 @@ def read_checkpoint_step(uri: str) -> int:
 def resume_step(spec: JobSpec) -> int:
     """The step the workers will resume from: Ray Train's latest registered checkpoint of this run
     (its snapshot file, read in the controller right before workers start), else ``resume_from``."""
-    snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
+    snapshot = storage.join(run_dir(spec), "checkpoint_manager_snapshot.json")
     try:
         if storage.exists(snapshot):
             latest = storage.read_json(snapshot).get("latest_checkpoint_result")
@@ -232,9 +232,9 @@ RUN_FILE = "run.json"
 
 def run_settings(spec: JobSpec) -> dict:
     """What a training run's checkpoints depend on: model, method, data and train settings (not where it
-    resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the KV
-    cache and, with stored maps, the correlation maps)."""
-    from ray_jobs.lineage import fingerprint
+    resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the images,
+    the KV cache and, with stored maps, the correlation maps)."""
+    from ray_jobs.lineage import data_identity, fingerprint
 
     t = {k: v for k, v in to_dict(spec.train).items()
          if k not in ("resume_from", "max_failures", "keep_checkpoints", "trust_checkpoints", "resources",
@@ -245,6 +245,7 @@ def run_settings(spec: JobSpec) -> dict:
     for v in inputs.values():
         if v:
             v.pop("uri", None)
+    inputs["data"] = data_identity(spec)
     from diclip.data import class_identity
 
     return {"train": t, "model": to_dict(spec.model), "method": to_dict(spec.method), "data": to_dict(spec.data),
@@ -282,21 +283,62 @@ def interrupted_checkpoint(spec: JobSpec) -> str | None:
     """The latest checkpoint of an interrupted (not complete) run with these settings, else None."""
     t = spec.train
     run_file = storage.join(t.output, RUN_FILE)
-    snapshot = storage.join(t.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
+    snapshot = storage.join(run_dir(spec), "checkpoint_manager_snapshot.json")
     try:
         if is_complete(spec) or not storage.exists(run_file) or not storage.exists(snapshot):
             return None
         if storage.read_json(run_file).get("fingerprint") != run_fingerprint(spec):
-            log.warning("train: %s holds an interrupted run with other settings; starting over", t.output)
-            return None
+            return None  # another run's (clear_other_run removes it before training)
         latest = storage.read_json(snapshot).get("latest_checkpoint_result") or {}
         name = latest.get("checkpoint_dir_name")
     except (DiclipError, ValueError, TypeError, AttributeError):
         return None
     if not name:
         return None
-    uri = storage.join(t.output, "ray", f"{spec.name}-train", name)
+    uri = storage.join(run_dir(spec), name)
     return uri if storage.exists(storage.join(uri, STATE)) else None
+
+
+def run_dir(spec: JobSpec) -> str:
+    """Ray Train's run folder (checkpoints and ``checkpoint_manager_snapshot.json``)."""
+    return storage.join(spec.train.output, "ray", f"{spec.name}-train")
+
+
+RUN_OUTPUTS = ("export", "tensorboard")
+RUN_FILES = ("manifest.json", "failures.parquet", METRICS, PROGRESS, "curves.png", RUN_FILE)
+
+
+def _bare(uri: str) -> str:
+    """A URI without its scheme, ending in '/' (Ray Train reports S3 checkpoint paths without s3://)."""
+    return uri.split("://", 1)[-1].rstrip("/") + "/"
+
+
+def clear_other_run(spec: JobSpec) -> None:
+    """Remove a previous run made with other settings (or unknown ones) before training starts over.
+
+    Ray Train loads any snapshot in its run folder and the workers continue from its latest checkpoint,
+    so a changed setting or input would otherwise re-export the old weights as trained with the new
+    ones. A run of these settings (interrupted or finished) is kept: Ray Train resumes it."""
+    t = spec.train
+    old = recorded_run(spec)
+    if old is not None and old.get("fingerprint") == run_fingerprint(spec):
+        return
+    folder = run_dir(spec)
+    if t.resume_from and _bare(t.resume_from).startswith(_bare(folder)):
+        raise ConfigError(f"train.resume_from: {t.resume_from} is in the run folder of a run with other settings, "
+                          "which this run replaces; copy that checkpoint elsewhere first")
+    found = storage.exists(storage.join(folder, "checkpoint_manager_snapshot.json")) or \
+        any(storage.exists(storage.join(t.output, f)) for f in ("manifest.json", METRICS, RUN_FILE))
+    if not found:
+        return
+    changed = stale(spec) if old is not None else []
+    log.warning("train: %s holds a run with other settings (changed: %s); starting over", t.output,
+                ", ".join(changed[:6]) or "unknown")
+    storage.delete_dir(folder)
+    for d in RUN_OUTPUTS:
+        storage.delete_dir(storage.join(t.output, d))
+    for f in RUN_FILES:
+        storage.delete(storage.join(t.output, f))
 
 
 def preflight(spec: JobSpec) -> None:
@@ -439,6 +481,7 @@ def run(spec: JobSpec) -> dict:
         from ray_jobs.common import check_failures
 
         check_failures(STAGE, items.num_rows // max(1, table_crops(items)), dropped, t.max_failed_fraction)
+    clear_other_run(spec)
     if not t.resume_from:
         previous = interrupted_checkpoint(spec)
         if previous:  # an interrupted run of these settings: continue it instead of starting over

@@ -60,7 +60,7 @@ def _check_uri(field: str, uri: str) -> None:
         raise ConfigError(f"{field}: s3 URI needs a bucket, got {uri!r}")
 
 
-def _within(uri: str, root: str) -> bool:
+def within(uri: str, root: str) -> bool:
     uri, root = uri.rstrip("/"), root.rstrip("/")
     return uri == root or uri.startswith(root + "/")
 
@@ -232,12 +232,12 @@ def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) 
         out_field = STAGE_OUTPUT[stage]
         for field, uri in stage_inputs(spec, stage).items():
             _check_uri(field, uri)
-            if any(_within(uri, p) for p in produced.values()):
+            if any(within(uri, p) for p in produced.values()):
                 continue
             if not check_exists:
                 continue
             if not storage.exists(uri):
-                producer = next((s for s, f in STAGE_OUTPUT.items() if _within(uri, _get(spec, f))), None)
+                producer = next((s for s, f in STAGE_OUTPUT.items() if within(uri, _get(spec, f))), None)
                 if producer == "synthesize" and spec.data.dataset != "synthetic":
                     # a real dataset is downloaded, never synthesised
                     which = "your" if spec.data.classes_file else f"the {spec.data.dataset.upper()}"
@@ -257,14 +257,6 @@ def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) 
 
 def stages_to_run(spec: JobSpec) -> list[str]:
     """The spec's stages that ``run`` would not skip (complete stages need no weights)."""
-    from ray_jobs.pipeline import stage_complete
+    from ray_jobs.pipeline import plan
 
-    out = []
-    for name in spec.pipeline.stages:
-        try:
-            done = name not in spec.pipeline.force and stage_complete(spec, name)
-        except Exception:  # an unreadable old output: the stage runs, so check its models
-            done = False
-        if not done:
-            out.append(name)
-    return out
+    return [name for name, done, _ in plan(spec) if not done]

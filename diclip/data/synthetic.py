@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from diclip import storage
-from diclip.data.classes import get_class_set
+from diclip.data.classes import ClassSet, get_class_set
 from diclip.data.labels import save_cls_labels
 from diclip.errors import ConfigError, DataError, StorageError
 from diclip.logging import get_logger
@@ -174,7 +174,25 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _existing_summary(root: str, params: dict[str, Any]) -> dict[str, Any] | None:
+def synthetic_params(num_train: int, num_val: int, image_size: int | tuple[int, int], seed: int, max_objects: int,
+                     class_set: str | ClassSet) -> dict[str, Any]:
+    """What a synthetic dataset is drawn from (recorded in ``synthetic.json``; another value, other images)."""
+    h, w = _size_hw(image_size)
+    return {"version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val), "image_size": [h, w],
+            "seed": int(seed), "max_objects": int(max_objects), "class_set": get_class_set(class_set).name}
+
+
+def recorded_params(root: str) -> dict[str, Any] | None:
+    """The params of the finished synthetic dataset at ``root`` (None when there is none)."""
+    uri = storage.join(root.rstrip("/") or root, "synthetic.json")
+    try:
+        meta = storage.read_json(uri) if storage.exists(uri) else None
+    except (StorageError, ValueError):
+        return None
+    return meta.get("params") if isinstance(meta, dict) else None
+
+
+def existing_summary(root: str, params: dict[str, Any]) -> dict[str, Any] | None:
     """The recorded summary if ``root`` already holds a finished dataset with these params."""
     seg = storage.join(root, "ImageSets", "Segmentation")
     meta_uri = storage.join(root, "synthetic.json")
@@ -223,13 +241,10 @@ def generate_synthetic(
         raise ConfigError(f"max_objects must be >= 1, got {max_objects}")
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
-    params = {
-        "version": FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
-        "image_size": [h, w], "seed": int(seed), "max_objects": int(max_objects), "class_set": cs.name,
-    }
+    params = synthetic_params(num_train, num_val, (h, w), seed, max_objects, cs)
     root = root.rstrip("/") or root
 
-    meta = _existing_summary(root, params)
+    meta = existing_summary(root, params)
     if meta is not None:
         log.info("synthetic dataset at %s is up to date; nothing to do", root)
         return {

@@ -122,3 +122,22 @@ def test_s3_round_trip(s3_bucket):
             assert s.image.shape == (48, 48, 3) and s.mask.shape == (48, 48)
             present = sorted(int(v) for v in np.unique(s.mask) if v)
             assert [i + 1 for i in np.flatnonzero(s.label)] == present
+
+
+def test_the_stage_is_complete_only_for_the_params_it_was_drawn_with(tmp_path):
+    """``synthesize`` used to count as complete whenever ``synthetic.json`` existed, so another seed or
+    size was skipped and the old images were used under the new spec."""
+    from ray_jobs import synthesize
+    from ray_jobs.pipeline import stale_settings
+    from tests.helpers import tiny_spec
+
+    small = ["synthesize.num_train=2", "synthesize.num_val=1", "synthesize.image_size=[32,32]"]
+    spec = tiny_spec(str(tmp_path / "run"), *small)
+    assert not synthesize.is_complete(spec) and synthesize.stale(spec) == []
+    synthesize.run(spec)
+    assert synthesize.is_complete(spec)
+    changed = tiny_spec(str(tmp_path / "run"), *small, "synthesize.seed=5", "synthesize.num_train=3")
+    assert not synthesize.is_complete(changed)
+    assert stale_settings(changed, "synthesize") == ["synthesize.num_train", "synthesize.seed"]
+    assert synthesize.run(changed)["skipped"] is False
+    assert synthesize.is_complete(changed) and not synthesize.is_complete(spec)

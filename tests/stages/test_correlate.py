@@ -124,6 +124,43 @@ def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server
     assert vce.shape == (1, 16, 16) and torch.isfinite(rar).all()  # the 64 px crop square: 4x4 tokens
 
 
+def test_maps_of_a_failed_run_are_not_mixed_into_a_run_with_other_settings(ray_session, tmp_path):
+    """The settings are recorded before any map is extracted: a failed (or interrupted) run leaves maps
+    but no manifest, and a re-run with other settings must recompute them, not keep them."""
+    from diclip.errors import StageFailed
+    from ray_jobs import evaluate, train
+    from ray_jobs.lineage import changed_keys
+    from ray_jobs.pipeline import plan_details, stale_settings
+
+    small = ["synthesize.num_train=2", "synthesize.num_val=1"]
+    spec = _prepare(str(tmp_path / "run"), *small)
+    storage.write_bytes(storage.join(spec.data.root, "JPEGImages", "synth_val_00000.jpg"), b"not a jpeg")
+    with pytest.raises(StageFailed):
+        correlate.run(spec)
+    assert len(list_shards(spec.correlate.output)) >= 1 and not storage.is_complete(spec.correlate.output)
+    changed = tiny_spec(spec.output_uri, *small, "method.corr_threshold=0.5", "correlate.max_failed_fraction=0.5")
+    assert correlate.stale(changed) == ["corr_threshold"]
+    out = correlate.run(changed)
+    assert out["extracted_now"] == 2 and out["images"] == 2 and correlate.is_complete(changed)
+    assert not correlate.is_complete(spec)
+    # the dataset is part of the identity: the same ids drawn again with another seed are other images
+    redrawn = tiny_spec(spec.output_uri, *small, "synthesize.seed=3", "method.corr_threshold=0.5",
+                        "correlate.max_failed_fraction=0.5")
+    # before it is drawn, validate lists the maps stale because the stage they read will change
+    assert correlate.is_complete(redrawn) and correlate.stale(redrawn) == []
+    status = {name: (done, upstream) for name, done, _, upstream in plan_details(redrawn)}
+    assert status["synthesize"] == (False, []) and status["correlate"] == (False, ["synthesize"])
+    assert stale_settings(redrawn, "correlate") == ["synthesize output will change"]
+    trained_with, evaluated_with = train.run_settings(changed), evaluate.run_key(changed, "weights", 64)
+    synthesize.run(redrawn)
+    assert not correlate.is_complete(redrawn) and correlate.stale(redrawn) == ["data.synthetic.seed"]
+    # recomputed maps keep their shard names (ids): what reads them sees the settings they were made with
+    assert correlate.run(redrawn)["extracted_now"] == 3  # the redrawn image decodes again
+    assert "inputs.correlation.settings_hash" in changed_keys(trained_with, train.run_settings(redrawn))
+    assert {"correlation_maps.settings_hash", "data.synthetic.seed"} <= set(
+        changed_keys(evaluated_with, evaluate.run_key(redrawn, "weights", 64)))
+
+
 def _tree(pid: int) -> list:
     import psutil
 

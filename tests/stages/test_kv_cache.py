@@ -282,3 +282,14 @@ def test_chain_roundtrips_through_s3(ray_session, s3_bucket, moto_server):
     assert kv.keys.shape == (res["entries"], 64) and kv.card["sources"]["mask"]["uri"].startswith("s3://")
     # a re-run of the complete chain does no work
     assert generate.run(spec)["generated_now"] == 0 and mask.run(spec)["masked_now"] == 0
+    # other images under the same ids: the masks and the cache made from the old ones are stale and redone
+    changed = tiny_spec(f"{s3_bucket}/run", *BASE, "mask.min_foreground=0.0", "mask.max_foreground=1.0",
+                        "generate.guidance_scale=9", endpoint_url=moto_server)
+    assert generate.run(changed)["generated_now"] == 8
+    assert not mask.is_complete(changed) and mask.stale(changed) == ["generate output changed"]
+    assert not cache.is_complete(changed) and cache.stale(changed) == ["generate output changed"]
+    assert mask.run(changed)["masked_now"] == 8
+    assert cache.stale(changed) == ["generate output changed", "mask output changed"]
+    kept = sum(r["kept"] for r in read_stage_table(changed.mask.output, ["kept"]).to_pylist())
+    assert cache.run(changed)["featurised_now"] == kept  # every kept mask again, none reused
+    assert all(mod.is_complete(changed) for mod in (generate, mask, cache))

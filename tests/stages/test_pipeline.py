@@ -28,6 +28,28 @@ FAST = [
 ]
 
 
+def test_a_stage_run_will_recompute_makes_the_stages_reading_its_output_stale(tmp_path):
+    """``validate`` lists a stale stage and the ones that read its output (their own inputs still match,
+    but ``run`` will change them), with the reason."""
+    from ray_jobs import synthesize
+    from ray_jobs.pipeline import plan_details, producers, stale_settings
+
+    small = ["synthesize.num_train=2", "synthesize.num_val=1", "synthesize.image_size=[32,32]"]
+    spec = tiny_spec(str(tmp_path / "run"), *small)
+    assert {n: producers(spec, n) for n in spec.pipeline.stages} == {
+        "synthesize": [], "generate": [], "mask": ["generate"], "cache": ["generate", "mask"],
+        "correlate": ["synthesize"], "train": ["synthesize", "cache", "correlate"],
+        "evaluate": ["synthesize", "correlate", "train"], "infer": ["synthesize", "train"]}
+    synthesize.run(spec)
+    assert plan_details(spec)[0] == ("synthesize", True, spec.data.root, [])
+    changed = tiny_spec(str(tmp_path / "run"), *small, "synthesize.seed=4")
+    assert stale_settings(changed, "synthesize") == ["synthesize.seed"]
+    # stages with no output yet are simply to run (test_correlate and the end-to-end test below check that
+    # complete ones reading a changed output are listed stale)
+    assert [(n, done, up) for n, done, _, up in plan_details(changed)] == [(n, False, []) for n in spec.pipeline.stages]
+    assert stale_settings(changed, "infer") == []
+
+
 def test_own_class_set_end_to_end_into_s3(ray_session, s3_bucket, moto_server, tmp_path):
     path = tmp_path / "shapes.yaml"
     path.write_text(SHAPES_CLASS_FILE)
@@ -78,6 +100,10 @@ def test_own_class_set_end_to_end_into_s3(ray_session, s3_bucket, moto_server, t
     assert status["generate"] and status["synthesize"] and not status["correlate"] and not status["train"]
     assert stale_settings(changed, "correlate") == ["corr_threshold"]
     assert "train.lr" in stale_settings(changed, "train") and "method.corr_threshold" in stale_settings(changed, "train")
+    # ... and the stages that read a stale stage's output are stale too: their input will change
+    assert not status["evaluate"] and not status["infer"]
+    assert stale_settings(changed, "infer") == ["train output will change"]
+    assert "train output will change" in stale_settings(changed, "evaluate")
     # editing the classes file (a new CLIP prompt) makes the stages that use the prompts stale; data,
     # generated images and maps stay
     path.write_text(SHAPES_CLASS_FILE.replace("prompt_names: [ball, box]", "prompt_names: [round ball, box]"))

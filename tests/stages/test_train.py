@@ -377,3 +377,38 @@ def test_a_worker_group_no_node_can_host_stops_with_one_line(s3_run, moto_server
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_a_changed_setting_trains_from_step_0_instead_of_resuming_the_old_run(ray_session, tmp_path):
+    """Ray Train resumes any snapshot in its run folder: after ``train.lr`` changed, the old run's weights
+    were exported again and marked complete under the new settings. Now the old run is cleared first."""
+    args = ["train.max_iters=2", "train.eval_every=2", "train.val_limit=2", "train.num_workers=1",
+            "train.mode=online"]  # online maps: no correlate stage to prepare
+    spec = tiny_spec(str(tmp_path / "run"), *TRAIN, *args)
+    synthesize.run(spec)
+    save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
+    weights = storage.join(spec.train.output, "export", "model.safetensors")
+    train.run(spec)
+    before = storage.read_bytes(weights)
+    changed = tiny_spec(str(tmp_path / "run"), *TRAIN, *args, f"train.lr={spec.train.lr * 10}")
+    assert not train.is_complete(changed) and train.stale(changed) == ["train.lr"]
+    train.run(changed)
+    m = _metrics(changed)
+    last = max(i for i, r in enumerate(m) if r["kind"] == "setup")
+    assert [r["step"] for r in m[last:] if r["kind"] in ("train", "eval")] == [1, 2]  # trained from step 0
+    assert storage.read_bytes(weights) != before
+    assert [r["kind"] for r in m].count("setup") == 1  # the old run's log went with it
+    assert train.is_complete(changed) and not train.is_complete(spec)
+
+
+def test_a_resume_from_inside_the_run_folder_being_replaced_is_refused(tmp_path):
+    """Starting over deletes the old run's folder: a checkpoint there named as train.resume_from would be
+    deleted before it is read, so that is one line instead (a checkpoint elsewhere is fine)."""
+    spec = tiny_spec(str(tmp_path / "run"))
+    storage.write_json(storage.join(spec.train.output, "run.json"), {"fingerprint": "another run"})
+    inside = storage.join(train.run_dir(spec), "checkpoint_2026")
+    with pytest.raises(ConfigError, match="train.resume_from: .* run with other settings") as e:
+        train.clear_other_run(tiny_spec(str(tmp_path / "run"), f"train.resume_from={inside.split('://')[-1]}"))
+    assert "\n" not in str(e.value) and storage.exists(storage.join(spec.train.output, "run.json"))
+    train.clear_other_run(tiny_spec(str(tmp_path / "run"), f"train.resume_from={tmp_path}/elsewhere"))
+    assert not storage.exists(storage.join(spec.train.output, "run.json"))
