@@ -11,7 +11,9 @@ masks, cache and maps) and recompute the rest:
   method.adapter_cam_weight=0``): surgery CAMs + CAA + RAR.
 * ``+ VCE``, ``+ TSA``, ``DiCLIP`` (both): the method's two additions, alone and together.
 * controls: ``all background``; ``untrained diffusion`` (the shipped VAE with a re-initialised UNet and
-  text encoder: what attention gives without diffusion training); ``maps: VCE x / RAR y`` (CAM only: the
+  text encoder: what attention gives without diffusion training); ``colour maps`` (training and
+  evaluation with the colour affinity below as both VCE and RAR map, written as a correlation store in
+  place of the diffusion maps: CAM and segmentation); ``maps: VCE x / RAR y`` (CAM only: the
   DiCLIP row's trained model through the evaluate stage's own CAM code, with the VCE and the RAR map each
   from the stored diffusion maps or from a parameter-free colour affinity ``exp(-|rgb_i - rgb_j|^2 /
   2 s^2)``; ``diffusion / diffusion`` reproduces the DiCLIP row and checks the comparison).
@@ -81,7 +83,62 @@ def rows(out: str, untrained: str) -> list[tuple[str, list[str], list[str]]]:
          shared(base, "data", "generate", "mask", "cache") + ["correlate.crops_per_image=4",
                                                               f"evaluate.correlation={base}/correlate"]),
         ("online maps", tail, shared(base, "data", "generate", "mask", "cache", "correlate") + ["train.mode=online"]),
+        (COLOUR_ROW, tail, shared(base, "data", "generate", "mask", "cache")),  # its maps: write_colour_maps
     ]
+
+
+COLOUR_ROW = "colour maps (control)"
+COLOUR_SIGMA = 0.1
+
+
+def write_colour_maps(base_uri: str, out_uri: str, spec, sigma: float = COLOUR_SIGMA) -> int:
+    """A correlation store with the items, grids and splits of the diffusion store at ``base_uri`` whose VCE
+    and RAR maps are the colour affinity of the same square input: the control row trains and evaluates
+    on it through the real stages. VCE in compact form with one cluster per token (the dense map itself),
+    RAR with the dense codec. Returns the maps written."""
+    import pyarrow as pa
+
+    from diclip.data import open_split
+    from diclip.data.correlation import BANK_COLUMNS, SCHEMA, CorrelationStore, pack_npz
+    from diclip.inference import resize_square
+    from ray_jobs.common import finalize, write_shard
+
+    if storage.is_complete(out_uri):
+        return storage.read_manifest(out_uri).num_items
+    base = CorrelationStore(base_uri)
+    seen: set[str] = set()
+    rows: list[dict] = []
+
+    def flush() -> None:  # finalize indexes the shards (no run part: it reads them, as after a killed run)
+        if rows:
+            write_shard(out_uri, pa.Table.from_pylist(rows, schema=SCHEMA), row_group_size=1)
+            rows.clear()
+
+    for split in spec.correlate.splits:
+        ds = open_split(spec.data, split)
+        for item in ds.ids:
+            if item in seen or item not in base:
+                continue
+            seen.add(item)
+            rec = base.get([item])[0]
+            image = ds.load(item).image
+            x = resize_square(image, spec.data.crop_size)[None]
+            n = rec.grid[0] * rec.grid[1]
+            vce = colour_affinity(x, rec.grid, sigma)[0]
+            rar = colour_affinity(x, rec.rar_grid, sigma)[0]
+            rows.append({"item_id": item, "split": split, "src_h": image.shape[0], "src_w": image.shape[1],
+                         "grid_h": rec.grid[0], "grid_w": rec.grid[1], "vce_k": n,
+                         "vce_ids": np.arange(n, dtype=np.uint8).tobytes(),
+                         "vce_rows": vce.numpy().astype(np.float16).tobytes(),
+                         "rar_grid_h": rec.rar_grid[0], "rar_grid_w": rec.rar_grid[1], "rar_codec": "dense_fp16",
+                         "rar": pack_npz({"map": rar.half().numpy()}), "crop": -1, "geom": []})
+            if len(rows) == 32:
+                flush()
+    flush()
+    extra = {**base.manifest.extra, "settings": {"maps": f"colour affinity, sigma {sigma}"}}
+    extra.pop("commit_index", None)
+    return finalize(out_uri, "correlate", spec, spec.correlate, [], {"diffusion": "none (colour affinity)"},
+                    extra, index_columns=BANK_COLUMNS).num_items
 
 
 def slug(name: str) -> str:
@@ -203,6 +260,9 @@ def main() -> None:
     for name, stages, overrides in rows(out, untrained):
         if wanted and name not in wanted and name != "DiCLIP":
             continue
+        if name == COLOUR_ROW:
+            spec0 = results[0]["spec"]
+            write_colour_maps(spec0.correlate.output, f"{out}/runs/{slug(name)}/correlate", spec0)
         r = run_row(out, name, stages, overrides, common)
         print(f"{name:<24} CAM {r['cam_miou']:.3f}  seg {r['seg_miou']:.3f}  ({r['seconds']:.0f} s)", flush=True)
         results.append(r)

@@ -490,9 +490,13 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
         ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
                             **map_batches_kwargs(res))
         writer = IndexWriter(output, index_columns) if output else None
+        running = streaming_executors()
         try:
             _consume(ds, result, desc, res, collect if writer is None else _both(writer.add, collect), stall_s,
                      len(items), prepared=prepare is not None)
+        except BaseException:
+            stop_executors(streaming_executors() - running)
+            raise
         finally:
             if writer is not None:
                 writer.save()
@@ -507,6 +511,31 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     for item_id, err in result.failures:
         log.warning("%s: %s failed: %s", desc, item_id, err)
     return result
+
+
+def streaming_executors() -> set:
+    """Ray Data's streaming executors alive in this process (each runs as a thread of its own)."""
+    import threading
+
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # moved in another Ray version: nothing to stop, as before
+        return set()
+    return {t for t in threading.enumerate() if isinstance(t, StreamingExecutor)}
+
+
+def stop_executors(executors: set) -> None:
+    """Stop the streaming executions a consumer gave up on (a stall, an error, an interrupt).
+
+    The watchdog's pump thread still waits on the dataset, so without this the pool's actors - and the
+    CPUs and GPUs they hold - stay alive until the driver exits, and the next pool of a long-lived driver
+    (a notebook, a test session) cannot start. (A starved execution never yields its first bundle, so
+    the dataset's own ``_current_executor`` handle is not set yet: the executor is found by its thread.)"""
+    for executor in executors:
+        try:
+            executor.shutdown(force=True)
+        except Exception as e:  # shutting down a failed execution: best effort, never mask the real error
+            log.debug("could not stop a dataset executor: %s", e)
 
 
 def unfused_task_args() -> dict:

@@ -170,21 +170,22 @@ def _tree(pid: int) -> list:
         return []
 
 
-def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path):
+def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path, s3_bucket, moto_server):
     """SIGTERM (what Kubernetes sends) stops a run of whole images plus a per-crop bank in seconds with one
     line, leaves none of its processes behind, keeps the committed shards; a second run is killed with
-    SIGKILL; a third completes every map exactly once."""
+    SIGKILL; a third completes every map exactly once. Everything lives in the moto S3 bucket."""
     import psutil
 
     from ray_jobs.interrupt import MESSAGE
 
-    root = str(tmp_path / "run")
+    root = f"{s3_bucket}/run"
     overrides = ["synthesize.num_train=12", "synthesize.num_val=4", "correlate.resources.batch_size=2",
                  "correlate.resources.concurrency=1", "correlate.crops_per_image=2", "data.crop_size=48"]
-    spec = _prepare(root, *overrides)
+    spec = _prepare(root, *overrides, endpoint_url=moto_server)
     env = dict(os.environ, DICLIP_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/tiny.yaml", f"output_uri={root}",
-           "ray.progress_bars=false", "synthesize.image_size=[64,80]", "correlate.max_side=80", *overrides]
+           f"storage.endpoint_url={moto_server}", "ray.progress_bars=false", "synthesize.image_size=[64,80]",
+           "correlate.max_side=80", *overrides]
     err_file = open(tmp_path / "stderr.txt", "w")  # a file, not a pipe: Ray's logs must not fill a pipe
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
     try:

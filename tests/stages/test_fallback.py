@@ -1,5 +1,6 @@
 """Batched model calls fall back to one item at a time: one bad item (or an OOM on a big batch) fails alone."""
 import os
+import time
 
 import pandas as pd
 import pytest
@@ -92,11 +93,20 @@ def test_a_pool_that_starves_its_input_tasks_says_so(ray_session):
 
     res = Resources(num_cpus=1, prepare_cpus=0.5, concurrency=2, batch_size=2)  # 2 x 1 CPU = this test cluster
     with pytest.raises(DiclipError) as e:
-        run_pool([{"item_id": str(i)} for i in range(4)], _Echo, {}, res, desc="correlate", stall_s=5,
+        # 20 s: the actors must have started (and taken the CPUs) when the watchdog looks, even on a slow
+        # CI machine; before that the stall would rightly read as "an actor may be stuck"
+        run_pool([{"item_id": str(i)} for i in range(4)], _Echo, {}, res, desc="correlate", stall_s=20,
                  prepare=_tag_input)
     msg = str(e.value)
     assert msg.startswith("correlate: no progress for") and "\n" not in msg
     assert "input tasks (0.5 CPUs each) get none" in msg and "no node can meet" not in msg
+    # the run's execution is stopped with it: the pool's actors give their CPUs back, so the next pool of
+    # this (long-lived) driver can start - they held both CPUs and hung the next test before
+    ray = ray_session
+    deadline = time.time() + 60
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 class _CannotLoad:
