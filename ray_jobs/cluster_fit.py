@@ -106,9 +106,10 @@ def cluster_view() -> ClusterView:
     """What the joined cluster offers (Ray must be initialised)."""
     import ray
 
-    keys = ("CPU", "GPU")
-    nodes = [{k: float(n.get("Resources", {}).get(k, 0.0)) for k in keys} for n in ray.nodes() if n.get("Alive")]
-    total = {k: float(v) for k, v in ray.cluster_resources().items() if k in keys}
+    from ray_jobs.common import alive_nodes
+
+    nodes = alive_nodes()
+    total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     types, grows = _published_node_types()
     autoscaling = grows if types is not None else _autoscaler_runs() is not False
     return ClusterView(nodes=nodes, total=total, node_types=types, autoscaling=autoscaling)

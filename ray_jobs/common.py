@@ -340,15 +340,21 @@ def free_and_total() -> tuple[dict, dict]:
     return free, total
 
 
+def alive_nodes() -> list[dict]:
+    """Total CPUs/GPUs of each alive node of the connected cluster."""
+    import ray
+
+    return [{k: float(n.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")} for n in ray.nodes()
+            if n.get("Alive")]
+
+
 def largest_node() -> dict:
     """CPUs/GPUs of the biggest alive node, for messages ({} when Ray cannot say)."""
     try:
-        import ray
-
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        nodes = alive_nodes()
     except Exception:
         return {}
-    return {k: max(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")} if nodes else {}
+    return {k: max(n[k] for n in nodes) for k in ("CPU", "GPU")} if nodes else {}
 
 
 def stall_message(desc: str, res: Resources, minutes: float, prepared: bool = False) -> str:

@@ -74,7 +74,7 @@ def read_checkpoint_step(uri: str) -> int:
 def resume_step(spec: JobSpec) -> int:
     """The step the workers will resume from: Ray Train's latest registered checkpoint of this run
     (its snapshot file, read in the controller right before workers start), else ``resume_from``."""
-    snapshot = storage.join(run_dir(spec), "checkpoint_manager_snapshot.json")
+    snapshot = snapshot_uri(spec)
     try:
         if storage.exists(snapshot):
             latest = storage.read_json(snapshot).get("latest_checkpoint_result")
@@ -283,7 +283,7 @@ def interrupted_checkpoint(spec: JobSpec) -> str | None:
     """The latest checkpoint of an interrupted (not complete) run with these settings, else None."""
     t = spec.train
     run_file = storage.join(t.output, RUN_FILE)
-    snapshot = storage.join(run_dir(spec), "checkpoint_manager_snapshot.json")
+    snapshot = snapshot_uri(spec)
     try:
         if is_complete(spec) or not storage.exists(run_file) or not storage.exists(snapshot):
             return None
@@ -302,6 +302,11 @@ def interrupted_checkpoint(spec: JobSpec) -> str | None:
 def run_dir(spec: JobSpec) -> str:
     """Ray Train's run folder (checkpoints and ``checkpoint_manager_snapshot.json``)."""
     return storage.join(spec.train.output, "ray", f"{spec.name}-train")
+
+
+def snapshot_uri(spec: JobSpec) -> str:
+    """Ray Train's record of the run's registered checkpoints (``latest_checkpoint_result``)."""
+    return storage.join(run_dir(spec), "checkpoint_manager_snapshot.json")
 
 
 RUN_OUTPUTS = ("export", "tensorboard")
@@ -327,7 +332,7 @@ def clear_other_run(spec: JobSpec) -> None:
     if t.resume_from and _bare(t.resume_from).startswith(_bare(folder)):
         raise ConfigError(f"train.resume_from: {t.resume_from} is in the run folder of a run with other settings, "
                           "which this run replaces; copy that checkpoint elsewhere first")
-    found = storage.exists(storage.join(folder, "checkpoint_manager_snapshot.json")) or \
+    found = storage.exists(snapshot_uri(spec)) or \
         any(storage.exists(storage.join(t.output, f)) for f in ("manifest.json", METRICS, RUN_FILE))
     if not found:
         return
