@@ -612,17 +612,20 @@ def training_step(outputs, diff_attn_raw, cls_labels, crop, n_iter, *, caa_thre,
     attn_pred = outputs["attn_pred"]
     crop = tuple(int(v) for v in crop)
 
+    scores = None
     if pseudo is None:
-        pseudo = []
+        pseudo, scores = [], []
         for i in range(cam.shape[0]):
             seg_attn = attn_pred[i].unsqueeze(0).detach().to(dtype) if n_iter >= seg_attn_from else None
             maps, _ = refine_cams_with_aff(cam[i].to(dtype), attn_weights[:, i].to(dtype), cls_labels[i], size=crop,
                                            caa_thre=caa_thre, seg_attn=seg_attn, patch=patch, dtype=dtype)
             stacked = torch.stack(maps, dim=0).flatten(-2, -1).permute(1, 0).unsqueeze(0)  # [1,N,n]
-            _, lab = rar_refine(cls_labels[i], stacked, diff_attn_raw[i], mask_size=crop, iters=rar_iters,
-                                dtype=dtype)
+            valid, lab = rar_refine(cls_labels[i], stacked, diff_attn_raw[i], mask_size=crop, iters=rar_iters,
+                                    dtype=dtype)
             pseudo.append(lab)
+            scores.append(valid)
         pseudo = torch.cat(pseudo, dim=0)  # [B,H,W]
+        scores = torch.cat(scores, dim=0)  # [B,K,H,W]: what the labels are the argmax of
 
     segs = F.interpolate(outputs["seg"], size=pseudo.shape[1:], mode="bilinear", align_corners=False)
     l_seg = seg_loss(segs, pseudo.long(), ignore_index=IGNORE_INDEX)
@@ -636,5 +639,5 @@ def training_step(outputs, diff_attn_raw, cls_labels, crop, n_iter, *, caa_thre,
     l_aff = aff_loss(attn_pred, aff_label)
 
     loss = 1.0 * l_seg + w_aff * l_aff + w_dynamic * l_dyn
-    return dict(seg_loss=l_seg, aff_loss=l_aff, dynamic_loss=l_dyn, loss=loss, pseudo=pseudo,
+    return dict(seg_loss=l_seg, aff_loss=l_aff, dynamic_loss=l_dyn, loss=loss, pseudo=pseudo, scores=scores,
                 aff_label=aff_label, seg_pred=seg_pred)

@@ -156,16 +156,34 @@ def as64(out):
                                aff_pred=out.aff_pred.double())
 
 
-def assert_labels_agree_beyond_ties(got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor, margin: float = 5e-3):
-    """fp32 label maps: identical wherever the top-two score margin exceeds ``margin``.
+def assert_labels_agree_beyond_ties(got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor,
+                                    want_scores: torch.Tensor) -> None:
+    """fp32 label maps (argmax over the class axis of ``scores`` / ``want_scores``): identical wherever a
+    difference in scores cannot flip them.
 
-    The RAR walk's min-subtract/sum-normalise steps amplify fp32 rounding (a summation-order
-    difference of 1e-7 becomes ~1e-4 in the scores), so pixels at near-ties between two classes may
-    flip; the logic itself is compared exactly in float64."""
-    top = scores.topk(2, dim=0).values
-    sure = (top[0] - top[1]) > margin
-    assert sure.float().mean() > 0.25  # not vacuous (random tiny CAMs leave many classes close)
+    The RAR walk's min-subtract/sum-normalise steps amplify fp32 rounding (a summation-order difference
+    of 1e-7 becomes ~1e-3 in the scores, and which order depends on the kernels torch picks on this
+    CPU), so pixels at near-ties may flip. With d the largest score difference, a pixel whose top-two
+    margin in ``want_scores`` exceeds 2 d has the same argmax in both - a bound, not a tuned tolerance.
+    The logic itself is compared exactly in float64."""
+    d = (scores.double() - want_scores.double()).abs().max()
+    top = want_scores.double().topk(2, dim=0).values
+    sure = (top[0] - top[1]) > 2 * d
+    assert sure.float().mean() > 0.25, f"vacuous: scores differ by {d:.2e}"
     assert torch.equal(got[sure], want[sure]), f"{(got[sure] != want[sure]).sum()} confident pixels differ"
+
+
+def assert_fp32_error_like_the_oracles(got: torch.Tensor, oracle32: torch.Tensor, oracle64: torch.Tensor,
+                                       factor: float = 4.0) -> None:
+    """``got`` (fp32) is as close to the float64 truth as the reference's own fp32 computation is.
+
+    The tolerance comes from the computation's conditioning on these inputs (the oracle's fp32-vs-fp64
+    error), not from one CPU: with AVX-512, AVX2 or default kernels both errors move together
+    (measured 2e-4..4e-3 each; the project's was at most 1.4x the oracle's)."""
+    noise = (oracle32.double() - oracle64).abs().max().item()
+    err = (got.double() - oracle64).abs().max().item()
+    assert noise < 0.05, f"the oracle's own fp32 error {noise:.2e} is too large to compare against"
+    assert err <= factor * noise + 1e-6, f"fp32 error {err:.2e} > {factor} x the oracle's own {noise:.2e}"
 
 
 @pytest.mark.parametrize("gate", [False, True])
@@ -179,6 +197,7 @@ def test_pseudo_labels_match_oracle(model, gate):
     scores, got = model.pseudo_labels(out, pseudo.rar_transition(raw, (1, 2)), lab, (160, 160), **kw)
     scores64, got64 = model.pseudo_labels(as64(out), pseudo.rar_transition(raw.double(), (1, 2)), lab.double(),
                                           (160, 160), **kw)
+    want32, want64 = [], []
     for i in range(3):
         for dtype in (torch.float64, torch.float32):
             o = as64(out) if dtype == torch.float64 else out
@@ -190,9 +209,11 @@ def test_pseudo_labels_match_oracle(model, gate):
             if dtype == torch.float64:  # the logic, exactly
                 assert torch.equal(got64[i], want[0])
                 torch.testing.assert_close(scores64[i], valid[0], rtol=1e-9, atol=1e-9)
+                want64.append(valid[0])
             else:  # what runs in production: fp32
-                assert_labels_agree_beyond_ties(got[i], want[0], valid[0])
-                torch.testing.assert_close(scores[i], valid[0], rtol=0, atol=5e-3)
+                assert_labels_agree_beyond_ties(got[i], want[0], scores[i], valid[0])
+                want32.append(valid[0])
+    assert_fp32_error_like_the_oracles(scores, torch.stack(want32), torch.stack(want64))
 
 
 LOSSES = (("seg_loss", "seg_loss"), ("aff_loss", "aff_loss"), ("adapter_loss", "dynamic_loss"), ("loss", "loss"))
@@ -276,7 +297,7 @@ def test_online_training_step_matches_oracle(tmp_path, parts):
         want = oracle.training_step(outs, raw, lab, (160, 160), step, pseudo=pl, **kw)
         labels64 = oracle.training_step(outs, raw, lab, (160, 160), step, dtype=torch.float64, **kw)["pseudo"]
     for i in range(2):
-        assert_labels_agree_beyond_ties(pl[i], theirs["pseudo"][i], scores[i])
+        assert_labels_agree_beyond_ties(pl[i], theirs["pseudo"][i], scores[i], theirs["scores"][i])
     # the pseudo-label logic on the online maps, exactly (in float64, where rounding cannot flip near-ties)
     _, pl64 = trainer.model.pseudo_labels(as64(out), pseudo.rar_transition(raw.double(), tuple(d.heads)), lab.double(),
                                           (160, 160), gate=True, rar_grid=rar_grid)
