@@ -41,10 +41,16 @@ class StorageConfig:
     region: Optional[str] = None
     """None: ``AWS_REGION``/``AWS_DEFAULT_REGION``, else us-east-1."""
     max_attempts: int = 3
-    """S3 request attempts before a stage reports the store unreachable."""
+    """Attempts of one S3 request inside the AWS SDK (a fraction of a second); outages are
+    ``retry_budget_s``'s job."""
+    retry_budget_s: float = 600.0
+    """How long every read and write waits out an unreachable or failing store (refused connections,
+    timeouts, 5xx, throttling), retrying with backoff, before the stage stops with one line; a restart
+    or failover of the store within it costs the run only the wait. 0: fail at the first error."""
 
     def __post_init__(self) -> None:
         _check(self.max_attempts >= 1, "storage.max_attempts must be >= 1")
+        _check(self.retry_budget_s >= 0, "storage.retry_budget_s must be >= 0")
 
 
 @dataclass

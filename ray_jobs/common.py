@@ -161,8 +161,7 @@ def configure_data_context(spec: JobSpec) -> None:
 def setup_process(spec: JobSpec) -> None:
     """Per-actor/worker setup: logging, storage endpoint, CPU threads."""
     init_logging()
-    storage.configure(storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region,
-                                             max_attempts=spec.storage.max_attempts))
+    storage.configure(storage.options_from(spec.storage))
 
 
 def configure_driver(spec: JobSpec) -> None:

@@ -115,8 +115,7 @@ class RankDatasetFactory:
             load_rows, batch_size=b, batch_format="numpy", num_cpus=0.25,
             fn_kwargs=dict(crop=spec.data.crop_size, scale_range=tuple(spec.data.rescale_range), flip=spec.data.flip,
                            seed=t.seed, with_maps=t.mode == "stored",
-                           storage_options=dict(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region,
-                                                max_attempts=spec.storage.max_attempts)),
+                           storage_options=dataclasses.asdict(storage.options_from(spec.storage))),
         )
 
 

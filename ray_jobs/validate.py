@@ -217,8 +217,7 @@ def check_class_file(spec: JobSpec) -> None:
 def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) -> None:
     """``local``: the spec runs on this machine's Ray (not when submitting to a cluster)."""
     # the spec's own endpoint/region, not only AWS_ENDPOINT_URL: validate runs before any stage configures it
-    storage.configure(storage.StorageOptions(endpoint_url=spec.storage.endpoint_url, region=spec.storage.region,
-                                             max_attempts=spec.storage.max_attempts))
+    storage.configure(storage.options_from(spec.storage))
     _check_uri("output_uri", spec.output_uri)
     here = local_resources(spec) if local else None
     if here is not None:

@@ -11,6 +11,10 @@ Guarantees the rest of the package relies on:
   file, so "the manifest exists" can mean "the stage finished".
 * Failures raise :class:`~diclip.errors.StorageError` with one line naming the URI and the cause
   (missing object, missing bucket, unreachable endpoint, unsupported scheme, corrupt file).
+* An object store that blips (refused connections, timeouts, 5xx, throttling) is waited out: every
+  S3 operation retries with capped exponential backoff for up to ``retry_budget_s`` seconds, saying
+  once per outage that it waits and once that the store is back (:func:`outage_report` counts them).
+  Only then does it raise, naming the store, the operation and how long it waited.
 * ``list_files`` returns URIs in the caller's style (relative stays relative, ``file://`` stays
   ``file://``) so results can be fed straight back into the readers.
 """
@@ -19,9 +23,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import re
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,13 +61,23 @@ class StorageOptions:
     region: str | None = None  # None -> AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
-    max_attempts: int = 3
+    max_attempts: int = 3  # one request's attempts inside the AWS SDK (seconds)
+    retry_budget_s: float = 600.0  # how long an operation waits out an unreachable store (minutes)
 
 
 _lock = threading.Lock()
 _options = StorageOptions()
+# Backoff between attempts of one operation while the store is away: 0.5 s doubling to 30 s, +-25% jitter
+_BACKOFF_FIRST_S = 0.5
+_BACKOFF_MAX_S = 30.0
 _s3_cache: dict[tuple, pafs.S3FileSystem] = {}
 _local_fs = pafs.LocalFileSystem()
+
+
+def options_from(cfg: Any) -> StorageOptions:
+    """The options a job's ``storage`` section (:class:`diclip.config.StorageConfig`) asks for."""
+    return StorageOptions(endpoint_url=cfg.endpoint_url, region=cfg.region, max_attempts=int(cfg.max_attempts),
+                          retry_budget_s=float(cfg.retry_budget_s))
 
 
 def configure(options: StorageOptions | None) -> None:
@@ -278,7 +294,28 @@ def _bucket_missing(path: str) -> bool:
         return False
 
 
+# What an object store says while it restarts, fails over or sheds load; anything else (no such key,
+# access denied, a bad bucket) is an answer, not an outage.
+_TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|curlCode|REQUEST_TIMEOUT|Timeout|timed out|Could not connect|Connection refused|"
+    r"Connection reset|Broken pipe|INTERNAL_FAILURE|internal error|SERVICE_UNAVAILABLE|ServiceUnavailable|"
+    r"Service Unavailable|SLOW_DOWN|SlowDown|Throttl|HTTP status 5\d\d|HTTP response code 5\d\d")
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for errors that a store that is restarting or overloaded gives (worth waiting out)."""
+    if isinstance(e, StorageError):
+        return bool(getattr(e, "transient", False))
+    return bool(_TRANSIENT.search(str(e)))
+
+
 def _storage_error(uri: str, action: str, e: BaseException) -> StorageError:
+    err = _classify(uri, action, e)
+    err.transient = _split(uri)[0] == "s3" and is_transient(e)  # type: ignore[attr-defined]
+    return err
+
+
+def _classify(uri: str, action: str, e: BaseException) -> StorageError:
     kind, path = _split(uri)
     text = str(e)
     if kind == "s3":
@@ -316,6 +353,75 @@ def _errors(uri: str, action: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Waiting out an unreachable store
+# --------------------------------------------------------------------------------------------------
+
+_outage_lock = threading.Lock()
+_outage: dict[str, Any] = {"since": None, "count": 0, "waited_s": 0.0, "retries": 0}
+
+
+def outage_report() -> dict[str, float]:
+    """This process's outages waited out so far: ``count``, ``waited_s`` (seconds), ``retries``."""
+    with _outage_lock:
+        return {k: _outage[k] for k in ("count", "waited_s", "retries")}
+
+
+def _outage_begins(uri: str, action: str, reason: str, budget: float) -> None:
+    with _outage_lock:
+        _outage["retries"] += 1
+        if _outage["since"] is not None:
+            return
+        _outage["since"] = time.monotonic()
+    log.warning("object store %s not answering (%s %s: %s); waiting up to %.0f s for it "
+                "(storage.retry_budget_s)", _endpoint_label(), action, uri, reason, budget)
+
+
+def _outage_ends() -> None:
+    with _outage_lock:
+        since = _outage["since"]
+        if since is None:
+            return
+        _outage["since"] = None
+        waited = time.monotonic() - since
+        _outage["count"] += 1
+        _outage["waited_s"] += waited
+    log.warning("object store %s answers again after %.0f s; continuing", _endpoint_label(), waited)
+
+
+def _call(uri: str, action: str, fn: Callable[[], Any], budget_s: float | None = None) -> Any:
+    """``fn()`` with errors mapped to one-line StorageErrors; on S3, transient errors are retried with
+    backoff until ``budget_s`` (default: the options' ``retry_budget_s``) has passed since this
+    operation's first failure. The final error is the last one's line plus how long it waited."""
+    if _split(uri)[0] != "s3":
+        with _errors(uri, action):
+            return fn()
+    budget = get_options().retry_budget_s if budget_s is None else budget_s
+    first_failure: float | None = None
+    delay = _BACKOFF_FIRST_S
+    while True:
+        try:
+            with _errors(uri, action):
+                out = fn()
+            if _outage["since"] is not None:
+                _outage_ends()
+            return out
+        except StorageError as e:
+            if not getattr(e, "transient", False):
+                raise
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            waited = now - first_failure
+            if waited + delay > budget:
+                if budget <= 0:
+                    raise
+                raise StorageError(f"{e} (store unreachable for {waited:.0f} s, the limit set by "
+                                   f"storage.retry_budget_s={budget:g})") from e
+            _outage_begins(uri, action, _short(e.__cause__ or e), budget)
+            time.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+
+
+# --------------------------------------------------------------------------------------------------
 # Bytes, text, JSON
 # --------------------------------------------------------------------------------------------------
 
@@ -339,9 +445,12 @@ def _atomic_write(uri: str, write_fn: Callable[[IO[bytes]], None]) -> None:
         buf = io.BytesIO()
         write_fn(buf)
         fs, key = resolve(uri)
-        with _errors(uri, "write"):
+
+        def put() -> None:
             with fs.open_output_stream(key) as out:
                 out.write(buf.getbuffer())
+
+        _call(uri, "write", put)
         return
 
     target = os.path.abspath(path)
@@ -381,9 +490,12 @@ def _fsync_dir(directory: str) -> None:
 def read_bytes(uri: str) -> bytes:
     """The whole object or file."""
     fs, path = resolve(uri)
-    with _errors(uri, "read"):
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    return _call(uri, "read", read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -423,14 +535,16 @@ def write_json(uri: str, obj: Any) -> None:
 
 def check_writable_root(uri: str) -> None:
     """Fail in one line unless ``uri``'s store is reachable and, on S3, its bucket exists (a run would
-    otherwise fail only at its first write, after models have loaded)."""
+    otherwise fail only at its first write, after models have loaded).
+
+    This first contact is not retried: a wrong endpoint is one line at once, not minutes of waiting
+    for a store that never answers; once stages run, outages are waited out."""
     kind, path = _split(uri)
     if kind != "s3":
         return
     bucket = path.split("/", 1)[0]
     fs = _s3_filesystem()
-    with _errors(uri, "check"):
-        info = fs.get_file_info(bucket)
+    info = _call(uri, "check", lambda: fs.get_file_info(bucket), budget_s=0)
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"bucket does not exist: s3://{bucket} (for {uri}) at {_endpoint_label()}; create it "
                            "or fix output_uri / storage.endpoint_url")
@@ -439,15 +553,13 @@ def check_writable_root(uri: str) -> None:
 def exists(uri: str) -> bool:
     """True for an existing file, or a directory / S3 prefix that holds objects."""
     fs, path = resolve(uri)
-    with _errors(uri, "check"):
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _call(uri, "check", lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
 
 
 def size(uri: str) -> int | None:
     """Bytes of the file at ``uri`` (a metadata request, nothing read); None when there is no such file."""
     fs, path = resolve(uri)
-    with _errors(uri, "check"):
-        info = fs.get_file_info(path)
+    info = _call(uri, "check", lambda: fs.get_file_info(path))
     return info.size if info.type == pafs.FileType.File else None
 
 
@@ -460,10 +572,8 @@ def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> l
     kind, _ = _split(uri)
     fs, base = resolve(uri)
     base = base.rstrip("/")
-    with _errors(uri, "list"):
-        infos = fs.get_file_info(
-            pafs.FileSelector(base or "/", recursive=recursive, allow_not_found=True)
-        )
+    infos = _call(uri, "list", lambda: fs.get_file_info(
+        pafs.FileSelector(base or "/", recursive=recursive, allow_not_found=True)))
     out = []
     for info in infos:
         if info.type != pafs.FileType.File:
@@ -482,11 +592,14 @@ def list_files(uri: str, suffix: str | None = None, recursive: bool = True) -> l
 def delete(uri: str) -> None:
     """Delete one file/object; a missing one is fine (deletes are idempotent for retries)."""
     fs, path = resolve(uri)
-    with _errors(uri, "delete"):
+
+    def remove() -> None:
         try:
             fs.delete_file(path)
         except FileNotFoundError:
             pass
+
+    _call(uri, "delete", remove)
 
 
 def delete_dir(uri: str) -> None:
@@ -494,7 +607,8 @@ def delete_dir(uri: str) -> None:
     kind, _ = _split(uri)
     fs, path = resolve(uri)
     path = path.rstrip("/")
-    with _errors(uri, "delete"):
+
+    def remove() -> None:
         try:
             if kind == "s3" and "/" not in path:
                 # A bare bucket: empty it but never delete the bucket itself.
@@ -503,6 +617,8 @@ def delete_dir(uri: str) -> None:
                 fs.delete_dir(path)
         except FileNotFoundError:
             pass
+
+    _call(uri, "delete", remove)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,40 +635,53 @@ def write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) 
     _atomic_write(uri, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=row_group_size))
 
 
-@contextmanager
-def _parquet_file(uri: str) -> Iterator[pq.ParquetFile]:
+def _invalid_parquet(uri: str, e: BaseException) -> StorageError:
+    """A Parquet read that failed: an outage (retried by :func:`_call`) or a corrupt file (not)."""
+    if _split(uri)[0] == "s3" and is_transient(e):
+        return _storage_error(uri, "read", e)
+    return StorageError(f"not a valid Parquet file: {uri}: {_short(e)}")
+
+
+def _with_parquet(uri: str, fn: Callable[[pq.ParquetFile], Any]) -> Any:
+    """``fn(ParquetFile)`` on an open file; the whole read is one retried operation (ranged reads on S3
+    happen inside ``fn``, so an outage in the middle of them is waited out as well)."""
     fs, path = resolve(uri)
-    with _errors(uri, "read"):
+
+    def once() -> Any:
         f = fs.open_input_file(path)
-    try:
         try:
-            pf = pq.ParquetFile(f)
-        except (OSError, pa.ArrowException) as e:
-            raise StorageError(f"not a valid Parquet file: {uri}: {_short(e)}") from e
-        yield pf
-    finally:
-        f.close()
+            try:
+                pf = pq.ParquetFile(f)
+            except (OSError, pa.ArrowException) as e:
+                raise _invalid_parquet(uri, e) from e
+            try:
+                return fn(pf)
+            except (OSError, pa.ArrowException) as e:
+                raise _invalid_parquet(uri, e) from e
+        finally:
+            f.close()
+
+    return _call(uri, "read", once)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file, optionally only ``columns`` (unknown names are an error, not empty)."""
-    with _parquet_file(uri) as pf:
+
+    def read(pf: pq.ParquetFile) -> pa.Table:
         if columns is not None:
             names = pf.schema_arrow.names
             missing = [c for c in columns if c not in names]
             if missing:
-                raise StorageError(
-                    f"columns {missing} not in Parquet file {uri} (has {names})"
-                )
-        try:
-            return pf.read(columns=columns)
-        except (OSError, pa.ArrowException) as e:
-            raise StorageError(f"not a valid Parquet file: {uri}: {_short(e)}") from e
+                raise StorageError(f"columns {missing} not in Parquet file {uri} (has {names})")
+        return pf.read(columns=columns)
+
+    return _with_parquet(uri, read)
 
 
 def read_parquet_rows(uri: str, rows: list[int], columns: list[str] | None = None) -> pa.Table:
     """Only the given rows (in the given order), reading just the row groups that hold them."""
-    with _parquet_file(uri) as pf:
+
+    def read(pf: pq.ParquetFile) -> pa.Table:
         md = pf.metadata
         starts, acc = [], 0
         for g in range(md.num_row_groups):
@@ -561,10 +690,7 @@ def read_parquet_rows(uri: str, rows: list[int], columns: list[str] | None = Non
         if any(r < 0 or r >= acc for r in rows):
             raise StorageError(f"row index out of range for {uri} ({acc} rows)")
         groups = sorted({max(g for g in range(len(starts)) if starts[g] <= r) for r in rows})
-        try:
-            table = pf.read_row_groups(groups, columns=columns)
-        except (OSError, pa.ArrowException) as e:
-            raise StorageError(f"not a valid Parquet file: {uri}: {_short(e)}") from e
+        table = pf.read_row_groups(groups, columns=columns)
         offset = {g: sum(md.row_group(x).num_rows for x in groups[:i]) for i, g in enumerate(groups)}
         take = []
         for r in rows:
@@ -572,11 +698,12 @@ def read_parquet_rows(uri: str, rows: list[int], columns: list[str] | None = Non
             take.append(offset[g] + r - starts[g])
         return table.take(pa.array(take, pa.int64()))
 
+    return _with_parquet(uri, read)
+
 
 def parquet_num_rows(uri: str) -> int:
     """Row count from the footer, without reading any column data."""
-    with _parquet_file(uri) as pf:
-        return int(pf.metadata.num_rows)
+    return _with_parquet(uri, lambda pf: int(pf.metadata.num_rows))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -444,7 +444,7 @@ def test_missing_bucket(s3_bucket):
 def test_unreachable_endpoint_fails_fast(reset_storage):
     storage.configure(
         storage.StorageOptions(
-            endpoint_url="http://127.0.0.1:1", max_attempts=1, connect_timeout_s=1
+            endpoint_url="http://127.0.0.1:1", max_attempts=1, connect_timeout_s=1, retry_budget_s=0
         )
     )
     for op in (

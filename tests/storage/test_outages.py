@@ -1,0 +1,118 @@
+"""diclip.storage against a real object store that goes away and comes back (SeaweedFS).
+
+What a cluster's store does in real weather: a restart refuses connections for seconds, then serves
+the same objects again. Every operation waits that out within ``storage.retry_budget_s``, says once that
+it waits and once that the store is back, and beyond the budget fails with one line.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from diclip import storage
+from diclip.errors import StorageError
+
+
+def _outage(server, seconds: float) -> threading.Thread:
+    """Stop the store now and start it again after ``seconds`` (in the background)."""
+    server.stop(grace=2)
+
+    def back():
+        time.sleep(seconds)
+        server.start()
+
+    t = threading.Thread(target=back, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.timeout(240)
+def test_every_operation_waits_out_a_store_restart(seaweed, seaweed_bucket, caplog):
+    root = storage.join(seaweed_bucket, "run")
+    table = pa.table({"item_id": [f"i{k}" for k in range(20)], "v": list(range(20))})
+    storage.write_parquet(storage.join(root, "before.parquet"), table)
+    storage.write_bytes(storage.join(root, "blob.bin"), b"x" * 100)
+    storage.write_json(storage.join(root, "old.json"), {"a": 0})
+    before = storage.outage_report()
+    ops = {  # each issued while the store is down: it blocks until the store is back, then does its work
+        "write": lambda: storage.write_parquet(storage.join(root, "during.parquet"), table) is None,
+        "read": lambda: storage.read_bytes(storage.join(root, "blob.bin")) == b"x" * 100,
+        "rows": lambda: storage.read_parquet_rows(storage.join(root, "before.parquet"), [3, 1]).column("v").to_pylist()
+        == [3, 1],
+        "list": lambda: storage.join(root, "before.parquet") in storage.list_files(root, suffix=".parquet"),
+        "exists": lambda: storage.exists(storage.join(root, "blob.bin")),
+        "json": lambda: storage.write_json(storage.join(root, "m.json"), {"a": 1}) is None,
+        "delete": lambda: storage.delete(storage.join(root, "old.json")) is None,
+    }
+    results: dict[str, object] = {}
+
+    def run(name):
+        try:
+            results[name] = ops[name]()
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            results[name] = e
+
+    with caplog.at_level(logging.WARNING, logger="diclip"):
+        restart = _outage(seaweed, 3.0)
+        threads = [threading.Thread(target=run, args=(name,)) for name in ops]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        restart.join()
+    assert all(v is True for v in results.values()), results
+    assert storage.read_parquet(storage.join(root, "during.parquet")).equals(table)
+    assert storage.read_json(storage.join(root, "m.json")) == {"a": 1}
+    assert not storage.exists(storage.join(root, "old.json"))
+
+    after = storage.outage_report()
+    assert after["count"] == before["count"] + 1  # one outage, waited out by every operation
+    assert after["waited_s"] - before["waited_s"] >= 3.0
+    lines = [r.getMessage() for r in caplog.records if "object store" in r.getMessage()]
+    waits = [ln for ln in lines if "not answering" in ln]
+    backs = [ln for ln in lines if "answers again" in ln]
+    assert len(waits) == 1 and len(backs) == 1, lines  # said once per outage, not once per retry or thread
+    assert "waiting up to 600 s" in waits[0] and seaweed.endpoint in waits[0]
+
+
+@pytest.mark.timeout(120)
+def test_beyond_the_budget_one_line_names_store_operation_and_wait(seaweed, seaweed_bucket):
+    storage.configure(storage.StorageOptions(endpoint_url=seaweed.endpoint, retry_budget_s=3))
+    uri = storage.join(seaweed_bucket, "run", "shard.parquet")
+    seaweed.stop(grace=2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as err:
+            storage.write_parquet(uri, pa.table({"a": [1]}))
+        waited = time.monotonic() - t0
+    finally:
+        seaweed.start()
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"cannot reach object store at {seaweed.endpoint} for {uri}")
+    assert "storage.retry_budget_s=3" in msg
+    assert 1.0 <= waited <= 10.0  # waited about the budget, then gave up
+    assert not storage.exists(uri)  # nothing half-written
+
+
+def test_answers_are_not_retried(seaweed_bucket):
+    """A missing object or bucket is an answer, not an outage: one line at once."""
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="no such object"):
+        storage.read_bytes(storage.join(seaweed_bucket, "nope"))
+    with pytest.raises(StorageError, match="bucket does not exist"):
+        storage.read_bytes("s3://no-such-bucket-here-x/k")
+    assert time.monotonic() - t0 < 5
+
+
+def test_first_contact_is_checked_at_once(seaweed, seaweed_bucket):
+    """validate's reachability check does not wait: a wrong endpoint is one line now."""
+    storage.configure(storage.StorageOptions(endpoint_url="http://127.0.0.1:9", retry_budget_s=600))
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="cannot reach object store at http://127.0.0.1:9"):
+        storage.check_writable_root(seaweed_bucket)
+    assert time.monotonic() - t0 < 10
