@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sp.add_argument("--timeout", type=float, default=0.0,
                     help="stop waiting (exit 2, the job keeps running) after this many seconds; 0: no limit")
-    job_help = {"status": "status of a submitted job", "logs": "logs of a submitted job",
+    job_help = {"status": "state of a submitted job; exit 0 succeeded, 1 failed, 3 stopped, 4 pending/running",
+                "logs": "logs of a submitted job",
                 "stop": "stop a submitted job"}
     for name, text in job_help.items():
         jp = sub.add_parser(name, help=text)

@@ -59,8 +59,9 @@ class RayConfig:
     """None: start (or join) a local Ray instance; ``auto`` or ``ray://`` to join a cluster."""
     num_cpus: Optional[int] = None
     """CPUs for a local Ray instance (None: all)."""
-    progress_bars: bool = True
-    """Ray Data progress bars; turn off for non-TTY logs (CI, cluster jobs)."""
+    progress_bars: Optional[bool] = None
+    """Progress bars (Ray Data's, the synthesizer's): None shows them only when stderr is a terminal, so
+    job and CI logs carry no bars; true/false force them."""
     stall_minutes: float = 30.0
     """A Ray Data stage with no finished item for this long stops with a one-line error naming what its
     actors ask for and what the cluster has free (a request no node can meet otherwise waits forever).
@@ -70,6 +71,12 @@ class RayConfig:
     instance on the host does not confuse it): job and actor views, and the State API that Ray Train's
     placement-group cleaner polls. Off saves ~0.6 s of start-up; Ray then runs no State API, so training
     leaves that cleaner out (the placement group still goes with its controller)."""
+
+    def show_progress(self) -> bool:
+        """Whether to draw progress bars in this process (see ``progress_bars``)."""
+        import sys
+
+        return self.progress_bars if self.progress_bars is not None else sys.stderr.isatty()
 
 
 @dataclass

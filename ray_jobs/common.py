@@ -153,7 +153,7 @@ def configure_data_context(spec: JobSpec) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(spec.ray.progress_bars)
+    ctx.enable_progress_bars = spec.ray.show_progress()
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
 

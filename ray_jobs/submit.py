@@ -308,12 +308,23 @@ def submit(spec_file: str, overrides: Sequence[str], address: Optional[str], no_
     return 1
 
 
+# ``diclip status``'s exit code tells a script the job's state without parsing (2 stays "user error")
+STATUS_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3, "PENDING": 4, "RUNNING": 4}
+
+
 def status(job_id: str, address: Optional[str]) -> int:
+    """Print the job's state (and, when it failed, Ray's one-line reason); exit 0 succeeded, 1 failed,
+    3 stopped, 4 pending or running."""
     addr = resolve_address(address)
     client = connect(addr)
     with _api_errors(addr, job_id):
-        _out(str(client.get_job_status(job_id).value))
-    return 0
+        state = str(client.get_job_status(job_id).value)
+        reason = ""
+        if state == "FAILED":
+            message = getattr(client.get_job_info(job_id), "message", None) or ""
+            reason = " ".join(str(message).split(", last available logs")[0].split())[:300]
+    _out(f"{state}: {reason}" if reason else state)
+    return STATUS_EXIT.get(state, 1)
 
 
 def logs(job_id: str, address: Optional[str], follow: bool = False) -> int:

@@ -55,7 +55,7 @@ def run(spec: JobSpec) -> dict:
         seed=c.seed,
         max_objects=c.max_objects,
         class_set=drawn,
-        show_progress=spec.ray.progress_bars,
+        show_progress=spec.ray.show_progress(),
     )
     log.info("synthetic data (%d train / %d val) %s %s", summary["num_train"], summary["num_val"],
              "already in" if summary["skipped"] else "written to", spec.data.root)

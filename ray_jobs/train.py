@@ -146,20 +146,25 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = DiCLIPTrainer(spec, device)
     engine, optimizer = C.build_engine(trainer, spec, device)
     b = per_worker_batch(spec)
-    metrics_log = C.StepMetrics(spec, rank, world, b * t.grad_accum * world)
-    metrics_log.record("setup", {"step": 0, **C.precision_report(trainer, engine)})
-    tb = C.TensorBoardLog(spec, rank)
     torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
     checkpointer = C.Checkpointer(rank, world, t.seed)
     start = 0
     # A restart after a failure resumes from this run's latest checkpoint; a fresh run may resume
     # from train.resume_from (Ray Train v2 has no trainer-level resume argument).
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and t.resume_from:
-        ckpt = checkpoint_from_uri(t.resume_from)
+    restarted = ray.train.get_checkpoint()
+    ckpt = restarted if restarted is not None else checkpoint_from_uri(t.resume_from) if t.resume_from else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start = checkpointer.load(engine, d)
+    metrics_log = C.StepMetrics(spec, rank, world, b * t.grad_accum * world, start)
+    if start == 0:
+        metrics_log.record("setup", {"step": 0, **C.precision_report(trainer, engine)})
+    else:  # a recovery: the log and the run summary say where the run went on from
+        metrics_log.record("resume", {"step": start, "after_failure": restarted is not None})
+        if rank == 0:
+            log.warning("train: %s from the checkpoint at step %d", "worker group restarted after a failure; resumed"
+                        if restarted is not None else "resumed", start)
+    tb = C.TensorBoardLog(spec, rank, start)
     store = None
     if t.mode == "stored":
         from diclip.data.correlation import CorrelationStore
@@ -189,7 +194,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         metrics_log.record("eval", metrics)
         if rank == 0:
-            storage.write_json(storage.join(t.output, PROGRESS), {"step": done})
+            C.best_effort("training progress", lambda: storage.write_json(storage.join(t.output, PROGRESS),
+                                                                          {"step": done}))
             log.info("step %d: val mIoU %.4f, CAM mIoU %.4f (checkpoint reported)", done, metrics["val_miou"],
                      metrics["val_cam_miou"])
             tb.scalars(done, metrics)
@@ -310,6 +316,14 @@ def snapshot_uri(spec: JobSpec) -> str:
 
 RUN_OUTPUTS = ("export", "tensorboard")
 RUN_FILES = ("manifest.json", "failures.parquet", METRICS, PROGRESS, "curves.png", RUN_FILE)
+
+
+def checkpoint_uri(spec: JobSpec, path: str | None) -> str | None:
+    """A checkpoint path as Ray Train reports it, as a URI: with a storage filesystem Ray Train drops the
+    ``s3://``, and a printed ``bucket/key`` reads like a local folder."""
+    if path is None or "://" in path or not storage.is_remote(spec.train.output):
+        return path
+    return "s3://" + path.lstrip("/")
 
 
 def _bare(uri: str) -> str:
@@ -554,14 +568,15 @@ def run(spec: JobSpec) -> dict:
     best = None
     if result.best_checkpoints:
         best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1))
-        best = {"path": best_ckpt.path, "val_miou": best_metrics.get("val_miou"), "step": best_metrics.get("step")}
+        best = {"path": checkpoint_uri(spec, best_ckpt.path), "val_miou": best_metrics.get("val_miou"), "step": best_metrics.get("step")}
     write_curves(spec)
     storage.write_failures(t.output, dropped)
     manifest = Manifest(stage=STAGE, shards=[], num_items=items.num_rows // max(1, table_crops(items)),
                         num_failed=len(dropped), config=to_dict(t),
                         config_hash=config_hash(to_dict(t)), models={"clip": spec.model.clip.name},
                         extra={"final_metrics": metrics, "best_checkpoint": best,
-                               "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
+                               "last_checkpoint": checkpoint_uri(spec, result.checkpoint.path if result.checkpoint
+                                                                 else None),
                                "export": storage.join(t.output, "export"), "seconds": round(seconds, 1)})
     storage.write_manifest(t.output, manifest)
     return {"steps": t.max_iters, "val_miou": metrics.get("val_miou"), "val_cam_miou": metrics.get("val_cam_miou"),

@@ -25,6 +25,7 @@ from diclip.storage.fs import (
     read_parquet,
     read_parquet_rows,
     read_text,
+    retry_budget,
     resolve,
     save_tensors,
     to_uri,

@@ -388,6 +388,22 @@ def _outage_ends() -> None:
     log.warning("object store %s answers again after %.0f s; continuing", _endpoint_label(), waited)
 
 
+_budget_override = threading.local()
+
+
+@contextmanager
+def retry_budget(seconds: float) -> Iterator[None]:
+    """Inside the block, this thread's operations wait out an outage for ``seconds`` instead of
+    ``retry_budget_s``: 0 for writes that are worth less than the wait (a metrics log that the next
+    write rewrites whole), so a training step never blocks on them."""
+    previous = getattr(_budget_override, "seconds", None)
+    _budget_override.seconds = float(seconds)
+    try:
+        yield
+    finally:
+        _budget_override.seconds = previous
+
+
 def _call(uri: str, action: str, fn: Callable[[], Any], budget_s: float | None = None) -> Any:
     """``fn()`` with errors mapped to one-line StorageErrors; on S3, transient errors are retried with
     backoff until ``budget_s`` (default: the options' ``retry_budget_s``) has passed since this
@@ -395,6 +411,8 @@ def _call(uri: str, action: str, fn: Callable[[], Any], budget_s: float | None =
     if _split(uri)[0] != "s3":
         with _errors(uri, action):
             return fn()
+    if budget_s is None:
+        budget_s = getattr(_budget_override, "seconds", None)
     budget = get_options().retry_budget_s if budget_s is None else budget_s
     first_failure: float | None = None
     delay = _BACKOFF_FIRST_S

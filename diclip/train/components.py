@@ -117,15 +117,23 @@ def train_step(engine, trainer, batches: RankBatches, step: int, grad_accum: int
 # metrics
 # ----------------------------------------------------------------------------------------------
 class StepMetrics:
-    """Running per-step losses -> all-reduced means every ``log_every`` steps, plus the JSONL log (rank 0)."""
+    """Running per-step losses -> all-reduced means every ``log_every`` steps, plus the JSONL log (rank 0).
 
-    def __init__(self, spec: JobSpec, rank: int, world: int, samples_per_step: int):
+    The log holds each step once: a run resumed from a checkpoint at step ``start`` keeps the records up to
+    it, drops what the failed attempt logged after it (those steps run again) and notes the resume. Rank 0
+    keeps the log's lines in memory and rewrites the file whole, best effort: a store outage delays the
+    log (the next write carries every line) but never stops training."""
+
+    def __init__(self, spec: JobSpec, rank: int, world: int, samples_per_step: int, start: int = 0):
         self.uri = storage.join(spec.train.output, METRICS)
         self.rank, self.world = rank, world
         self.samples_per_step = samples_per_step
         self.running: dict[str, float] = {}
         self.steps = 0
         self.t_last = time.perf_counter()
+        self.lines: list[str] = []
+        if rank == 0 and start > 0 and storage.exists(self.uri):
+            self.lines = kept_records(storage.read_text(self.uri), start)
 
     def add(self, losses: dict[str, float]) -> None:
         for k, v in losses.items():
@@ -147,8 +155,37 @@ class StepMetrics:
 
     def record(self, kind: str, metrics: dict) -> None:
         if self.rank == 0:
-            old = storage.read_text(self.uri) if storage.exists(self.uri) else ""
-            storage.write_text(self.uri, old + json.dumps({"kind": kind, **metrics}, default=float) + "\n")
+            self.lines.append(json.dumps({"kind": kind, **metrics}, default=float))
+            best_effort(f"training log {self.uri}", lambda: storage.write_text(self.uri, "\n".join(self.lines) + "\n"))
+
+
+def kept_records(text: str, start: int) -> list[str]:
+    """The lines of a metrics log that a run resumed at step ``start`` keeps: everything up to that step
+    (setup and earlier resume records included); a line cut short by a crash is dropped."""
+    kept = []
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if int(r.get("step", 0)) <= start:
+            kept.append(line)
+    return kept
+
+
+def best_effort(what: str, write) -> bool:
+    """Run a non-essential write without waiting out an outage; a failure is one warning per thing, and
+    the run goes on (the next write of ``what`` carries everything)."""
+    from diclip.errors import StorageError
+    from diclip.logging import warn_once
+
+    try:
+        with storage.retry_budget(0):
+            write()
+        return True
+    except StorageError as e:
+        warn_once(log, f"{what} not written now ({e}); training goes on and writes it again later")
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +311,7 @@ class TensorBoardLog:
     validation and at the end). A restarted worker writes a new event file next to the old ones; TensorBoard
     reads them together. Other ranks hold a no-op log."""
 
-    def __init__(self, spec: JobSpec, rank: int):
+    def __init__(self, spec: JobSpec, rank: int, start: int = 0):
         self.dest = storage.join(spec.train.output, TENSORBOARD)
         self.dir: str | None = None
         self.writer = None
@@ -284,7 +321,9 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.dir = tempfile.mkdtemp(prefix="diclip-tb-")
-            self.writer = SummaryWriter(log_dir=self.dir)
+            # a resumed run: TensorBoard hides what earlier event files hold from ``start`` on (those steps
+            # run again), so each step is shown once
+            self.writer = SummaryWriter(log_dir=self.dir, purge_step=start or None)
 
     @staticmethod
     def tag(key: str) -> str:
@@ -303,7 +342,8 @@ class TensorBoardLog:
             self.writer.add_image("val/predictions", grid, step, dataformats="HWC")
 
     def sync(self) -> None:
-        """Flush and copy every event file to the train output (whole files: they are small)."""
+        """Flush and copy every event file to the train output (whole files: they are small), best effort:
+        an unreachable store leaves them for the next sync."""
         if self.writer is None or self.dir is None:
             return
         self.writer.flush()
@@ -311,7 +351,9 @@ class TensorBoardLog:
             for name in files:
                 path = os.path.join(base, name)
                 with open(path, "rb") as f:
-                    storage.write_bytes(storage.join(self.dest, os.path.relpath(path, self.dir)), f.read())
+                    data = f.read()
+                dest = storage.join(self.dest, os.path.relpath(path, self.dir))
+                best_effort(f"TensorBoard events {self.dest}", lambda: storage.write_bytes(dest, data))
 
     def close(self) -> None:
         import shutil

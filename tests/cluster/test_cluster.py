@@ -776,6 +776,9 @@ def test_real_submission_runs_on_a_local_cluster(local_ray_cluster: str, tmp_pat
     out = capsys.readouterr().out
     assert rc == 1 and "Traceback" not in out, out
     assert f"error: {bare}/bin/python on the cluster has no module " in out
+    job3 = next(ln.split()[1] for ln in out.splitlines() if ln.startswith("submitted "))
+    assert cli.main(["status", job3, "--address", address]) == 1  # the exit code follows the job's state
+    assert capsys.readouterr().out.startswith("FAILED: ")
     print(f"first submission took {submit_s:.1f}s, whole test {time.monotonic() - t0:.1f}s", file=sys.stderr)
 
 

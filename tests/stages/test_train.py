@@ -119,6 +119,9 @@ def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run, tmp_path):
     assert setup and setup[0]["precision"] == "fp32" and setup[0]["dtype_trainable"] == "float32"
     manifest = storage.read_manifest(spec.train.output)
     assert manifest.extra["best_checkpoint"]["step"] in (2, 4)
+    # printed and recorded as whole URIs (Ray Train reports s3 paths without their scheme)
+    for path in (manifest.extra["best_checkpoint"]["path"], manifest.extra["last_checkpoint"], summary["checkpoint"]):
+        assert path.startswith(spec.train.output + "/ray/") and storage.exists(storage.join(path, "diclip_state.json"))
     # the corrupt train image failed in correlate: training left it out and says so
     assert (manifest.num_items, manifest.num_failed) == (5, 1)
     assert storage.read_failures(spec.train.output) == [(CORRUPT[0], "no correlation map (failed in correlate)")]
@@ -264,10 +267,14 @@ def test_worker_failure_is_recovered_from_the_last_checkpoint(ray_session, tmp_p
     assert killed, "no train worker was killed"
     assert summary["steps"] == 8
     m = _metrics(spec)
-    setups = [i for i, r in enumerate(m) if r["kind"] == "setup"]
-    assert len(setups) == 2  # the worker group was restarted ...
-    after = [r for r in m[setups[1]:] if r["kind"] in ("train", "eval")]
-    assert after[0]["step"] > 2 and after[-1]["step"] == 8  # ... from a checkpoint, not from step 0
+    assert [r["kind"] for r in m].count("setup") == 1
+    resumes = [i for i, r in enumerate(m) if r["kind"] == "resume"]
+    assert len(resumes) == 1 and m[resumes[0]]["after_failure"]  # the worker group was restarted ...
+    assert m[resumes[0]]["step"] >= 2  # ... from a checkpoint, not from step 0
+    after = [r for r in m[resumes[0]:] if r["kind"] in ("train", "eval")]
+    assert after[0]["step"] > m[resumes[0]]["step"] and after[-1]["step"] == 8
+    logged = [(r["kind"], r["step"]) for r in m if r["kind"] in ("train", "eval")]
+    assert len(logged) == len(set(logged))  # each step once: what the failed attempt logged past it is gone
     assert [r["step"] for r in m if r["kind"] == "eval"][-1] == 8
     manifest = storage.read_manifest(spec.train.output)
     run_dir = storage.join(spec.train.output, "ray", f"{spec.name}-train")
@@ -313,8 +320,8 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
         except Exception:
             return False
 
-    def setups() -> int:  # each worker-group start logs one setup record
-        return sum(r["kind"] == "setup" for r in _metrics_or_none(spec))
+    def setups() -> int:  # each worker-group start logs one setup (or, from a checkpoint, resume) record
+        return sum(r["kind"] in ("setup", "resume") for r in _metrics_or_none(spec))
 
     def interrupt(sig: int, ready, log_name: str) -> int:
         with open(tmp_path / log_name, "w") as log:
@@ -342,8 +349,10 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout + again.stderr
     m = _metrics(spec)
-    last = m[max(i for i, r in enumerate(m) if r["kind"] == "setup"):]
-    assert last[1]["step"] > 1 and last[-1]["step"] == 6  # continued past step 1, finished
+    last = m[max(i for i, r in enumerate(m) if r["kind"] == "resume"):]
+    assert last[0]["step"] >= 2 and last[1]["step"] > 1 and last[-1]["step"] == 6  # continued past step 1, finished
+    logged = [(r["kind"], r["step"]) for r in m if r["kind"] in ("train", "eval")]
+    assert len(logged) == len(set(logged))  # each step once after two resumes
     assert storage.is_complete(spec.train.output)
     logs = (tmp_path / "first.txt").read_text() + (tmp_path / "second.txt").read_text() + again.stdout + again.stderr
     assert "PlacementGroupCleaner" not in logs and "multiple active Ray instances" not in logs
