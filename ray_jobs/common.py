@@ -474,6 +474,7 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     calls, as in Ray's batch-inference pattern.
     """
     import ray.data
+    from ray.data import TaskPoolStrategy
 
     result = PoolResult()
     if not items:
@@ -490,8 +491,8 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
             ds = ds.map_batches(prepare, fn_kwargs={**(prepare_kwargs or {}), "run": uuid.uuid4().hex},
                                 batch_format="pandas",
                                 batch_size=res.batch_size, num_cpus=res.prepare_cpus,
-                                concurrency=res.prepare_concurrency or res.concurrency,
-                                ray_remote_args_fn=unfused_task_args)
+                                compute=TaskPoolStrategy(size=res.prepare_concurrency or res.concurrency),
+                                **UNFUSED_TASK_ARGS)
         ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
                             **map_batches_kwargs(res))
         writer = IndexWriter(output, index_columns) if output else None
@@ -543,11 +544,11 @@ def stop_executors(executors: set) -> None:
             log.debug("could not stop a dataset executor: %s", e)
 
 
-def unfused_task_args() -> dict:
-    """Remote args of the input tasks, given as a function so Ray Data keeps them an operator of their own:
-    with equal resource requests (CPU runs) its optimizer would fuse them into the actor pool's operator,
-    and decoding would run on the actors again. DEFAULT is Ray's default scheduling strategy anyway."""
-    return {"scheduling_strategy": "DEFAULT"}
+# Remote args of the input tasks that keep them an operator of their own: with equal resource requests (CPU
+# runs) Ray Data's optimizer fuses a task map into the next actor pool's operator, and decoding would run on
+# the actors again. Fusion needs equal remote args; ``max_calls=0`` is Ray's default for CPU tasks ("no
+# limit"), stated explicitly so the args differ (public API, unlike the deprecated ``ray_remote_args_fn``).
+UNFUSED_TASK_ARGS = {"max_calls": 0}
 
 
 def _both(first: Callable[[dict], None], second: Callable[[dict], None] | None) -> Callable[[dict], None]:

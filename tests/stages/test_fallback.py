@@ -149,9 +149,15 @@ def test_inputs_are_prepared_in_cpu_tasks_apart_from_the_actors(ray_session):
     from diclip.config import Resources
     from ray_jobs.common import run_pool
 
+    import warnings
+
     rows: list[dict] = []
     res = Resources(num_cpus=0.5, prepare_cpus=0.5, concurrency=1, batch_size=2)
-    out = run_pool([{"item_id": str(i)} for i in range(6)], _TagActor, {}, res, desc="t", collect=rows.append,
-                   prepare=_tag_input)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = run_pool([{"item_id": str(i)} for i in range(6)], _TagActor, {}, res, desc="t", collect=rows.append,
+                       prepare=_tag_input)
+    deprecated = [str(w.message) for w in seen if "deprecat" in str(w.message).lower()]
+    assert not deprecated, deprecated  # no Ray API that a coming release removes (ray_remote_args_fn, concurrency)
     assert out.rows == 6 and all(r["input_pid"] != r["actor_pid"] for r in rows)
     assert len({r["run"] for r in rows}) == 1 and rows[0]["run"]  # one id per run for the input tasks' caches
