@@ -228,7 +228,9 @@ def reduce_to_centroids(spec: JobSpec, shards: list[str], keep: list[str], num_g
     from ray.data.context import ShuffleStrategy
 
     c = spec.cache
-    fs, _ = storage.resolve(shards[0])
+    from diclip.storage.retrying_fs import retrying
+
+    fs = retrying(storage.resolve(shards[0])[0])  # Ray Data's reads wait out store outages too
     paths = [storage.resolve(s)[1] for s in shards]
     ctx = ray.data.DataContext.get_current()
     previous = ctx.shuffle_strategy

@@ -47,10 +47,13 @@ def output_uri(spec: JobSpec) -> str:
 # storage for Ray Train
 # ----------------------------------------------------------------------------------------------
 def ray_storage(uri: str):
-    """(storage_path, storage_filesystem) for RunConfig; S3 goes through our endpoint settings."""
+    """(storage_path, storage_filesystem) for RunConfig; S3 goes through our endpoint settings, and every
+    call Ray Train makes to it (checkpoint uploads, its run snapshot) waits out store outages."""
     if storage.is_remote(uri):
+        from diclip.storage.retrying_fs import retrying
+
         fs, path = storage.resolve(uri)
-        return path, fs
+        return path, retrying(fs)
     return os.path.abspath(storage.local_path(uri) or uri), None
 
 

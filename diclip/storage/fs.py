@@ -366,14 +366,14 @@ def outage_report() -> dict[str, float]:
         return {k: _outage[k] for k in ("count", "waited_s", "retries")}
 
 
-def _outage_begins(uri: str, action: str, reason: str, budget: float) -> None:
+def _outage_begins(what: str, reason: str, budget: float) -> None:
     with _outage_lock:
         _outage["retries"] += 1
         if _outage["since"] is not None:
             return
         _outage["since"] = time.monotonic()
-    log.warning("object store %s not answering (%s %s: %s); waiting up to %.0f s for it "
-                "(storage.retry_budget_s)", _endpoint_label(), action, uri, reason, budget)
+    log.warning("object store %s not answering (%s: %s); waiting up to %.0f s for it "
+                "(storage.retry_budget_s)", _endpoint_label(), what, reason, budget)
 
 
 def _outage_ends() -> None:
@@ -406,11 +406,33 @@ def retry_budget(seconds: float) -> Iterator[None]:
 
 def _call(uri: str, action: str, fn: Callable[[], Any], budget_s: float | None = None) -> Any:
     """``fn()`` with errors mapped to one-line StorageErrors; on S3, transient errors are retried with
-    backoff until ``budget_s`` (default: the options' ``retry_budget_s``) has passed since this
-    operation's first failure. The final error is the last one's line plus how long it waited."""
+    backoff until ``budget_s`` (default: this thread's :func:`retry_budget`, else the options'
+    ``retry_budget_s``) has passed since the first failure. The final error is the last one's line plus
+    how long it waited."""
     if _split(uri)[0] != "s3":
         with _errors(uri, action):
             return fn()
+
+    def once() -> Any:
+        with _errors(uri, action):
+            return fn()
+
+    def give_up(e: BaseException, waited: float, budget: float) -> BaseException:
+        if budget <= 0:
+            return e
+        return StorageError(f"{e} (store unreachable for {waited:.0f} s, the limit set by "
+                            f"storage.retry_budget_s={budget:g})")
+
+    return retry_transient(once, f"{action} {uri}", budget_s, give_up)
+
+
+def retry_transient(fn: Callable[[], Any], what: str, budget_s: float | None = None,
+                    give_up: Callable[[BaseException, float, float], BaseException] | None = None) -> Any:
+    """``fn()``, retried with capped exponential backoff while it fails with :func:`is_transient` errors,
+    for up to ``budget_s`` seconds from the first failure (None: this thread's :func:`retry_budget`, else
+    the options' ``retry_budget_s``). Other errors go through at once. When the budget is spent, raises
+    ``give_up(error, waited_s, budget_s)`` (default: the error itself). Each outage is said once when it
+    begins and once when it ends, however many operations and threads wait on it."""
     if budget_s is None:
         budget_s = getattr(_budget_override, "seconds", None)
     budget = get_options().retry_budget_s if budget_s is None else budget_s
@@ -418,23 +440,21 @@ def _call(uri: str, action: str, fn: Callable[[], Any], budget_s: float | None =
     delay = _BACKOFF_FIRST_S
     while True:
         try:
-            with _errors(uri, action):
-                out = fn()
+            out = fn()
             if _outage["since"] is not None:
                 _outage_ends()
             return out
-        except StorageError as e:
-            if not getattr(e, "transient", False):
+        except Exception as e:
+            if not is_transient(e):
                 raise
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             waited = now - first_failure
             if waited + delay > budget:
-                if budget <= 0:
+                if give_up is None:
                     raise
-                raise StorageError(f"{e} (store unreachable for {waited:.0f} s, the limit set by "
-                                   f"storage.retry_budget_s={budget:g})") from e
-            _outage_begins(uri, action, _short(e.__cause__ or e), budget)
+                raise give_up(e, waited, budget) from e
+            _outage_begins(what, _short(e.__cause__ or e), budget)
             time.sleep(delay * random.uniform(0.75, 1.25))
             delay = min(delay * 2, _BACKOFF_MAX_S)
 

@@ -116,3 +116,33 @@ def test_first_contact_is_checked_at_once(seaweed, seaweed_bucket):
     with pytest.raises(StorageError, match="cannot reach object store at http://127.0.0.1:9"):
         storage.check_writable_root(seaweed_bucket)
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.timeout(180)
+def test_a_filesystem_handed_to_ray_waits_out_a_restart_and_keeps_its_answers(seaweed, seaweed_bucket, tmp_path):
+    """Ray Train uploads checkpoints and Ray Data reads shards through a pyarrow filesystem of their own
+    calling; the retrying wrapper gives those calls the same patience, and answers stay answers."""
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from diclip.storage.retrying_fs import retrying
+
+    fs = retrying(storage.resolve(seaweed_bucket)[0], budget_s=120)
+    fs = pickle.loads(pickle.dumps(fs))  # it travels to Ray Train's controller and workers
+    bucket = seaweed_bucket.split("://", 1)[1]
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    for i in range(3):
+        (src / f"part{i}.bin").write_bytes(bytes([i]) * 1000)
+    restart = _outage(seaweed, 3.0)
+    pafs.copy_files(str(src), f"{bucket}/ckpt", destination_filesystem=fs)  # Ray Train's upload call
+    restart.join()
+    infos = fs.get_file_info(pafs.FileSelector(f"{bucket}/ckpt"))
+    assert sorted(i.base_name for i in infos) == ["part0.bin", "part1.bin", "part2.bin"]
+    with fs.open_input_stream(f"{bucket}/ckpt/part2.bin") as f:
+        assert f.read() == bytes([2]) * 1000
+    with pytest.raises(FileNotFoundError):  # an answer: at once, as the type Ray expects
+        fs.open_input_stream(f"{bucket}/ckpt/missing.bin")
+    assert fs.get_file_info(f"{bucket}/nothing").type == pafs.FileType.NotFound
+    assert retrying(pafs.LocalFileSystem()).type_name == "local"
