@@ -564,7 +564,12 @@ def _consume(ds, result: PoolResult, desc: str, res: Resources, collect: Callabl
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="img", disable=not _progress_enabled(), leave=False)
+    from ray_jobs import recoveries
+
+    rec = recoveries.current()
     for batch in watched(ds.iter_batches(batch_size=None, batch_format="pandas"), desc, res, stall_s, prepared):
+        if rec is not None and "store_outages" in batch:
+            rec.add_store(int(batch["store_outages"].fillna(0).sum()), float(batch["store_wait_s"].fillna(0).sum()))
         for row in batch.to_dict("records"):
             if row.get("ok"):
                 result.rows += 1
@@ -587,7 +592,10 @@ def _progress_enabled() -> bool:
 
 
 def report_row(item_id: str, ok: bool, error: str = "") -> dict:
-    return {ID: item_id, "ok": ok, "error": error}
+    """One item's report; it also carries the store outages this process waited out since its last report
+    (the driver adds them to the stage's recoveries)."""
+    outages, waited = storage.take_outages()
+    return {ID: item_id, "ok": ok, "error": error, "store_outages": outages, "store_wait_s": waited}
 
 
 def short_error(e: BaseException) -> str:

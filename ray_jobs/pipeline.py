@@ -12,7 +12,7 @@ import time
 from diclip import storage
 from diclip.config import JobSpec, to_yaml
 from diclip.logging import get_logger
-from ray_jobs import stage_module
+from ray_jobs import recoveries, stage_module
 from ray_jobs.common import configure_driver
 
 log = get_logger("ray_jobs.pipeline")
@@ -90,8 +90,12 @@ def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
         storage.delete(storage.join(mod.output_uri(spec), storage.MANIFEST_NAME))
     t0 = time.perf_counter()
     log.info("stage %-9s starting -> %s", name, mod.output_uri(spec))
-    summary = dict(mod.run(spec) or {})
+    with recoveries.collect() as rec:
+        summary = dict(mod.run(spec) or {})
     summary.update(stage=name, seconds=round(time.perf_counter() - t0, 1), output=mod.output_uri(spec))
+    if rec:
+        summary["recoveries"] = {**rec.as_dict(), "line": rec.line()}
+        log.warning("stage %-9s recovered: %s", name, rec.line())
     log.info("stage %-9s done in %.1fs: %s", name, summary["seconds"],
              json.dumps({k: v for k, v in summary.items() if k not in ("stage", "output")}, default=str)[:400])
     return summary
@@ -144,6 +148,8 @@ def summary_lines(spec: JobSpec, results: list[dict], summary_uri: str | None) -
         else:
             facts = [_fmt(k, r[k]) for k in HEADLINE_KEYS if r.get(k) is not None]
             status = f"done in {r.get('seconds', 0):.0f}s" + (f": {', '.join(facts)}" if facts else "")
+            if r.get("recoveries"):
+                status += f"; recovered: {r['recoveries']['line']}"
         lines.append(f"  {r['stage']:<10} {status}")
     pictures = pictures_of(results)
     if pictures:

@@ -16,6 +16,7 @@ worker failure, starting at the last reported step (``progress.json``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import os
@@ -382,6 +383,31 @@ def preflight(spec: JobSpec) -> None:
 CURVES = "curves.png"
 
 
+def note_recoveries(spec: JobSpec) -> None:
+    """Worker-group restarts (the log's ``resume`` records after a failure) and store outages the workers
+    waited out, into the stage's recoveries; the log is read best effort (it is a record, not an input)."""
+    from ray_jobs import recoveries
+
+    rec = recoveries.current()
+    uri = storage.join(spec.train.output, METRICS)
+    if rec is None:
+        return
+    try:
+        with storage.retry_budget(0):
+            text = storage.read_text(uri) if storage.exists(uri) else ""
+    except DiclipError:
+        return
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("kind") == "resume" and r.get("after_failure"):
+            rec.resumed_from.append(int(r["step"]))
+        if r.get("store_outages"):
+            rec.add_store(int(r["store_outages"]), float(r.get("store_wait_s", 0.0)))
+
+
 def write_curves(spec: JobSpec) -> None:
     """``{train.output}/curves.png``: losses and validation mIoUs from ``metrics.jsonl`` (a missing log
     draws nothing: the picture is a convenience, never a reason to fail a finished run)."""
@@ -567,6 +593,7 @@ def run(spec: JobSpec) -> dict:
     finally:
         watchdog.stop()
     seconds = time.perf_counter() - t0
+    note_recoveries(spec)
     metrics = dict(result.metrics or {})
     best = None
     if result.best_checkpoints:

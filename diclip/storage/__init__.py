@@ -15,6 +15,7 @@ from diclip.storage.fs import (
     list_files,
     options_from,
     outage_report,
+    take_outages,
     is_transient,
     load_tensors,
     local_path,

@@ -366,6 +366,18 @@ def outage_report() -> dict[str, float]:
         return {k: _outage[k] for k in ("count", "waited_s", "retries")}
 
 
+_taken = {"count": 0, "waited_s": 0.0}
+
+
+def take_outages() -> tuple[int, float]:
+    """Outages this process waited out since the last call (count, seconds): what a report row or a log
+    record passes on, so each is counted once however many reports a process sends."""
+    with _outage_lock:
+        count, waited = _outage["count"] - _taken["count"], _outage["waited_s"] - _taken["waited_s"]
+        _taken.update(count=_outage["count"], waited_s=_outage["waited_s"])
+    return int(count), float(waited)
+
+
 def _outage_begins(what: str, reason: str, budget: float) -> None:
     with _outage_lock:
         _outage["retries"] += 1

@@ -155,7 +155,9 @@ class StepMetrics:
 
     def record(self, kind: str, metrics: dict) -> None:
         if self.rank == 0:
-            self.lines.append(json.dumps({"kind": kind, **metrics}, default=float))
+            outages, waited = storage.take_outages()  # a recovery goes on record (the run summary counts them)
+            extra = {"store_outages": outages, "store_wait_s": round(waited, 1)} if outages else {}
+            self.lines.append(json.dumps({"kind": kind, **metrics, **extra}, default=float))
             best_effort(f"training log {self.uri}", lambda: storage.write_text(self.uri, "\n".join(self.lines) + "\n"))
 
 

@@ -1,0 +1,104 @@
+"""Real weather: the object store restarts in the middle of a stage (SeaweedFS, a real store), and the
+same run goes on - no person, no resubmit - with every item exactly once and each training step once."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from diclip import storage
+from diclip.data import get_class_set
+from diclip.models.kv_cache import save_cache
+from ray_jobs import pipeline, synthesize, train
+from ray_jobs.common import list_shards
+from tests.helpers import random_cache, tiny_spec
+
+pytestmark = pytest.mark.timeout(600)
+DOWN_S = 4.0  # the store is away this long, plus its stop and start (about 5 s more)
+
+
+class StoreRestart(threading.Thread):
+    """Stops the store once ``ready()`` holds, keeps it down for ``DOWN_S``, starts it again."""
+
+    def __init__(self, server, ready):
+        super().__init__(daemon=True)
+        self.server, self.ready = server, ready
+        self.down_at: float | None = None
+        self.up_at: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + 300
+            while not self.ready():
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
+            self.down_at = time.monotonic()
+            self.server.stop(grace=1)
+            time.sleep(DOWN_S)
+            self.server.start()
+            self.up_at = time.monotonic()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+
+def _ready_when(check):
+    def ready() -> bool:
+        try:
+            with storage.retry_budget(0):
+                return check()
+        except Exception:  # noqa: BLE001 - the store may be busy; look again
+            return False
+    return ready
+
+
+def test_correlate_rides_out_a_store_restart_with_every_item_once(ray_session, seaweed, seaweed_bucket):
+    spec = tiny_spec(f"{seaweed_bucket}/run", "synthesize.num_train=12", "synthesize.num_val=4",
+                     "correlate.resources.batch_size=2", "correlate.resources.concurrency=1",
+                     endpoint_url=seaweed.endpoint)
+    synthesize.run(spec)
+    restart = StoreRestart(seaweed, _ready_when(lambda: len(list_shards(spec.correlate.output)) >= 2))
+    restart.start()
+    out = pipeline.run_stage(spec, "correlate")
+    ended = time.monotonic()
+    restart.join()
+    assert restart.error is None and restart.up_at is not None, "the store was never restarted mid-stage"
+    assert ended > restart.up_at  # the stage was still running when the store came back: it waited
+    assert out["failed"] == 0
+    # the recovery is on record: the stage's summary counts the outage its actors waited out
+    assert out["recoveries"]["store_outages"] >= 1 and out["recoveries"]["store_wait_s"] > 0, out
+    assert out["recoveries"]["line"].startswith("store away ")
+    manifest = storage.read_manifest(spec.correlate.output)
+    ids = []
+    for s in manifest.shards:
+        ids += storage.read_parquet(storage.join(spec.correlate.output, s.path), columns=["item_id"]).column(
+            "item_id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 16  # every map once, none lost, none twice
+    assert len(list_shards(spec.correlate.output)) == len(manifest.shards)  # no orphan shards
+
+
+def test_training_rides_out_a_store_restart_after_a_checkpoint(ray_session, seaweed, seaweed_bucket):
+    args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
+            "train.warmup_iters=1", "train.mode=online", "train.num_workers=1"]
+    spec = tiny_spec(f"{seaweed_bucket}/run", *args, endpoint_url=seaweed.endpoint)
+    synthesize.run(spec)
+    save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
+    snapshot = train.snapshot_uri(spec)
+    restart = StoreRestart(seaweed, _ready_when(
+        lambda: bool(storage.read_json(snapshot).get("latest_checkpoint_result")) if storage.exists(snapshot)
+        else False))
+    restart.start()
+    summary = pipeline.run_stage(spec, "train")
+    ended = time.monotonic()
+    restart.join()
+    assert restart.error is None and restart.up_at is not None, "the store was never restarted mid-training"
+    assert ended > restart.up_at  # training was still running when the store came back
+    assert summary["steps"] == 6 and storage.is_complete(spec.train.output)
+    assert summary["recoveries"]["store_outages"] >= 1, summary  # the workers' wait is on record
+    records = [json.loads(x) for x in storage.read_text(storage.join(spec.train.output, "metrics.jsonl")).splitlines()]
+    logged = [(r["kind"], r["step"]) for r in records if r["kind"] in ("train", "eval")]
+    assert sorted(set(logged)) == sorted(logged)  # each step once
+    assert {s for k, s in logged if k == "train"} | {s for k, s in logged if k == "eval"} == set(range(1, 7))
