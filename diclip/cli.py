@@ -9,7 +9,8 @@
     diclip pretrain-toy [--out DIR]        train + package the toy models the demo ships
 
 User mistakes (bad keys, missing files, unreachable stores, mismatched artifacts) print one line,
-``error: ...``, and exit with status 2.
+``error: ...``, and exit with status 2. Faults of the cluster or the store beyond their retries print one
+line too (what failed, what is kept, "run again to resume") and exit with 75 (EX_TEMPFAIL).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import argparse
 import sys
 
 import diclip  # noqa: F401  (torchvision shim)
-from diclip.errors import DiclipError
+from diclip.errors import DiclipError, StageFault
 from diclip.logging import get_logger, init_logging
 
 log = get_logger("diclip.cli")
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return _dispatch(args)
+    except StageFault as e:  # the cluster or the store, not the user: worth running again (EX_TEMPFAIL)
+        print(f"error: {e}", file=sys.stderr)
+        return 75
     except DiclipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,3 +33,9 @@ class ModelError(DiclipError):
 
 class StageFailed(DiclipError):
     """Too many items of a stage failed: no manifest was written, so the stage is not complete."""
+
+
+class StageFault(DiclipError):
+    """The cluster or the store failed a stage beyond its retries (a node lost too often, a store away longer
+    than ``storage.retry_budget_s``): not the user's mistake, and worth retrying. The message says what failed,
+    what was kept and where a re-run resumes; the CLI exits with 75 (EX_TEMPFAIL)."""

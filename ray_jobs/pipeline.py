@@ -12,7 +12,7 @@ import time
 from diclip import storage
 from diclip.config import JobSpec, to_yaml
 from diclip.logging import get_logger
-from ray_jobs import recoveries, stage_module
+from ray_jobs import faults, recoveries, stage_module
 from ray_jobs.common import configure_driver
 
 log = get_logger("ray_jobs.pipeline")
@@ -90,8 +90,14 @@ def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
         storage.delete(storage.join(mod.output_uri(spec), storage.MANIFEST_NAME))
     t0 = time.perf_counter()
     log.info("stage %-9s starting -> %s", name, mod.output_uri(spec))
-    with recoveries.collect() as rec:
-        summary = dict(mod.run(spec) or {})
+    try:
+        with recoveries.collect() as rec:
+            summary = dict(mod.run(spec) or {})
+    except Exception as e:  # a fault ends in one line that says what is kept and where a re-run resumes
+        wrapped = faults.wrap(spec, name, getattr(mod, "output_uri", lambda s: None)(spec), e)
+        if wrapped is e:
+            raise
+        raise wrapped from e
     summary.update(stage=name, seconds=round(time.perf_counter() - t0, 1), output=mod.output_uri(spec))
     if rec:
         summary["recoveries"] = {**rec.as_dict(), "line": rec.line()}

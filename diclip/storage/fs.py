@@ -304,8 +304,9 @@ _TRANSIENT = re.compile(
 
 def is_transient(e: BaseException) -> bool:
     """True for errors that a store that is restarting or overloaded gives (worth waiting out)."""
-    if isinstance(e, StorageError):
-        return bool(getattr(e, "transient", False))
+    flag = getattr(e, "transient", None)  # set where diclip mapped the error; a rebuilt one has its text only
+    if flag is not None:
+        return bool(flag)
     return bool(_TRANSIENT.search(str(e)))
 
 

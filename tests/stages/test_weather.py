@@ -102,3 +102,77 @@ def test_training_rides_out_a_store_restart_after_a_checkpoint(ray_session, seaw
     logged = [(r["kind"], r["step"]) for r in records if r["kind"] in ("train", "eval")]
     assert sorted(set(logged)) == sorted(logged)  # each step once
     assert {s for k, s in logged if k == "train"} | {s for k, s in logged if k == "eval"} == set(range(1, 7))
+
+
+def test_a_worker_group_out_of_restarts_ends_in_one_line_naming_the_resume_step(ray_session, tmp_path):
+    """A node lost more often than ``train.max_failures`` allows: one line (no WorkerGroupError traceback)
+    that names the checkpoint a re-run resumes from; the re-run does."""
+    from diclip.errors import StageFault
+    from tests.stages.test_train import _kill_a_train_worker_after_first_checkpoint
+
+    args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
+            "train.warmup_iters=1", "train.mode=online", "train.num_workers=1", "train.max_failures=0"]
+    spec = tiny_spec(str(tmp_path / "run"), *args)
+    synthesize.run(spec)
+    save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_train_worker_after_first_checkpoint, args=(spec, killed), daemon=True)
+    killer.start()
+    with pytest.raises(StageFault) as err:
+        pipeline.run_stage(spec, "train")
+    killer.join(timeout=5)
+    assert killed, "no train worker was killed"
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("train: ") and msg.endswith("; run again to resume"), msg
+    step = train.read_checkpoint_step(train.interrupted_checkpoint(spec))
+    assert f"training resumes from the checkpoint at step {step} (" in msg and step >= 2, msg
+    summary = pipeline.run_stage(spec, "train")  # the re-run resumes there and finishes
+    assert summary["steps"] == 6
+    records = [json.loads(x) for x in storage.read_text(storage.join(spec.train.output, "metrics.jsonl")).splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [step]
+
+
+def test_a_store_away_beyond_the_budget_ends_in_one_line_and_the_rerun_resumes(seaweed, seaweed_bucket, tmp_path):
+    """The store stays away longer than ``storage.retry_budget_s``: the command exits 75 (worth retrying)
+    with one line naming the store, what is kept and "run again to resume"; once the store is back, the
+    same command finishes with every item exactly once."""
+    import os
+    import subprocess
+    import sys
+
+    root = f"{seaweed_bucket}/run"
+    overrides = [f"output_uri={root}", f"storage.endpoint_url={seaweed.endpoint}", "storage.retry_budget_s=4",
+                 "ray.progress_bars=false", "synthesize.num_train=12", "synthesize.num_val=4",
+                 "synthesize.image_size=[64,80]", "correlate.max_side=80", "correlate.resources.batch_size=2",
+                 "correlate.resources.concurrency=1", "ray.dashboard=false"]
+    spec = tiny_spec(root, *overrides[3:], endpoint_url=seaweed.endpoint)
+    synthesize.run(spec)
+    cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/tiny.yaml", *overrides]
+    env = dict(os.environ, DICLIP_LOG_LEVEL="WARNING")
+    with open(tmp_path / "stderr.txt", "w") as err_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not _ready_when(lambda: len(list_shards(spec.correlate.output)) >= 2)():
+            time.sleep(0.2)
+        seaweed.stop(grace=1)  # and it stays away until the command has given up
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        seaweed.start()
+    err = (tmp_path / "stderr.txt").read_text().strip().splitlines()
+    assert proc.returncode == 75, err[-20:]
+    assert "Traceback" not in "\n".join(err)
+    last = err[-1]
+    assert last.startswith("error: correlate: ") and last.endswith("; run again to resume"), last
+    assert seaweed.endpoint in last and "storage.retry_budget_s=4" in last, last
+    assert "what was committed is kept" in last  # the store itself is away: it cannot be counted
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = storage.read_manifest(spec.correlate.output)
+    ids = []
+    for s in manifest.shards:
+        ids += storage.read_parquet(storage.join(spec.correlate.output, s.path), columns=["item_id"]).column(
+            "item_id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 16
