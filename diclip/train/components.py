@@ -45,10 +45,12 @@ def _distributed() -> bool:
 def build_engine(trainer, spec: JobSpec, device: torch.device):
     """(engine, optimizer) with only ``trainer.model.heads`` inside DeepSpeed: its precision must not
     touch the frozen CLIP. Checkpoints are read weights-only (:mod:`diclip.train.safe_checkpoint`)."""
-    from diclip._compat import default_ds_accelerator
+    from diclip._compat import default_ds_accelerator, skip_unused_deepspeed_ops
 
     default_ds_accelerator(device.type == "cuda")  # before deepspeed is imported
     import deepspeed
+
+    skip_unused_deepspeed_ops()  # a fresh node starts training in seconds, not after a compile
 
     from diclip.method.schedule import poly_warmup_multiplier
     from diclip.train.deepspeed_config import build_deepspeed_config
