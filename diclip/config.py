@@ -514,8 +514,14 @@ class TrainConfig(StageBase):
     """RAR random-walk steps of the validation CAM pseudo-labels (reference: 5 for both datasets)."""
     seed: int = 0
     resume_from: Optional[str] = None
-    max_failures: int = 1
-    """Worker-group restarts (from the last reported checkpoint) before the run fails."""
+    max_failures: int = 5
+    """Worker-group restarts after a failure (a worker or a node lost without notice) before the run stops
+    with one line; each restart resumes from the last checkpoint, so it costs at most ``eval_every`` steps.
+    Preemptions that Ray is told of (a drained node) do not count: they are retried without limit (Ray
+    Train's ``max_preemption_failures``). -1: no limit."""
+    placement: str = "spread"
+    """``spread``: the workers go to different nodes where there are several, so one lost node takes one
+    worker, not the whole group; ``pack``: as few nodes as possible (faster collectives on one big node)."""
     keep_checkpoints: int = 1
     """Checkpoints kept by validation mIoU; Ray Train always keeps the latest as well (best + last)."""
     trust_checkpoints: bool = False
@@ -533,8 +539,9 @@ class TrainConfig(StageBase):
         _check(self.weight_decay >= 0 and self.power > 0, "train.weight_decay must be >= 0 and train.power > 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas must be two values in [0, 1)")
         _check(self.eval_every >= 1 and self.log_every >= 1, "train.eval_every and train.log_every must be >= 1")
-        _check(self.val_limit >= 0 and self.max_failures >= 0 and self.keep_checkpoints >= 1,
-               "train.val_limit and train.max_failures must be >= 0, train.keep_checkpoints >= 1")
+        _check(self.val_limit >= 0 and self.max_failures >= -1 and self.keep_checkpoints >= 1,
+               "train.val_limit must be >= 0, train.max_failures >= -1, train.keep_checkpoints >= 1")
+        _check(self.placement in ("spread", "pack"), f"train.placement must be spread|pack, got {self.placement!r}")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0")
         _check(self.tensorboard_pictures >= 0, "train.tensorboard_pictures must be >= 0")
         _check(0.0 <= self.val_caa_threshold <= 1.0 and self.val_rar_steps >= 0,
@@ -667,6 +674,11 @@ class ClusterConfig:
     in Ray's temporary copy of the working directory and are lost when the job ends)."""
     namespace: str = "default"
     """Kubernetes namespace of the rendered RayCluster, RayJob and ConfigMap."""
+    job_retries: int = 3
+    """Times KubeRay runs a failed RayJob again, each on a new cluster (the RayJob's ``backoffLimit``): a
+    job that ends with a fault (a store away past its budget, a worker group out of restarts) resumes
+    without a person - finished stages are skipped, items already committed are kept, training continues
+    from its last checkpoint. 0: a person re-applies the RayJob."""
     service_account: Optional[str] = None
     """Kubernetes service account of every Ray pod (e.g. one bound to an IAM role for S3); None: the
     namespace's default."""
@@ -694,6 +706,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.python.strip()), "cluster.python must name an interpreter, e.g. python or /opt/venv/bin/python")
+        _check(self.job_retries >= 0, "cluster.job_retries must be >= 0")
         _check(bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", self.namespace)) and len(self.namespace) <= 63,
                f"cluster.namespace {self.namespace!r} must be a Kubernetes name (lower-case letters, digits, '-')")
         for key in ("service_account", "s3_secret", "models_pvc"):

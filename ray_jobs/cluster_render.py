@@ -265,7 +265,8 @@ def render_rayjob(spec: JobSpec, cluster: dict, template: dict) -> dict:
     head_pod["containers"][0].setdefault("volumeMounts", []).append(
         {"name": "diclip-spec", "mountPath": f"{APP_DIR}/{fname}", "subPath": fname, "readOnly": True})
     doc["spec"]["rayClusterSpec"] = cluster_spec
-    doc["spec"]["submitterConfig"] = {"backoffLimit": 0}
+    doc["spec"]["submitterConfig"] = {"backoffLimit": 0}  # the submitter must not rerun with the same id
+    doc["spec"]["backoffLimit"] = spec.cluster.job_retries  # a whole new cluster per retry: the run resumes
     return doc
 
 

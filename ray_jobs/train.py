@@ -246,7 +246,7 @@ def run_settings(spec: JobSpec) -> dict:
     from ray_jobs.lineage import data_identity, fingerprint
 
     t = {k: v for k, v in to_dict(spec.train).items()
-         if k not in ("resume_from", "max_failures", "keep_checkpoints", "trust_checkpoints", "resources",
+         if k not in ("resume_from", "max_failures", "placement", "keep_checkpoints", "trust_checkpoints", "resources",
                       "tensorboard_pictures")}
     inputs = {"cache": fingerprint(t["cache"])}
     if spec.train.mode == "stored":
@@ -552,7 +552,8 @@ def run(spec: JobSpec) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=t.placement.upper()),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"{spec.name}-train", storage_path=path, storage_filesystem=fs,

@@ -118,6 +118,7 @@ def test_rendered_kuberay_manifests_validate_against_crds(tmp_path: Path, config
     js = job["spec"]
     assert js["shutdownAfterJobFinishes"] is True
     assert js["submitterConfig"]["backoffLimit"] == 0  # pitfall 16: no retries with the same id
+    assert js["backoffLimit"] == spec.cluster.job_retries == 3  # a failed job runs again on a new cluster
     assert isinstance(js["ttlSecondsAfterFinished"], int)
     assert shlex.split(js["entrypoint"]) == ["python", "-m", "ray_jobs.launch", "run", f"/app/{spec.name}.yaml",
                                              "ray.address=auto"]
