@@ -98,6 +98,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A driver joins or starts Ray explicitly (ray_jobs.common.init_ray); Ray's implicit ray.init on first use
+    # would only ever run after a stop, from a background thread of the stopping run, and start or join a Ray
+    # again ("SIGTERM handler is not set because current thread is not the main thread"). Read by Ray at import.
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     parser = build_parser()
     args = parse(parser, argv)
     init_logging(args.log_level)

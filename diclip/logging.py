@@ -52,3 +52,33 @@ def warn_once(logger: logging.Logger, message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
+
+
+QUIET_LOGGERS = ("", "ray.data", "ray.train", "ray.air")
+"""Loggers held at WARNING in every diclip process: the root (open_clip's "Parsing tokenizer identifier" per
+model load; Ray Train sets a worker's root to INFO) and Ray libraries' own, which keep INFO below the root
+("Dataset ... execution finished", "Reporting training result"): one line per call in every job log."""
+
+FALSE_NOTICES = (
+    "Progress bars disabled",  # Ray Data's WARNING when a run turns its bars off on purpose (not a terminal)
+    # Ray Data at every training start: the loader's tasks wait while Ray Train's workers hold the CPUs
+    # they were planned around; training's own watchdog names a real stall (ray_jobs.train.TrainWatchdog)
+    "Cluster resources are not enough to run any task from TaskPoolMapOperator[MapBatches(load_rows)]",
+)
+
+
+class _DropFalseNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in FALSE_NOTICES)
+
+
+def quiet_library_logs() -> None:
+    """Job logs carry diclip's lines and the libraries' warnings, not their progress notes: the loggers of
+    ``QUIET_LOGGERS`` go to WARNING, and warnings known to be false here (``FALSE_NOTICES``) are dropped
+    at Ray Data's handlers. Idempotent; diclip's own loggers keep their level."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:
+        if not any(isinstance(f, _DropFalseNotices) for f in handler.filters):
+            handler.addFilter(_DropFalseNotices())

@@ -37,7 +37,10 @@ def reason(e: BaseException) -> str:
     if isinstance(e, DiclipError):
         return str(e)
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith((" ", "Traceback"))]
-    text = next((ln for ln in lines if not ln.startswith(("ray::", "File "))), lines[0] if lines else "")
+    lines = [ln for ln in lines if not ln.startswith(("ray::", "File "))] or lines
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:  # "Training failed due to worker errors:" + what they were
+        text = f"{text} {lines[1]}"
     text = " ".join(text.split())
     if len(text) > _REASON_CHARS:
         text = text[: _REASON_CHARS - 3] + "..."

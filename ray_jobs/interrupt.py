@@ -25,6 +25,9 @@ def _stop(signum: int, _frame) -> None:
 
     for name in ("ray", "ray.data", "ray.train"):  # Ray's shutdown chatter would bury the one line
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # threads of the stopping run (Ray Data's executor, the index writer) fail once Ray is down: the process
+    # is ending, so their tracebacks would only bury the one line
+    threading.excepthook = lambda _args: None
     # ray.shutdown from a signal handler can block on locks the interrupted code holds: run it on a
     # thread and give it a bounded time, then make sure nothing this driver started outlives it.
     done = threading.Event()

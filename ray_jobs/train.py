@@ -557,6 +557,7 @@ def run(spec: JobSpec) -> dict:
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"{spec.name}-train", storage_path=path, storage_filesystem=fs,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the job log gets diclip's step lines
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_miou",
                                                checkpoint_score_order="max"),

@@ -371,8 +371,8 @@ def test_an_exported_dashboard_address_does_not_change_local_runs(tmp_path, monk
     env["RAY_ADDRESS"] = "http://127.0.0.1:8265"
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
-    # a local Ray of 1 CPU; the variable is gone; Ray's C++ core kept quiet (its harmless ERROR lines)
-    assert r.stdout.strip().splitlines()[-1] == "1 None fatal"
+    # a local Ray of 1 CPU; the variable is gone; Ray's C++ log level left alone (set, every worker announces it)
+    assert r.stdout.strip().splitlines()[-1] == "1 None None"
     notes = [ln for ln in r.stderr.splitlines() if "ignoring RAY_ADDRESS=http://127.0.0.1:8265" in ln]
     assert len(notes) == 1 and "a local Ray" in notes[0]
 

@@ -356,6 +356,12 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
     assert storage.is_complete(spec.train.output)
     logs = (tmp_path / "first.txt").read_text() + (tmp_path / "second.txt").read_text() + again.stdout + again.stderr
     assert "PlacementGroupCleaner" not in logs and "multiple active Ray instances" not in logs
+    # the finishing run's log is diclip's lines: no library progress notes, false warnings or tracebacks
+    noise = ("logging.cc", "Parsing tokenizer", "Progress bars disabled", "Reporting training result",
+             "Checkpoint successfully created", "Started training worker group", "DeprecationWarning",
+             "FutureWarning", "Traceback", "Cluster resources are not enough")
+    found = [ln for ln in (again.stdout + again.stderr).splitlines() if any(n in ln for n in noise)]
+    assert not found, found
 
 
 def _metrics_or_none(spec):
