@@ -81,14 +81,6 @@ def drop_dashboard_address() -> str | None:
     return address
 
 
-_STATE_API = True
-
-
-def has_state_api() -> bool:
-    """False when this process started its own Ray with ``ray.dashboard=false``: that instance runs only a
-    minimal dashboard (usage stats), without Ray's State API, so nothing may rely on it (Ray Train's
-    placement-group cleaner, :func:`ray_jobs.train.without_state_api_callbacks`)."""
-    return _STATE_API
 
 
 def init_ray(spec: JobSpec) -> None:
@@ -99,7 +91,6 @@ def init_ray(spec: JobSpec) -> None:
     """
     import ray
 
-    global _STATE_API
     if ray.is_initialized():
         return
     dashboard = drop_dashboard_address()
@@ -108,7 +99,6 @@ def init_ray(spec: JobSpec) -> None:
                  "uses %s", dashboard, f"ray.address={spec.ray.address}" if spec.ray.address else "a local Ray")
     in_job = bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
     if spec.ray.address or in_job:
-        _STATE_API = True  # the cluster's own dashboard, if any, is its business
         ray.init(address=spec.ray.address or "auto", log_to_driver=True)
     else:
         # RAY_BACKEND_LOG_LEVEL stays as the user has it: set to any level, every Ray worker process prints
@@ -123,8 +113,6 @@ def init_ray(spec: JobSpec) -> None:
             port = free_port()
             kwargs["dashboard_port"] = port
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        # without the dashboard there is no State API to address (Ray starts a usage-stats-only head)
-        _STATE_API = bool(spec.ray.dashboard)
         kwargs["runtime_env"] = {"env_vars": env}
         if spec.ray.num_cpus:
             kwargs["num_cpus"] = spec.ray.num_cpus

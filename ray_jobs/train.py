@@ -114,7 +114,10 @@ class RankDatasetFactory:
         b = per_worker_batch(spec)
         table = rank_table(self.items, self.rank, t.num_workers, b, start * t.grad_accum, t.max_iters * t.grad_accum,
                            t.seed)
-        ds = ray.data.from_arrow(table, override_num_blocks=max(1, math.ceil(table.num_rows / (8 * b))))
+        # from_items, not from_arrow: from_arrow computes block metadata in a remote task that asks for a whole
+        # CPU, and with the workers placed no node may have one left (a cluster of 1-CPU nodes hung here, in
+        # Ray Train's controller, before the first step); from_items builds the blocks in this process
+        ds = ray.data.from_items(table.to_pylist(), override_num_blocks=max(1, math.ceil(table.num_rows / (8 * b))))
         return ds.map_batches(
             load_rows, batch_size=b, batch_format="numpy", num_cpus=0.25,
             fn_kwargs=dict(crop=spec.data.crop_size, scale_range=tuple(spec.data.rescale_range), flip=spec.data.flip,
@@ -480,13 +483,13 @@ def train_stall_message(spec: JobSpec, minutes: float) -> str:
             "(committed checkpoints are kept)")
 
 
-def without_state_api_callbacks(trainer) -> None:
-    """Leave out Ray Train's placement-group cleaner, which polls the State API and, on an instance without
-    one (``ray.dashboard=false``), dies with a traceback (with another Ray instance on the host: "Found
-    multiple active Ray instances"). It is a second line of defence only: the worker group's placement
-    group belongs to the controller actor, and Ray removes it when that actor dies (what the stall watchdog
-    relies on, tested without a dashboard). ``_create_default_callbacks`` is private Ray Train API; if it
-    changes, the cleaner simply stays."""
+def without_placement_group_cleaner(trainer) -> None:
+    """Leave out Ray Train's placement-group cleaner. It polls the State API: on an instance without one
+    (``ray.dashboard=false``, a cluster head without a dashboard) it logs "Failed to query Ray Train Controller
+    actor state" every second, and with another Ray instance on the host it dies with a traceback ("Found
+    multiple active Ray instances"). It is a second line of defence only: the worker group's placement group
+    belongs to the controller actor, and Ray removes it when that actor dies (what the stall watchdog relies
+    on, tested). ``_create_default_callbacks`` is private Ray Train API; if it changes, the cleaner stays."""
     try:
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
@@ -578,10 +581,7 @@ def run(spec: JobSpec) -> dict:
         # driver's handler (ray_jobs.interrupt) stops within seconds and a re-run resumes.
 
     trainer._register_sigint_handler = on_controller
-    from ray_jobs.common import has_state_api
-
-    if not has_state_api():
-        without_state_api_callbacks(trainer)
+    without_placement_group_cleaner(trainer)
     t0 = time.perf_counter()
     try:
         result = trainer.fit()

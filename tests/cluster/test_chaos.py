@@ -1,0 +1,91 @@
+"""Chaos on a real multi-node cluster: a worker node lost in the middle of a Ray Data stage and of training,
+with the artifacts on a real object store (SeaweedFS) and nodes that share nothing but the bucket.
+
+The node is SIGKILLed whole (raylet and every worker on it), as a preempted VM; for training a replacement
+node joins afterwards, as an autoscaler would add one. Goal: the same run finishes without a person, no item
+lost or duplicated, at most one checkpoint interval of steps redone, and the recovery on record.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.chaos import CORRELATE, TRAIN, Injector, checkpoint_registered, run_stage_with, shards_at_least
+from tests.helpers import random_cache, tiny_spec
+from tests.multinode import LocalCluster, session_pids
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def cluster(seaweed):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = LocalCluster(workers=2, cpus=1.0)
+    try:
+        c.start()
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.stop()
+
+
+def node_running(cluster: LocalCluster, marker: str):
+    """The worker node whose processes include one whose command line has ``marker`` (an actor's name)."""
+    for node in cluster.nodes[1:]:
+        for pid in session_pids(node.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        return node
+            except OSError:
+                continue
+    return None
+
+
+def _spec(cluster, seaweed, bucket, *overrides):
+    from ray_jobs import synthesize
+
+    spec = tiny_spec(f"{bucket}/run", *overrides, f"ray.address={cluster.gcs}", "ray.stall_minutes=5",
+                     endpoint_url=seaweed.endpoint)
+    synthesize.run(spec)
+    return spec
+
+
+def test_a_node_lost_mid_correlate_costs_no_item(cluster, seaweed, seaweed_bucket):
+    spec = _spec(cluster, seaweed, seaweed_bucket, *CORRELATE)
+    victim = {}
+
+    def kill():
+        node = node_running(cluster, "Correlator")
+        assert node is not None, "no node runs the correlate actor"
+        victim["node"] = node.name
+        cluster.kill(node)
+
+    out = run_stage_with(spec, "correlate", "node lost", Injector(shards_at_least(spec, 2), kill,
+                                                                  after=cluster.add_worker))
+    assert victim, "the fault never fired"
+    assert out.finished, out.error
+    assert out.lost == 0 and out.duplicated == 0, out
+
+
+def test_a_node_lost_mid_training_resumes_from_the_checkpoint(cluster, seaweed, seaweed_bucket):
+    from diclip.data import get_class_set
+    from diclip.models.kv_cache import save_cache
+
+    spec = _spec(cluster, seaweed, seaweed_bucket, *TRAIN)
+    save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
+
+    def kill():
+        node = node_running(cluster, "RayTrainWorker")
+        assert node is not None, "no node runs a train worker"
+        cluster.kill(node)
+
+    out = run_stage_with(spec, "train", "node lost", Injector(checkpoint_registered(spec), kill,
+                                                               after=cluster.add_worker))
+    assert out.finished, out.error
+    assert out.lost == 0 and out.duplicated == 0, out  # every step logged once
+    assert out.recoveries.get("worker_group_restarts") == 1, out.recoveries
+    assert out.steps_redone <= spec.train.eval_every, out  # at most one checkpoint interval

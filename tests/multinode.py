@@ -1,0 +1,156 @@
+"""A real multi-node Ray cluster on one host, for chaos tests: a head and worker raylets, each its own
+``ray start --block`` in its own session, its own temp dir and its own loopback address, so a test can
+kill one node (every process of its session, SIGKILL: what a preempted VM looks like to Ray) while the
+others go on.
+
+Only this cluster's processes are ever signalled (by session), never by name: other Ray instances on the
+host (other tests, other people) are left alone. Ray rewrites ``--node-ip-address=127.0.0.1`` to the host's
+address, so nodes take 127.0.0.2, .3, ... (all loopback on Linux).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_pids(sid: int) -> list[int]:
+    """Live processes of one session (everything a ``ray start`` that we started with setsid spawned)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(sid: int, grace_s: float = 0.0) -> None:
+    """SIGTERM (after ``grace_s`` SIGKILL), or SIGKILL at once, every process of one session."""
+    sig = signal.SIGTERM if grace_s > 0 else signal.SIGKILL
+    deadline = time.monotonic() + max(grace_s, 10.0)
+    while (left := session_pids(sid)) and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+        if grace_s > 0 and time.monotonic() > deadline - 10.0 + grace_s:
+            sig = signal.SIGKILL
+
+
+@dataclass
+class Node:
+    name: str
+    ip: str
+    proc: subprocess.Popen
+    temp_dir: str
+    log: Path
+
+    @property
+    def alive(self) -> bool:
+        return bool(session_pids(self.proc.pid))
+
+
+@dataclass
+class LocalCluster:
+    """Head (0 CPUs: the driver's node, no stage work) plus ``workers`` nodes of ``cpus`` CPUs each."""
+
+    workers: int = 2
+    cpus: float = 1.0
+    env: dict[str, str] = field(default_factory=dict)
+    nodes: list[Node] = field(default_factory=list)
+    gcs: str = ""
+
+    def _ray(self) -> str:
+        ray_bin = Path(sys.executable).parent / "ray"
+        if not ray_bin.exists():
+            raise RuntimeError(f"no ray CLI next to {sys.executable}")
+        return str(ray_bin)
+
+    def _env(self) -> dict[str, str]:
+        venv_bin = Path(sys.executable).parent
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_JOB"))}
+        env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+                   RAY_AUTH_MODE="disabled", **self.env)
+        return env
+
+    def _start(self, name: str, ip: str, args: list[str]) -> Node:
+        temp_dir = tempfile.mkdtemp(prefix=f"dcl{name[0]}", dir="/tmp")  # short: unix socket path limits
+        log = Path(temp_dir) / "ray-start.log"
+        cmd = [self._ray(), "start", "--block", f"--node-ip-address={ip}", "--disable-usage-stats",
+               f"--temp-dir={temp_dir}", *args]
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env=self._env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        node = Node(name, ip, proc, temp_dir, log)
+        self.nodes.append(node)
+        return node
+
+    def start(self, timeout: float = 180.0) -> "LocalCluster":
+        port = free_port()
+        self.gcs = f"127.0.0.2:{port}"
+        self._start("head", "127.0.0.2", ["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                                          f"--ray-client-server-port={free_port()}"])
+        self._wait_nodes(1, timeout)
+        for i in range(self.workers):
+            self.add_worker(timeout)
+        return self
+
+    def add_worker(self, timeout: float = 180.0) -> Node:
+        i = len(self.nodes) + 1
+        node = self._start(f"worker{i}", f"127.0.0.{i + 1}", [f"--address={self.gcs}", f"--num-cpus={self.cpus:g}"])
+        self._wait_nodes(sum(n.alive for n in self.nodes), timeout)
+        return node
+
+    def _wait_nodes(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.alive_nodes() >= n:
+                return
+            dead = [nd for nd in self.nodes if nd.proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited: {dead[0].log.read_text()[-2000:]}")
+            time.sleep(1.0)
+        raise RuntimeError(f"cluster has {self.alive_nodes()} of {n} nodes after {timeout:.0f} s")
+
+    def alive_nodes(self) -> int:
+        """Active nodes as the GCS counts them (``ray status``: no dashboard or State API needed)."""
+        out = subprocess.run([self._ray(), "status", "--address", self.gcs], env=self._env(), capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode != 0 or "Active:" not in out.stdout:
+            return 0
+        active = out.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+        return sum(1 for line in active.splitlines() if line.strip().split(" ", 1)[-1].startswith("node_"))
+
+    def kill(self, node: Node) -> None:
+        """The node is gone at once (SIGKILL to every process of it), as a preempted VM."""
+        kill_session(node.proc.pid)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)  # --block tears its processes down on SIGTERM
+        for node in reversed(self.nodes):
+            try:
+                node.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_session(node.proc.pid)
