@@ -91,3 +91,14 @@ def readme_commands(path: Path) -> list[tuple[str, str]]:
             if part:
                 out.append((section, part))
     return out
+
+
+def committed_ids(stage_uri: str) -> list[str]:
+    """Every item id in a complete stage's shards, as committed (duplicates kept, so a test can count them)."""
+    from diclip import storage
+
+    manifest = storage.read_manifest(stage_uri)
+    ids: list[str] = []
+    for s in manifest.shards:
+        ids += storage.read_parquet(storage.join(stage_uri, s.path), columns=["item_id"]).column("item_id").to_pylist()
+    return ids

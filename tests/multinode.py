@@ -140,6 +140,19 @@ class LocalCluster:
         active = out.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
         return sum(1 for line in active.splitlines() if line.strip().split(" ", 1)[-1].startswith("node_"))
 
+    def node_running(self, marker: str) -> Node | None:
+        """The worker node one of whose processes has ``marker`` in its command line (an actor's class name,
+        e.g. ``Correlator`` or ``RayTrainWorker``): where to strike to hit that actor."""
+        for node in self.nodes[1:]:
+            for pid in session_pids(node.proc.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if marker.encode() in f.read():
+                            return node
+                except OSError:
+                    continue
+        return None
+
     def kill(self, node: Node) -> None:
         """The node is gone at once (SIGKILL to every process of it), as a preempted VM."""
         kill_session(node.proc.pid)

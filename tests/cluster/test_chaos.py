@@ -11,7 +11,7 @@ import pytest
 
 from tests.chaos import CORRELATE, TRAIN, Injector, checkpoint_registered, run_stage_with, shards_at_least
 from tests.helpers import random_cache, tiny_spec
-from tests.multinode import LocalCluster, session_pids
+from tests.multinode import LocalCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -32,19 +32,6 @@ def cluster(seaweed):
         c.stop()
 
 
-def node_running(cluster: LocalCluster, marker: str):
-    """The worker node whose processes include one whose command line has ``marker`` (an actor's name)."""
-    for node in cluster.nodes[1:]:
-        for pid in session_pids(node.proc.pid):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        return node
-            except OSError:
-                continue
-    return None
-
-
 def _spec(cluster, seaweed, bucket, *overrides):
     from ray_jobs import synthesize
 
@@ -59,7 +46,7 @@ def test_a_node_lost_mid_correlate_costs_no_item(cluster, seaweed, seaweed_bucke
     victim = {}
 
     def kill():
-        node = node_running(cluster, "Correlator")
+        node = cluster.node_running("Correlator")
         assert node is not None, "no node runs the correlate actor"
         victim["node"] = node.name
         cluster.kill(node)
@@ -79,7 +66,7 @@ def test_a_node_lost_mid_training_resumes_from_the_checkpoint(cluster, seaweed, 
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
 
     def kill():
-        node = node_running(cluster, "RayTrainWorker")
+        node = cluster.node_running("RayTrainWorker")
         assert node is not None, "no node runs a train worker"
         cluster.kill(node)
 

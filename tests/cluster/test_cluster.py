@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from diclip import cli
 from diclip.config import load_spec
 from diclip.errors import ConfigError, DiclipError
 from ray_jobs import cluster_render, submit
+from tests.multinode import free_port, session_pids
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -625,28 +625,6 @@ def test_http_401_from_a_proxy_is_a_token_error() -> None:
 # ----------------------------------------------------------------------------------------------
 # a real submission to a local Ray cluster
 # ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live processes of one session: everything `ray start` spawned (we started it with setsid)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
 @contextlib.contextmanager
 def ray_cluster(auth_env: dict[str, str], gcs_port: int | None = None, extra: tuple[str, ...] = ()) -> Iterator[str]:
     """A real single-node Ray cluster with a dashboard; yields its Jobs API address.
@@ -660,13 +638,13 @@ def ray_cluster(auth_env: dict[str, str], gcs_port: int | None = None, extra: tu
     if not ray_bin.exists():
         pytest.skip(f"no ray CLI next to {sys.executable}")
     temp_dir = tempfile.mkdtemp(prefix="dcl", dir="/tmp")  # short: Ray's unix socket paths have a length limit
-    dash = _free_port()
+    dash = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     # `python` in the job's entrypoint must be this virtualenv's interpreter
     env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0", **auth_env)
     log_path = Path(temp_dir) / "ray-start.log"
-    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port or _free_port()}", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+    cmd = [str(ray_bin), "start", "--head", "--block", f"--port={gcs_port or free_port()}", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            "--num-cpus=2", "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--temp-dir={temp_dir}", *extra]
     with open(log_path, "w") as log_file:
@@ -694,7 +672,7 @@ def ray_cluster(auth_env: dict[str, str], gcs_port: int | None = None, extra: tu
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + 15
-        while (left := _session_pids(proc.pid)) and time.monotonic() < deadline:
+        while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -884,7 +862,7 @@ def test_a_joined_cluster_is_checked_against_what_it_can_ever_offer() -> None:
 def test_a_gpu_stage_on_a_joined_cluster_without_gpus_is_refused_at_once(tmp_path: Path) -> None:
     """A real `ray start --head --num-gpus=0` cluster (no autoscaler): a GPU stage joining it (ray.address) is
     refused in one line right after joining, instead of waiting ray.stall_minutes for the watchdog."""
-    gcs = _free_port()
+    gcs = free_port()
     with ray_cluster({"RAY_AUTH_MODE": "disabled"}, gcs_port=gcs, extra=("--num-gpus=0",)):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
         env["RAY_AUTH_MODE"] = "disabled"

@@ -20,7 +20,7 @@ from diclip.models.diffusion import build_diffusion_from_config
 from diclip.viz import colorize, grid_size
 from ray_jobs import correlate, synthesize
 from ray_jobs.common import list_shards
-from tests.helpers import tiny_spec
+from tests.helpers import committed_ids, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -226,10 +226,7 @@ def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path, 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = storage.read_manifest(spec.correlate.output)
-    ids = []
-    for s in manifest.shards:
-        ids += storage.read_parquet(storage.join(spec.correlate.output, s.path), columns=["item_id"]).column(
-            "item_id").to_pylist()
+    ids = committed_ids(spec.correlate.output)
     want = 16 + 12 * 2  # whole images + (train image, crop) pairs
     assert sorted(ids) == sorted(set(ids)) and len(ids) == want  # every map exactly once, no holes
     assert sum("@crop" in i for i in ids) == 24

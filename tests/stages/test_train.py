@@ -139,8 +139,8 @@ def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run, tmp_path):
     assert not any(k.startswith("encoder.") for k in tensors)
     assert storage.exists(storage.join(export, "cache", "kv_cache.safetensors"))
     ckpt = summary["checkpoint"]  # checkpoints went to the bucket, through our endpoint
-    assert ckpt and not ckpt.startswith("/")
-    files = storage.list_files(f"s3://{ckpt}")
+    assert ckpt.startswith("s3://")  # a whole URI, as printed
+    files = storage.list_files(ckpt)
     assert any(f.endswith("diclip_state.json") for f in files)
     assert any(f.endswith("rng_rank1.safetensors") for f in files)  # every rank's part is in the one folder
     assert any("zero_pp_rank_1" in f for f in files)

@@ -13,46 +13,20 @@ from diclip.data import get_class_set
 from diclip.models.kv_cache import save_cache
 from ray_jobs import pipeline, synthesize, train
 from ray_jobs.common import list_shards
-from tests.helpers import random_cache, tiny_spec
+from tests.chaos import Injector, checkpoint_registered
+from tests.helpers import committed_ids, random_cache, tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
 DOWN_S = 4.0  # the store is away this long, plus its stop and start (about 5 s more)
 
 
-class StoreRestart(threading.Thread):
+def store_restart(server, ready) -> Injector:
     """Stops the store once ``ready()`` holds, keeps it down for ``DOWN_S``, starts it again."""
-
-    def __init__(self, server, ready):
-        super().__init__(daemon=True)
-        self.server, self.ready = server, ready
-        self.down_at: float | None = None
-        self.up_at: float | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            deadline = time.monotonic() + 300
-            while not self.ready():
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.2)
-            self.down_at = time.monotonic()
-            self.server.stop(grace=1)
-            time.sleep(DOWN_S)
-            self.server.start()
-            self.up_at = time.monotonic()
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-
-
-def _ready_when(check):
-    def ready() -> bool:
-        try:
-            with storage.retry_budget(0):
-                return check()
-        except Exception:  # noqa: BLE001 - the store may be busy; look again
-            return False
-    return ready
+    def restart() -> None:
+        server.stop(grace=1)
+        time.sleep(DOWN_S)
+        server.start()
+    return Injector(ready, restart)
 
 
 def test_correlate_rides_out_a_store_restart_with_every_item_once(ray_session, seaweed, seaweed_bucket):
@@ -60,22 +34,19 @@ def test_correlate_rides_out_a_store_restart_with_every_item_once(ray_session, s
                      "correlate.resources.batch_size=2", "correlate.resources.concurrency=1",
                      endpoint_url=seaweed.endpoint)
     synthesize.run(spec)
-    restart = StoreRestart(seaweed, _ready_when(lambda: len(list_shards(spec.correlate.output)) >= 2))
+    restart = store_restart(seaweed, lambda: len(list_shards(spec.correlate.output)) >= 2)
     restart.start()
     out = pipeline.run_stage(spec, "correlate")
     ended = time.monotonic()
     restart.join()
-    assert restart.error is None and restart.up_at is not None, "the store was never restarted mid-stage"
-    assert ended > restart.up_at  # the stage was still running when the store came back: it waited
+    assert restart.error is None and restart.hit_at is not None, "the store was never restarted mid-stage"
+    assert ended > restart.hit_at + DOWN_S  # the stage was still running when the store came back: it waited
     assert out["failed"] == 0
     # the recovery is on record: the stage's summary counts the outage its actors waited out
     assert out["recoveries"]["store_outages"] >= 1 and out["recoveries"]["store_wait_s"] > 0, out
     assert out["recoveries"]["line"].startswith("store away ")
     manifest = storage.read_manifest(spec.correlate.output)
-    ids = []
-    for s in manifest.shards:
-        ids += storage.read_parquet(storage.join(spec.correlate.output, s.path), columns=["item_id"]).column(
-            "item_id").to_pylist()
+    ids = committed_ids(spec.correlate.output)
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 16  # every map once, none lost, none twice
     assert len(list_shards(spec.correlate.output)) == len(manifest.shards)  # no orphan shards
 
@@ -86,16 +57,13 @@ def test_training_rides_out_a_store_restart_after_a_checkpoint(ray_session, seaw
     spec = tiny_spec(f"{seaweed_bucket}/run", *args, endpoint_url=seaweed.endpoint)
     synthesize.run(spec)
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
-    snapshot = train.snapshot_uri(spec)
-    restart = StoreRestart(seaweed, _ready_when(
-        lambda: bool(storage.read_json(snapshot).get("latest_checkpoint_result")) if storage.exists(snapshot)
-        else False))
+    restart = store_restart(seaweed, checkpoint_registered(spec))
     restart.start()
     summary = pipeline.run_stage(spec, "train")
     ended = time.monotonic()
     restart.join()
-    assert restart.error is None and restart.up_at is not None, "the store was never restarted mid-training"
-    assert ended > restart.up_at  # training was still running when the store came back
+    assert restart.error is None and restart.hit_at is not None, "the store was never restarted mid-training"
+    assert ended > restart.hit_at + DOWN_S  # training was still running when the store came back
     assert summary["steps"] == 6 and storage.is_complete(spec.train.output)
     assert summary["recoveries"]["store_outages"] >= 1, summary  # the workers' wait is on record
     records = [json.loads(x) for x in storage.read_text(storage.join(spec.train.output, "metrics.jsonl")).splitlines()]
@@ -153,7 +121,7 @@ def test_a_store_away_beyond_the_budget_ends_in_one_line_and_the_rerun_resumes(s
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not _ready_when(lambda: len(list_shards(spec.correlate.output)) >= 2)():
+        while time.monotonic() < deadline and len(list_shards(spec.correlate.output)) < 2:
             time.sleep(0.2)
         seaweed.stop(grace=1)  # and it stays away until the command has given up
         proc.wait(timeout=180)
@@ -171,8 +139,5 @@ def test_a_store_away_beyond_the_budget_ends_in_one_line_and_the_rerun_resumes(s
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = storage.read_manifest(spec.correlate.output)
-    ids = []
-    for s in manifest.shards:
-        ids += storage.read_parquet(storage.join(spec.correlate.output, s.path), columns=["item_id"]).column(
-            "item_id").to_pylist()
+    ids = committed_ids(spec.correlate.output)
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 16
