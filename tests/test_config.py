@@ -236,7 +236,7 @@ def test_plans_the_local_ray_cannot_run_are_refused_in_one_line(capsys):
         assert err.startswith("error: train: 2 workers x 1 CPUs") and "\n" not in err
 
 
-def test_validate_uses_the_specs_endpoint_and_refuses_a_missing_bucket(moto_server, capsys):
+def test_validate_uses_the_specs_endpoint_and_refuses_a_missing_bucket(s3_server, capsys):
     """storage.endpoint_url in the spec (not only AWS_ENDPOINT_URL) is what validate talks to, and a bucket
     that does not exist is an error there, not at the first write."""
     import uuid
@@ -248,11 +248,11 @@ def test_validate_uses_the_specs_endpoint_and_refuses_a_missing_bucket(moto_serv
     env = {k: os.environ.pop(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3") if k in os.environ}
     try:
         bucket = f"b-{uuid.uuid4().hex[:8]}"
-        argv = ["validate", "configs/demo.yaml", f"output_uri=s3://{bucket}/x", f"storage.endpoint_url={moto_server}"]
+        argv = ["validate", "configs/demo.yaml", f"output_uri=s3://{bucket}/x", f"storage.endpoint_url={s3_server}"]
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and bucket in err and "\n" not in err
-        boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+        boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
         assert main(argv) == 0
         assert capsys.readouterr().out.startswith("ok:")
     finally:

@@ -87,17 +87,17 @@ def test_centre_row_picks_the_centre_token_and_scales_to_unit_range():
     assert np.allclose(row, want)
 
 
-def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server, capsys):
+def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, s3_server, capsys):
     import re
 
     from diclip.cli import main
 
-    spec = _prepare(f"{s3_bucket}/run", endpoint_url=moto_server)
+    spec = _prepare(f"{s3_bucket}/run", endpoint_url=s3_server)
     bad = storage.join(spec.data.root, "JPEGImages", "synth_val_00001.jpg")
     storage.write_bytes(bad, b"this is not a jpeg")
     # 1 of 10 is more than the default 5%: failures recorded, no manifest, the reason in one line, and the
     # command exits non-zero (through the CLI, which joins this test's Ray session)
-    argv = ["correlate", "configs/tiny.yaml", f"output_uri={spec.output_uri}", f"storage.endpoint_url={moto_server}",
+    argv = ["correlate", "configs/tiny.yaml", f"output_uri={spec.output_uri}", f"storage.endpoint_url={s3_server}",
             "ray.progress_bars=false", "synthesize.num_train=6", "synthesize.num_val=4",
             "synthesize.image_size=[64,80]", "correlate.max_side=80", "correlate.resources.batch_size=3"]
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -111,7 +111,7 @@ def test_correlate_roundtrip_s3_and_failures(ray_session, s3_bucket, moto_server
                         err[-1])
     assert not any("Traceback" in line for line in err)
     assert not storage.is_complete(spec.correlate.output) and len(storage.read_failures(spec.correlate.output)) == 1
-    spec = tiny_spec(spec.output_uri, "correlate.max_failed_fraction=0.2", endpoint_url=moto_server)
+    spec = tiny_spec(spec.output_uri, "correlate.max_failed_fraction=0.2", endpoint_url=s3_server)
     out = correlate.run(spec)
     assert out["extracted_now"] == 0  # the 9 good maps were committed by the first run
     assert out["images"] == 9 and out["failed"] == 1
@@ -170,10 +170,10 @@ def _tree(pid: int) -> list:
         return []
 
 
-def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path, s3_bucket, moto_server):
+def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path, s3_bucket, s3_server):
     """SIGTERM (what Kubernetes sends) stops a run of whole images plus a per-crop bank in seconds with one
     line, leaves none of its processes behind, keeps the committed shards; a second run is killed with
-    SIGKILL; a third completes every map exactly once. Everything lives in the moto S3 bucket."""
+    SIGKILL; a third completes every map exactly once. Everything lives in the S3 bucket (SeaweedFS)."""
     import psutil
 
     from ray_jobs.interrupt import MESSAGE
@@ -181,10 +181,10 @@ def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path, 
     root = f"{s3_bucket}/run"
     overrides = ["synthesize.num_train=12", "synthesize.num_val=4", "correlate.resources.batch_size=2",
                  "correlate.resources.concurrency=1", "correlate.crops_per_image=2", "data.crop_size=48"]
-    spec = _prepare(root, *overrides, endpoint_url=moto_server)
+    spec = _prepare(root, *overrides, endpoint_url=s3_server)
     env = dict(os.environ, DICLIP_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/tiny.yaml", f"output_uri={root}",
-           f"storage.endpoint_url={moto_server}", "ray.progress_bars=false", "synthesize.image_size=[64,80]",
+           f"storage.endpoint_url={s3_server}", "ray.progress_bars=false", "synthesize.image_size=[64,80]",
            "correlate.max_side=80", *overrides]
     err_file = open(tmp_path / "stderr.txt", "w")  # a file, not a pipe: Ray's logs must not fill a pipe
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, start_new_session=True)

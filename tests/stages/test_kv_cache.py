@@ -1,4 +1,4 @@
-"""The KV-cache chain: ``generate`` -> ``mask`` -> ``cache`` on local Ray (2 actors) and through moto S3.
+"""The KV-cache chain: ``generate`` -> ``mask`` -> ``cache`` on local Ray (2 actors) and through S3 (SeaweedFS).
 
 Stage runs dominate the time (actor start-up), so the generated outputs are shared per module:
 ``gen_a`` / ``gen_b`` are two runs of the same spec into different dirs.
@@ -267,9 +267,9 @@ def test_cache_shapes_determinism_and_adapter(masked_a):
 # ----------------------------------------------------------------------------------------------
 # S3
 # ----------------------------------------------------------------------------------------------
-def test_chain_roundtrips_through_s3(ray_session, s3_bucket, moto_server):
+def test_chain_roundtrips_through_s3(ray_session, s3_bucket, s3_server):
     spec = tiny_spec(f"{s3_bucket}/run", *BASE, "mask.min_foreground=0.0", "mask.max_foreground=1.0",
-                     endpoint_url=moto_server)
+                     endpoint_url=s3_server)
     assert generate.run(spec)["images"] == 8
     out = mask.run(spec)
     assert out["images"] == 8 and out["failed"] == 0
@@ -284,7 +284,7 @@ def test_chain_roundtrips_through_s3(ray_session, s3_bucket, moto_server):
     assert generate.run(spec)["generated_now"] == 0 and mask.run(spec)["masked_now"] == 0
     # other images under the same ids: the masks and the cache made from the old ones are stale and redone
     changed = tiny_spec(f"{s3_bucket}/run", *BASE, "mask.min_foreground=0.0", "mask.max_foreground=1.0",
-                        "generate.guidance_scale=9", endpoint_url=moto_server)
+                        "generate.guidance_scale=9", endpoint_url=s3_server)
     assert generate.run(changed)["generated_now"] == 8
     assert not mask.is_complete(changed) and mask.stale(changed) == ["generate output changed"]
     assert not cache.is_complete(changed) and cache.stale(changed) == ["generate output changed"]

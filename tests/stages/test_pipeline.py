@@ -1,4 +1,4 @@
-"""A job spec end to end on local Ray, every artifact in a moto S3 bucket, with a user's own 3-class set.
+"""A job spec end to end on local Ray, every artifact in an S3 bucket (SeaweedFS), with a user's own 3-class set.
 
 One run covers both the demo-shaped pipeline (every stage, S3, re-run skips everything, staleness) and a
 ``data.classes_file`` through every stage (issue: the user's own dataset), because each pipeline run costs
@@ -50,10 +50,10 @@ def test_a_stage_run_will_recompute_makes_the_stages_reading_its_output_stale(tm
     assert stale_settings(changed, "infer") == []
 
 
-def test_own_class_set_end_to_end_into_s3(ray_session, s3_bucket, moto_server, tmp_path):
+def test_own_class_set_end_to_end_into_s3(ray_session, s3_bucket, s3_server, tmp_path):
     path = tmp_path / "shapes.yaml"
     path.write_text(SHAPES_CLASS_FILE)
-    spec = tiny_spec(f"{s3_bucket}/demo", f"data.classes_file={path}", *FAST, endpoint_url=moto_server)
+    spec = tiny_spec(f"{s3_bucket}/demo", f"data.classes_file={path}", *FAST, endpoint_url=s3_server)
     assert not any(done for _, done, _ in plan(spec))
     results = run_pipeline(spec)
     assert all(done for _, done, _ in plan(spec))
@@ -95,7 +95,7 @@ def test_own_class_set_end_to_end_into_s3(ray_session, s3_bucket, moto_server, t
     from ray_jobs.pipeline import stale_settings
 
     changed = tiny_spec(f"{s3_bucket}/demo", f"data.classes_file={path}", *FAST, "train.lr=0.001",
-                        "method.corr_threshold=0.3", endpoint_url=moto_server)
+                        "method.corr_threshold=0.3", endpoint_url=s3_server)
     status = {name: done for name, done, _ in plan(changed)}
     assert status["generate"] and status["synthesize"] and not status["correlate"] and not status["train"]
     assert stale_settings(changed, "correlate") == ["corr_threshold"]

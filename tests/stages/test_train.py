@@ -40,8 +40,8 @@ def _metrics(spec):
 
 
 @pytest.fixture(scope="module")
-def s3_run(ray_session, moto_server):
-    """One 2-worker run whose checkpoints, metrics and export all live in a moto S3 bucket."""
+def s3_run(ray_session, s3_server):
+    """One 2-worker run whose checkpoints, metrics and export all live in an S3 bucket (SeaweedFS)."""
     import uuid
 
     import boto3
@@ -49,11 +49,11 @@ def s3_run(ray_session, moto_server):
     from diclip.storage import StorageOptions, configure
 
     bucket = f"diclip-train-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
-    configure(StorageOptions(endpoint_url=moto_server))
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    configure(StorageOptions(endpoint_url=s3_server))
     try:
         # trains from a per-crop map bank (K=2), so the exact-resume test below covers the bank too
-        spec = _prepare(f"s3://{bucket}/run", *BANK, endpoint_url=moto_server)
+        spec = _prepare(f"s3://{bucket}/run", *BANK, endpoint_url=s3_server)
         summary = train.run(spec)
         yield spec, summary
     finally:
@@ -160,7 +160,7 @@ def test_two_worker_run_writes_metrics_checkpoints_and_export(s3_run, tmp_path):
     assert curves.format == "PNG" and curves.size == (1000, 400)
 
 
-def test_resume_reproduces_the_next_step_exactly(s3_run, moto_server):
+def test_resume_reproduces_the_next_step_exactly(s3_run, s3_server):
     """Resumed from the step-2 checkpoint, step 3 is bit-identical: the same bank crops, noise-free maps,
     optimizer state, LR and RNG."""
     spec, summary = s3_run
@@ -170,7 +170,7 @@ def test_resume_reproduces_the_next_step_exactly(s3_run, moto_server):
     step2 = [f.rsplit("/", 1)[0] for f in states if storage.read_json(f)["step"] == 2]
     assert step2, states
     resumed = tiny_spec(spec.output_uri, *TRAIN, *BANK, f"train.output={spec.output_uri}/train_resumed",
-                        f"train.resume_from={step2[0]}", endpoint_url=moto_server)
+                        f"train.resume_from={step2[0]}", endpoint_url=s3_server)
     train.run(resumed)
     again = {r["step"]: r for r in _metrics(resumed)}
     assert 3 in again and 4 in again and 1 not in again
@@ -371,7 +371,7 @@ def _metrics_or_none(spec):
         return []
 
 
-def test_a_worker_group_no_node_can_host_stops_with_one_line(s3_run, moto_server):
+def test_a_worker_group_no_node_can_host_stops_with_one_line(s3_run, s3_server):
     """On a cluster the local resource check cannot see what nodes exist: the watchdog turns a worker group
     that never starts into one line naming the request and what is free, and frees what the run held."""
     import time
@@ -382,7 +382,7 @@ def test_a_worker_group_no_node_can_host_stops_with_one_line(s3_run, moto_server
 
     spec, _ = s3_run
     stalled = tiny_spec(spec.output_uri, *TRAIN, *BANK, f"train.output={spec.output_uri}/train_stalled",
-                        "train.resources.num_cpus=64", "ray.stall_minutes=0.2", endpoint_url=moto_server)
+                        "train.resources.num_cpus=64", "ray.stall_minutes=0.2", endpoint_url=s3_server)
     with pytest.raises(DiclipError) as e:
         train.run(stalled)
     msg = str(e.value)

@@ -1,4 +1,4 @@
-"""diclip.storage against real local disk and a real (moto) S3 endpoint."""
+"""diclip.storage against real local disk and a real S3 endpoint (SeaweedFS)."""
 from __future__ import annotations
 
 import os
@@ -424,7 +424,24 @@ def test_missing_s3_object(s3_bucket):
     assert _one_line(err) == f"no such object: {uri}"
 
 
-def test_missing_bucket(s3_bucket):
+@pytest.fixture
+def aws_like_s3(monkeypatch, reset_storage):
+    """moto, where an emulator is really needed: like AWS it refuses a write to a missing bucket, which the
+    SeaweedFS gateway (Admin identity) answers by creating the bucket."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    storage.configure(storage.StorageOptions(endpoint_url=f"http://{host}:{port}"))
+    try:
+        yield
+    finally:
+        server.stop()
+
+
+def test_missing_bucket(aws_like_s3):
     uri = "s3://diclip-no-such-bucket-xyz/k.json"
     with pytest.raises(StorageError) as err:
         storage.read_bytes(uri)
@@ -509,8 +526,8 @@ def test_load_tensors_rejects_non_safetensors(storage_root):
     assert _one_line(err).startswith(f"not a valid safetensors file: {bad}")
 
 
-def test_env_endpoint_used_when_options_unset(s3_bucket, moto_server):
-    # s3_bucket set AWS_ENDPOINT_URL; with default options the env var alone must reach moto.
+def test_env_endpoint_used_when_options_unset(s3_bucket, s3_server):
+    # s3_bucket set AWS_ENDPOINT_URL; with default options the env var alone must reach the store.
     storage.configure(None)
     storage.write_bytes(f"{s3_bucket}/env.bin", b"via env")
     assert storage.read_bytes(f"{s3_bucket}/env.bin") == b"via env"
