@@ -47,7 +47,7 @@ demo: $(STAMP)
 	$(VENV)/bin/diclip run configs/demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: $(STAMP)
 	for b in bench/[a-z]*.py; do case $$b in *fullsize_check.py|*gpu_check.py) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done

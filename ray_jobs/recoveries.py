@@ -20,13 +20,14 @@ class Recoveries:
     store_outages: int = 0
     store_wait_s: float = 0.0
     resumed_from: list[int] = field(default_factory=list)  # training: the step each worker-group restart resumed at
+    nodes_lost: list[str] = field(default_factory=list)  # addresses of nodes alive at the start and gone at the end
 
     def add_store(self, count: int, seconds: float) -> None:
         self.store_outages += int(count)
         self.store_wait_s += float(seconds)
 
     def __bool__(self) -> bool:
-        return bool(self.store_outages or self.resumed_from)
+        return bool(self.store_outages or self.resumed_from or self.nodes_lost)
 
     def as_dict(self) -> dict:
         out: dict = {}
@@ -36,11 +37,15 @@ class Recoveries:
         if self.resumed_from:
             out["worker_group_restarts"] = len(self.resumed_from)
             out["resumed_from_steps"] = list(self.resumed_from)
+        if self.nodes_lost:
+            out["nodes_lost"] = list(self.nodes_lost)
         return out
 
     def line(self) -> str:
         """One line, e.g. ``store away 2x (waited 14 s), worker group restarted 1x (resumed from step 4)``."""
         parts = []
+        if self.nodes_lost:
+            parts.append(f"{len(self.nodes_lost)} node(s) lost ({', '.join(self.nodes_lost)}), their work redone")
         if self.store_outages:
             parts.append(f"store away {self.store_outages}x (waited {self.store_wait_s:.0f} s in all)")
         if self.resumed_from:
@@ -57,12 +62,28 @@ def collect() -> Iterator[Recoveries]:
     """Collect one stage's recoveries; the driver's own outages are taken at the end."""
     rec = Recoveries()
     storage.take_outages()  # what happened before this stage belongs to no stage
+    before = _alive_nodes()
     token = _current.set(rec)
     try:
         yield rec
     finally:
         rec.add_store(*storage.take_outages())
+        now = _alive_nodes()
+        rec.nodes_lost = sorted(address for node_id, address in before.items() if node_id not in now)
         _current.reset(token)
+
+
+def _alive_nodes() -> dict[str, str]:
+    """node id -> address of the connected cluster's alive nodes ({} without Ray: a local stage)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    try:
+        return {n["NodeID"]: n.get("NodeManagerAddress", n["NodeID"][:8]) for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # noqa: BLE001 - a record, never a reason to fail a stage
+        return {}
 
 
 def current() -> Recoveries | None:

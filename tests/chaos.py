@@ -104,6 +104,9 @@ def logged_steps(spec) -> list[tuple[str, int]]:
 
 
 def run_stage_with(spec, stage: str, fault: str, injector: Injector | None) -> Outcome:
+    from ray_jobs.common import init_ray
+
+    init_ray(spec)  # joined before the stage, as `diclip run` does: the stage's record sees which nodes it lost
     out = Outcome(fault=fault, stage=stage)
     steps_at_fault: list[int] = []
     if injector is not None and stage == "train":

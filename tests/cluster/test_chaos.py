@@ -48,7 +48,7 @@ def test_a_node_lost_mid_correlate_costs_no_item(cluster, seaweed, seaweed_bucke
     def kill():
         node = cluster.node_running("Correlator")
         assert node is not None, "no node runs the correlate actor"
-        victim["node"] = node.name
+        victim["ip"] = node.ip
         cluster.kill(node)
 
     out = run_stage_with(spec, "correlate", "node lost", Injector(shards_at_least(spec, 2), kill,
@@ -56,6 +56,7 @@ def test_a_node_lost_mid_correlate_costs_no_item(cluster, seaweed, seaweed_bucke
     assert victim, "the fault never fired"
     assert out.finished, out.error
     assert out.lost == 0 and out.duplicated == 0, out
+    assert out.recoveries.get("nodes_lost") == [victim["ip"]], out.recoveries  # the recovery is on record
 
 
 def test_a_node_lost_mid_training_resumes_from_the_checkpoint(cluster, seaweed, seaweed_bucket):
@@ -75,4 +76,5 @@ def test_a_node_lost_mid_training_resumes_from_the_checkpoint(cluster, seaweed, 
     assert out.finished, out.error
     assert out.lost == 0 and out.duplicated == 0, out  # every step logged once
     assert out.recoveries.get("worker_group_restarts") == 1, out.recoveries
+    assert len(out.recoveries.get("nodes_lost", [])) == 1, out.recoveries
     assert out.steps_redone <= spec.train.eval_every, out  # at most one checkpoint interval
