@@ -69,8 +69,8 @@ class RayConfig:
     dashboard: bool = True
     """A local Ray instance starts its dashboard (on a free port, addressed explicitly so another Ray
     instance on the host does not confuse it): job and actor views, and the State API that Ray Train's
-    placement-group cleaner polls. Off saves ~0.6 s of start-up; Ray then runs no State API, so training
-    leaves that cleaner out (the placement group still goes with its controller)."""
+    placement-group cleaner would poll (training leaves that cleaner out on every instance; the placement
+    group goes with its controller). Off saves ~0.6 s of start-up; Ray then runs no State API."""
 
     def show_progress(self) -> bool:
         """Whether to draw progress bars in this process (see ``progress_bars``)."""

@@ -36,7 +36,7 @@ from diclip.logging import get_logger
 from diclip.models.kv_cache import CACHE_FILE, KVCache, save_cache
 from diclip.storage.manifest import config_hash
 from ray_jobs.common import (
-    ID, pending_items, start_actor, finalize, init_ray, list_shards, report_row, run_pool, short_error,
+    ID, pending_items, start_actor, finalize, init_ray, list_shards, item_error, report_row, run_pool, short_error,
     write_shard,
 )
 from ray_jobs.lineage import (
@@ -151,14 +151,14 @@ class KeyExtractor:
             imgs = read_located(items, "img_shard", "img_row", ["image"])
             masks = read_located(items, "mask_shard", "mask_row", ["mask"])
         except DiclipError as e:
-            return pd.DataFrame([report_row(it[ID], False, str(e)) for it in items])
+            return pd.DataFrame([report_row(it[ID], False, item_error(e)) for it in items])
         reports, ok, images, labels = [], [], [], []
         for it in items:
             try:
                 img = decode_image(imgs[it[ID]]["image"], f"generated image {it[ID]}")
                 label = decode_mask(masks[it[ID]]["mask"], f"mask {it[ID]}")
             except DiclipError as e:
-                reports.append(report_row(it[ID], False, str(e)))
+                reports.append(report_row(it[ID], False, item_error(e)))
                 continue
             except Exception as e:
                 reports.append(report_row(it[ID], False, short_error(e)))

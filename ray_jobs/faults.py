@@ -19,16 +19,28 @@ log = get_logger(__name__)
 _REASON_CHARS = 300
 
 
+SYSTEM_FAILURES = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
+                   "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError", "RaySystemError", "RayActorError")
+"""Ray's names for the machinery failing (a process or node gone), as opposed to code raising."""
+
+
 def is_fault(e: BaseException) -> bool:
-    """Errors of the machinery rather than of the inputs or the code: Ray's (lost nodes, dead actors, a
-    worker group out of restarts) and the store's (a StorageError, an OSError/Arrow error from I/O)."""
+    """Errors of the machinery rather than of the inputs or the code, i.e. worth running again: a store away
+    past its budget (or an I/O error that is an outage), and Ray's system failures (lost nodes, dead actors
+    or workers), also inside Ray Train's and Ray Data's wrappers. A task or worker that raised (a bug, an
+    out-of-memory error in the code) is not one: it keeps its traceback, and a retry would only repeat it."""
     import pyarrow as pa
 
     if isinstance(e, StorageError):  # an outage beyond the budget; a missing bucket is the user's to fix
         return storage.is_transient(e) or "store unreachable for" in str(e)
     if isinstance(e, DiclipError):
         return False
-    return isinstance(e, (OSError, pa.ArrowException)) or type(e).__module__.startswith("ray.")
+    if isinstance(e, (OSError, pa.ArrowException)):
+        return storage.is_transient(e)
+    if not type(e).__module__.startswith("ray."):
+        return False
+    text = str(e)
+    return type(e).__name__ in SYSTEM_FAILURES or any(n in text for n in SYSTEM_FAILURES) or " died" in text
 
 
 def reason(e: BaseException) -> str:

@@ -95,7 +95,7 @@ class Inferer:
             try:
                 members.append((name, source, decode_image(storage.read_bytes(source), source)))
             except DiclipError as e:
-                reports.append(report_row(name, False, str(e)))
+                reports.append(report_row(name, False, item_error(e)))
             except Exception as e:  # unexpected decoder/IO errors fail the item, not the stage
                 reports.append(report_row(name, False, short_error(e)))
         rows = []
@@ -118,7 +118,7 @@ class Inferer:
                         storage.write_bytes(storage.join(c.output, ov),
                                             encode_rgb(overlay(image, mask, OVERLAY_ALPHA), "JPEG"))
                 except DiclipError as e:
-                    reports.append(report_row(name, False, str(e)))
+                    reports.append(report_row(name, False, item_error(e)))
                     continue
                 rows.append({ID: name, "source": source, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
                              "classes": [int(v) for v in np.unique(mask)], "mask": mask_rel(name), "overlay": ov})

@@ -30,7 +30,7 @@ from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_byt
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.common import (
-    ID, pending_items, start_actor, finalize, init_ray, list_shards, report_row, run_pool, short_error,
+    ID, pending_items, start_actor, finalize, init_ray, list_shards, item_error, report_row, run_pool, short_error,
     write_shard,
 )
 from ray_jobs.lineage import (
@@ -115,13 +115,13 @@ class MaskActor:
         try:
             fetched = read_located(items, "shard", "row", ["image"])
         except DiclipError as e:  # a whole shard unreadable: every item of it fails, with the reason
-            return pd.DataFrame([report_row(it[ID], False, str(e)) for it in items])
+            return pd.DataFrame([report_row(it[ID], False, item_error(e)) for it in items])
         for it in items:
             try:
                 images.append(decode_image(fetched[it[ID]]["image"], f"generated image {it[ID]}"))
                 ok_items.append(it)
             except DiclipError as e:
-                reports.append(report_row(it[ID], False, str(e)))
+                reports.append(report_row(it[ID], False, item_error(e)))
             except Exception as e:
                 reports.append(report_row(it[ID], False, short_error(e)))
         masks = call_batched(self.masker, [images, [int(it["class_id"]) for it in ok_items],

@@ -94,7 +94,7 @@ def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
         with recoveries.collect() as rec:
             summary = dict(mod.run(spec) or {})
     except Exception as e:  # a fault ends in one line that says what is kept and where a re-run resumes
-        wrapped = faults.wrap(spec, name, getattr(mod, "output_uri", lambda s: None)(spec), e)
+        wrapped = faults.wrap(spec, name, mod.output_uri(spec), e)
         if wrapped is e:
             raise
         raise wrapped from e

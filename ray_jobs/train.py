@@ -22,6 +22,7 @@ import re
 import os
 import threading
 import time
+import uuid
 from typing import Any
 
 
@@ -163,14 +164,17 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start = checkpointer.load(engine, d)
-    metrics_log = C.StepMetrics(spec, rank, world, b * t.grad_accum * world, start)
+    metrics_log = C.StepMetrics(spec, rank, world, b * t.grad_accum * world, start, fit=config.get("fit", ""))
+    # Ray Train hands a checkpoint to the first attempt of a re-run too (it restores the run's snapshot): a
+    # restart after a failure is an attempt of a fit that has already logged
+    after_failure = restarted is not None and metrics_log.logged_in_this_fit()
     if start == 0:
         metrics_log.record("setup", {"step": 0, **C.precision_report(trainer, engine)})
-    else:  # a recovery: the log and the run summary say where the run went on from
-        metrics_log.record("resume", {"step": start, "after_failure": restarted is not None})
+    else:  # the log and, after a failure, the run summary say where the run went on from
+        metrics_log.record("resume", {"step": start, "after_failure": after_failure})
         if rank == 0:
             log.warning("train: %s from the checkpoint at step %d", "worker group restarted after a failure; resumed"
-                        if restarted is not None else "resumed", start)
+                        if after_failure else "resumed", start)
     tb = C.TensorBoardLog(spec, rank, start)
     store = None
     if t.mode == "stored":
@@ -386,9 +390,9 @@ def preflight(spec: JobSpec) -> None:
 CURVES = "curves.png"
 
 
-def note_recoveries(spec: JobSpec) -> None:
-    """Worker-group restarts (the log's ``resume`` records after a failure) and store outages the workers
-    waited out, into the stage's recoveries; the log is read best effort (it is a record, not an input)."""
+def note_recoveries(spec: JobSpec, fit: str) -> None:
+    """This fit's worker-group restarts (the log's ``resume`` records after a failure) and the store outages
+    its workers waited out, into the stage's recoveries; the log is read best effort (a record, not an input)."""
     from ray_jobs import recoveries
 
     rec = recoveries.current()
@@ -405,6 +409,8 @@ def note_recoveries(spec: JobSpec) -> None:
             r = json.loads(line)
         except ValueError:
             continue
+        if r.get("fit") != fit:
+            continue  # an earlier run's (kept up to its checkpoint), counted there
         if r.get("kind") == "resume" and r.get("after_failure"):
             rec.resumed_from.append(int(r["step"]))
         if r.get("store_outages"):
@@ -549,12 +555,13 @@ def run(spec: JobSpec) -> dict:
     ctx.execution_options.preserve_order = True  # each rank's samples arrive in position order
     datasets = {f"train_{r}": RankDatasetFactory(spec, items, r) for r in range(t.num_workers)}
     path, fs = ray_storage(storage.join(t.output, "ray"))
+    fit = uuid.uuid4().hex[:12]  # this driver run's id in the training log (recoveries are counted per fit)
     resources = {"CPU": t.resources.num_cpus}
     if t.use_gpu:
         resources["GPU"] = max(1.0, t.resources.num_gpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "fit": fit},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
                                      placement_strategy=t.placement.upper()),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -588,14 +595,18 @@ def run(spec: JobSpec) -> dict:
     except Exception as e:  # Ray wraps worker errors in text; surface user errors as one line
         if watchdog.fired:
             raise DiclipError(watchdog.message) from None
-        found = re.search(r"diclip\.errors\.\w+: ([^\n]+)", str(e))
-        if found:
-            raise DiclipError(f"train worker: {found.group(1)}") from e
+        found = re.search(r"diclip\.errors\.(\w+): ([^\n]+)", str(e))
+        if found:  # the worker's own error class, so a store outage stays a fault and a bad input a mistake
+            import diclip.errors
+
+            cls = getattr(diclip.errors, found.group(1), DiclipError)
+            cls = cls if isinstance(cls, type) and issubclass(cls, DiclipError) else DiclipError
+            raise cls(f"train worker: {found.group(2)}") from e
         raise
     finally:
         watchdog.stop()
     seconds = time.perf_counter() - t0
-    note_recoveries(spec)
+    note_recoveries(spec, fit)
     metrics = dict(result.metrics or {})
     best = None
     if result.best_checkpoints:

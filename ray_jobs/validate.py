@@ -218,6 +218,11 @@ def validate_spec(spec: JobSpec, check_exists: bool = True, local: bool = True) 
     """``local``: the spec runs on this machine's Ray (not when submitting to a cluster)."""
     # the spec's own endpoint/region, not only AWS_ENDPOINT_URL: validate runs before any stage configures it
     storage.configure(storage.options_from(spec.storage))
+    with storage.retry_budget(0):  # checking a spec does not wait out a store: a wrong endpoint is one line now
+        _validate(spec, check_exists, local)
+
+
+def _validate(spec: JobSpec, check_exists: bool, local: bool) -> None:
     _check_uri("output_uri", spec.output_uri)
     here = local_resources(spec) if local else None
     if here is not None:

@@ -389,6 +389,12 @@ def _outage_begins(what: str, reason: str, budget: float) -> None:
                 "(storage.retry_budget_s)", _endpoint_label(), what, reason, budget)
 
 
+def _outage_abandoned() -> None:
+    """An operation gave up: the outage is no longer waited out here, so the next one is told anew."""
+    with _outage_lock:
+        _outage["since"] = None
+
+
 def _outage_ends() -> None:
     with _outage_lock:
         since = _outage["since"]
@@ -463,12 +469,14 @@ def retry_transient(fn: Callable[[], Any], what: str, budget_s: float | None = N
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             waited = now - first_failure
-            if waited + delay > budget:
-                if give_up is None:
+            left = budget - waited
+            if left <= 0:
+                _outage_abandoned()
+                if give_up is None or budget <= 0:
                     raise
                 raise give_up(e, waited, budget) from e
             _outage_begins(what, _short(e.__cause__ or e), budget)
-            time.sleep(delay * random.uniform(0.75, 1.25))
+            time.sleep(min(delay * random.uniform(0.75, 1.25), left))  # the last try lands on the budget
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
 

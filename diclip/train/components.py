@@ -50,7 +50,8 @@ def build_engine(trainer, spec: JobSpec, device: torch.device):
     default_ds_accelerator(device.type == "cuda")  # before deepspeed is imported
     import deepspeed
 
-    skip_unused_deepspeed_ops()  # a fresh node starts training in seconds, not after a compile
+    if device.type == "cpu":  # a fresh node starts training in seconds, not after a compile
+        skip_unused_deepspeed_ops()
 
     from diclip.method.schedule import poly_warmup_multiplier
     from diclip.train.deepspeed_config import build_deepspeed_config
@@ -126,8 +127,9 @@ class StepMetrics:
     keeps the log's lines in memory and rewrites the file whole, best effort: a store outage delays the
     log (the next write carries every line) but never stops training."""
 
-    def __init__(self, spec: JobSpec, rank: int, world: int, samples_per_step: int, start: int = 0):
+    def __init__(self, spec: JobSpec, rank: int, world: int, samples_per_step: int, start: int = 0, fit: str = ""):
         self.uri = storage.join(spec.train.output, METRICS)
+        self.fit = fit  # which `fit` (driver run) a record belongs to: a restart within it is a recovery
         self.rank, self.world = rank, world
         self.samples_per_step = samples_per_step
         self.running: dict[str, float] = {}
@@ -159,8 +161,15 @@ class StepMetrics:
         if self.rank == 0:
             outages, waited = storage.take_outages()  # a recovery goes on record (the run summary counts them)
             extra = {"store_outages": outages, "store_wait_s": round(waited, 1)} if outages else {}
+            if self.fit:
+                extra["fit"] = self.fit
             self.lines.append(json.dumps({"kind": kind, **metrics, **extra}, default=float))
             best_effort(f"training log {self.uri}", lambda: storage.write_text(self.uri, "\n".join(self.lines) + "\n"))
+
+
+    def logged_in_this_fit(self) -> bool:
+        """Whether an earlier attempt of this fit logged anything: then this worker group is a restart."""
+        return bool(self.fit) and any(f'"fit": "{self.fit}"' in line for line in self.lines)
 
 
 def kept_records(text: str, start: int) -> list[str]:
