@@ -583,7 +583,7 @@ def raise_if_outage(e: BaseException) -> None:
     as failed for good (or the stage refused for too many failures)."""
     from diclip.errors import StorageError
 
-    if isinstance(e, StorageError) and (storage.is_transient(e) or "store unreachable for" in str(e)):
+    if isinstance(e, StorageError) and storage.is_transient(e):
         raise e
 
 

@@ -32,7 +32,7 @@ def is_fault(e: BaseException) -> bool:
     import pyarrow as pa
 
     if isinstance(e, StorageError):  # an outage beyond the budget; a missing bucket is the user's to fix
-        return storage.is_transient(e) or "store unreachable for" in str(e)
+        return storage.is_transient(e)
     if isinstance(e, DiclipError):
         return False
     if isinstance(e, (OSError, pa.ArrowException)):

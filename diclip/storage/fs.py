@@ -61,8 +61,8 @@ class StorageOptions:
     region: str | None = None  # None -> AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 30.0
-    max_attempts: int = 3  # one request's attempts inside the AWS SDK (seconds)
-    retry_budget_s: float = 600.0  # how long an operation waits out an unreachable store (minutes)
+    max_attempts: int = 3  # attempts of one request inside the AWS SDK (a fraction of a second in all)
+    retry_budget_s: float = 600.0  # seconds an operation waits out an unreachable store (retry_transient)
 
 
 _lock = threading.Lock()
@@ -299,7 +299,8 @@ def _bucket_missing(path: str) -> bool:
 _TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|curlCode|REQUEST_TIMEOUT|Timeout|timed out|Could not connect|Connection refused|"
     r"Connection reset|Broken pipe|INTERNAL_FAILURE|internal error|SERVICE_UNAVAILABLE|ServiceUnavailable|"
-    r"Service Unavailable|SLOW_DOWN|SlowDown|Throttl|HTTP status 5\d\d|HTTP response code 5\d\d")
+    r"Service Unavailable|SLOW_DOWN|SlowDown|Throttl|HTTP status 5\d\d|HTTP response code 5\d\d|"
+    r"store unreachable for")  # the last: an operation that gave up after the budget (its text, rebuilt by Ray)
 
 
 def is_transient(e: BaseException) -> bool:
@@ -428,17 +429,14 @@ def _call(uri: str, action: str, fn: Callable[[], Any], budget_s: float | None =
     backoff until ``budget_s`` (default: this thread's :func:`retry_budget`, else the options'
     ``retry_budget_s``) has passed since the first failure. The final error is the last one's line plus
     how long it waited."""
-    if _split(uri)[0] != "s3":
-        with _errors(uri, action):
-            return fn()
-
     def once() -> Any:
         with _errors(uri, action):
             return fn()
 
+    if _split(uri)[0] != "s3":
+        return once()
+
     def give_up(e: BaseException, waited: float, budget: float) -> BaseException:
-        if budget <= 0:
-            return e
         return StorageError(f"{e} (store unreachable for {waited:.0f} s, the limit set by "
                             f"storage.retry_budget_s={budget:g})")
 
@@ -450,7 +448,8 @@ def retry_transient(fn: Callable[[], Any], what: str, budget_s: float | None = N
     """``fn()``, retried with capped exponential backoff while it fails with :func:`is_transient` errors,
     for up to ``budget_s`` seconds from the first failure (None: this thread's :func:`retry_budget`, else
     the options' ``retry_budget_s``). Other errors go through at once. When the budget is spent, raises
-    ``give_up(error, waited_s, budget_s)`` (default: the error itself). Each outage is said once when it
+    ``give_up(error, waited_s, budget_s)`` (without ``give_up``, or with a budget of 0: the error
+    itself). Each outage is said once when it
     begins and once when it ends, however many operations and threads wait on it."""
     if budget_s is None:
         budget_s = getattr(_budget_override, "seconds", None)
