@@ -186,10 +186,12 @@ def _dispatch(args) -> int:
 
                 check_joined_cluster(spec, stages or stages_to_run(spec))
         interrupt.install()  # after ray.init, which installs its own SIGTERM handler
-        results = run_pipeline(spec, stages)
-        ray_mod = sys.modules.get("ray")
-        if not joined and ray_mod is not None and ray_mod.is_initialized():
-            ray_mod.shutdown()  # workers' last log lines land before the summary, not after it
+        try:
+            results = run_pipeline(spec, stages)
+        finally:  # workers' last log lines land before the summary or the error line, not after it
+            ray_mod = sys.modules.get("ray")
+            if not joined and ray_mod is not None and ray_mod.is_initialized():
+                ray_mod.shutdown()
         from ray_jobs.pipeline import summary_lines, write_summary
 
         print("\n".join(summary_lines(spec, results, write_summary(spec, results))))
