@@ -7,6 +7,7 @@
     diclip submit SPEC --address URL       submit the spec as a Ray job (then status/logs/stop JOB)
     diclip cluster render SPEC --out DIR   fill the cluster manifests from the spec
     diclip pretrain-toy [--out DIR]        train + package the toy models the demo ships
+    diclip import-release SPEC --checkpoint F --cache F --out DIR   the reference's released files
 
 User mistakes (bad keys, missing files, unreachable stores, mismatched artifacts) print one line,
 ``error: ...``, and exit with status 2. Faults of the cluster or the store beyond their retries print one
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--clip-steps", type=int, default=None, help="override the recipe's CLIP steps (600)")
     tp.add_argument("--diffusion-steps", type=int, nargs=2, default=None, metavar=("VAE", "UNET"),
                     help="override the recipe's VAE and UNet steps (300 1500)")
+    ip = spec_cmd("import-release", "import the reference's released checkpoint and/or KV cache (.pth, weights only)")
+    ip.add_argument("--checkpoint", default=None, help="DiCLIP_model.state_dict() file (local or s3://)")
+    ip.add_argument("--cache", default=None, help="KV cache file: the (keys, values) pair (local or s3://)")
+    ip.add_argument("--out", required=True, help="where the export (and OUT/cache) land (local or s3://)")
+    ip.add_argument("--no-clip-check", action="store_true", help="skip comparing encoder.visual with model.clip")
     cp = sub.add_parser("cluster", help="cluster manifests")
     csub = cp.add_subparsers(dest="cluster_command", metavar="ACTION")
     rp = csub.add_parser("render", help="fill Dockerfile/KubeRay/cluster-launcher templates from a spec")
@@ -209,6 +215,12 @@ def _dispatch(args) -> int:
         release = pretrain(args.out, args.only, parallel=not args.sequential, clip_args=clip_args,
                            diffusion_args=diff_args)
         print(f"toy models in {release}")
+        return 0
+    if cmd == "import-release":
+        from diclip.release import import_release
+
+        import_release(_load(args), args.out, checkpoint=args.checkpoint, cache=args.cache,
+                       check_clip=not args.no_clip_check)
         return 0
     if cmd == "cluster":
         from ray_jobs import cluster_render
