@@ -165,7 +165,8 @@ def oracle_check(spec, device: str) -> dict:
     seeds = [noise_seed(f"im{i}:{i}", d.seed) for i in range(2)]
     cap = trainer.diffusion(x, seeds)
     noise = trainer.diffusion.noise((2, 4, SIZE // 8, SIZE // 8), seeds)
-    store = oracle_diffusion.capture(pipe, x, noise, [d.vce_layer, d.rar_layer])
+    normalised = torch.from_numpy(oracle_diffusion.normalize_img(imgs)).permute(0, 3, 1, 2).to(device)
+    store = oracle_diffusion.capture(pipe, normalised, noise, [d.vce_layer, d.rar_layer])  # the reference's input
     out["vce_qk"] = _maxdiff(cap.vce, store[d.vce_layer]["qk"])
     out["vce_heads_grid"] = [int(cap.vce.shape[1]), list(cap.clip_grid)]
     out["rar_softmax"] = _maxdiff(cap.rar_dense(), store[d.rar_layer]["raw"][:, list(d.heads)])

@@ -348,7 +348,8 @@ class MapSource:
             from diclip.models.diffusion import build_diffusion_from_config
 
             pipe = build_diffusion_from_config(spec.model.diffusion, self.device)
-            self.diffusion = DiffusionAttention(pipe, spec.model.diffusion, patch)
+            self.diffusion = DiffusionAttention(pipe, spec.model.diffusion, patch, mean=spec.model.clip.mean,
+                                                std=spec.model.clip.std)
         else:
             raise ConfigError(f"maps must be stored|online, got {mode!r}")
 

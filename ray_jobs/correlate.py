@@ -36,7 +36,8 @@ from diclip.method.resample import resize_grid
 from ray_jobs.common import (
     ID, pending_items, start_actor, finalize, init_ray, item_error, report_row, run_pool, setup_process, write_shard,
 )
-from ray_jobs.lineage import call_batched, claim_settings, data_identity, settings_match, stale_keys
+from ray_jobs.lineage import (call_batched, claim_settings, data_identity, diffusion_input_settings, settings_match,
+                              stale_keys)
 
 log = get_logger("ray_jobs.correlate")
 STAGE = "correlate"
@@ -89,7 +90,7 @@ def settings(spec: JobSpec) -> dict:
             "corr_threshold": m.corr_threshold, "num_clusters": m.num_clusters, "cluster_iters": m.cluster_iters,
             "acr_precision": m.acr_precision, "crop_size": spec.data.crop_size,
             "rescale_range": list(spec.data.rescale_range), "flip": spec.data.flip, "crop_seed": c.crop_seed,
-            "data": data_identity(spec)}
+            "data": data_identity(spec), "diffusion_input": diffusion_input_settings(spec)}
 
 
 def is_complete(spec: JobSpec) -> bool:
@@ -165,7 +166,8 @@ class Correlator:
         pipe = build_diffusion_from_config(spec.model.diffusion, self.device)
         maybe_enable_xformers(pipe, spec.model.diffusion.enable_xformers)
         self.patch = clip_patch_size(spec)
-        self.diff = DiffusionAttention(pipe, spec.model.diffusion, self.patch)
+        self.diff = DiffusionAttention(pipe, spec.model.diffusion, self.patch, mean=spec.model.clip.mean,
+                                       std=spec.model.clip.std)
         self.codec = get_codec(self.cfg.rar_codec)
 
     def extract(self, members: list[tuple]) -> list[dict]:

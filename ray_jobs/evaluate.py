@@ -109,13 +109,16 @@ def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
     maps = lineage.fingerprint(c.correlation) if c.maps == "stored" else None
     if maps:
         maps.pop("uri", None)
-    return {"checkpoint": c.checkpoint, "fingerprint": fingerprint, "data_root": spec.data.root,
-            "dataset": class_identity(spec.data), "split": c.split, "cam_split": c.cam_split, "size": base_size,
-            "scales": list(c.scales), "flip": c.flip, "voc_flip_quirk": c.voc_flip_quirk, "work_ratio": c.work_ratio,
-            "crf": c.crf, "maps": c.maps, "correlation": c.correlation if c.maps == "stored" else None,
-            "correlation_maps": maps, "data": lineage.data_identity(spec),
-            "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter,
-            "row_format": ROW_FORMAT}
+    key = {"checkpoint": c.checkpoint, "fingerprint": fingerprint, "data_root": spec.data.root,
+           "dataset": class_identity(spec.data), "split": c.split, "cam_split": c.cam_split, "size": base_size,
+           "scales": list(c.scales), "flip": c.flip, "voc_flip_quirk": c.voc_flip_quirk, "work_ratio": c.work_ratio,
+           "crf": c.crf, "maps": c.maps, "correlation": c.correlation if c.maps == "stored" else None,
+           "correlation_maps": maps, "data": lineage.data_identity(spec),
+           "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter,
+           "row_format": ROW_FORMAT}
+    if c.maps == "online":  # maps made here: how images become the diffusion input counts too
+        key["diffusion_input"] = lineage.diffusion_input_settings(spec)
+    return key
 
 
 def current_key(spec: JobSpec) -> dict | None:

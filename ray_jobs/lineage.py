@@ -119,10 +119,22 @@ def data_identity(spec: JobSpec) -> dict[str, Any]:
     return {"root": d.root, "layout": d.layout, "dataset": d.dataset, "synthetic": recorded_params(d.root)}
 
 
+def diffusion_input_settings(spec: JobSpec) -> dict[str, Any]:
+    """How images become the diffusion model's input (:func:`diclip.method.diffusion_input.diffusion_input`:
+    the recipe's tag and the normalisation it round-trips through). Part of the settings of every stage that
+    stores what the diffusion pass produced: rows made from another input (before the reference's uint8 /
+    fp16 input, exact ``2x - 1``) are stale."""
+    from diclip.method.diffusion_input import DIFFUSION_INPUT
+
+    c = spec.model.clip
+    return {"recipe": DIFFUSION_INPUT, "mean": [float(v) for v in c.mean], "std": [float(v) for v in c.std]}
+
+
 def model_settings(spec: JobSpec) -> dict[str, Any]:
     """The frozen models' settings that change features and masks (for the settings lock)."""
     d = to_dict(spec.model)
-    return {"clip": d["clip"], "diffusion": {k: v for k, v in d["diffusion"].items() if k != "enable_xformers"}}
+    return {"clip": d["clip"], "diffusion": {k: v for k, v in d["diffusion"].items() if k != "enable_xformers"},
+            "diffusion_input": diffusion_input_settings(spec)}
 
 
 def clip_model_id(spec: JobSpec) -> str:

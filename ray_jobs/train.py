@@ -250,7 +250,7 @@ def run_settings(spec: JobSpec) -> dict:
     """What a training run's checkpoints depend on: model, method, data and train settings (not where it
     resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the images,
     the KV cache and, with stored maps, the correlation maps)."""
-    from ray_jobs.lineage import data_identity, fingerprint
+    from ray_jobs.lineage import data_identity, diffusion_input_settings, fingerprint
 
     t = {k: v for k, v in to_dict(spec.train).items()
          if k not in ("resume_from", "max_failures", "placement", "keep_checkpoints", "trust_checkpoints", "resources",
@@ -258,6 +258,8 @@ def run_settings(spec: JobSpec) -> dict:
     inputs = {"cache": fingerprint(t["cache"])}
     if spec.train.mode == "stored":
         inputs["correlation"] = fingerprint(t["correlation"])
+    else:  # the maps are made in the step: how images become the diffusion input is part of the run
+        inputs["diffusion_input"] = diffusion_input_settings(spec)
     for v in inputs.values():
         if v:
             v.pop("uri", None)

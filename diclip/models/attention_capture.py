@@ -6,7 +6,8 @@ installed on the two layers the method reads - the VCE layer (``up_blocks.1.atte
 and the RAR layer (``up_blocks.3.attentions.1...attn1``) - by copying ``unet.attn_processors``,
 replacing those two keys and passing the whole dict back (no monkey-patching of ``forward``).
 
-``DiffusionAttention`` runs the method's single UNet pass: VAE-encode the image, add noise at
+``DiffusionAttention`` runs the method's single UNet pass: VAE-encode the image (made the reference's way,
+:func:`~diclip.method.diffusion_input.diffusion_input`: uint8-truncated, fp16 ``2x - 1``), add noise at
 ``timesteps[45]`` of 50 steps of the checkpoint's own scheduler (:func:`capture_timestep`; seeded per
 image, so a re-run or another actor gives the same map), one UNet call with the empty prompt, and returns
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from diclip.config import DiffusionConfig
+from diclip.method.diffusion_input import IMAGENET_MEAN, IMAGENET_STD, diffusion_input
 from diclip.models.diffusion import capture_timestep
 
 
@@ -137,12 +139,18 @@ class CapturedAttention:
 
 
 class DiffusionAttention:
-    """The method's one-step diffusion pass on a pipeline; call with images in [0, 1]."""
+    """The method's one-step diffusion pass on a pipeline; call with images in [0, 1].
 
-    def __init__(self, pipe, cfg: DiffusionConfig, patch_size: int = 16):
+    ``mean``/``std``: the CLIP normalisation (``model.clip.mean/std``) whose round trip the reference's
+    diffusion input goes through (see :func:`~diclip.method.diffusion_input.diffusion_input`)."""
+
+    def __init__(self, pipe, cfg: DiffusionConfig, patch_size: int = 16, *,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.pipe = pipe
         self.cfg = cfg
         self.patch = patch_size
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
         self.heads = list(cfg.heads)
         self.store: dict = {}
         install_capture(pipe.unet, [cfg.vce_layer, cfg.rar_layer], self.store)
@@ -170,7 +178,7 @@ class DiffusionAttention:
         if h % self.patch or w % self.patch:
             raise ValueError(f"image size {h}x{w} must be a multiple of {self.patch}")
         pipe = self.pipe
-        x = (images.to(self.device, self.dtype) * 2 - 1).clamp(-1, 1)
+        x = diffusion_input(images.to(self.device), self.dtype, self.mean, self.std)
         latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
         noisy = pipe.scheduler.add_noise(latents, self.noise(tuple(latents.shape), seeds), self.timestep[None])
         self.store.clear()

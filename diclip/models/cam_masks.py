@@ -63,7 +63,8 @@ class VCEFeatureExtractor:
         self.clip = build_clip(spec.model.clip, self.device)
         pipe = build_diffusion_from_config(spec.model.diffusion, self.device)
         maybe_enable_xformers(pipe, spec.model.diffusion.enable_xformers)  # before the capture processors
-        self.diffusion = DiffusionAttention(pipe, spec.model.diffusion, self.clip.patch_size)
+        self.diffusion = DiffusionAttention(pipe, spec.model.diffusion, self.clip.patch_size,
+                                            mean=spec.model.clip.mean, std=spec.model.clip.std)
         self.encoder = VCEVisionEncoder(self.clip.model.visual, spec.model.clip.surgery_blocks)
         self.mean = torch.tensor(spec.model.clip.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(spec.model.clip.std, device=self.device).view(1, 3, 1, 1)

@@ -20,6 +20,7 @@ one_thread()
 
 import torch  # noqa: E402
 
+from diclip.method.diffusion_input import diffusion_input  # noqa: E402
 from diclip.models.attention_capture import install_capture, layer_grid  # noqa: E402
 from diclip.data import toy_world as world  # noqa: E402
 from diclip.toy.train_unet import (VAL_OFFSET, build_components, colour_kernel, grouping, make_pipe,  # noqa: E402
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     store: dict = {}
     install_capture(pipe.unet, layers, store)
     b = world.batch(args.seed, VAL_OFFSET, a.count, world.WorldConfig(size=args.size))
-    x = world.to_tensor(b["images"], normalise=False) * 2 - 1
+    x = diffusion_input(world.to_tensor(b["images"], normalise=False), pipe.vae.dtype)  # as the method feeds it
     sched = pipe.scheduler
     sched.set_timesteps(50)
     z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor

@@ -65,7 +65,8 @@ class DiCLIPTrainer:
             from diclip.models.diffusion import build_diffusion_from_config
 
             pipe = build_diffusion_from_config(spec.model.diffusion, self.device)
-            self.diffusion = DiffusionAttention(pipe, spec.model.diffusion, self.patch)
+            self.diffusion = DiffusionAttention(pipe, spec.model.diffusion, self.patch, mean=spec.model.clip.mean,
+                                                std=spec.model.clip.std)
 
     # ------------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -3,8 +3,12 @@
 Independent of ``diclip``: takes a diffusers ``StableDiffusionPipeline`` and restates what the
 reference's ``diffusion.forward`` / ``one_step`` and its attention processor do:
 
-* ``image_processor.preprocess(img01, height, width)`` (resize to the crop, ``2x - 1``), VAE encode,
-  ``latent_dist.mean * scaling_factor``;
+* the input path of ``DiCLIP_model.extract_diff_attn``, from the normalised crop the data loader gives
+  (:func:`normalize_img`, ExCEL ``datasets/transforms.normalize_img``: float32, ImageNet mean/std on
+  0..255 values): :func:`denormalize_img` (``utils/imutils.denormalize_img``: ``x * std + mean`` per
+  channel in float32, then ``.type(torch.uint8)``, a truncation), ``/ 255.0``, ``.half()``, then the
+  pipeline's ``image_processor.preprocess(img, height, width)`` (resize to the crop, ``2x - 1`` on the
+  fp16 tensor), ``.to(unet dtype)``, VAE encode, ``latent_dist.mean * scaling_factor``;
 * ``set_timesteps(50)`` on the pipeline's own scheduler, ``t = timesteps[45]``, ``add_noise`` with the
   given noise (the reference draws it unseeded; here it is an input);
 * ``encode_prompt("")`` without classifier-free guidance, one UNet call;
@@ -16,8 +20,39 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+MEAN_255 = [123.675, 116.28, 103.53]
+STD_255 = [58.395, 57.12, 57.375]
+
+
+def normalize_img(pixels: np.ndarray) -> np.ndarray:
+    """ExCEL ``datasets/transforms.normalize_img``: [..., H, W, 3] pixel values -> float32 ``(x - mean) / std``
+    per channel (numpy float32 arithmetic; the Python-float constants become float32)."""
+    arr = np.asarray(pixels)
+    out = np.empty_like(arr, np.float32)
+    for c in range(3):
+        out[..., c] = (arr[..., c].astype(np.float32) - np.float32(MEAN_255[c])) / np.float32(STD_255[c])
+    return out
+
+
+def denormalize_img(imgs: torch.Tensor) -> torch.Tensor:
+    """``utils/imutils.denormalize_img`` (ToCo/ExCEL): [B, 3, H, W] float32 -> uint8, no clamp, truncating cast."""
+    out = torch.zeros_like(imgs)
+    for c in range(3):
+        out[:, c] = imgs[:, c] * STD_255[c] + MEAN_255[c]
+    return out.type(torch.uint8)
+
+
+def vae_input(image_processor, normalised: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What ``extract_diff_attn`` + ``diffusion.forward`` hand to the VAE, from the normalised crop [B, 3, H, W]:
+    ``image_processor`` is the pipeline's (diffusers ``VaeImageProcessor``), ``dtype`` its UNet's."""
+    h, w = normalised.shape[-2:]
+    img = denormalize_img(normalised) / 255.0
+    img = img.half()
+    return image_processor.preprocess(img, height=h, width=w).to(dtype)
 
 
 class _Recorder:
@@ -62,10 +97,11 @@ class _Recorder:
         return out
 
 
-def capture(pipe, images01: torch.Tensor, noise: torch.Tensor, layers: list[str], *, patch: int = 16,
+def capture(pipe, normalised: torch.Tensor, noise: torch.Tensor, layers: list[str], *, patch: int = 16,
             steps: int = 50, index: int = 45) -> dict:
-    """One reference diffusion pass on ``images01`` [B, 3, H, W] in [0, 1]; returns {layer: {raw, qk}}."""
-    h, w = images01.shape[-2:]
+    """One reference diffusion pass on the normalised crop [B, 3, H, W] (:func:`normalize_img`, channels
+    first); returns {layer: {raw, qk}}."""
+    h, w = normalised.shape[-2:]
     clip_grid = (h // patch, w // patch)
     store: dict = {}
     before = dict(pipe.unet.attn_processors)
@@ -74,16 +110,15 @@ def capture(pipe, images01: torch.Tensor, noise: torch.Tensor, layers: list[str]
         procs[f"{layer}.processor"] = _Recorder(store, layer, clip_grid)
     pipe.unet.set_attn_processor(procs)
     try:
-        _one_step(pipe, images01, noise, steps, index)
+        _one_step(pipe, normalised, noise, steps, index)
     finally:
         pipe.unet.set_attn_processor(before)  # leave the pipeline as it was given
     return store
 
 
-def _one_step(pipe, images01: torch.Tensor, noise: torch.Tensor, steps: int, index: int) -> None:
-    h, w = images01.shape[-2:]
+def _one_step(pipe, normalised: torch.Tensor, noise: torch.Tensor, steps: int, index: int) -> None:
     with torch.no_grad():
-        x = pipe.image_processor.preprocess(images01, height=h, width=w).to(pipe.unet.dtype)
+        x = vae_input(pipe.image_processor, normalised, pipe.unet.dtype)
         latent = pipe.vae.encode(x)[0].mean * pipe.vae.config.scaling_factor
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
         sched.set_timesteps(steps)

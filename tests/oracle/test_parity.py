@@ -46,10 +46,22 @@ def model(parts):
     return DiCLIP(clip, CLASSES, cache, cfg, MethodConfig()).eval()
 
 
-def images(b: int, size: int, seed: int = 0) -> torch.Tensor:
+def pixels(b: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 [B, H, W, 3] crops, as decoded."""
     rng = np.random.default_rng(seed)
-    out = [render_sample(rng, size, size, K - 1, 3)[0] for _ in range(b)]
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+    return np.stack([render_sample(rng, size, size, K - 1, 3)[0] for _ in range(b)])
+
+
+def images(b: int, size: int, seed: int = 0) -> torch.Tensor:
+    """The project's input: [B, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(pixels(b, size, seed)).permute(0, 3, 1, 2).float() / 255
+
+
+def reference_crop(b: int, size: int, seed: int = 0) -> torch.Tensor:
+    """The reference's input: the same crops normalised by its data loader ([B, 3, H, W] float32)."""
+    from tests.oracle import diffusion as oracle_diffusion
+
+    return torch.from_numpy(oracle_diffusion.normalize_img(pixels(b, size, seed))).permute(0, 3, 1, 2)
 
 
 def labels_for(b: int, seed: int = 0) -> torch.Tensor:
@@ -100,6 +112,55 @@ def oracle_heads(model: DiCLIP):
 
 
 # ----------------------------------------------------------------------------------------------
+def truncation_probe() -> torch.Tensor:
+    """[1, 3, 16, 24] images in [0, 1] (the VAE preprocess wants multiples of 8): every whole pixel value
+    0..255 in each channel, values where truncation, rounding and exact floats part - just below a whole
+    value (254.97), between two (0.5, 1.5, 127.5), negative after de-normalisation, above 255 (an
+    interpolation overshoot) - and seeded fractional values (a bilinear resize's)."""
+    whole = torch.arange(256, dtype=torch.float32) / 255
+    edge = torch.tensor([0.9999 * 255, 0.5, 1.5, 127.5, 200.9999, -0.4, -0.9, 255.4, 255.9, 3.0, 7.0, 9.0, 11.0,
+                         13.0, 17.0, 19.0], dtype=torch.float32) / 255
+    frac = torch.rand(384 - 256 - 16, generator=torch.Generator().manual_seed(0)) * 256.5 - 0.5
+    x = torch.cat([whole, edge, frac / 255]).view(16, 24)
+    return torch.stack([x, x.flip(-1), x.roll(5, -1)])[None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_diffusion_input_is_the_references(dtype):
+    """The VAE input, compared bit for bit with the reference's path restated from the normalised crop (uint8
+    de-normalisation, /255, fp16, diffusers' own ``preprocess``, model dtype) - and the probe separates it from
+    exact ``2x - 1`` floats, from rounding instead of truncating, and from skipping the fp16 step."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from diclip.method.diffusion_input import diffusion_input
+    from tests.oracle import diffusion as oracle_diffusion
+
+    x = truncation_probe()
+    normalised = torch.from_numpy(oracle_diffusion.normalize_img((x * 255).permute(0, 2, 3, 1).numpy()))
+    want = oracle_diffusion.vae_input(VaeImageProcessor(vae_scale_factor=8), normalised.permute(0, 3, 1, 2), dtype)
+    got = diffusion_input(x, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+    restored = oracle_diffusion.denormalize_img(normalised.permute(0, 3, 1, 2)).float()
+    pix = x * 255
+    whole = pix == pix.round()
+    assert (restored[whole] != pix[whole]).any(), "no whole pixel value is truncated by the round trip"
+    variants = {"exact floats": x * 2 - 1,
+                "rounding": (pix.round().clamp(0, 255) / 255).half() * 2 - 1}
+    if dtype == torch.float32:
+        variants["no fp16 step"] = restored / 255 * 2 - 1
+    for name, other in variants.items():
+        assert not torch.equal(other.to(dtype), want), f"the probe cannot tell {name} from the reference's input"
+
+
+def test_diffusion_input_scalar_division_is_device_independent():
+    """The reference divides the uint8 image by 255.0 on the GPU, where torch multiplies by the reciprocal;
+    after ``.half()`` that equals true division (the project's) for every pixel value."""
+    u = torch.arange(256, dtype=torch.float32)
+    reciprocal = u * torch.tensor(1 / 255, dtype=torch.float32)
+    assert torch.equal((u / 255.0).half(), reciprocal.half())
+
+
 @pytest.mark.parametrize("features,aliasing", [("reference", True), ("clean", False)])
 def test_encoder_matches_oracle(parts, features, aliasing):
     _, clip, _ = parts
@@ -251,8 +312,9 @@ def test_training_step_losses_match_oracle(parts, model, step):
 
 def test_online_training_step_matches_oracle(tmp_path, parts):
     """``train.mode=online``: the trainer runs the diffusion pass on the crop in the step; the oracle
-    restates the reference's pass (preprocess, VAE, the checkpoint's scheduler at index 45 of 50, empty
-    prompt, attention processor) with the same noise: same maps, same losses."""
+    restates the reference's pass from the normalised crop (uint8 de-normalisation, fp16 preprocess, VAE, the
+    checkpoint's scheduler at index 45 of 50, empty prompt, attention processor) with the same noise: same
+    maps, same losses."""
     from diclip.models.correlation import noise_seed
     from diclip.models.kv_cache import save_cache
     from diclip.train.trainer import Batch, DiCLIPTrainer
@@ -280,7 +342,7 @@ def test_online_training_step_matches_oracle(tmp_path, parts):
     pipe = trainer.diffusion.pipe
     seeds = [noise_seed(f"{i}:{p}", d.seed) for i, p in zip(batch.item_ids, batch.positions)]
     noise = trainer.diffusion.noise((2, 4, 20, 20), seeds)  # the project's seeded noise is an input here
-    store = oracle_diffusion.capture(pipe, x, noise, [d.vce_layer, d.rar_layer])
+    store = oracle_diffusion.capture(pipe, reference_crop(2, 160, seed=11), noise, [d.vce_layer, d.rar_layer])
     raw = store[d.rar_layer]["raw"]
     want_corr = oracle.refine_diffusion_attention(store[d.vce_layer]["qk"], 10)
     torch.testing.assert_close(corr, want_corr[:, 0], **TOL)
@@ -304,3 +366,64 @@ def test_online_training_step_matches_oracle(tmp_path, parts):
     assert torch.equal(pl64, labels64)
     for mine, ref_name in LOSSES:
         torch.testing.assert_close(got[mine].detach(), want[ref_name], **TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deliberate deviations (README "Fidelity to the reference"): where the reference makes NaN
+# ----------------------------------------------------------------------------------------------
+def test_empty_caa_box_keeps_the_other_classes():
+    """A present class whose above-threshold CAM lies only in the last token column: the reference's CAA box is
+    empty (box ends are clipped to width - 1), RAR divides 0/0, and the NaN turns the whole crop background.
+    The project guards that division: the class gets an all-zero map and the other classes keep their labels -
+    exactly the reference's labels for the image without that class (float64, so only the logic is compared)."""
+    side, size = 10, (160, 160)
+    g = torch.Generator().manual_seed(21)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    blob = (-((yy - 4.0) ** 2 + (xx - 3.0) ** 2) / 6).exp()
+    edge = torch.zeros(side, side)
+    edge[2:7, side - 1] = 1.0  # class 1: only the last column is above the threshold
+    third = torch.rand(side, side, generator=g) * 0.3
+    cams = torch.stack([blob, edge, third], -1).reshape(1, side * side, 3).double()
+    clip_attn = torch.rand(1, 6, 1 + side * side, 1 + side * side, generator=g, dtype=torch.float64).softmax(-1)
+    raw = softmax_maps(1, 3, 20, seed=22).double()
+    present = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    scores, got = pseudo.pseudo_labels(cams, clip_attn, pseudo.rar_transition(raw, (1, 2)), present, size,
+                                       caa_threshold=0.6, grid=(side, side), attn_grid=(20, 20))
+
+    def reference(labels):
+        maps, _ = oracle.refine_cams_with_aff(cams[0], clip_attn[0], labels[0], size, 0.6, dtype=torch.float64)
+        valid, label = oracle.rar_refine(labels[0], torch.stack(maps).flatten(-2).T[None], raw[0], size, iters=5,
+                                         dtype=torch.float64)
+        return maps, valid, label
+
+    maps, valid, label = reference(present)
+    assert maps[1].abs().sum() == 0, "the probe must give class 1 an empty CAA box in the reference"
+    assert torch.isnan(valid).any() and (label == 0).all(), "the reference turns the crop background"
+    _, _, without = reference(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert torch.isfinite(scores).all()
+    assert (got == 1).any() and not (got == 2).any()
+    assert torch.equal(got, without)
+
+
+def test_constant_cam_columns_are_zero_not_nan():
+    """A CAM column constant over tokens (a uniform crop, e.g. all padding, or a class ReLU'd to zero): the
+    reference's min-max has no epsilon and gives NaN; the project gives 0. Other columns: the reference's."""
+    g = torch.Generator().manual_seed(23)
+    feats = torch.randn(2, 1 + 16, 8, generator=g)
+    feats[0] = feats[0, :1]  # every token the same: every column constant
+    feats = feats / feats.norm(dim=1, keepdim=True)
+    text = torch.randn(5, 8, generator=g)
+    text = text / text.norm(dim=-1, keepdim=True)
+    num_classes = 4  # 3 foreground rows + 2 background words
+    keys = torch.randn(9, 8, generator=g)
+    keys = keys / keys.norm(dim=-1, keepdim=True)
+    values = F.one_hot(torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3]), num_classes).float()
+
+    from diclip.method import cam
+
+    pairs = [(cam.surgery_cam(feats, text, num_classes - 1), oracle.clip_feature_surgery(feats, text)[:, 1:, :3]),
+             (cam.knowledge_retrieval_cam(keys, values, feats, text, num_classes),
+              oracle.kv_inject_cam(keys, values, feats, text, num_classes))]
+    for got, want in pairs:
+        assert torch.isnan(want[0]).all() and torch.equal(got[0], torch.zeros_like(got[0]))
+        torch.testing.assert_close(got[1], want[1], **TOL)

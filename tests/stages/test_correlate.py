@@ -231,3 +231,24 @@ def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path, 
     assert sorted(ids) == sorted(set(ids)) and len(ids) == want  # every map exactly once, no holes
     assert sum("@crop" in i for i in ids) == 24
     assert len(manifest.shards) >= partial
+
+
+def test_the_diffusion_input_recipe_is_part_of_every_diffusion_output(tmp_path, monkeypatch):
+    """Maps, masks and cache features (and online train / evaluate runs) depend on how images become the
+    diffusion input: rows made from another input (the earlier exact ``2x - 1`` floats) are stale."""
+    import diclip.method.diffusion_input as recipe
+    from ray_jobs import cache, evaluate, mask, train
+    from ray_jobs.lineage import changed_keys
+
+    spec = tiny_spec(str(tmp_path / "run"), "train.mode=online", "evaluate.maps=online")
+
+    def made_with():
+        return {"correlate": correlate.settings(spec), "mask": mask.settings(spec), "cache": cache.settings(spec),
+                "train": train.run_settings(spec), "evaluate": evaluate.run_key(spec, "weights", 64)}
+
+    before = made_with()
+    assert before["correlate"]["diffusion_input"]["recipe"] == recipe.DIFFUSION_INPUT
+    monkeypatch.setattr(recipe, "DIFFUSION_INPUT", "another-input")
+    after = made_with()
+    for stage in before:
+        assert any("diffusion_input.recipe" in k for k in changed_keys(before[stage], after[stage])), stage
