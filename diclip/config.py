@@ -577,6 +577,16 @@ class EvaluateConfig(StageBase):
     """Base square side in pixels; 0: the crop size the model was trained at (card.json)."""
     crf: bool = True
     """Dense CRF on the segmentation probabilities with the reference's parameters (pydensecrf2)."""
+    crf_placement: str = "tasks"
+    """Where the CRF runs: ``tasks`` - Ray Data CPU tasks after the model actors, which ship each image's
+    working-size fp32 logits (a COCO image: ~5 MB with its pixels), so the CRF spreads over every CPU of the
+    cluster, CPU-only worker nodes (``cluster.cpu_workers``) included, and a GPU never waits for it; ``actor``
+    - inside the model actors, as before (the baseline of ``bench/orchestration.py --evaluate-crf``). Both give
+    the same masks bit for bit (tested), so this is not part of what makes results stale."""
+    crf_cpus: float = 1.0
+    """CPUs per CRF task (pydensecrf is single-threaded: 1)."""
+    crf_concurrency: int = 0
+    """At most this many CRF tasks at once; 0: as many as the cluster's free CPUs allow."""
     cam: bool = True
     """Evaluate CAM pseudo-labels on ``cam_split`` (needs correlation maps, see ``maps``)."""
     maps: str = "stored"
@@ -607,6 +617,10 @@ class EvaluateConfig(StageBase):
         _check(0 < self.work_ratio <= 1, "evaluate.work_ratio must be in (0, 1]")
         _check(self.size >= 0 and self.size % 16 == 0, "evaluate.size must be 0 (the trained crop size) or a multiple of 16")
         _check(self.maps in ("stored", "online"), f"evaluate.maps must be stored|online, got {self.maps!r}")
+        _check(self.crf_placement in ("tasks", "actor"),
+               f"evaluate.crf_placement must be tasks|actor, got {self.crf_placement!r}")
+        _check(self.crf_cpus > 0, "evaluate.crf_cpus must be > 0")
+        _check(self.crf_concurrency >= 0, "evaluate.crf_concurrency must be >= 0 (0: as many as CPUs allow)")
         _check(0.0 <= self.cam_caa_threshold <= 1.0, "evaluate.cam_caa_threshold must be in [0, 1]")
         _check(self.cam_rar_steps >= 0, "evaluate.cam_rar_steps must be >= 0")
         _check(self.num_pictures >= 0, "evaluate.num_pictures must be >= 0")
@@ -658,6 +672,35 @@ DEFAULT_MODELS_HOME = "/models/hf"
 
 
 @dataclass
+class CpuWorkersConfig:
+    """An optional CPU-only worker group (``cluster.cpu_workers``): nodes for CPU work that needs no GPU -
+    the evaluate stage's dense-CRF tasks (``evaluate.crf_placement=tasks``). Autoscaled from 0 to ``count``
+    like the GPU group, next to it in the KubeRay RayCluster and the AWS cluster launcher."""
+
+    count: int = 0
+    """At most this many CPU-only workers; 0: no CPU group."""
+    cpus: int = 32
+    """CPUs of one CPU worker (the pod's request, the launcher node's declared CPUs)."""
+    memory_gib: int = 0
+    """Memory of one CPU worker in GiB; 0: 2 GiB per CPU (a COCO CRF task peaks at ~0.5 GiB)."""
+    instance: str = ""
+    """AWS instance type of a CPU worker in the rendered cluster launcher; empty: the smallest listed c7i type
+    with ``cpus`` vCPUs. A listed type with fewer vCPUs than ``cpus`` is refused; an unlisted one is taken as
+    given."""
+
+    @property
+    def memory(self) -> int:
+        return self.memory_gib or 2 * self.cpus
+
+    def __post_init__(self) -> None:
+        _check(self.count >= 0, "cluster.cpu_workers.count must be >= 0 (0: no CPU-only workers)")
+        _check(self.cpus >= 1, "cluster.cpu_workers.cpus must be >= 1")
+        _check(self.memory_gib >= 0, "cluster.cpu_workers.memory_gib must be >= 0 (0: 2 GiB per CPU)")
+        _check(self.instance == "" or bool(re.fullmatch(r"[a-z0-9-]+\.[a-z0-9]+", self.instance)),
+               f"cluster.cpu_workers.instance {self.instance!r} must be an AWS instance type such as c7i.8xlarge")
+
+
+@dataclass
 class ClusterConfig:
     """Where and how a job runs on a cluster (``diclip submit``, ``diclip cluster render``).
 
@@ -698,6 +741,8 @@ class ClusterConfig:
     a missing one fails at once. Also the mount path of ``models_pvc`` (default ``/models/hf`` then). On AWS,
     mount an EFS volume there or ``aws s3 sync`` a filled cache into it (cluster/README.md). None and no PVC:
     the nodes find (or download) the weights themselves."""
+    cpu_workers: CpuWorkersConfig = field(default_factory=CpuWorkersConfig)
+    """Optional CPU-only worker group (count, cpus, memory_gib, instance); see :class:`CpuWorkersConfig`."""
 
     @property
     def models_home(self) -> Optional[str]:

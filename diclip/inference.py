@@ -300,26 +300,40 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def finish_segment(image: np.ndarray, logits: torch.Tensor, crf: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, mask before CRF), uint8 class ids at the image's size, from the working-size logits [K, h, w] of
+    :func:`multiscale_logits`: bilinear upsampling, arg-max and, with ``crf``, the dense CRF on the softmax.
+
+    With CPU logits this is all CPU work: the ``evaluate`` stage runs it in Ray Data CPU tasks after the
+    model actors (which ship the logits), and :func:`segment` runs the same function on the same CPU logits,
+    so both give the same masks bit for bit."""
+    full = upsample(logits, image.shape[:2])
+    raw = full.argmax(0).to(torch.uint8).cpu().numpy()
+    if not crf:
+        return raw, raw
+    from diclip.method.crf import dense_crf
+
+    return dense_crf(image, torch.softmax(full, 0).cpu().numpy()), raw
+
+
+@torch.no_grad()
 def segment(forward: SegForward, images: Sequence[np.ndarray], base: int, scales: Sequence[float], *,
             flip: bool = True, work_ratio: float = 0.4, multiple: int = 16, voc_flip_quirk: bool = False,
             crf: bool = False, device: str | torch.device = "cpu",
             raw_out: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """Masks (uint8 class ids at each image's size) for RGB uint8 images of any sizes.
 
-    ``raw_out``: a list that receives the arg-max before CRF of each image (the reference reports both)."""
+    ``raw_out``: a list that receives the arg-max before CRF of each image (the reference reports both).
+    With ``crf`` the upsampling runs on the CPU (:func:`finish_segment`), where the evaluate stage's CRF
+    tasks run it, so a GPU's interpolation kernels never make the two differ."""
     tensors = [to_tensor(im, device) for im in images]
     logits = multiscale_logits(forward, tensors, base, scales, flip, work_ratio, multiple, voc_flip_quirk)
     out = []
     for im, lg in zip(images, logits):
-        full = upsample(lg, im.shape[:2])
+        pred, raw = finish_segment(im, lg.float().cpu() if crf else lg, crf)
         if raw_out is not None:
-            raw_out.append(full.argmax(0).to(torch.uint8).cpu().numpy())
-        if crf:
-            from diclip.method.crf import dense_crf
-
-            out.append(dense_crf(im, torch.softmax(full, 0).cpu().numpy()))
-        else:
-            out.append(full.argmax(0).to(torch.uint8).cpu().numpy())
+            raw_out.append(raw)
+        out.append(pred)
     return out
 
 

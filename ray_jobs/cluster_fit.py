@@ -140,6 +140,14 @@ def check_cluster(spec: JobSpec, stages: list[str], view: ClusterView) -> list[s
         if stage not in RAY_STAGES:
             continue
         want, count, unit = stage_request(spec, stage)
+        crf = {"CPU": spec.evaluate.crf_cpus}
+        if stage == "evaluate" and spec.evaluate.crf and spec.evaluate.crf_placement == "tasks" \
+                and not any(_fits(crf, n) for n in view.nodes + (view.node_types or [])) \
+                and (view.node_types is not None or not view.autoscaling):
+            raise ConfigError(f"evaluate: each CRF task asks for {_fmt(crf)} but the cluster's largest node has "
+                              f"{_fmt(view.largest())}" + (" and none of its autoscaler's node types has it"
+                                                            if view.node_types is not None else "")
+                              + "; lower evaluate.crf_cpus, or set evaluate.crf_placement=actor")
         if any(_fits(want, n) for n in view.nodes):
             if not view.autoscaling:  # a fixed cluster: the whole pool and its input tasks must fit too
                 sub = dataclasses.replace(spec, pipeline=dataclasses.replace(spec.pipeline, stages=[stage]))

@@ -5,7 +5,8 @@ here from the spec's stage ``resources`` and ``train`` sections, once, so users 
 numbers in the RayCluster, the RayJob and the cluster-launcher YAML. Templates are loaded and written
 with PyYAML (no text templating); the output directory gets:
 
-* ``raycluster.yaml``: KubeRay RayCluster (CPU head + one autoscaling worker group), for ``diclip submit``;
+* ``raycluster.yaml``: KubeRay RayCluster (CPU head + one autoscaling worker group, and with
+  ``cluster.cpu_workers.count`` a second, CPU-only group for the evaluate stage's CRF tasks), for ``diclip submit``;
 * ``rayjob.yaml``: KubeRay RayJob running the spec on a fresh cluster with the same spec;
 * ``spec-configmap.yaml``: the merged spec as a ConfigMap, mounted at ``/app/<name>.yaml`` by the RayJob;
 * ``cluster-launcher.yaml``: ``ray up`` config for AWS GPU instances;
@@ -15,7 +16,9 @@ Sizing: stages run one after another, so the cluster is sized for the most deman
 A worker is as large as the largest single actor (max ``num_gpus``, rounded up; max ``num_cpus``, rounded
 up); a stage needs ``ceil(actors / actors_per_worker)`` workers, where ``actors`` is a Ray Data stage's
 ``concurrency`` or ``train.num_workers``; ``maxReplicas`` is the max over stages and ``minReplicas`` is 0,
-so an idle cluster costs only its CPU head.
+so an idle cluster costs only its CPU head. The optional CPU-only group (``cluster.cpu_workers``: count, CPUs,
+memory, AWS instance) is not derived: its size is the user's choice of how fast the dense CRF should go
+(README "COCO on 8 GPUs"); it autoscales from 0 to ``count`` as well.
 """
 from __future__ import annotations
 
@@ -55,6 +58,15 @@ AWS_CPU_INSTANCES: tuple[tuple[str, int, int], ...] = (
     ("m5.large", 2, 0), ("m5.xlarge", 4, 0), ("m5.2xlarge", 8, 0), ("m5.4xlarge", 16, 0),
     ("m5.8xlarge", 32, 0), ("m5.12xlarge", 48, 0), ("m5.16xlarge", 64, 0), ("m5.24xlarge", 96, 0),
 )
+AWS_CPU_WORKER_INSTANCES: tuple[tuple[str, int, int], ...] = (
+    ("c7i.large", 2, 0), ("c7i.xlarge", 4, 0), ("c7i.2xlarge", 8, 0), ("c7i.4xlarge", 16, 0),
+    ("c7i.8xlarge", 32, 0), ("c7i.12xlarge", 48, 0), ("c7i.16xlarge", 64, 0), ("c7i.24xlarge", 96, 0),
+    ("c7i.48xlarge", 192, 0),
+)
+"""(name, vCPUs, GPUs) of ``cluster.cpu_workers`` nodes: compute-optimised (the CRF is pure CPU, ~0.5 GiB per
+task), the smallest holding ``cluster.cpu_workers.cpus`` unless ``cluster.cpu_workers.instance`` names one."""
+CPU_GROUP = "cpu-only-workers"
+"""KubeRay group name (and, with ``_`` for ``-``, launcher node type) of ``cluster.cpu_workers``."""
 AWS_HEAD_INSTANCES: tuple[tuple[str, int, int], ...] = (
     ("m5.large", 2, 8), ("m5.xlarge", 4, 16), ("m5.2xlarge", 8, 32), ("m5.4xlarge", 16, 64),
     ("m5.8xlarge", 32, 128), ("m5.12xlarge", 48, 192), ("m5.16xlarge", 64, 256), ("m5.24xlarge", 96, 384),
@@ -143,6 +155,36 @@ def aws_instance(plan: ClusterPlan) -> tuple[str, int, int]:
         raise ConfigError(f"no AWS instance type holds a worker of {plan.cpus_per_worker} CPUs and "
                           f"{plan.gpus_per_worker} GPUs; lower the stages' resources.num_cpus/num_gpus")
     return min(fits, key=lambda t: (t[1], t[2]))
+
+
+def cpu_worker_instance(spec: JobSpec) -> tuple[str, int]:
+    """(AWS instance type, vCPUs) of a ``cluster.cpu_workers`` node; one line when none fits."""
+    w = spec.cluster.cpu_workers
+    listed = {name: vcpus for name, vcpus, _ in AWS_CPU_WORKER_INSTANCES}
+    if w.instance:
+        if w.instance in listed and listed[w.instance] < w.cpus:
+            raise ConfigError(f"cluster.cpu_workers.instance={w.instance} has {listed[w.instance]} vCPUs, fewer than "
+                              f"cluster.cpu_workers.cpus={w.cpus}; name a larger type or lower cpus")
+        return w.instance, listed.get(w.instance, w.cpus)
+    fits = [(name, vcpus) for name, vcpus, _ in AWS_CPU_WORKER_INSTANCES if vcpus >= w.cpus]
+    if not fits:
+        name, vcpus, _ = AWS_CPU_WORKER_INSTANCES[-1]
+        raise ConfigError(f"cluster.cpu_workers.cpus={w.cpus}: no listed AWS instance type has that many vCPUs (the "
+                          f"largest, {name}, has {vcpus}); lower it or name one in cluster.cpu_workers.instance")
+    return fits[0]
+
+
+def check_cpu_workers(spec: JobSpec, plan: ClusterPlan) -> None:
+    """One line for a CPU-only group or a CRF task that cannot work: a CRF task larger than every worker."""
+    e, w = spec.evaluate, spec.cluster.cpu_workers
+    if w.count:
+        cpu_worker_instance(spec)
+    if "evaluate" in spec.pipeline.stages and e.crf and e.crf_placement == "tasks":
+        largest = max(plan.cpus_per_worker, w.cpus if w.count else 0)
+        if e.crf_cpus > largest:
+            raise ConfigError(f"evaluate.crf_cpus={e.crf_cpus:g}: each CRF task needs more CPUs than any worker has "
+                              f"(the largest has {largest}); lower evaluate.crf_cpus or raise "
+                              "cluster.cpu_workers.cpus (with cluster.cpu_workers.count > 0)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,6 +280,15 @@ def render_raycluster(spec: JobSpec, plan: ClusterPlan, image: str, template: di
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     else:
         pod.pop("tolerations", None)
+    w = spec.cluster.cpu_workers
+    if w.count:  # CPU-only nodes for the CRF tasks: the same pod, without GPU and toleration
+        cpu_group = copy.deepcopy(template["spec"]["workerGroupSpecs"][0])
+        cpu_group.update(groupName=CPU_GROUP, minReplicas=0, replicas=0, maxReplicas=w.count)
+        cpu_pod = cpu_group["template"]["spec"]
+        cpu_pod.pop("tolerations", None)
+        _fill_pod(cpu_pod, spec, image, env + [{"name": "DS_ACCELERATOR", "value": "cpu"}],
+                  _container_resources(w.cpus, w.memory), secret_optional)
+        cs["workerGroupSpecs"].append(cpu_group)
     return doc
 
 
@@ -309,6 +360,15 @@ def render_launcher(spec: JobSpec, plan: ClusterPlan, template: dict) -> dict:
     worker["min_workers"] = 0
     worker["max_workers"] = plan.max_workers
     types["gpu_worker" if plan.gpu else "cpu_worker"] = worker
+    w = spec.cluster.cpu_workers
+    if w.count:
+        cpu_type, cpu_vcpus = cpu_worker_instance(spec)
+        cpu_node = copy.deepcopy(worker)
+        cpu_node["node_config"]["InstanceType"] = cpu_type
+        cpu_node["resources"] = {"CPU": cpu_vcpus}
+        cpu_node["max_workers"] = w.count
+        types[CPU_GROUP.replace("-", "_")] = cpu_node
+        doc["max_workers"] = plan.max_workers + w.count
     doc["file_mounts"] = {"~/diclip": LAUNCHER_REPO}
     # install into the interpreter the job will run (cluster.python), not some other python on the node
     py = shlex.quote(spec.cluster.python)
@@ -347,10 +407,15 @@ def render_all(spec: JobSpec, out_dir: str, image: Optional[str] = None) -> list
     aws_head_instance(spec)  # a head no listed instance holds: one line before the plan is logged
     templates = repo_root() / "cluster"
     plan = plan_cluster(spec)
+    check_cpu_workers(spec, plan)
     image = image or DEFAULT_IMAGE
     log.info("cluster for %r: workers of %d CPU / %d GPU / %d GiB, 0..%d of them (sized by stage %s)",
              spec.name, plan.cpus_per_worker, plan.gpus_per_worker, plan.memory_gib_per_worker,
              plan.max_workers, plan.sized_by)
+    if spec.cluster.cpu_workers.count:
+        w = spec.cluster.cpu_workers
+        log.info("cluster for %r: and 0..%d CPU-only workers of %d CPU / %d GiB (%s on AWS)", spec.name, w.count,
+                 w.cpus, w.memory, cpu_worker_instance(spec)[0])
 
     cluster = render_raycluster(spec, plan, image, _load_template(templates / "kuberay" / "raycluster.yaml"))
     docs = {

@@ -442,7 +442,9 @@ def user_error_in(e: BaseException) -> "DiclipError | None":
 def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, *, desc: str,
              collect: Callable[[dict], None] | None = None, stall_s: float = 0.0, output: str | None = None,
              index_columns: Iterable[str] = (), prepare: Callable | None = None,
-             prepare_kwargs: dict | None = None) -> PoolResult:
+             prepare_kwargs: dict | None = None, finish: Callable | None = None,
+             finish_kwargs: dict | None = None, finish_cpus: float = 1.0,
+             finish_concurrency: int = 0) -> PoolResult:
     """Fan ``items`` (small dicts with ``item_id``) out to an actor pool; gather each call's report.
 
     ``actor_cls(**ctor_kwargs)`` loads models once; its ``__call__(batch)`` processes the batch, writes
@@ -450,7 +452,12 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     for committed items where they were written (:func:`write_shard`), which the driver saves into the
     commit index of ``output`` as it goes. ``prepare(batch, run=<this run's id>, **prepare_kwargs)`` runs
     first in Ray Data CPU tasks (``res.prepare_cpus`` each): reading and decoding overlap the actors' model
-    calls, as in Ray's batch-inference pattern.
+    calls, as in Ray's batch-inference pattern. ``finish(batch, **finish_kwargs)`` runs after the pool in Ray
+    Data CPU tasks (``finish_cpus`` each, at most ``finish_concurrency`` at once, 0: as many as free CPUs
+    allow), ``res.batch_size`` rows per call: CPU-bound work after the model (evaluate's dense CRF) spreads
+    over every CPU of the cluster, CPU-only nodes included, instead of holding the actor's GPU. The actor
+    then returns that work's inputs with its rows; ``finish`` writes the shards of what it completes and
+    returns report rows as an actor would, passing the actor's own reports through.
     """
     import ray.data
     from ray.data import TaskPoolStrategy
@@ -474,6 +481,13 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
                                 **UNFUSED_TASK_ARGS)
         ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
                             **map_batches_kwargs(res))
+        if finish is not None:
+            # batches of the pool's batch size (an actor's rows, give or take a block boundary): one shard per
+            # call, as the actors write; a retried task gets the same rows and rewrites the same shard
+            ds = ds.map_batches(finish, fn_kwargs=finish_kwargs or {}, batch_format="pandas",
+                                batch_size=res.batch_size,
+                                num_cpus=finish_cpus, compute=TaskPoolStrategy(size=finish_concurrency or None),
+                                **UNFUSED_TASK_ARGS)
         writer = IndexWriter(output, index_columns) if output else None
         running = streaming_executors()
         try:

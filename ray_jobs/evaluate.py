@@ -3,7 +3,11 @@
     export (model.safetensors, cache, spec) + dataset splits
     -> items: seg/<id> (``split``), cam/<id> (``cam_split``), pic/<id> (first ``num_pictures`` of ``split``)
     -> Ray Data actor pool (Evaluator: the exported DiCLIP loaded once per actor)
-       seg: multi-scale + flip segmenter inference (optional dense CRF) -> mask PNG + confusion matrix
+       seg: multi-scale + flip segmenter inference -> mask PNG + confusion matrix; with the dense CRF on
+            (``crf_placement=tasks``, the default) the actor returns the working-size fp32 logits instead
+       -> Ray Data CPU tasks (:func:`crf_task`, ``crf_cpus`` each, any node): upsample, CRF, mask PNG +
+          confusion matrices, one shard per call (``resources.batch_size`` rows) - the CRF spreads over
+          every CPU of the cluster (CPU-only workers included) and never holds a GPU
        cam: reference LAM evaluation (CAA 0.88, RAR 10 steps) -> pseudo-label PNG + confusion matrix
        pic: CAM of the strongest present class, for the picture grid
     -> shards/part-*.parquet (one per actor call; confusion matrices stored sparsely per row)
@@ -66,6 +70,14 @@ SCHEMA = pa.schema([
     ("cm_raw_cnt", pa.list_(pa.int64())),  # reports both), empty otherwise
 ])
 SUMMARY_COLUMNS = [ID, "task", "image_id", "cm_idx", "cm_cnt", "cam_class", "cm_raw_idx", "cm_raw_cnt"]
+CRF_PENDING = "crf_pending"
+"""Actor output column: True on a seg item whose CRF a :func:`crf_task` still has to run (its logits, image
+and mask ride along in the ``CRF_PAYLOAD`` columns); False on report rows the actor completed itself."""
+CRF_PAYLOAD = ("crf_logits", "crf_k", "crf_h", "crf_w", "img", "img_h", "img_w", "mask")
+"""What an actor hands a CRF task per image: fp32 logits [K, h, w] at the working size (``work_ratio`` x the
+image; the exact input of the in-actor path, so masks stay identical), the RGB pixels the CRF's bilateral
+term reads and the ground-truth mask. A COCO image (640x480, 81 classes, work ratio 0.2): 3.98 MB of logits +
+0.92 MB of pixels + 0.31 MB of mask (``bench/orchestration.py --evaluate-crf`` measures it)."""
 ROW_FORMAT = 2
 """Version of the row layout above; part of the run key, so outputs of an older layout are recomputed."""
 
@@ -180,6 +192,26 @@ def dense_cm(rows, k: int) -> np.ndarray:
     return flat.reshape(k, k)
 
 
+def make_row(item: dict, h: int, w: int, png: bytes, cm: np.ndarray | None = None, cam_class: int = -1,
+             cm_raw: np.ndarray | None = None) -> dict:
+    """One shard row (:data:`SCHEMA`)."""
+    idx, cnt = sparse_cm(cm) if cm is not None else ([], [])
+    raw_idx, raw_cnt = sparse_cm(cm_raw) if cm_raw is not None else ([], [])
+    return {ID: item[ID], "task": item["task"], "image_id": item["image_id"], "height": h, "width": w,
+            "png": png, "cm_idx": idx, "cm_cnt": cnt, "cam_class": cam_class,
+            "cm_raw_idx": raw_idx, "cm_raw_cnt": raw_cnt}
+
+
+def seg_row(item: dict, mask: np.ndarray | None, pred: np.ndarray, raw: np.ndarray | None, k: int) -> dict:
+    """The shard row of a segmented image: its mask PNG, and with ground truth its confusion matrix (and the
+    one before CRF when ``raw`` is given)."""
+    from diclip.viz import encode_mask_png
+
+    cm = metriclib.confusion_matrix(mask, pred, k) if mask is not None else None
+    cm_raw = metriclib.confusion_matrix(mask, raw, k) if mask is not None and raw is not None else None
+    return make_row(item, *pred.shape, encode_mask_png(pred), cm, cm_raw=cm_raw)
+
+
 # ----------------------------------------------------------------------------------------------
 # actor
 # ----------------------------------------------------------------------------------------------
@@ -245,26 +277,42 @@ class Evaluator:
 
     def _row(self, item: dict, h: int, w: int, png: bytes, cm: np.ndarray | None = None, cam_class: int = -1,
              cm_raw: np.ndarray | None = None) -> dict:
-        idx, cnt = sparse_cm(cm) if cm is not None else ([], [])
-        raw_idx, raw_cnt = sparse_cm(cm_raw) if cm_raw is not None else ([], [])
-        return {ID: item[ID], "task": item["task"], "image_id": item["image_id"], "height": h, "width": w,
-                "png": png, "cm_idx": idx, "cm_cnt": cnt, "cam_class": cam_class,
-                "cm_raw_idx": raw_idx, "cm_raw_cnt": raw_cnt}
+        return make_row(item, h, w, png, cm, cam_class, cm_raw)
 
-    def segment(self, members: list[tuple[dict, object]]) -> list[dict]:
-        from diclip.inference import segment, segmenter_forward
-        from diclip.viz import encode_mask_png
+    @property
+    def crf_in_tasks(self) -> bool:
+        return bool(self.cfg.crf and self.cfg.crf_placement == "tasks")
+
+    def seg_logits(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """The model call of a seg batch: scale- and flip-averaged logits [K, h, w] at the working size."""
+        from diclip.inference import multiscale_logits, segmenter_forward, to_tensor
 
         c = self.cfg
-        raws: list[np.ndarray] = []
-        preds = segment(segmenter_forward(self.model), [s.image for _, s in members], self.base, c.scales,
-                        flip=c.flip, work_ratio=c.work_ratio, multiple=self.patch, voc_flip_quirk=c.voc_flip_quirk,
-                        crf=c.crf, device=self.device, raw_out=raws if c.crf else None)
+        return multiscale_logits(segmenter_forward(self.model), [to_tensor(im, self.device) for im in images],
+                                 self.base, c.scales, c.flip, c.work_ratio, self.patch, c.voc_flip_quirk)
+
+    def segment(self, members: list[tuple[dict, object]]) -> list[dict]:
+        """Masks and confusion matrices here in the actor (CRF off, or ``crf_placement=actor``)."""
+        from diclip.inference import finish_segment
+
+        crf = self.cfg.crf
         rows = []
-        for j, ((item, s), pred) in enumerate(zip(members, preds)):
-            cm = metriclib.confusion_matrix(s.mask, pred, self.k) if s.mask is not None else None
-            cm_raw = metriclib.confusion_matrix(s.mask, raws[j], self.k) if s.mask is not None and raws else None
-            rows.append(self._row(item, *pred.shape, encode_mask_png(pred), cm, cm_raw=cm_raw))
+        for (item, s), lg in zip(members, self.seg_logits([s.image for _, s in members])):
+            # as diclip.inference.segment: with the CRF the upsampling runs on the CPU, as in the CRF tasks
+            pred, raw = finish_segment(s.image, lg.float().cpu() if crf else lg, crf)
+            rows.append(seg_row(item, s.mask, pred, raw if crf else None, self.k))
+        return rows
+
+    def crf_payloads(self, members: list[tuple[dict, object]]) -> list[dict]:
+        """The logits of a seg batch for the CRF tasks (``crf_placement=tasks``): fp32 at the working size,
+        with the image's pixels and mask as the input tasks decoded them."""
+        rows = []
+        for (item, _), lg in zip(members, self.seg_logits([s.image for _, s in members])):
+            arr = np.ascontiguousarray(lg.float().cpu().numpy())
+            rows.append({ID: item[ID], "task": item["task"], "image_id": item["image_id"], CRF_PENDING: True,
+                         "crf_logits": arr.tobytes(), "crf_k": arr.shape[0], "crf_h": arr.shape[1],
+                         "crf_w": arr.shape[2], "img": item["img"], "img_h": int(item["img_h"]),
+                         "img_w": int(item["img_w"]), "mask": item["mask"]})
         return rows
 
     def cams(self, members: list[tuple[dict, object]]) -> list[dict]:
@@ -311,7 +359,16 @@ class Evaluator:
             except Exception as e:  # bad items and decoder/IO surprises fail the item, not the stage
                 reports.append(report_row(item[ID], False, item_error(e)) | {"task": item["task"]})
         rows: list[dict] = []
+        pending: list[dict] = []  # seg items whose CRF runs in a CRF task
         for kind, members in groups.items():
+            if kind == "seg" and self.crf_in_tasks:
+                results = call_batched(lambda ms: self.crf_payloads(ms), [members], f"{STAGE} {kind}")
+                for (it, _), res in zip(members, results):
+                    if isinstance(res, Exception):
+                        reports.append(report_row(it[ID], False, item_error(res)) | {"task": it["task"]})
+                    else:
+                        pending.append(res)
+                continue
             fn = self.segment if kind == "seg" else self.cams
             # batched, falling back to one item at a time: one bad item (or an OOM) fails alone
             results = call_batched(lambda ms: fn(ms), [members], f"{STAGE} {kind}")
@@ -323,11 +380,57 @@ class Evaluator:
                     reports.append(report_row(res[ID], True) | {"task": res["task"]})
         if rows:
             write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), reports=reports)
+        if self.crf_in_tasks:  # every row carries the payload columns, so each output block has one schema
+            empty = {CRF_PENDING: False, "crf_logits": b"", "crf_k": 0, "crf_h": 0, "crf_w": 0, "img": b"",
+                     "img_h": 0, "img_w": 0, "mask": b""}
+            reports = [empty | r for r in reports] + pending
         out = pd.DataFrame(reports)
         out["pid"] = os.getpid()  # which actor did the work (the summary counts actors that contributed)
         out["t_start"], out["t_end"] = t_start, time.time()  # compute span, for throughput without start-up
         out["cpu_s"] = (time.process_time() - cpu_start) / len(out)  # CPU this call used, per item
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CRF tasks
+# ----------------------------------------------------------------------------------------------
+def crf_task(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
+    """Ray Data CPU task after the actor pool (``crf_placement=tasks``): for each seg item the actor left
+    pending, :func:`diclip.inference.finish_segment` (upsample, dense CRF, arg-max) on the logits it shipped,
+    then one shard for the call's rows, as an actor call writes one. The actor's own report rows pass
+    through. Reports say ``crf_s`` (CPU-side seconds) and ``moved_bytes`` (payload from the actor) per item."""
+    from diclip.inference import finish_segment
+
+    setup_process(spec)
+    torch.set_num_threads(max(1, int(spec.evaluate.crf_cpus)))
+    k = class_set_for(spec.data).num_classes
+    records = batch.to_dict("records")
+    keep = ("task", "pid", "t_start", "t_end", "cpu_s")
+    out: list[dict] = []
+    new: list[dict] = []
+    rows: list[dict] = []
+    for item in records:
+        if not item.get(CRF_PENDING):
+            out.append({c: v for c, v in item.items() if c not in CRF_PAYLOAD and c != CRF_PENDING})
+            continue
+        t0 = time.perf_counter()
+        moved = sum(len(item[c]) for c in ("crf_logits", "img", "mask"))
+        try:
+            h, w = int(item["img_h"]), int(item["img_w"])
+            image = np.frombuffer(item["img"], np.uint8).reshape(h, w, 3)
+            mask = np.frombuffer(item["mask"], np.uint8).reshape(h, w) if len(item["mask"]) else None
+            logits = torch.from_numpy(np.frombuffer(item["crf_logits"], np.float32).reshape(
+                int(item["crf_k"]), int(item["crf_h"]), int(item["crf_w"])).copy())
+            pred, raw = finish_segment(image, logits, True)
+            rows.append(seg_row(item, mask, pred, raw, k))
+            rep = report_row(item[ID], True)
+        except Exception as e:  # one bad item fails alone (a store outage past its budget is raised)
+            rep = report_row(item[ID], False, item_error(e))
+        new.append(rep | {c: item[c] for c in keep if c in item}
+                   | {"crf_s": time.perf_counter() - t0, "moved_bytes": moved})
+    if rows:
+        write_shard(spec.evaluate.output, pa.Table.from_pylist(rows, schema=SCHEMA), reports=new)
+    return pd.DataFrame(out + new)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,17 +648,24 @@ def run(spec: JobSpec) -> dict:
     pids: set[int] = set()
     span = [float("inf"), 0.0]
     cpu = [0.0]
+    moved = [0, 0]  # payload bytes the actors handed to CRF tasks, images
 
     def collect(row: dict) -> None:
         pids.add(int(row.get("pid", -1)))
+        if row.get("moved_bytes") == row.get("moved_bytes") and row.get("moved_bytes") is not None:  # not NaN
+            moved[0] += int(row["moved_bytes"])
+            moved[1] += 1
         cpu[0] += float(row.get("cpu_s", 0.0))
         span[0], span[1] = min(span[0], row.get("t_start", span[0])), max(span[1], row.get("t_end", span[1]))
         if row.get("ok"):
             counts[str(row.get("task"))] += 1
 
+    crf_tasks = cfg.crf and cfg.crf_placement == "tasks"
     result = run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
                       prepare=prepare_samples, prepare_kwargs={"spec": spec},
-                      collect=collect, stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
+                      collect=collect, stall_s=60 * spec.ray.stall_minutes, output=cfg.output,
+                      finish=crf_task if crf_tasks else None, finish_kwargs={"spec": spec},
+                      finish_cpus=cfg.crf_cpus, finish_concurrency=cfg.crf_concurrency)
     rows, where = committed_rows(cfg.output, wanted)
     sums = summaries(spec, rows)
     metrics = {
@@ -595,4 +705,5 @@ def run(spec: JobSpec) -> dict:
             "seg_images_per_s": round(rate, 3),
             "steady_items_per_s": round(steady, 3),
             "actor_cpu_share": round(cpu[0] / (len(pids) * (span[1] - span[0])), 3) if span[1] > span[0] else 0.0,
+            "crf_moved_bytes_per_image": round(moved[0] / moved[1]) if moved[1] else 0,
             "pictures": pictures, "pseudo_labels": pseudo, "seconds": round(time.perf_counter() - t0, 1)}

@@ -139,6 +139,13 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the l
                               f"({res.prepare_cpus:g}), so no input would ever reach the actors; lower "
                               f"{stage}.resources.concurrency, {stage}.resources.num_cpus or "
                               f"{stage}.resources.prepare_cpus, or {grow}")
+        e = spec.evaluate
+        if stage == "evaluate" and e.crf and e.crf_placement == "tasks" and pool + e.crf_cpus > cpus:
+            raise ConfigError(f"evaluate: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
+                              f"leaves {cpus - pool:g} of the {cpus:g} CPUs, less than one CRF task needs "
+                              f"({e.crf_cpus:g}), so no segmentation would ever finish; lower evaluate.crf_cpus, "
+                              "evaluate.resources.concurrency or evaluate.resources.num_cpus, set "
+                              f"evaluate.crf_placement=actor, or {grow}")
         if res.num_gpus > 0 and res.concurrency * res.num_gpus > gpus:
             raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_gpus:g} GPU = "
                               f"{res.concurrency * res.num_gpus:g} GPUs but {where} has {gpus:g}; set "

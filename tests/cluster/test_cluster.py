@@ -935,3 +935,95 @@ def test_the_pvc_fill_pod_of_the_cluster_readme_runs_a_shell_with_the_claim_moun
     assert "stabilityai/" not in after and "runwayml/" not in after
     for line in re.findall(r"^kubectl get rayjob .*$", text, re.M):
         assert " -n " in line, line
+
+
+# ----------------------------------------------------------------------------------------------
+# the optional CPU-only worker group (evaluate's dense-CRF tasks)
+# ----------------------------------------------------------------------------------------------
+def test_cpu_workers_render_as_a_second_group_in_both_manifests(tmp_path: Path) -> None:
+    files = render(tmp_path, "coco", "cluster.cpu_workers.count=6", "cluster.cpu_workers.cpus=48")
+    cluster, job = load(files["raycluster.yaml"]), load(files["rayjob.yaml"])
+    validate_k8s(cluster)
+    validate_k8s(job)
+    gpu, cpu = cluster["spec"]["workerGroupSpecs"]
+    assert gpu["groupName"] == "gpu-workers" and cpu["groupName"] == cluster_render.CPU_GROUP
+    assert (cpu["minReplicas"], cpu["replicas"], cpu["maxReplicas"]) == (0, 0, 6)  # autoscaled like the GPU group
+    pod = cpu["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"] == c["resources"]["requests"] == {"cpu": "48", "memory": "96Gi"}
+    assert "tolerations" not in pod and {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
+    assert c["envFrom"] == gpu["template"]["spec"]["containers"][0]["envFrom"]  # the same S3 Secret
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"] == cluster["spec"]["workerGroupSpecs"]
+    launcher = load(files["cluster-launcher.yaml"])
+    jsonschema.validate(launcher, ray_schema())
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(launcher)))
+    node = launcher["available_node_types"]["cpu_only_workers"]
+    assert node["node_config"]["InstanceType"] == "c7i.12xlarge" and node["resources"] == {"CPU": 48}
+    assert (node["min_workers"], node["max_workers"]) == (0, 6)
+    assert launcher["max_workers"] == launcher["available_node_types"]["gpu_worker"]["max_workers"] + 6
+    # a named instance type; the default (count 0) renders no CPU group at all
+    named = load(render(tmp_path / "named", "coco", "cluster.cpu_workers.count=2", "cluster.cpu_workers.cpus=90",
+                        "cluster.cpu_workers.instance=c6a.24xlarge")["cluster-launcher.yaml"])
+    assert named["available_node_types"]["cpu_only_workers"]["node_config"]["InstanceType"] == "c6a.24xlarge"
+    assert named["available_node_types"]["cpu_only_workers"]["resources"] == {"CPU": 90}
+    plain = render(tmp_path / "plain", "coco")
+    assert len(load(plain["raycluster.yaml"])["spec"]["workerGroupSpecs"]) == 1
+    assert "cpu_only_workers" not in load(plain["cluster-launcher.yaml"])["available_node_types"]
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["cluster.cpu_workers.count=2", "cluster.cpu_workers.instance=c7i.4xlarge"],
+     "cluster.cpu_workers.instance=c7i.4xlarge has 16 vCPUs, fewer than cluster.cpu_workers.cpus=32; name a larger "
+     "type or lower cpus"),
+    (["cluster.cpu_workers.count=2", "cluster.cpu_workers.cpus=500"],
+     "cluster.cpu_workers.cpus=500: no listed AWS instance type has that many vCPUs (the largest, c7i.48xlarge, has "
+     "192); lower it or name one in cluster.cpu_workers.instance"),
+    (["evaluate.crf_cpus=12"],
+     "evaluate.crf_cpus=12: each CRF task needs more CPUs than any worker has (the largest has 8); lower "
+     "evaluate.crf_cpus or raise cluster.cpu_workers.cpus (with cluster.cpu_workers.count > 0)"),
+])
+def test_impossible_cpu_worker_plans_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  overrides: list[str], line: str) -> None:
+    out = tmp_path / "out"
+    rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *S3_ROOTS, *overrides, "--out", str(out)])
+    assert rc == 2 and capsys.readouterr().err.strip().splitlines() == [f"error: {line}"]
+    assert not out.exists()
+    # a CPU group big enough makes the same CRF task fit
+    if overrides == ["evaluate.crf_cpus=12"]:
+        assert cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *S3_ROOTS, *overrides,
+                         "cluster.cpu_workers.count=1", "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("cluster.cpu_workers.count=-1", "cluster.cpu_workers.count must be >= 0"),
+    ("cluster.cpu_workers.cpus=0", "cluster.cpu_workers.cpus must be >= 1"),
+    ("cluster.cpu_workers.instance=C7I", "cluster.cpu_workers.instance 'C7I' must be an AWS instance type"),
+    ("evaluate.crf_placement=gpu", "evaluate.crf_placement must be tasks|actor, got 'gpu'"),
+    ("evaluate.crf_cpus=0", "evaluate.crf_cpus must be > 0"),
+])
+def test_bad_cpu_worker_and_crf_settings_are_one_line(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+        load_spec(str(CONFIGS / "coco.yaml"), [override])
+    assert "\n" not in str(e.value)
+
+
+def test_crf_tasks_that_no_node_can_host_are_refused() -> None:
+    """Locally (validate) and on a joined cluster: a CRF task larger than what the actors leave, or than any node."""
+    from ray_jobs.cluster_fit import check_cluster
+    from ray_jobs.validate import check_resources
+
+    coco = load_spec(str(CONFIGS / "coco.yaml"), shared("coco", "pipeline.stages=[evaluate]", "evaluate.crf_cpus=8"))
+    with pytest.raises(ConfigError, match=r"^evaluate: its pool of 16 actors x 4 CPUs = 64 CPUs leaves 4 of the 68 "
+                                          r"CPUs, less than one CRF task needs \(8\), so no segmentation would ever "
+                                          r"finish; lower evaluate.crf_cpus"):
+        check_resources(coco, 68, 16)
+    check_resources(coco, 72, 16)
+    with pytest.raises(ConfigError, match=r"^evaluate: each CRF task asks for \{CPU: 8\} but the cluster's largest node "
+                                          r"has \{CPU: 4, GPU: 1\}; lower evaluate.crf_cpus, or set "
+                                          r"evaluate.crf_placement=actor$"):
+        check_cluster(coco, ["evaluate"], _view([{"CPU": 4.0, "GPU": 1.0}] * 16))
+    # an autoscaler whose CPU-only node type has the CPUs: fine
+    check_cluster(coco, ["evaluate"], _view([{"CPU": 4.0, "GPU": 1.0}] * 16, [{"CPU": 4.0, "GPU": 1.0},
+                                                                              {"CPU": 48.0}], autoscaling=True))

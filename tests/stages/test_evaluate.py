@@ -236,3 +236,31 @@ def test_infer_masks_overlays_odd_sizes_corrupt_and_resume(prepared, tmp_path):
     third = infer.run(spec)
     assert third["segmented_now"] == 1 and _png(storage.join(out, "masks", "gray.png")).size == (53, 37)
     assert json.loads(json.dumps(storage.read_json(storage.join(out, "run.json"))))["scales"] == [0.7, 1.0]
+
+
+def test_crf_in_cpu_tasks_gives_the_masks_of_the_in_actor_path(prepared, tmp_path):
+    """Same inputs, dense CRF in Ray Data CPU tasks after the model actors (the default) and inside the actors
+    (the old layout): every mask PNG, every confusion matrix (after and before CRF) and the metrics are equal.
+    The tasks path ships the working-size fp32 logits with the pixels and the mask: its byte count is exact."""
+    common = [*EVAL, "evaluate.cam=false", "evaluate.export_pseudo_labels=false", "evaluate.num_pictures=0",
+              "evaluate.resources.batch_size=2"]
+    runs = {}
+    for placement in ("tasks", "actor"):
+        spec = tiny_spec(prepared.output_uri, *common, f"evaluate.crf_placement={placement}",
+                         f"evaluate.output={tmp_path}/{placement}")
+        assert spec.evaluate.crf
+        summary = evaluate.run(spec)
+        assert summary["failed"] == 0 and summary["seg_images"] == 4, summary
+        rows = {r["item_id"]: r for r in read_stage_table(spec.evaluate.output).to_pylist()}
+        runs[placement] = summary, rows, storage.read_json(storage.join(spec.evaluate.output, "metrics.json"))
+    (tasks, t_rows, t_metrics), (actor, a_rows, a_metrics) = runs["tasks"], runs["actor"]
+    assert sorted(t_rows) == sorted(a_rows) and len(t_rows) == 4
+    for item_id, row in t_rows.items():
+        for col in ("png", "height", "width", "cm_idx", "cm_cnt", "cm_raw_idx", "cm_raw_cnt"):
+            assert row[col] == a_rows[item_id][col], (item_id, col)
+        assert row["cm_raw_idx"]  # the confusion matrix before CRF is recorded by the tasks too
+    assert t_metrics["segmentation"] == a_metrics["segmentation"]
+    k, h, w = 5, 64, 80  # synthetic classes, val image size; logits at work ratio 0.4
+    lh, lw = int(h * 0.4), int(w * 0.4)
+    assert tasks["crf_moved_bytes_per_image"] == k * lh * lw * 4 + h * w * 3 + h * w
+    assert actor["crf_moved_bytes_per_image"] == 0
