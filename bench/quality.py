@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import diclip  # noqa: F401,E402
 from diclip import storage  # noqa: E402
 from diclip.config import load_spec  # noqa: E402
+from diclip.method.attention_grouping import colour_affinity  # noqa: E402,F401  (the colour-maps control)
 
 NO_TSA = ["method.retrieval_weight=0", "method.adapter_cam_weight=0"]
 NO_VCE = ["method.vce=false"]
@@ -161,15 +162,6 @@ def make_untrained(path: str) -> str:
         pipe.text_encoder = CLIPTextModel(pipe.text_encoder.config)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
-
-
-def colour_affinity(images: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.Tensor:
-    """Row-normalised ``exp(-|rgb_i - rgb_j|^2 / 2 sigma^2)`` between grid cells: [B, N, N]."""
-    import torch.nn.functional as F
-
-    c = F.adaptive_avg_pool2d(images.float(), grid).flatten(2).transpose(1, 2)  # [B, N, 3] in [0, 1]
-    k = torch.exp(-torch.cdist(c, c).pow(2) / (2 * sigma ** 2))
-    return k / k.sum(-1, keepdim=True)
 
 
 def inprocess_cam_mious(spec, sigma: float = 0.1) -> dict[str, float]:

@@ -145,9 +145,11 @@ def _fit(image: np.ndarray, cell: int) -> Image.Image:
 
 def picture_grid(rows: Sequence[Sequence[np.ndarray | None]], titles: Sequence[str], cell: int = 160,
                  row_labels: Sequence[str] | None = None, pad: int = GRID_PAD,
-                 legend: Sequence[LegendEntry] = ()) -> Image.Image:
+                 legend: Sequence[LegendEntry] = (),
+                 captions: Sequence[Sequence[str | None]] | None = None) -> Image.Image:
     """Rows of RGB pictures (None: an empty cell) under a header of column titles, with an optional legend
-    band at the bottom saying which colour is which class."""
+    band at the bottom saying which colour is which class. ``captions[r][c]`` (optional, None: none) is
+    drawn on a dark band at the top of cell (r, c); the grid's size does not change."""
     cols = len(titles)
     width, height = grid_size(len(rows), cols, cell, pad, legend=len(legend))
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -164,6 +166,11 @@ def picture_grid(rows: Sequence[Sequence[np.ndarray | None]], titles: Sequence[s
                 draw.text((x + 4, y + 4), "n/a", fill=(255, 255, 255))
             else:
                 canvas.paste(_fit(pic, cell), (x, y))
+            text = captions[r][c] if captions is not None and r < len(captions) and c < len(captions[r]) else None
+            if text:
+                box = draw.textbbox((x + 2, y + 1), str(text))
+                draw.rectangle([x, y, min(x + cell - 1, box[2] + 2), box[3] + 2], fill=(0, 0, 0))
+                draw.text((x + 2, y + 1), str(text), fill=(255, 255, 255))
         if row_labels is not None and r < len(row_labels):
             draw.text((pad + 3, y + cell - 14), str(row_labels[r])[:24], fill=(255, 255, 255))
     if legend:
@@ -177,6 +184,36 @@ def picture_grid(rows: Sequence[Sequence[np.ndarray | None]], titles: Sequence[s
                 x += 16
             draw.text((x, y), str(label)[: (LEGEND_ENTRY - 20) // 6], fill=(0, 0, 0))
     return canvas
+
+
+def grouping_caption(attn, grid: tuple[int, int], mask: np.ndarray | None) -> str | None:
+    """Caption of an attention-map panel: the in-object share of the objects' tokens' attention against the
+    objects' area share (chance), from a ground-truth class mask [H, W] of the whole image (objects = its
+    connected class regions; :mod:`diclip.method.attention_grouping`). ``attn`` [M, M] on ``grid``.
+    None without a mask or an object big enough to own a token."""
+    if mask is None:
+        return None
+    import torch
+
+    from diclip.method.attention_grouping import image_grouping, objects_from_class_mask
+
+    objects = objects_from_class_mask(torch.from_numpy(np.array(mask, dtype=np.int64)))
+    s = image_grouping(torch.as_tensor(attn), grid, objects)
+    if not s["objects"]:
+        return None
+    return f"in-obj {s['share']:.2f} vs area {s['chance']:.2f}"
+
+
+def correlation_captions(rec, mask: np.ndarray | None) -> list[str | None]:
+    """Captions of a ``correlate`` preview row (image | ACR clusters | VCE map | RAR map): each map panel
+    says how much of the objects' tokens' attention stays in their own object vs chance (needs the
+    image's ground-truth mask; none: no captions). ``rec`` is a stored correlation record."""
+    if mask is None:
+        return [None] * 4
+    from diclip.data.correlation import batch_maps
+
+    vce, rar = batch_maps([rec], None, None, None)
+    return [None, None, grouping_caption(vce[0], rec.grid, mask), grouping_caption(rar[0], rec.rar_grid, mask)]
 
 
 def png_bytes(img: Image.Image) -> bytes:

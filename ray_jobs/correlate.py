@@ -13,7 +13,8 @@ The shard records the CLIP grid and the RAR grid; evaluation reads square maps a
 without a bank resamples them to each crop. With ``correlate.crops_per_image = K`` the training split also gets the per-crop map bank
 (:mod:`diclip.data.crop_bank`): K seeded training crops per image, each extracted as the crop itself,
 with its geometry stored so training reproduces the crop's pixels. ``preview.png`` draws a few stored
-maps (ACR clusters, centre-token rows) over their images.
+maps (ACR clusters, centre-token rows) over their images; where the dataset has masks, each map panel is
+captioned with the share of the objects' tokens' attention that stays in their object vs the area share.
 """
 from __future__ import annotations
 
@@ -267,7 +268,7 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
     chosen = [it for it in items if it["crop"] < 0 and it[ID] in store][: cfg.num_pictures]
     chosen += [it for it in items if it["crop"] >= 0 and it[ID] in store][: cfg.num_pictures - len(chosen)]
     splits: dict[str, object] = {}
-    grid, labels = [], []
+    grid, labels, captions = [], [], []
     for it in chosen:
         try:
             if it["split"] not in splits:
@@ -284,8 +285,13 @@ def write_preview(spec: JobSpec, items: list[dict]) -> int:
             continue
         grid.append(preview_columns(image, rec))
         labels.append(f"{it[ID]} k={rec.vce_rows.shape[0]}")
+        try:  # with a ground-truth mask, the map panels say how much attention stays in the object vs chance
+            mask = ds.read_mask(it["image"]) if it["crop"] < 0 else None
+        except DiclipError:
+            mask = None
+        captions.append(viz.correlation_captions(rec, mask))
     if grid:
-        img = viz.picture_grid(grid, PREVIEW_TITLES, PREVIEW_CELL, row_labels=labels)
+        img = viz.picture_grid(grid, PREVIEW_TITLES, PREVIEW_CELL, row_labels=labels, captions=captions)
         storage.write_bytes(storage.join(cfg.output, "preview.png"), viz.png_bytes(img))
     return len(grid)
 
