@@ -361,6 +361,10 @@ def stall_message(desc: str, res: Resources, minutes: float, prepared: bool = Fa
             f"that); check the actors' logs, or raise ray.stall_minutes, {tail}")
 
 
+clock: Callable[[], float] = time.monotonic
+"""The stall watchdog's clock (tests run it fast once a pool's actors are up, instead of waiting in real time)."""
+
+
 def watched(batches: Iterator, desc: str, res: Resources, stall_s: float, prepared: bool = False) -> Iterator:
     """Yield from ``batches`` (consumed on a thread), raising a one-line :class:`DiclipError` when nothing
     arrives for ``stall_s`` seconds - a request no node can meet, or input tasks starved of CPUs by their
@@ -385,7 +389,7 @@ def watched(batches: Iterator, desc: str, res: Resources, stall_s: float, prepar
             q.put(e)
 
     threading.Thread(target=pump, daemon=True, name=f"{desc}-batches").start()
-    last = time.monotonic()
+    last = clock()
     # Before the first batch Ray Data's own actor-start timeout (set by run_pool to stall_s) should fire
     # first: it stops its executor cleanly, where this watchdog can only walk away from it.
     limit = 2 * stall_s
@@ -393,7 +397,7 @@ def watched(batches: Iterator, desc: str, res: Resources, stall_s: float, prepar
         try:
             b = q.get(timeout=min(5.0, stall_s))
         except queue.Empty:
-            if time.monotonic() - last > limit:
+            if clock() - last > limit:
                 raise DiclipError(stall_message(desc, res, limit / 60, prepared)) from None
             continue
         if b is end:
@@ -402,7 +406,7 @@ def watched(batches: Iterator, desc: str, res: Resources, stall_s: float, prepar
             if _is_actor_start_timeout(b):
                 raise DiclipError(stall_message(desc, res, stall_s / 60, prepared)) from None
             raise b
-        last, limit = time.monotonic(), stall_s
+        last, limit = clock(), stall_s
         yield b
 
 

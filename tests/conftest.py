@@ -87,3 +87,37 @@ def storage_root(request: pytest.FixtureRequest, tmp_path) -> str:
         return str(tmp_path)
     bucket = request.getfixturevalue("s3_bucket")
     return f"{bucket}/prefix"
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    """Shuts the run's one Ray instance down at the end (tests/ray_shared.py starts it on first use)."""
+    from tests import ray_shared
+
+    yield ray_shared
+    ray_shared.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_shared_ray):
+    """The pytest run's one local Ray (2 CPUs), up for this module: started at the first module that asks,
+    again only after something shut it down. Modules share it, so a test must leave it as it found it (the
+    Ray Data context is restored after every test, below)."""
+    return _shared_ray.ensure()
+
+
+@pytest.fixture(autouse=True)
+def _restore_data_context():
+    """Ray Data's context is process state: what a test (or a stage) sets must not reach the next test."""
+    import sys
+
+    if "ray.data" not in sys.modules:
+        yield
+        return
+    import copy
+
+    from ray.data import DataContext
+
+    saved = copy.deepcopy(DataContext.get_current())
+    yield
+    DataContext._set_current(saved)

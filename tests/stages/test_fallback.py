@@ -84,29 +84,112 @@ def test_a_stage_that_cannot_be_scheduled_stops_with_one_line(ray_session):
     assert not left, left
 
 
-def test_a_pool_that_starves_its_input_tasks_says_so(ray_session):
+def test_a_pool_that_starves_its_input_tasks_says_so(ray_session, monkeypatch):
     """A fixed-size pool that takes every CPU leaves its input tasks none: the watchdog's line says that (the
-    requests fit the cluster), not that no node can meet them."""
+    requests fit the cluster), not that no node can meet them.
+
+    The watchdog's clock stands still until the pool's actors hold both CPUs and then runs 20x fast: the
+    stall is judged only once the actors are up (before that it would rightly read as "an actor may be
+    stuck"), however slowly a loaded machine starts them, and the test waits seconds, not the stall's 40."""
     from diclip.config import Resources
     from diclip.errors import DiclipError
+    from ray_jobs import common
     from ray_jobs.common import run_pool
 
+    ray = ray_session
+    started: list[float] = []
+
+    def clock() -> float:
+        if not started and ray.available_resources().get("CPU", 0) < 0.5:
+            started.append(time.monotonic())
+        return 0.0 if not started else 20 * (time.monotonic() - started[0])
+
+    monkeypatch.setattr(common, "clock", clock)
     res = Resources(num_cpus=1, prepare_cpus=0.5, concurrency=2, batch_size=2)  # 2 x 1 CPU = this test cluster
     with pytest.raises(DiclipError) as e:
-        # 20 s: the actors must have started (and taken the CPUs) when the watchdog looks, even on a slow
-        # CI machine; before that the stall would rightly read as "an actor may be stuck"
         run_pool([{"item_id": str(i)} for i in range(4)], _Echo, {}, res, desc="correlate", stall_s=20,
                  prepare=_tag_input)
     msg = str(e.value)
+    assert started, "the pool's actors never held the CPUs"
     assert msg.startswith("correlate: no progress for") and "\n" not in msg
     assert "input tasks (0.5 CPUs each) get none" in msg and "no node can meet" not in msg
     # the run's execution is stopped with it: the pool's actors give their CPUs back, so the next pool of
     # this (long-lived) driver can start - they held both CPUs and hung the next test before
-    ray = ray_session
     deadline = time.time() + 60
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def _never(stop):
+    """A batch iterator whose source never delivers (until the test ends it)."""
+    stop.wait()
+    return
+    yield  # pragma: no cover
+
+
+def test_the_watchdog_stops_a_silent_stage_after_twice_the_stall_before_its_first_batch():
+    """No Ray: the watchdog alone. Before the first batch it allows 2 x stall_s (Ray Data's actor-start
+    timeout should speak first), after a batch stall_s; a stage that keeps delivering is never stopped."""
+    import threading
+
+    from diclip.config import Resources
+    from diclip.errors import DiclipError
+    from ray_jobs.common import watched
+
+    res = Resources(num_cpus=1, concurrency=1, batch_size=2)
+    stop = threading.Event()
+    t0 = time.monotonic()
+    with pytest.raises(DiclipError) as e:
+        list(watched(_never(stop), "mask", res, stall_s=0.2))
+    waited = time.monotonic() - t0
+    stop.set()
+    assert 0.4 <= waited < 5, waited
+    msg = str(e.value)
+    assert msg.startswith("mask: no progress for 0.00666667 min;") and "\n" not in msg
+    assert "an actor or a call may be stuck" in msg  # no Ray to ask: nothing says the requests cannot fit
+
+    def slow(n):  # a batch every 0.1 s: never a stall of 0.3 s
+        for i in range(n):
+            time.sleep(0.1)
+            yield i
+
+    assert list(watched(slow(8), "mask", res, stall_s=0.3)) == list(range(8))
+
+    def then_silent():  # one batch, then nothing: stopped after stall_s, not 2 x stall_s
+        yield 0
+        stop2.wait()
+
+    stop2 = threading.Event()
+    got = []
+    t0 = time.monotonic()
+    with pytest.raises(DiclipError) as e:
+        for b in watched(then_silent(), "mask", res, stall_s=0.3):
+            got.append(b)
+            t0 = time.monotonic()
+    stop2.set()
+    assert got == [0] and 0.3 <= time.monotonic() - t0 < 0.6 + 5
+    assert "no progress for 0.005 min" in str(e.value)
+
+
+def test_the_watchdog_passes_errors_through_and_names_an_actor_start_timeout():
+    from diclip.config import Resources
+    from diclip.errors import DiclipError
+    from ray_jobs.common import watched
+
+    res = Resources(num_cpus=1, concurrency=1, batch_size=2)
+
+    def failing(exc):
+        yield 1
+        raise exc
+
+    with pytest.raises(KeyError):
+        list(watched(failing(KeyError("x")), "mask", res, stall_s=5))
+    timeout = RuntimeError("wrapped")
+    timeout.__cause__ = TimeoutError("Timed out while starting actors after 5 s")
+    with pytest.raises(DiclipError) as e:
+        list(watched(failing(timeout), "mask", res, stall_s=5))
+    assert str(e.value).startswith("mask: no progress for 0.0833333 min;")
 
 
 class _CannotLoad:
