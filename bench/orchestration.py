@@ -16,6 +16,17 @@ codec and shard writer). The wait is long enough that this machine's 2 cores are
   CPU cores each GPU needs to stay fed.
 
 Last line: ``efficiency at 16 actors: X.XX; overhead Y CPU-ms per image``.
+
+``--evaluate-crf``: the real ``evaluate`` stage (local Ray, input tasks, actor pool, real pydensecrf2 dense CRF
+on every image, shards on local disk, commit index, finalize) with the segmenter replaced by a stand-in
+GPU - a wait of ``--crf-wait`` seconds per image returning random logits of the real shape (this measures
+orchestration, not the model) - in two layouts side by side in one run: the CRF inside the model actors
+(``evaluate.crf_placement=actor``, the old layout, the baseline) and in Ray Data CPU tasks after them
+(``tasks``). Busy fraction of an actor = seconds inside its model calls / the wall time of its life, from
+the end of its constructor to the end of its last call (a warm-up run first starts Ray's task processes,
+so neither layout pays for that). Also: the bytes an actor hands a CRF task per image (measured in the run,
+and for a COCO-size image - 640x480, 81 classes, work ratio 0.2 - through the same code). Last line:
+``model actors busy: X.XX with the CRF in CPU tasks vs Y.YY with the CRF in the actors``.
 """
 from __future__ import annotations
 
@@ -223,13 +234,191 @@ def cpu_report(cpu: dict[str, float], done: int, window: float) -> dict:
             "cpu_ms_per_image_at_gpu_rate": per_image + 1000 * background * GPU_IMAGE_S}
 
 
+# ----------------------------------------------------------------------------------------------
+# --evaluate-crf: the model actors' busy fraction with the dense CRF in the actors vs in CPU tasks
+# ----------------------------------------------------------------------------------------------
+CRF_IMAGES = 64
+CRF_IMAGE_SIZE = (288, 384)  # ~0.35 CPU-s of CRF per image with the 5 synthetic classes on this machine
+CRF_BATCH = 4
+CRF_WARMUP_IMAGES = 8
+
+
+def stand_in_evaluator(wait_s: float, classes: int):
+    """An Evaluator whose model call is a wait returning random working-size logits (no model loaded)."""
+    import torch
+
+    from diclip.inference import work_size
+    from ray_jobs import evaluate
+    from ray_jobs.common import start_actor
+
+    class StandInEvaluator(evaluate.Evaluator):
+        def __init__(self, spec, base_size):  # no model: the wait stands in for the segmenter on a GPU
+            self.spec, self.cfg = spec, spec.evaluate
+            self.device = start_actor(spec, self.cfg.resources)
+            self.base, self.patch, self.k, self._maps = base_size, 16, classes, None
+            self.gen = torch.Generator().manual_seed(os.getpid())
+            self.log = open(os.path.join(SPANS_DIR, f"{os.getpid()}.jsonl"), "a")
+            self.log.write(json.dumps(["ready", time.time()]) + "\n")
+            self.log.flush()
+
+        def seg_logits(self, images):
+            t0 = time.time()
+            time.sleep(wait_s * len(images))  # the GPU: 4 scales + flip of the segmenter for the batch
+            out = [torch.randn(self.k, *work_size(im.shape[:2], self.cfg.work_ratio), generator=self.gen)
+                   for im in images]
+            self.log.write(json.dumps([t0, time.time(), len(images)]) + "\n")
+            self.log.flush()
+            return out
+
+    return StandInEvaluator
+
+
+def actor_busy() -> list[dict]:
+    """Per actor: seconds in model calls, life (constructor end to last call end), busy fraction."""
+    out = []
+    for f in glob.glob(os.path.join(SPANS_DIR, "*.jsonl")):
+        rows = [json.loads(x) for x in open(f)]
+        ready = next((r[1] for r in rows if r[0] == "ready"), None)
+        calls = [r for r in rows if r[0] != "ready"]
+        if ready is None or not calls:
+            continue
+        busy = sum(e - s for s, e, _ in calls)
+        life = calls[-1][1] - ready
+        out.append({"model_s": busy, "life_s": life, "busy": busy / life, "calls": len(calls),
+                    "images": sum(k for _, _, k in calls), "first_call_after_ready_s": calls[0][0] - ready})
+    return out
+
+
+def coco_payload_bytes() -> dict:
+    """Bytes an actor hands a CRF task for one COCO-size image (640x480 RGB + mask, 81 classes, work ratio
+    0.2), through the stage's own payload code, and the Arrow size of that row."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    from diclip.config import load_spec
+    from ray_jobs import evaluate
+
+    spec = load_spec("configs/coco.yaml", ["output_uri=/tmp/unused"])
+    cls = stand_in_evaluator(0.0, 81)
+    ev = cls.__new__(cls)  # no actor: only the payload code runs
+    ev.spec, ev.cfg, ev.k, ev.log = spec, spec.evaluate, 81, open(os.devnull, "w")
+    import torch
+
+    ev.gen = torch.Generator().manual_seed(0)
+    h, w = 480, 640
+    image = np.zeros((h, w, 3), np.uint8)
+    item = {"item_id": "seg/x", "task": "seg", "image_id": "x", "img": image.tobytes(), "img_h": h, "img_w": w,
+            "mask": np.zeros((h, w), np.uint8).tobytes()}
+
+    class S:
+        pass
+
+    sample = S()
+    sample.image = image
+    (row,) = ev.crf_payloads([(item, sample)])
+    logits = len(row["crf_logits"])
+    return {"image": [h, w], "classes": 81, "work_ratio": spec.evaluate.work_ratio, "logits_bytes": logits,
+            "pixels_bytes": len(row["img"]), "mask_bytes": len(row["mask"]),
+            "total_bytes": logits + len(row["img"]) + len(row["mask"]),
+            "arrow_row_bytes": pa.Table.from_pandas(pd.DataFrame([row])).nbytes}
+
+
+def run_crf_layout(base: str, placement: str, wait_s: float, limit: int = 0) -> dict:
+    from diclip.config import load_spec
+    from ray_jobs import evaluate
+
+    for f in glob.glob(os.path.join(SPANS_DIR, "*.jsonl")):
+        os.remove(f)
+    spec = load_spec("configs/tiny.yaml", [
+        f"output_uri={base}", f"synthesize.num_val={CRF_IMAGES}",
+        f"synthesize.image_size=[{CRF_IMAGE_SIZE[0]},{CRF_IMAGE_SIZE[1]}]", "ray.progress_bars=false",
+        f"evaluate.output={base}/evaluate_{placement}_{limit}", "evaluate.cam=false", "evaluate.num_pictures=0",
+        f"evaluate.limit={limit}", "evaluate.crf=true", f"evaluate.crf_placement={placement}",
+        "evaluate.crf_cpus=0.5", "evaluate.scales=[1.0]", "evaluate.resources.concurrency=1",
+        f"evaluate.resources.batch_size={CRF_BATCH}", "evaluate.resources.num_cpus=0.5",
+        "evaluate.resources.prepare_cpus=0.25", "evaluate.resources.prepare_concurrency=1"])
+    classes = 5
+    real = evaluate.Evaluator
+    evaluate.Evaluator = stand_in_evaluator(wait_s, classes)
+    try:
+        t0 = time.perf_counter()
+        out = evaluate.run(spec)
+        wall = time.perf_counter() - t0
+    finally:
+        evaluate.Evaluator = real
+    assert out["failed"] == 0 and out["seg_images"] == (limit or CRF_IMAGES), out
+    actors = actor_busy()
+    return {"placement": placement, "wall_s": wall, "images": out["seg_images"], "actors": actors,
+            "busy": sum(a["busy"] for a in actors) / max(1, len(actors)),
+            "moved_bytes_per_image": out["crf_moved_bytes_per_image"], "seg_images_per_s": out["seg_images_per_s"]}
+
+
+def measure_evaluate_crf(args) -> None:
+    import shutil
+
+    import ray
+    import torch
+
+    from diclip.config import load_spec
+    from diclip.data import get_class_set
+    from diclip.inference import build_model, save_export
+    from diclip.models.kv_cache import KVCache
+    from ray_jobs import synthesize
+    from ray_jobs.common import init_ray
+
+    busy_at_start = os.getloadavg()[0]
+    base = tempfile.mkdtemp(prefix="diclip-bench-crf-")
+    spec = load_spec("configs/tiny.yaml", [f"output_uri={base}", f"synthesize.num_val={CRF_IMAGES}",
+                                           f"synthesize.image_size=[{CRF_IMAGE_SIZE[0]},{CRF_IMAGE_SIZE[1]}]",
+                                           "ray.progress_bars=false"])
+    synthesize.run(spec)
+    classes = list(get_class_set("synthetic").classes)  # an export to read (the stand-in loads no model)
+    ids = torch.tensor([0, 0, 0] + [c for c in range(1, len(classes)) for _ in range(2)])
+    keys = torch.nn.functional.normalize(torch.randn(len(ids), 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    cache = KVCache(keys, torch.nn.functional.one_hot(ids, len(classes)).float(), {"classes": classes})
+    save_export(spec.evaluate.checkpoint, build_model(spec, cache), spec, cache)
+    init_ray(spec)
+    try:
+        for placement in ("actor", "tasks"):  # start Ray's task and actor processes once
+            run_crf_layout(base, placement, args.crf_wait, limit=CRF_WARMUP_IMAGES)
+        rows = [run_crf_layout(base, p, args.crf_wait) for p in ("actor", "tasks")]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
+    coco = coco_payload_bytes()
+    for r in rows:
+        spans = ", ".join("%.1f of %.1f s" % (x["model_s"], x["life_s"]) for x in r["actors"])
+        first = ", ".join("%.1f" % x["first_call_after_ready_s"] for x in r["actors"])
+        print(f"CRF in {r['placement']:>6}: {r['images']} images in {r['wall_s']:.1f} s; model actors busy "
+              f"{r['busy']:.2f} ({spans} in model calls; first call {first} s after ready); "
+              f"{r['moved_bytes_per_image']} bytes per image to CRF tasks", flush=True)
+    print(f"COCO image (640x480, 81 classes, work ratio {coco['work_ratio']}): {coco['total_bytes']} bytes to a CRF "
+          f"task = {coco['logits_bytes']} fp32 logits + {coco['pixels_bytes']} pixels + {coco['mask_bytes']} mask "
+          f"({coco['arrow_row_bytes']} as an Arrow row)")
+    if busy_at_start > 0.5 * (os.cpu_count() or 1):
+        print(f"note: load average {busy_at_start:.1f} on {os.cpu_count()} CPUs at start: other work shared the cores")
+    write_result("orchestration_crf", {"wait_s": args.crf_wait, "batch": CRF_BATCH, "image_size": list(CRF_IMAGE_SIZE),
+                                       "classes": 5, "loadavg_1min_at_start": round(busy_at_start, 2),
+                                       "rows": rows, "coco_payload": coco})
+    by = {r["placement"]: r for r in rows}
+    print(f"model actors busy: {by['tasks']['busy']:.2f} with the CRF in CPU tasks vs {by['actor']['busy']:.2f} "
+          "with the CRF in the actors")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--wait", type=float, default=0.5, help="stand-in model seconds per image")
     p.add_argument("--actors", type=int, nargs="+", default=list(ACTORS))
     p.add_argument("--model", action="store_true", help="the real tiny diffusion model on CPU instead of the wait "
                    "(why 2 actors vs 1 stays low here: the cores are busy)")
+    p.add_argument("--evaluate-crf", action="store_true", help="the evaluate stage's model actors' busy fraction "
+                   "with the dense CRF in the actors vs in CPU tasks (stand-in model, real CRF)")
+    p.add_argument("--crf-wait", type=float, default=0.5, help="stand-in segmenter seconds per image")
     args = p.parse_args()
+    if args.evaluate_crf:
+        measure_evaluate_crf(args)
+        return
     with moto_bucket("orchestration") as (url, moto_pid):
         rows = measure(url, moto_pid, args)
     if args.model:
