@@ -1,8 +1,11 @@
 """Segmentation metrics from a confusion matrix.
 
 The confusion matrix is additive, so workers accumulate their own and the driver sums them: the
-reduction is exact (unlike averaging per-batch mIoU). Pixels labelled ``ignore_index`` are skipped;
-classes absent from both ground truth and prediction have no IoU (NaN) and are left out of the mean.
+reduction is exact (unlike averaging per-batch mIoU). Pixels labelled ``ignore_index`` are skipped.
+mIoU is the reference's (``utils/evaluate.scores``): the mean IoU over the classes that have ground-truth
+pixels. A class only predicted has IoU 0 in the per-class table but is not in the mean; a class absent from
+both has no IoU (NaN). On a full VOC/COCO val set every class has ground truth, so this only matters for
+subsets (``evaluate.limit``, small validation sets), where the reference's number is the one to compare.
 """
 from __future__ import annotations
 
@@ -29,12 +32,14 @@ def iou_per_class(cm: np.ndarray) -> np.ndarray:
 
 
 def summarize(cm: np.ndarray, class_names: list[str] | tuple[str, ...]) -> dict:
-    """mIoU, pixel accuracy and per-class IoU (None where the class is absent from gt and prediction)."""
+    """mIoU (over the classes with ground truth, as the reference), pixel accuracy and per-class IoU (None
+    where the class is absent from gt and prediction)."""
     cm = np.asarray(cm)
     iou = iou_per_class(cm)
     total = cm.sum()
+    scored = iou[cm.sum(1) > 0]  # rows: ground truth; such a class has a union, so a finite IoU
     return {
-        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "miou": float(scored.mean()) if scored.size else float("nan"),
         "pixel_accuracy": float(np.diag(cm).sum() / total) if total else float("nan"),
         "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou)},
         "pixels": int(total),

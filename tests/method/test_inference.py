@@ -69,8 +69,8 @@ def test_miou_hand_case_ignore_and_absent_classes():
     assert cm.sum() == 6 and s["per_class_iou"]["c"] is None  # only on ignored pixels -> absent
     assert math.isclose(s["per_class_iou"]["bg"], 2 / 4)  # tp 2, gt 3, pred 3 -> 2 / (3 + 3 - 2)
     assert math.isclose(s["per_class_iou"]["a"], 2 / 3)
-    assert s["per_class_iou"]["b"] == 0.0  # predicted, never true: counts as 0 in the mean
-    assert math.isclose(s["miou"], (0.5 + 2 / 3 + 0.0) / 3)
+    assert s["per_class_iou"]["b"] == 0.0  # predicted, never true: IoU 0 ...
+    assert math.isclose(s["miou"], (0.5 + 2 / 3) / 2)  # ... but not in the mean (reference evaluate.scores)
     assert math.isclose(s["pixel_accuracy"], 4 / 6)
 
 
