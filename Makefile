@@ -32,7 +32,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: demo test venv bench fullsize-check toy-models clean
+.PHONY: demo test test-fast venv bench fullsize-check toy-models clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25
+
+# the edit loop (~3 min): everything but the tests that start Ray, DeepSpeed, the object store or CLI runs
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: $(STAMP)
 	for b in bench/[a-z]*.py; do case $$b in *fullsize_check.py|*gpu_check.py) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done

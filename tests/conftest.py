@@ -121,3 +121,14 @@ def _restore_data_context():
     saved = copy.deepcopy(DataContext.get_current())
     yield
     DataContext._set_current(saved)
+
+
+_PROCESS_FIXTURES = {"ray_session", "seaweed", "s3_server", "s3_bucket", "seaweed_bucket", "cluster"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``slow``: a test that starts processes (Ray, the object store, a CLI run) - ``make test-fast``
+    leaves them out for the edit loop; ``make test`` (CI) runs everything."""
+    for item in items:
+        if _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or "tests/stages/" in item.nodeid:
+            item.add_marker(pytest.mark.slow)
