@@ -161,9 +161,10 @@ class LocalCluster:
         for node in reversed(self.nodes):
             if node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGTERM)  # --block tears its processes down on SIGTERM
+        deadline = time.monotonic() + 5  # a test cluster's state is thrown away: a short grace, then SIGKILL
         for node in reversed(self.nodes):
             try:
-                node.proc.wait(timeout=20)
+                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
             kill_session(node.proc.pid)
