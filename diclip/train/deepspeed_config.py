@@ -7,7 +7,6 @@ from typing import Any
 
 import yaml
 
-from diclip._compat import default_ds_accelerator
 from diclip.config import JobSpec
 from diclip.errors import ConfigError
 
@@ -107,7 +106,6 @@ def build_deepspeed_config(spec: JobSpec, use_gpu: bool | None = None) -> dict[s
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ConfigError(f"{t.deepspeed_config}: cannot fill 'auto' for {', '.join(leftover)}")
-    default_ds_accelerator(use_gpu)
     return cfg
 
 
