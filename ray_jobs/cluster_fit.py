@@ -15,13 +15,13 @@ each stage's request is compared with what the cluster can ever offer:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 
 from diclip.config import JobSpec
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
+from ray_jobs import ray_compat, registry
 
 log = get_logger("ray_jobs.cluster_fit")
 
@@ -51,21 +51,6 @@ def _fits(want: dict, node: dict) -> bool:
     return all(node.get(k, 0.0) >= v for k, v in want.items())
 
 
-def _published_node_types() -> tuple[list[dict] | None, bool]:
-    """(node types' resources, whether any can grow) from the autoscaler's GCS cluster config."""
-    try:
-        import ray._private.state
-
-        cfg = ray._private.state.state.get_cluster_config()
-    except Exception:
-        return None, False
-    if cfg is None or not cfg.node_group_configs:
-        return None, False
-    groups = [g for g in cfg.node_group_configs if g.max_count != 0 and g.resources]
-    grows = any(g.max_count == -1 or g.max_count > g.min_count for g in groups)
-    return [{k: float(v) for k, v in g.resources.items()} for g in groups], grows
-
-
 def _autoscaler_runs() -> bool | None:
     """True: an autoscaler with a real config; False: none, or the read-only mirror; None: cannot tell."""
     import ray
@@ -89,14 +74,7 @@ def _autoscaler_runs() -> bool | None:
 
 def _reported_node_types() -> set[str]:
     """Node-type names in the v1 autoscaler's last status report (empty: no report yet)."""
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    try:
-        report = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
-    except Exception:
-        return set()
-    report = report.get("autoscaler_report") or {}
+    report = ray_compat.autoscaler_status_report().get("autoscaler_report") or {}
     types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
     types |= {t for _, t, *_ in report.get("pending_nodes") or []} | {t for _, t in report.get("failed_nodes") or []}
     return types
@@ -110,14 +88,14 @@ def cluster_view() -> ClusterView:
 
     nodes = alive_nodes()
     total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    types, grows = _published_node_types()
+    types, grows = ray_compat.published_node_types()
     autoscaling = grows if types is not None else _autoscaler_runs() is not False
     return ClusterView(nodes=nodes, total=total, node_types=types, autoscaling=autoscaling)
 
 
 def stage_request(spec: JobSpec, stage: str) -> tuple[dict, int, str]:
     """(what one actor or worker asks for, how many of them, what they are called)."""
-    res = getattr(spec, stage).resources
+    res = registry.get(stage).settings(spec).resources
     if stage == "train":
         t = spec.train
         return {"CPU": res.num_cpus, **({"GPU": max(1.0, res.num_gpus)} if t.use_gpu else {})}, t.num_workers, \
@@ -132,12 +110,12 @@ def _fmt(d: dict) -> str:
 def check_cluster(spec: JobSpec, stages: list[str], view: ClusterView) -> list[str]:
     """Refuse (one-line :class:`ConfigError`) a stage the cluster can never host; return notes for stages
     that wait for its autoscaler."""
-    from ray_jobs.validate import RAY_STAGES, check_resources
+    from ray_jobs.validate import check_resources
 
     notes = []
     minutes = spec.ray.stall_minutes
     for stage in stages:
-        if stage not in RAY_STAGES:
+        if not registry.get(stage).needs_ray:
             continue
         want, count, unit = stage_request(spec, stage)
         crf = {"CPU": spec.evaluate.crf_cpus}

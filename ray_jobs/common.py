@@ -35,6 +35,7 @@ from diclip.logging import get_logger, init_logging, quiet_library_logs
 from diclip.storage import Manifest, ShardInfo
 from diclip.storage.manifest import config_hash
 from diclip.storage.commit_index import ID, INDEX_FILE, SHARD_DIR, CommitIndex, IndexWriter, annotate, relative
+from ray_jobs.ray_compat import is_actor_start_timeout, streaming_executors, user_error_in
 
 log = get_logger("ray_jobs.common")
 
@@ -403,44 +404,11 @@ def watched(batches: Iterator, desc: str, res: Resources, stall_s: float, prepar
         if b is end:
             return
         if isinstance(b, BaseException):
-            if _is_actor_start_timeout(b):
+            if is_actor_start_timeout(b):
                 raise DiclipError(stall_message(desc, res, stall_s / 60, prepared)) from None
             raise b
         last, limit = clock(), stall_s
         yield b
-
-
-def _is_actor_start_timeout(e: BaseException) -> bool:
-    """Ray Data's "Timed out while starting actors" (``DataContext.wait_for_min_actors_s``), possibly wrapped."""
-    seen = 0
-    while e is not None and seen < 5:
-        if "Timed out while starting actors" in str(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
-_USER_ERROR = re.compile(r"diclip\.errors\.(\w+): ([^\n]+)")
-
-
-def user_error_in(e: BaseException) -> "DiclipError | None":
-    """The user-facing error an actor raised (e.g. a ModelError in its constructor), found in a Ray error.
-
-    Ray wraps an actor's constructor failure in ``ActorDiedError`` whose only trace of the cause is the
-    remote traceback's text, so the last ``diclip.errors.<Class>: <message>`` line in the chain is taken."""
-    import diclip.errors as errors
-
-    found: DiclipError | None = None
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, DiclipError):
-            return e
-        for name, message in _USER_ERROR.findall(str(e)):
-            cls = getattr(errors, name, None)
-            if isinstance(cls, type) and issubclass(cls, DiclipError):
-                found = cls(message)
-        e, seen = e.__cause__ or e.__context__ or getattr(e, "cause", None), seen + 1
-    return found
 
 
 def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, *, desc: str,
@@ -514,17 +482,6 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     for item_id, err in result.failures:
         log.warning("%s: %s failed: %s", desc, item_id, err)
     return result
-
-
-def streaming_executors() -> set:
-    """Ray Data's streaming executors alive in this process (each runs as a thread of its own)."""
-    import threading
-
-    try:
-        from ray.data._internal.execution.streaming_executor import StreamingExecutor
-    except ImportError:  # moved in another Ray version: nothing to stop, as before
-        return set()
-    return {t for t in threading.enumerate() if isinstance(t, StreamingExecutor)}
 
 
 def stop_executors(executors: set) -> None:

@@ -14,14 +14,10 @@ from diclip import storage
 from diclip.config import JobSpec
 from diclip.errors import DiclipError, StageFailed, StageFault, StorageError
 from diclip.logging import get_logger
+from ray_jobs.ray_compat import is_system_failure
 
 log = get_logger(__name__)
 _REASON_CHARS = 300
-
-
-SYSTEM_FAILURES = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
-                   "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError", "RaySystemError", "RayActorError")
-"""Ray's names for the machinery failing (a process or node gone), as opposed to code raising."""
 
 
 def is_fault(e: BaseException) -> bool:
@@ -37,10 +33,7 @@ def is_fault(e: BaseException) -> bool:
         return False
     if isinstance(e, (OSError, pa.ArrowException)):
         return storage.is_transient(e)
-    if not type(e).__module__.startswith("ray."):
-        return False
-    text = str(e)
-    return type(e).__name__ in SYSTEM_FAILURES or any(n in text for n in SYSTEM_FAILURES) or " died" in text
+    return is_system_failure(e)
 
 
 def reason(e: BaseException) -> str:

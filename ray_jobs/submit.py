@@ -129,11 +129,10 @@ def _uploaded(path: Path, root: Path) -> bool:
     gitignore = root / ".gitignore"
     if gitignore.is_file():
         patterns += gitignore.read_text().splitlines()
-    try:
-        from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray itself uses
+    from ray_jobs.ray_compat import gitwildmatch
 
-        spec = PathSpec.from_lines("gitwildmatch", patterns)
-    except ImportError:  # pragma: no cover - private module moved: be safe, upload a merged copy
+    spec = gitwildmatch(patterns)  # the matcher Ray's upload itself uses
+    if spec is None:  # pragma: no cover - private module moved: be safe, upload a merged copy
         return False
     parts = rel.parts
     return not any(spec.match_file("/".join(parts[: i + 1])) for i in range(len(parts)))

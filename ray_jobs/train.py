@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import os
 import threading
 import time
@@ -31,6 +30,7 @@ from diclip.config import JobSpec, to_dict, to_yaml
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
+from ray_jobs import ray_compat
 from ray_jobs.common import configure_data_context, free_and_total, init_ray, setup_process
 
 log = get_logger("ray_jobs.train")
@@ -491,27 +491,6 @@ def train_stall_message(spec: JobSpec, minutes: float) -> str:
             "(committed checkpoints are kept)")
 
 
-def without_placement_group_cleaner(trainer) -> None:
-    """Leave out Ray Train's placement-group cleaner. It polls the State API: on an instance without one
-    (``ray.dashboard=false``, a cluster head without a dashboard) it logs "Failed to query Ray Train Controller
-    actor state" every second, and with another Ray instance on the host it dies with a traceback ("Found
-    multiple active Ray instances"). It is a second line of defence only: the worker group's placement group
-    belongs to the controller actor, and Ray removes it when that actor dies (what the stall watchdog relies
-    on, tested). ``_create_default_callbacks`` is private Ray Train API; if it changes, the cleaner stays."""
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
-        return
-    defaults = getattr(trainer, "_create_default_callbacks", None)
-    if defaults is None:
-        return
-
-    def create() -> list:
-        return [c for c in defaults() if not isinstance(c, PlacementGroupCleanerCallback)]
-
-    trainer._create_default_callbacks = create
-
-
 def run(spec: JobSpec) -> dict:
     import ray.data
     import ray.train
@@ -580,30 +559,25 @@ def run(spec: JobSpec) -> dict:
     from ray_jobs import interrupt
 
     watchdog = TrainWatchdog(spec, 60 * spec.ray.stall_minutes)
-    original = trainer._register_sigint_handler
 
-    def on_controller(controller) -> None:  # Ray Train hands the driver its controller actor here
+    def controller_started(controller, ray_trains_handler) -> None:
         watchdog.start(controller)
         if not interrupt.is_installed():
-            original(controller)
+            ray_trains_handler(controller)
         # else: Ray Train's own SIGINT handler "gracefully aborts", which kept training for 40+ s; the
         # driver's handler (ray_jobs.interrupt) stops within seconds and a re-run resumes.
 
-    trainer._register_sigint_handler = on_controller
-    without_placement_group_cleaner(trainer)
+    ray_compat.on_controller(trainer, controller_started)
+    ray_compat.without_placement_group_cleaner(trainer)
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors in text; surface user errors as one line
         if watchdog.fired:
             raise DiclipError(watchdog.message) from None
-        found = re.search(r"diclip\.errors\.(\w+): ([^\n]+)", str(e))
-        if found:  # the worker's own error class, so a store outage stays a fault and a bad input a mistake
-            import diclip.errors
-
-            cls = getattr(diclip.errors, found.group(1), DiclipError)
-            cls = cls if isinstance(cls, type) and issubclass(cls, DiclipError) else DiclipError
-            raise cls(f"train worker: {found.group(2)}") from e
+        found = ray_compat.user_error_in(e, prefix="train worker: ")
+        if found is not None:  # the worker's own error class: a store outage stays a fault, a bad input a mistake
+            raise found from e
         raise
     finally:
         watchdog.stop()
