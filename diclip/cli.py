@@ -26,9 +26,9 @@ log = get_logger("diclip.cli")
 
 
 def _stage_help() -> str:
-    from ray_jobs import DESCRIPTIONS
+    from ray_jobs.registry import STAGES
 
-    return "\n".join(f"  {name:<10} {text}" for name, text in DESCRIPTIONS.items())
+    return "\n".join(f"  {s.name:<10} {s.description}" for s in STAGES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec_cmd("run", "run the spec's pipeline on local Ray (or ray.address)")
     spec_cmd("validate", "check a spec: stages, URIs, resources, inputs")
     spec_cmd("show", "print the merged spec as YAML")
-    from ray_jobs import DESCRIPTIONS
+    from ray_jobs.registry import STAGES
 
-    for name, text in DESCRIPTIONS.items():
-        spec_cmd(name, text)
+    for stage in STAGES:
+        spec_cmd(stage.name, stage.description)
     sp = spec_cmd("submit", "submit the spec as a Ray job to a running cluster")
     address_help = "Ray dashboard, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"
     sp.add_argument("--address", required=False, default=None, help=address_help)
@@ -136,7 +136,7 @@ def _load(args, absolute_paths: bool = True):
 
 
 def _dispatch(args) -> int:
-    from ray_jobs import STAGES
+    from ray_jobs import registry
 
     cmd = args.command
     if cmd == "show":
@@ -145,9 +145,8 @@ def _dispatch(args) -> int:
         print(to_yaml(_load(args)), end="")
         return 0
     if cmd == "validate":
+        from ray_jobs.planning import plan_details, stale_settings
         from ray_jobs.validate import validate_spec
-
-        from ray_jobs.pipeline import plan_details, stale_settings
 
         spec = _load(args)
         validate_spec(spec)
@@ -157,50 +156,13 @@ def _dispatch(args) -> int:
             status = "complete, run skips it" if done else f"stale: {', '.join(changed[:6])}" if changed else "to run"
             print(f"  {name:<10} {status:<22} {uri}")
         return 0
-    if cmd == "run" or cmd in STAGES:
-        from ray_jobs.common import init_ray
-        from ray_jobs.pipeline import run_pipeline
+    if cmd == "run" or registry.is_stage(cmd):
+        from ray_jobs import interrupt, pipeline
 
         spec = _load(args)
-        stages = None if cmd == "run" else [cmd]
-        if cmd == "run":
-            from ray_jobs.validate import validate_spec
-
-            validate_spec(spec)
-        else:  # one stage: at least refuse a plan the local Ray cannot run (it would wait forever)
-            import dataclasses
-
-            from ray_jobs.validate import check_resources, local_resources
-
-            local = local_resources(spec)
-            if local is not None:
-                check_resources(dataclasses.replace(spec, pipeline=dataclasses.replace(spec.pipeline, stages=[cmd])),
-                                *local)
-            from diclip.models.sources import check_stage_models
-
-            check_stage_models(spec, [cmd])  # one line here, not a traceback from every actor
-        from ray_jobs import interrupt
-
-        ray_mod = sys.modules.get("ray")
-        joined = ray_mod is not None and ray_mod.is_initialized()
-        if any(s != "synthesize" for s in (stages or spec.pipeline.stages)):
-            init_ray(spec)
-            from ray_jobs.validate import local_resources, stages_to_run
-
-            if local_resources(spec) is None:  # joined a cluster: refuse a stage no node of it can ever host
-                from ray_jobs.cluster_fit import check_joined_cluster
-
-                check_joined_cluster(spec, stages or stages_to_run(spec))
-        interrupt.install()  # after ray.init, which installs its own SIGTERM handler
-        try:
-            results = run_pipeline(spec, stages)
-        finally:  # workers' last log lines land before the summary or the error line, not after it
-            ray_mod = sys.modules.get("ray")
-            if not joined and ray_mod is not None and ray_mod.is_initialized():
-                ray_mod.shutdown()
-        from ray_jobs.pipeline import summary_lines, write_summary
-
-        print("\n".join(summary_lines(spec, results, write_summary(spec, results))))
+        # signal handlers belong to the command line, not the library; after ray.init, which installs its own
+        summary = pipeline.run(spec, None if cmd == "run" else [cmd], before_stages=interrupt.install)
+        print("\n".join(summary.lines()))
         return 0
     if cmd in ("submit", "status", "logs", "stop"):
         from ray_jobs import submit

@@ -21,8 +21,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diclip.errors import ConfigError
-
-STAGE_NAMES = ("synthesize", "generate", "mask", "cache", "correlate", "train", "evaluate", "infer")
+from diclip.stage_names import STAGE_NAMES
 
 
 def _check(cond: bool, message: str) -> None:

@@ -32,9 +32,10 @@ from typing import Optional
 
 import yaml
 
-from diclip.config import STAGE_NAMES, JobSpec, Resources, to_yaml
+from diclip.config import JobSpec, Resources, to_yaml
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
+from ray_jobs import registry
 from ray_jobs.submit import entrypoint, job_overrides, repo_root
 
 log = get_logger("ray_jobs.cluster_render")
@@ -115,13 +116,13 @@ def stage_demands(spec: JobSpec) -> list[StageDemand]:
     """Resource demand of the stages the spec runs (all stages when none of them is a Ray stage)."""
     if spec.train.use_gpu and spec.train.resources.num_gpus <= 0:
         raise ConfigError("train.use_gpu is true but train.resources.num_gpus is 0")
-    ray_stages = [s for s in STAGE_NAMES if isinstance(getattr(getattr(spec, s), "resources", None), Resources)]
+    ray_stages = [s.name for s in registry.STAGES if s.needs_ray]
     chosen = [s for s in spec.pipeline.stages if s in ray_stages]
     # e.g. a synthesize-only demo spec: size for the stages it would run next, not for nothing.
     stages = chosen or ray_stages
     out = []
     for s in stages:
-        res: Resources = getattr(spec, s).resources
+        res: Resources = registry.get(s).settings(spec).resources
         if s == "train":
             gpus = res.num_gpus if spec.train.use_gpu else 0.0  # Ray Train gets no GPU when use_gpu is off
             out.append(StageDemand(s, spec.train.num_workers, res.num_cpus, gpus))

@@ -1,104 +1,127 @@
-"""Run a job spec: its stages in order on local Ray (or the cluster it is submitted to).
+"""Run a job spec: its stages in order on local Ray (or the cluster it joins or is submitted to).
 
-A stage whose outputs are complete (manifest present, made with the spec's settings from the inputs
-it read) is skipped unless listed in ``pipeline.force``, so a spec can be re-run after a failure, or
-started from any stage once earlier artifacts exist.
+:func:`run` is the Python API and does everything ``diclip run`` does (the CLI only parses, calls it and
+prints): it checks the spec, the resources and the weights, starts or joins Ray, runs the stages the plan
+(:mod:`ray_jobs.planning`) does not skip, shuts down a Ray it started and writes the run's summary. A stage
+whose outputs are complete is skipped unless listed in ``pipeline.force``, so a spec can be re-run after a
+failure, or started from any stage once earlier artifacts exist.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 import time
+from typing import Callable, Optional
 
 from diclip import storage
 from diclip.config import JobSpec, to_yaml
 from diclip.logging import get_logger
-from ray_jobs import faults, recoveries, stage_module
-from ray_jobs.common import configure_driver
+from ray_jobs import faults, recoveries, registry
+from ray_jobs.common import configure_driver, init_ray
+from ray_jobs.planning import stage_complete, stages_to_run
+from ray_jobs.validate import check_resources, local_resources, validate_spec
 
 log = get_logger("ray_jobs.pipeline")
 
-PICTURES = {"mask": "preview.png", "correlate": "preview.png", "evaluate": "pictures.png", "infer": "overlays"}
-"""What each stage draws for people to look at, relative to its output."""
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What a run did: every stage's summary (skipped stages too) and where their JSON copy was written."""
+
+    spec: JobSpec
+    stages: list[dict]
+    uri: Optional[str]
+    """``{output_uri}/run-summary.json``; None when the store refused it (logged, the run still succeeded)."""
+
+    def lines(self) -> list[str]:
+        """The human-sized end of the run that ``diclip run`` prints."""
+        return summary_lines(self.spec, self.stages, self.uri)
+
+    @property
+    def pictures(self) -> list[str]:
+        return pictures_of(self.stages)
 
 
-def stage_complete(spec: JobSpec, name: str) -> bool:
-    mod = stage_module(name)
-    if hasattr(mod, "is_complete"):
-        return bool(mod.is_complete(spec))
-    return storage.is_complete(mod.output_uri(spec))
+def check(spec: JobSpec, stages: Optional[list[str]] = None) -> None:
+    """Refuse, in one line, what :func:`run` could not finish, before Ray starts or a weight loads.
+
+    The whole pipeline (``stages`` None) gets :func:`ray_jobs.validate.validate_spec`; chosen stages (their
+    inputs may come from anywhere) get what would otherwise wait forever or fail in every actor: a plan the
+    local Ray cannot host, and missing weights."""
+    if not stages:
+        validate_spec(spec)
+        return
+    for name in stages:
+        registry.get(name)  # an unknown name: one line listing the known ones
+    local = local_resources(spec)
+    if local is not None:
+        chosen = dataclasses.replace(spec, pipeline=dataclasses.replace(spec.pipeline, stages=list(stages)))
+        check_resources(chosen, *local)
+    from diclip.models.sources import check_stage_models
+
+    check_stage_models(spec, stages)  # one line here, not a traceback from every actor
 
 
-def producers(spec: JobSpec, name: str) -> list[str]:
-    """The stages before ``name`` in this pipeline whose output it reads (``validate.stage_inputs``)."""
-    from ray_jobs.validate import stage_inputs, within
-
-    stages = list(spec.pipeline.stages)
-    earlier = stages[:stages.index(name)] if name in stages else stages
-    uris = list(stage_inputs(spec, name).values())
-    return [p for p in earlier if any(within(u, stage_module(p).output_uri(spec)) for u in uris)]
+def _ray_connected() -> bool:
+    ray_mod = sys.modules.get("ray")
+    return ray_mod is not None and ray_mod.is_initialized()
 
 
-def plan_details(spec: JobSpec) -> list[tuple[str, bool, str, list[str]]]:
-    """(stage, complete, output, upstream stages that will run) for the spec's stages, in order.
+def _start_ray(spec: JobSpec, stages: Optional[list[str]]) -> None:
+    """Start or join Ray; on a joined cluster refuse a stage no node of it can ever host."""
+    init_ray(spec)
+    if local_resources(spec) is None:
+        from ray_jobs.cluster_fit import check_joined_cluster
 
-    A complete stage that reads the output of a stage ``run`` recomputes is not complete either, although
-    its output still matches what it read: that input will change (a stale ``train`` -> ``evaluate``,
-    ``infer``); the upstream list names them. A stage without a complete output of its own is simply
-    run, so its list is empty."""
-    will_run: set[str] = set()
-    out = []
-    for name in spec.pipeline.stages:
-        try:
-            own = stage_complete(spec, name)
-        except Exception as e:  # an unreadable old output: run recomputes the stage
-            log.debug("completeness check of %s failed: %s", name, e)
-            own = False
-        upstream = [p for p in producers(spec, name) if p in will_run] if own else []
-        done = own and not upstream and name not in spec.pipeline.force
-        if not done:
-            will_run.add(name)
-        out.append((name, done, stage_module(name).output_uri(spec), upstream))
-    return out
+        check_joined_cluster(spec, stages or stages_to_run(spec))
 
 
-def plan(spec: JobSpec) -> list[tuple[str, bool, str]]:
-    """(stage, complete, output) for the spec's stages: what ``run`` would skip and what it would run."""
-    return [(name, done, uri) for name, done, uri, _ in plan_details(spec)]
+def run(spec: JobSpec, stages: Optional[list[str]] = None,
+        before_stages: Optional[Callable[[], None]] = None) -> RunSummary:
+    """Run the spec's pipeline (``stages`` None: ``diclip run``) or the chosen stages (``diclip <stage>``).
 
-
-def stale_settings(spec: JobSpec, name: str, upstream: list[str] | None = None) -> list[str]:
-    """Settings (or inputs) that changed since the stage's committed output was made, then the upstream
-    stages whose output will change ("<stage> output will change"; ``upstream`` as :func:`plan_details`
-    gives it, computed when None); [] if none is known."""
-    mod = stage_module(name)
+    :func:`check` first; then Ray is started (or joined: ``ray.address``, a submitted job) when a stage needs
+    it, and a Ray this call started is shut down when it ends, also on an error, so the workers' last log
+    lines come before the summary or the error line. ``before_stages`` runs once Ray is up, before the first
+    stage: the CLI installs its signal handlers there (``ray.init`` replaces the SIGTERM handler). Raises
+    :class:`~diclip.errors.DiclipError` (a user's mistake) or :class:`~diclip.errors.StageFault` (a fault of
+    the cluster or the store: run again to resume)."""
+    stages = list(stages) if stages else None
+    check(spec, stages)
+    joined = _ray_connected()
     try:
-        own = list(mod.stale(spec)) if hasattr(mod, "stale") else []
-    except Exception as e:  # a plan listing must not fail on an unreadable old output
-        log.debug("stale check of %s failed: %s", name, e)
-        own = []
-    if upstream is None:
-        upstream = next((up for n, _, _, up in plan_details(spec) if n == name), [])
-    return own + [f"{p} output will change" for p in upstream]
+        if any(registry.get(s).needs_ray for s in stages or spec.pipeline.stages):
+            _start_ray(spec, stages)
+        if before_stages is not None:
+            before_stages()
+        results = run_pipeline(spec, stages)
+    finally:
+        if not joined and _ray_connected():
+            sys.modules["ray"].shutdown()
+    return RunSummary(spec, results, write_summary(spec, results))
 
 
 def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
-    mod = stage_module(name)
+    """Run one stage on the Ray this process is connected to (no checks: :func:`run` makes them)."""
+    stage = registry.get(name)
+    output = stage.output_uri(spec)
     if not force and stage_complete(spec, name):
-        log.info("stage %-9s complete at %s - skipped", name, mod.output_uri(spec))
-        return {"stage": name, "skipped": True, "output": mod.output_uri(spec)}
-    if force and hasattr(mod, "output_uri") and name != "synthesize":
-        storage.delete(storage.join(mod.output_uri(spec), storage.MANIFEST_NAME))
+        log.info("stage %-9s complete at %s - skipped", name, output)
+        return {"stage": name, "skipped": True, "output": output}
+    if force and name != "synthesize":  # synthesize's output is a dataset (data.root), not a stage's own folder
+        storage.delete(storage.join(output, storage.MANIFEST_NAME))
     t0 = time.perf_counter()
-    log.info("stage %-9s starting -> %s", name, mod.output_uri(spec))
+    log.info("stage %-9s starting -> %s", name, output)
     try:
         with recoveries.collect() as rec:
-            summary = dict(mod.run(spec) or {})
+            summary = stage.run(spec)
     except Exception as e:  # a fault ends in one line that says what is kept and where a re-run resumes
-        wrapped = faults.wrap(spec, name, mod.output_uri(spec), e)
+        wrapped = faults.wrap(spec, name, output, e)
         if wrapped is e:
             raise
         raise wrapped from e
-    summary.update(stage=name, seconds=round(time.perf_counter() - t0, 1), output=mod.output_uri(spec))
+    summary.update(stage=name, seconds=round(time.perf_counter() - t0, 1), output=output)
     if rec:
         summary["recoveries"] = {**rec.as_dict(), "line": rec.line()}
         log.warning("stage %-9s recovered: %s", name, rec.line())
@@ -108,6 +131,8 @@ def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
 
 
 def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> list[dict]:
+    """Run the stages (all of the spec's when None) on the Ray this process is connected to, without
+    :func:`run`'s checks (tests and benchmarks that start their own Ray)."""
     configure_driver(spec)
     log.debug("job spec:\n%s", to_yaml(spec))
     stages = list(stages or spec.pipeline.stages)
@@ -121,7 +146,7 @@ def pictures_of(results: list[dict]) -> list[str]:
     """URIs of the pictures the finished stages wrote (skipped stages' pictures included)."""
     out = []
     for r in results:
-        name = PICTURES.get(r["stage"])
+        name = registry.get(r["stage"]).pictures
         if name:
             uri = storage.join(r["output"], name)
             if storage.exists(uri):

@@ -9,44 +9,8 @@ from __future__ import annotations
 from diclip import storage
 from diclip.config import JobSpec
 from diclip.errors import ConfigError, StorageError
-
-# stage -> {field path: stage that produces it}; inputs are artifact URIs read by the stage
-STAGE_OUTPUT = {
-    "synthesize": "data.root",
-    "generate": "generate.output",
-    "mask": "mask.output",
-    "cache": "cache.output",
-    "correlate": "correlate.output",
-    "train": "train.output",
-    "evaluate": "evaluate.output",
-    "infer": "infer.output",
-}
-
-
-def stage_inputs(spec: JobSpec, stage: str) -> dict[str, str]:
-    """Artifacts a stage reads, as {config field: URI}."""
-    d = {
-        "generate": {},
-        "mask": {"mask.images": spec.mask.images},
-        "cache": {"cache.images": spec.cache.images, "cache.masks": spec.cache.masks},
-        "correlate": {"data.root": spec.data.root},
-        "train": {"data.root": spec.data.root, "train.cache": spec.train.cache},
-        "evaluate": {"data.root": spec.data.root, "evaluate.checkpoint": spec.evaluate.checkpoint},
-        "infer": {"infer.checkpoint": spec.infer.checkpoint, "infer.input": spec.infer.input},
-        "synthesize": {},
-    }[stage]
-    if stage == "train" and spec.train.mode == "stored":
-        d["train.correlation"] = spec.train.correlation
-    if stage == "evaluate" and spec.evaluate.cam and spec.evaluate.maps == "stored":
-        d["evaluate.correlation"] = spec.evaluate.correlation
-    return d
-
-
-def _get(spec: JobSpec, path: str) -> str:
-    obj = spec
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+from ray_jobs import registry
+from ray_jobs.planning import stages_to_run, within
 
 
 def _check_uri(field: str, uri: str) -> None:
@@ -60,11 +24,6 @@ def _check_uri(field: str, uri: str) -> None:
         raise ConfigError(f"{field}: s3 URI needs a bucket, got {uri!r}")
 
 
-def within(uri: str, root: str) -> bool:
-    uri, root = uri.rstrip("/"), root.rstrip("/")
-    return uri == root or uri.startswith(root + "/")
-
-
 DATASET_LAYOUT = {
     "voc": "JPEGImages/, SegmentationClassAug/ (or SegmentationClass/), ImageSets/Segmentation/{train_aug,val}.txt "
            "and cls_labels.npy",
@@ -73,7 +32,6 @@ DATASET_LAYOUT = {
 }
 """What ``data.root`` must hold per ``data.layout`` (README: Real data and weights)."""
 
-RAY_STAGES = ("generate", "mask", "cache", "correlate", "train", "evaluate", "infer")
 INGEST_CPUS = 0.25
 """CPUs one Ray Data ingest task reserves while training (``RankDatasetFactory``'s ``map_batches``)."""
 
@@ -97,23 +55,20 @@ def local_resources(spec: JobSpec) -> tuple[float, float] | None:
     return cpus, gpus
 
 
-PREPARED_STAGES = ("correlate", "evaluate")
-"""Stages whose inputs are read and decoded by Ray Data CPU tasks ahead of the actor pool."""
-
-
 def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the local Ray") -> None:
     """Refuse, in one line, a plan that cannot make progress on a cluster of ``cpus`` CPUs and ``gpus`` GPUs.
 
     An actor pool is fixed-size (``concurrency`` actors): one larger than the cluster waits forever for its
     actors, and one that takes every CPU leaves none for the input tasks of the stages that have them
-    (:data:`PREPARED_STAGES`). A train stage whose workers reserve every CPU starves Ray Data's ingest tasks
+    (``Stage.prepares_inputs``). A train stage whose workers reserve every CPU starves Ray Data's ingest tasks
     the same way. Each waits silently (until ``ray.stall_minutes``). ``where``: whose CPUs and GPUs these are
     (a joined cluster without autoscaler is checked the same way, :mod:`ray_jobs.cluster_fit`)."""
     grow = "raise ray.num_cpus" if where == "the local Ray" else "add nodes to the cluster"
     for stage in spec.pipeline.stages:
-        if stage not in RAY_STAGES:
+        declared = registry.get(stage)
+        if not declared.needs_ray:
             continue
-        res = getattr(spec, stage).resources
+        res = declared.settings(spec).resources
         if stage == "train":
             t = spec.train
             need_cpu = t.num_workers * res.num_cpus
@@ -133,7 +88,7 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the l
                               f"does not fit in {where}'s {cpus:g} CPUs (the pool is fixed-size, so it would wait "
                               f"forever); lower {stage}.resources.concurrency or {stage}.resources.num_cpus, or "
                               f"{grow}")
-        if stage in PREPARED_STAGES and pool + res.prepare_cpus > cpus:
+        if declared.prepares_inputs and pool + res.prepare_cpus > cpus:
             raise ConfigError(f"{stage}: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
                               f"leaves {cpus - pool:g} of the {cpus:g} CPUs, less than one input task needs "
                               f"({res.prepare_cpus:g}), so no input would ever reach the actors; lower "
@@ -177,7 +132,9 @@ def cluster_uri_fields(spec: JobSpec) -> list[tuple[str, str]]:
                 found.append((f"{prefix}{f.name}", value))
 
     walk(spec, "")
-    found = [(k, v) for k, v in found if k.split(".")[0] not in STAGE_OUTPUT or k.split(".")[0] in spec.pipeline.stages]
+    sections = {s.section: s.name for s in registry.STAGES}
+    found = [(k, v) for k, v in found
+             if k.split(".")[0] not in sections or sections[k.split(".")[0]] in spec.pipeline.stages]
     roots = [(k, v) for k, v in found if k in CLUSTER_URI_ROOTS]
     return sorted(roots, key=lambda kv: CLUSTER_URI_ROOTS.index(kv[0])) + [kv for kv in found if kv not in roots]
 
@@ -239,35 +196,31 @@ def _validate(spec: JobSpec, check_exists: bool, local: bool) -> None:
         storage.exists(spec.output_uri)
         check_class_file(spec)
     produced: dict[str, str] = {}
-    for stage in spec.pipeline.stages:
-        out_field = STAGE_OUTPUT[stage]
-        for field, uri in stage_inputs(spec, stage).items():
+    for name in spec.pipeline.stages:
+        stage = registry.get(name)
+        for field, uri in stage.input_uris(spec).items():
             _check_uri(field, uri)
             if any(within(uri, p) for p in produced.values()):
                 continue
-            if not check_exists:
-                continue
-            if not storage.exists(uri):
-                producer = next((s for s, f in STAGE_OUTPUT.items() if within(uri, _get(spec, f))), None)
-                if producer == "synthesize" and spec.data.dataset != "synthetic":
-                    # a real dataset is downloaded, never synthesised
-                    which = "your" if spec.data.classes_file else f"the {spec.data.dataset.upper()}"
-                    raise ConfigError(f"{field}: {uri} does not exist; download {which} "
-                                      f"dataset and set data.root to its folder (path or s3://bucket/prefix) "
-                                      f"holding {DATASET_LAYOUT[spec.data.layout]}")
-                hint = f"; add stage {producer!r} before {stage!r} or run it first" if producer and producer != stage else ""
-                raise ConfigError(f"{field}: {uri} does not exist and no earlier stage produces it{hint}")
-        out = _get(spec, out_field)
-        _check_uri(out_field, out)
-        produced[stage] = out
+            if check_exists and not storage.exists(uri):
+                _missing_input(spec, name, field, uri)
+        out = stage.output_uri(spec)
+        _check_uri(stage.output, out)
+        produced[name] = out
     if check_exists:  # weights last: a missing model is one line here, not a traceback per Ray actor
         from diclip.models.sources import check_stage_models
 
         check_stage_models(spec, stages_to_run(spec))
 
 
-def stages_to_run(spec: JobSpec) -> list[str]:
-    """The spec's stages that ``run`` would not skip (complete stages need no weights)."""
-    from ray_jobs.pipeline import plan
-
-    return [name for name, done, _ in plan(spec) if not done]
+def _missing_input(spec: JobSpec, stage: str, field: str, uri: str) -> None:
+    """Refuse an input no earlier stage produces and nothing holds, naming the stage that would write it."""
+    producer = next((s.name for s in registry.STAGES if within(uri, s.output_uri(spec))), None)
+    if producer == "synthesize" and spec.data.dataset != "synthetic":
+        # a real dataset is downloaded, never synthesised
+        which = "your" if spec.data.classes_file else f"the {spec.data.dataset.upper()}"
+        raise ConfigError(f"{field}: {uri} does not exist; download {which} "
+                          f"dataset and set data.root to its folder (path or s3://bucket/prefix) "
+                          f"holding {DATASET_LAYOUT[spec.data.layout]}")
+    hint = f"; add stage {producer!r} before {stage!r} or run it first" if producer and producer != stage else ""
+    raise ConfigError(f"{field}: {uri} does not exist and no earlier stage produces it{hint}")

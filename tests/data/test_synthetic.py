@@ -128,7 +128,7 @@ def test_the_stage_is_complete_only_for_the_params_it_was_drawn_with(tmp_path):
     """``synthesize`` used to count as complete whenever ``synthetic.json`` existed, so another seed or
     size was skipped and the old images were used under the new spec."""
     from ray_jobs import synthesize
-    from ray_jobs.pipeline import stale_settings
+    from ray_jobs.planning import stale_settings
     from tests.helpers import tiny_spec
 
     small = ["synthesize.num_train=2", "synthesize.num_val=1", "synthesize.image_size=[32,32]"]

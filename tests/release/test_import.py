@@ -261,7 +261,7 @@ def test_the_imported_export_and_cache_load_like_trained_ones(storage_root, tmp_
     from diclip.inference import load_exported_model, read_export, segment, segmenter_forward
     from ray_jobs import train
     from ray_jobs.lineage import fingerprint
-    from ray_jobs.pipeline import plan
+    from ray_jobs.planning import plan
 
     files = write_release(tmp_path / "release", tiny_clip)[:2]
     ckpt, cache = (f"{storage_root}/release/{os.path.basename(f)}" for f in files)  # read from the store too

@@ -130,7 +130,7 @@ def test_maps_of_a_failed_run_are_not_mixed_into_a_run_with_other_settings(ray_s
     from diclip.errors import StageFailed
     from ray_jobs import evaluate, train
     from ray_jobs.lineage import changed_keys
-    from ray_jobs.pipeline import plan_details, stale_settings
+    from ray_jobs.planning import plan_details, stale_settings
 
     small = ["synthesize.num_train=2", "synthesize.num_val=1"]
     spec = _prepare(str(tmp_path / "run"), *small)

@@ -12,7 +12,8 @@ import pytest
 from diclip import storage, viz
 from diclip.data.correlation import CorrelationStore
 from diclip.models.kv_cache import load_cache
-from ray_jobs.pipeline import pictures_of, plan, run_pipeline
+from ray_jobs.pipeline import pictures_of, run_pipeline
+from ray_jobs.planning import plan
 from tests.helpers import SHAPES_CLASS_FILE, tiny_spec
 
 pytestmark = pytest.mark.timeout(900)
@@ -32,7 +33,7 @@ def test_a_stage_run_will_recompute_makes_the_stages_reading_its_output_stale(tm
     """``validate`` lists a stale stage and the ones that read its output (their own inputs still match,
     but ``run`` will change them), with the reason."""
     from ray_jobs import synthesize
-    from ray_jobs.pipeline import plan_details, producers, stale_settings
+    from ray_jobs.planning import plan_details, producers, stale_settings
 
     small = ["synthesize.num_train=2", "synthesize.num_val=1", "synthesize.image_size=[32,32]"]
     spec = tiny_spec(str(tmp_path / "run"), *small)
@@ -92,7 +93,7 @@ def test_own_class_set_end_to_end_into_s3(ray_session, s3_bucket, s3_server, tmp
             storage.join(spec.evaluate.output, "pictures.png"), storage.join(spec.infer.output, "overlays")]
     assert pictures_of(results) == pictures_of(again) == want
     # a changed setting makes exactly the stages it affects stale, naming the keys (validate lists them)
-    from ray_jobs.pipeline import stale_settings
+    from ray_jobs.planning import stale_settings
 
     changed = tiny_spec(f"{s3_bucket}/demo", f"data.classes_file={path}", *FAST, "train.lr=0.001",
                         "method.corr_threshold=0.3", endpoint_url=s3_server)
