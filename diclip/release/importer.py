@@ -10,7 +10,7 @@ removed first, so an interrupted import leaves nothing that loads as a model.
 """
 from __future__ import annotations
 
-import hashlib
+import math
 from typing import Callable
 
 import torch
@@ -22,24 +22,12 @@ from diclip.models.kv_cache import KVCache, save_cache
 from diclip.release.mapping import (
     SKIPPED, ClipShape, check_heads, check_visual, clip_shape, head_shapes, list_lines, sort_keys,
 )
-from diclip.release.reading import as_kv_pair, as_state_dict, load_weights_only
+from diclip.release.reading import as_kv_pair, as_state_dict, load_hashed
 
 SOURCE = "zwyang6/DiCLIP release"
 CLIP_TOLERANCE = 1e-5
 """Largest |difference| between ``encoder.visual.*`` and ``model.clip`` accepted as the same weights (both
 are fp32 copies of OpenAI's fp16 release, so they should agree exactly)."""
-
-
-def _sha256(uri: str) -> str:
-    h = hashlib.sha256()
-    path = storage.local_path(uri)
-    if path is None:
-        h.update(storage.read_bytes(uri))
-    else:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _clip_id(spec: JobSpec) -> str:
@@ -49,7 +37,8 @@ def _clip_id(spec: JobSpec) -> str:
 
 def read_cache(uri: str, spec: JobSpec, classes: list[str], clip: ClipShape, note: Callable[[str], None]) -> KVCache:
     """A released ``(keys [M, C], values [M, K])`` pair, checked against the spec, as a :class:`KVCache`."""
-    keys, values = as_kv_pair(load_weights_only(uri), uri)
+    obj, sha256 = load_hashed(uri)
+    keys, values = as_kv_pair(obj, uri)
     k = len(classes)
     if keys.dim() != 2 or values.dim() != 2 or keys.shape[0] != values.shape[0]:
         raise ModelError(f"{uri}: keys {list(keys.shape)} and values {list(values.shape)} are not [M, C] and [M, K]")
@@ -80,7 +69,7 @@ def read_cache(uri: str, spec: JobSpec, classes: list[str], clip: ClipShape, not
     note(f"cache {uri}: {m} entries x {keys.shape[1]} dims, {k} classes (background {counts[0]}, "
          f"{min(fg)}-{max(fg)} per class)" + (f"; none for {', '.join(missing[:5])}" if missing else ""))
     card = {"classes": list(classes), "counts": {c: {"centroids": n} for c, n in zip(classes, counts)},
-            "imported_from": {"source": SOURCE, "file": uri, "sha256": _sha256(uri), "dtype": str(keys.dtype)},
+            "imported_from": {"source": SOURCE, "file": uri, "sha256": sha256, "dtype": str(keys.dtype)},
             "models": {"clip": _clip_id(spec)}, "missing_classes": missing, "num_entries": m,
             "embed_dim": int(keys.shape[1]),
             "feature_space": "the reference's (maintain_kv_cache: CLIP features of generated images in/out of masks)"}
@@ -98,10 +87,15 @@ def verify_in_model(spec: JobSpec, class_set, cache: KVCache, heads: dict[str, t
     worst, where = 0.0, ""
     for k, t in visual.items():
         if k in own:
+            if not bool(torch.isfinite(t).all()):
+                raise ModelError(f"{source[f'visual.{k}']} holds non-finite values (NaN/inf): the checkpoint is "
+                                 "damaged; download it again")
             d = float((t.double() - own[k].double()).abs().max()) if t.numel() else 0.0
-            if d > worst:
+            if not d <= worst:  # NaN (a non-finite weight on either side) is the worst mismatch
                 worst, where = d, source[f"visual.{k}"]
-    if worst > CLIP_TOLERANCE:
+                if math.isnan(d):
+                    break
+    if not worst <= CLIP_TOLERANCE:
         raise ModelError(f"the checkpoint's CLIP differs from model.clip {_clip_id(spec)} (max |diff| {worst:.3g} at "
                          f"{where}): it was trained with other CLIP weights; point model.clip at them, or pass "
                          "--no-clip-check to import anyway")
@@ -119,8 +113,7 @@ def import_release(spec: JobSpec, out: str, *, checkpoint: str | None = None, ca
                    check_clip: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Import a released checkpoint and/or KV cache under ``out``; returns what was written."""
     from diclip.data import class_set_for
-    from diclip.data.classes import class_set_to_dict
-    from diclip.inference import CACHE_DIR, CARD_FILE, FORMAT, MODEL_FILE, SPEC_FILE
+    from diclip.inference import CARD_FILE
 
     if not cache:
         raise ConfigError("import-release needs --cache (the reference keeps the KV cache out of its state dict; "
@@ -136,29 +129,46 @@ def import_release(spec: JobSpec, out: str, *, checkpoint: str | None = None, ca
         raise ConfigError(f"model.clip {_clip_id(spec)} would run GELU, but the reference's CLIP runs QuickGELU; "
                           "set model.clip.quick_gelu=true (or use pretrained=openai)")
     kv = read_cache(cache, spec, list(class_set.classes), clip, echo)
-    heads = None
     provenance: dict = {"source": SOURCE, "cache": cache, "cache_sha256": kv.card["imported_from"]["sha256"]}
+    heads = None
     if checkpoint:
-        state = as_state_dict(load_weights_only(checkpoint), checkpoint, echo)
-        echo(f"checkpoint {checkpoint}: {len(state)} tensors")
-        keys = sort_keys(state)
-        for group, n in keys.skipped.items():
-            echo(f"skipped: {n} {SKIPPED[group]}")
-        list_lines("unmapped", keys.unmapped, {}, echo)
-        check_visual(keys, clip, spec.model.clip.surgery_blocks, echo)
-        target = head_shapes(spec, class_set.num_classes, clip, kv.num_entries)
-        check_heads(keys, target, spec, class_set.num_classes, clip, echo)
-        heads = {k: keys.heads[k].detach().float().contiguous() for k in target}
-        echo(f"mapped: {sum(k.startswith('adapter.') for k in heads)} adapter + "
-             f"{sum(k.startswith('segmenter.') for k in heads)} segmenter tensors")
-        if check_clip:
-            verify_in_model(spec, class_set, kv, heads, keys.visual, keys.source, echo)
-        else:
-            echo("not checked: encoder.visual against model.clip's weights (--no-clip-check)")
-        provenance.update(checkpoint=checkpoint, checkpoint_sha256=_sha256(checkpoint), skipped=keys.skipped,
-                          unmapped=keys.unmapped, clip_checked=check_clip)
+        heads = read_checkpoint(checkpoint, spec, class_set, clip, kv, check_clip, provenance, echo)
+    return write_import(spec, out, class_set, kv, heads, provenance, echo)
 
-    # ---- everything checked: write (an old export stops loading until its new card lands)
+
+def read_checkpoint(checkpoint: str, spec: JobSpec, class_set, clip: ClipShape, kv: KVCache, check_clip: bool,
+                    provenance: dict, echo: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """The released checkpoint's adapter + segmenter, checked against the spec (and its CLIP against
+    ``model.clip`` when ``check_clip``); what was read is recorded in ``provenance``."""
+    obj, sha256 = load_hashed(checkpoint)
+    state = as_state_dict(obj, checkpoint, echo)
+    echo(f"checkpoint {checkpoint}: {len(state)} tensors")
+    keys = sort_keys(state)
+    for group, n in keys.skipped.items():
+        echo(f"skipped: {n} {SKIPPED[group]}")
+    list_lines("unmapped", keys.unmapped, {}, echo)
+    check_visual(keys, clip, spec.model.clip.surgery_blocks, echo)
+    target = head_shapes(spec, class_set.num_classes, clip, kv.num_entries)
+    check_heads(keys, target, spec, class_set.num_classes, clip, echo)
+    heads = {k: keys.heads[k].detach().float().contiguous() for k in target}
+    echo(f"mapped: {sum(k.startswith('adapter.') for k in heads)} adapter + "
+         f"{sum(k.startswith('segmenter.') for k in heads)} segmenter tensors")
+    if check_clip:
+        verify_in_model(spec, class_set, kv, heads, keys.visual, keys.source, echo)
+    else:
+        echo("not checked: encoder.visual against model.clip's weights (--no-clip-check)")
+    provenance.update(checkpoint=checkpoint, checkpoint_sha256=sha256, skipped=keys.skipped,
+                      unmapped=keys.unmapped, clip_checked=check_clip)
+    return heads
+
+
+def write_import(spec: JobSpec, out: str, class_set, kv: KVCache, heads: dict[str, torch.Tensor] | None,
+                 provenance: dict, echo: Callable[[str], None]) -> dict:
+    """Everything checked: write the cache and (with ``heads``) the export; an old export stops loading
+    until its new card lands."""
+    from diclip.data.classes import class_set_to_dict
+    from diclip.inference import CACHE_DIR, CARD_FILE, FORMAT, MODEL_FILE, SPEC_FILE
+
     cache_uri = storage.join(out, CACHE_DIR)
     for stale in ([storage.join(out, CARD_FILE)] if heads is not None else []) + [
             storage.join(cache_uri, storage.MANIFEST_NAME)]:

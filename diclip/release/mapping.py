@@ -159,6 +159,9 @@ def check_heads(keys: SortedKeys, target: dict[str, torch.Size], spec: JobSpec, 
                              f"{list(want)} (as {k})")
         if not h[k].is_floating_point():
             raise ModelError(f"{keys.source[k]} is {h[k].dtype}, not a floating-point weight")
+        if not h[k].is_meta and not bool(torch.isfinite(h[k]).all()):  # meta: a shapes-only check
+            raise ModelError(f"{keys.source[k]} holds non-finite values (NaN/inf): the checkpoint is damaged; "
+                             "download it again")
 
 
 @dataclass

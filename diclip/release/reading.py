@@ -8,6 +8,7 @@ checkpoint wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import re
@@ -35,14 +36,31 @@ def _why(e: BaseException) -> str:
 
 def load_weights_only(uri: str) -> Any:
     """``torch.load(weights_only=True)`` of a local path or ``s3://`` object, on CPU; one-line errors."""
+    return _load(uri, None)
+
+
+def load_hashed(uri: str) -> tuple[Any, str]:
+    """:func:`load_weights_only` and the SHA-256 of the file's bytes, an ``s3://`` object read once."""
+    h = hashlib.sha256()
+    return _load(uri, h), h.hexdigest()
+
+
+def _load(uri: str, h: Any) -> Any:
     path = storage.local_path(uri)
     try:
         if path is not None:
             if not storage.exists(uri):
                 raise ModelError(f"{uri}: no such file")
             source: Any = path
+            if h is not None:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
         else:
-            source = io.BytesIO(storage.read_bytes(uri))
+            data = storage.read_bytes(uri)
+            if h is not None:
+                h.update(data)
+            source = io.BytesIO(data)
         return torch.load(source, map_location="cpu", weights_only=True)
     except DiclipError:
         raise

@@ -7,6 +7,7 @@ reference's ``eval_seg`` inference on the same state dict (tests/release/oracle.
 key names and shapes are checked on the meta device."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
@@ -179,6 +180,15 @@ def _broken_values(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _poison(key: str, value: float):
+    """An edit that puts ``value`` (NaN, inf) into one element of the checkpoint tensor ``key``."""
+    def edit(state: dict) -> None:
+        t = state[key].clone()
+        t.view(-1)[0] = value
+        state[key] = t
+    return edit
+
+
 BAD_INPUTS = {
     # name: (what to do to the release files, a piece of the one error line)
     "cache-classes": ({"cache_classes": CLASSES + 1}, "the cache has 6 classes but the spec's class list has 5"),
@@ -189,6 +199,12 @@ BAD_INPUTS = {
     "wrong-shape": ({"edit": lambda s: s.__setitem__("decoder_fts_fuse.linear_fuse.weight", torch.zeros(32, 64, 1, 1))},
                     "decoder_fts_fuse.linear_fuse.weight has shape [32, 64, 1, 1] but the model built from the spec "
                     "needs [32, 128, 1, 1]"),
+    "nan-head": ({"edit": _poison("decoder.linear_pred.weight", float("nan"))},
+                 "decoder.linear_pred.weight holds non-finite values (NaN/inf)"),
+    "inf-adapter": ({"edit": _poison("dynamic_adapter.fc1.bias", float("-inf"))},
+                    "dynamic_adapter.fc1.bias holds non-finite values (NaN/inf)"),
+    "nan-clip": ({"edit": _poison("encoder.visual.conv1.weight", float("nan"))},
+                 "encoder.visual.conv1.weight holds non-finite values (NaN/inf)"),
     "missing-key": ({"edit": lambda s: s.pop("decoder.linear_pred.bias")}, "lacks 1 adapter/segmenter tensors"),
     "not-a-state-dict": ({"checkpoint": [torch.zeros(3), torch.zeros(2)]}, "not a state dict (torch.load gives list"),
     "cache-is-a-state-dict": ({"cache": {"keys": torch.zeros(3, 64)}}, "not a KV cache"),
@@ -255,7 +271,8 @@ def test_other_clip_weights_are_refused_unless_told(tmp_path, tiny_clip, capsys)
     assert "not checked: encoder.visual against model.clip's weights (--no-clip-check)" in printed
 
 
-def test_the_imported_export_and_cache_load_like_trained_ones(storage_root, tmp_path, tiny_clip, capsys) -> None:
+def test_the_imported_export_and_cache_load_like_trained_ones(storage_root, tmp_path, tiny_clip, capsys,
+                                                              monkeypatch) -> None:
     """evaluate's and infer's loading, the segmentation entry they share, and train's start from the cache."""
     from diclip.data import get_class_set
     from diclip.inference import load_exported_model, read_export, segment, segmenter_forward
@@ -268,8 +285,15 @@ def test_the_imported_export_and_cache_load_like_trained_ones(storage_root, tmp_
     for local, uri in zip(files, (ckpt, cache)):
         storage.write_bytes(uri, open(local, "rb").read())
     out = f"{storage_root}/imported"
+    reads: list[str] = []
+    read_bytes = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri, *a, **k: reads.append(uri) or read_bytes(uri, *a, **k))
     rc, printed, err = run(capsys, *import_args(tmp_path, ckpt, cache, out))
     assert rc == 0, err
+    assert reads.count(ckpt) <= 1 and reads.count(cache) <= 1, reads  # hashed from the bytes loaded, not re-read
+    provenance = storage.read_json(f"{out}/card.json")["imported_from"]
+    assert provenance["checkpoint_sha256"] == hashlib.sha256(open(files[0], "rb").read()).hexdigest()
+    assert provenance["cache_sha256"] == hashlib.sha256(open(files[1], "rb").read()).hexdigest()
     assert printed.splitlines()[-2:] == [
         f"export: {out} (evaluate.checkpoint={out} infer.checkpoint={out})",
         f"cache: {out}/cache (train.cache={out}/cache; leave generate, mask and cache out of pipeline.stages)"]
