@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from diclip import storage
 from diclip.config import JobSpec, to_yaml
+from diclip.errors import ConfigError
 from diclip.logging import get_logger
 from ray_jobs import faults, recoveries, registry
 from ray_jobs.common import configure_driver, init_ray
@@ -49,9 +50,12 @@ def check(spec: JobSpec, stages: Optional[list[str]] = None) -> None:
     The whole pipeline (``stages`` None) gets :func:`ray_jobs.validate.validate_spec`; chosen stages (their
     inputs may come from anywhere) get what would otherwise wait forever or fail in every actor: a plan the
     local Ray cannot host, and missing weights."""
-    if not stages:
+    if stages is None:
         validate_spec(spec)
         return
+    if not stages:
+        raise ConfigError("no stages chosen (stages=[]); pass stage names, or stages=None to run the spec's "
+                          f"pipeline.stages ({', '.join(spec.pipeline.stages)})")
     for name in stages:
         registry.get(name)  # an unknown name: one line listing the known ones
     local = local_resources(spec)
@@ -87,7 +91,7 @@ def run(spec: JobSpec, stages: Optional[list[str]] = None,
     stage: the CLI installs its signal handlers there (``ray.init`` replaces the SIGTERM handler). Raises
     :class:`~diclip.errors.DiclipError` (a user's mistake) or :class:`~diclip.errors.StageFault` (a fault of
     the cluster or the store: run again to resume)."""
-    stages = list(stages) if stages else None
+    stages = None if stages is None else list(stages)
     check(spec, stages)
     joined = _ray_connected()
     try:
@@ -135,7 +139,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> list[dict]:
     :func:`run`'s checks (tests and benchmarks that start their own Ray)."""
     configure_driver(spec)
     log.debug("job spec:\n%s", to_yaml(spec))
-    stages = list(stages or spec.pipeline.stages)
+    stages = list(spec.pipeline.stages if stages is None else stages)
     results = []
     for name in stages:
         results.append(run_stage(spec, name, force=name in spec.pipeline.force))

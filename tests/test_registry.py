@@ -51,11 +51,43 @@ def _imports(path) -> set[str]:
     return names
 
 
-def test_no_two_ray_jobs_modules_import_each_other() -> None:
-    """Function-level imports included: planning and validation read the registry, the runner reads them."""
+def _a_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (``[a, b, ..., a]``), or ``[]`` when it has none (a depth-first search)."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(m: str) -> list[str]:
+        if m in path:
+            return path[path.index(m):] + [m]
+        if m in done:
+            return []
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            cycle = visit(n)
+            if cycle:
+                return cycle
+        path.pop()
+        done.add(m)
+        return []
+
+    for m in sorted(graph):
+        cycle = visit(m)
+        if cycle:
+            return cycle
+    return []
+
+
+def test_the_cycle_search_finds_long_cycles() -> None:
+    assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _a_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_ray_jobs_modules_import_each_other() -> None:
+    """No import cycle of any length among ray_jobs modules, function-level imports included: planning and
+    validation read the registry, the runner reads them."""
     mods = {f"ray_jobs.{p.stem}": p for p in (REPO / "ray_jobs").glob("*.py") if p.stem != "__init__"}
     graph = {m: _imports(p) & set(mods) - {m} for m, p in mods.items()}
-    assert [(a, b) for a in graph for b in graph[a] if a < b and a in graph[b]] == []
+    assert _a_cycle(graph) == []
 
 
 def test_the_help_and_the_spec_need_no_stage_module() -> None:
@@ -77,6 +109,9 @@ def test_the_python_api_runs_what_the_cli_runs(tmp_path) -> None:
     spec = tiny_spec(str(tmp_path / "run"), "pipeline.stages=[synthesize]")
     with pytest.raises(ConfigError, match="unknown stage 'bogus'"):
         pipeline.run(spec, ["bogus"], before_stages=lambda: calls.append("ready"))
+    with pytest.raises(ConfigError, match=r"no stages chosen \(stages=\[\]\)"):
+        pipeline.run(spec, [], before_stages=lambda: calls.append("ready"))
+    assert not (tmp_path / "run").exists()  # refused before anything ran
     crowded = tiny_spec(str(tmp_path / "run"), "ray.num_cpus=2", "correlate.resources.num_cpus=1",
                         "pipeline.stages=[synthesize,correlate]")
     with pytest.raises(ConfigError, match="correlate: its pool of 2 actors x 1 CPUs = 2 CPUs leaves 0"):
