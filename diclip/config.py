@@ -679,22 +679,20 @@ class CpuWorkersConfig:
     count: int = 0
     """At most this many CPU-only workers; 0: no CPU group."""
     cpus: int = 32
-    """CPUs of one CPU worker (the pod's request, the launcher node's declared CPUs)."""
+    """CPUs of one CPU worker (the launcher node's declared CPUs; the KubeRay pod's request, at most
+    ``ray_jobs.cluster_render.POD_SHARE`` of a listed node's vCPUs so that it can schedule)."""
     memory_gib: int = 0
-    """Memory of one CPU worker in GiB; 0: 2 GiB per CPU (a COCO CRF task peaks at ~0.5 GiB)."""
+    """Memory of one CPU worker's pod in GiB; 0: the node's memory per vCPU for each CPU, within the share of a
+    listed node a pod may request (ray_jobs.cluster_render.cpu_worker_pod; a COCO CRF task peaks at ~0.5 GiB)."""
     instance: str = ""
     """AWS instance type of a CPU worker in the rendered cluster launcher; empty: the smallest listed c7i type
     with ``cpus`` vCPUs. A listed type with fewer vCPUs than ``cpus`` is refused; an unlisted one is taken as
     given."""
 
-    @property
-    def memory(self) -> int:
-        return self.memory_gib or 2 * self.cpus
-
     def __post_init__(self) -> None:
         _check(self.count >= 0, "cluster.cpu_workers.count must be >= 0 (0: no CPU-only workers)")
         _check(self.cpus >= 1, "cluster.cpu_workers.cpus must be >= 1")
-        _check(self.memory_gib >= 0, "cluster.cpu_workers.memory_gib must be >= 0 (0: 2 GiB per CPU)")
+        _check(self.memory_gib >= 0, "cluster.cpu_workers.memory_gib must be >= 0 (0: derived from the node)")
         _check(self.instance == "" or bool(re.fullmatch(r"[a-z0-9-]+\.[a-z0-9]+", self.instance)),
                f"cluster.cpu_workers.instance {self.instance!r} must be an AWS instance type such as c7i.8xlarge")
 

@@ -66,6 +66,12 @@ AWS_CPU_WORKER_INSTANCES: tuple[tuple[str, int, int], ...] = (
 )
 """(name, vCPUs, GPUs) of ``cluster.cpu_workers`` nodes: compute-optimised (the CRF is pure CPU, ~0.5 GiB per
 task), the smallest holding ``cluster.cpu_workers.cpus`` unless ``cluster.cpu_workers.instance`` names one."""
+CPU_WORKER_GIB_PER_VCPU = 2
+"""Memory per vCPU of the listed c7i types (c7i.48xlarge: 192 vCPU, 384 GiB): the one source of a CPU worker's
+default memory (``cluster.cpu_workers.memory_gib=0``)."""
+POD_SHARE = 0.9
+"""Largest share of a listed node's vCPUs and memory a CPU-worker pod requests: the kubelet, the OS and
+DaemonSets keep the rest, so a pod asking for the whole node (cpu "192" on a c7i.48xlarge) never schedules."""
 CPU_GROUP = "cpu-only-workers"
 """KubeRay group name (and, with ``_`` for ``-``, launcher node type) of ``cluster.cpu_workers``."""
 AWS_HEAD_INSTANCES: tuple[tuple[str, int, int], ...] = (
@@ -175,13 +181,30 @@ def cpu_worker_instance(spec: JobSpec) -> tuple[str, int]:
     return fits[0]
 
 
+def cpu_worker_pod(spec: JobSpec) -> tuple[int, int]:
+    """(CPUs, GiB) a KubeRay CPU-worker pod requests: ``cpus`` and ``memory_gib`` (0: the node's
+    ``CPU_WORKER_GIB_PER_VCPU`` per CPU), at most ``POD_SHARE`` of a listed node; an explicit ``memory_gib``
+    above that is one line. (The launcher's node declares all of its vCPUs: no kubelet there.)"""
+    w = spec.cluster.cpu_workers
+    name, vcpus = cpu_worker_instance(spec)
+    if not any(name == n for n, _, _ in AWS_CPU_WORKER_INSTANCES):  # an unlisted type: taken as given
+        return w.cpus, w.memory_gib or CPU_WORKER_GIB_PER_VCPU * w.cpus
+    cpus = min(w.cpus, math.floor(vcpus * POD_SHARE))
+    gib = math.floor(vcpus * CPU_WORKER_GIB_PER_VCPU * POD_SHARE)
+    if w.memory_gib > gib:
+        raise ConfigError(f"cluster.cpu_workers.memory_gib={w.memory_gib}: a pod on {name} "
+                          f"({vcpus * CPU_WORKER_GIB_PER_VCPU} GiB) can get at most {gib} GiB (the rest is the "
+                          "node's own); lower it, or 0 for the default")
+    return cpus, w.memory_gib or min(gib, CPU_WORKER_GIB_PER_VCPU * cpus)
+
+
 def check_cpu_workers(spec: JobSpec, plan: ClusterPlan) -> None:
     """One line for a CPU-only group or a CRF task that cannot work: a CRF task larger than every worker."""
     e, w = spec.evaluate, spec.cluster.cpu_workers
     if w.count:
-        cpu_worker_instance(spec)
+        cpu_worker_pod(spec)
     if "evaluate" in spec.pipeline.stages and e.crf and e.crf_placement == "tasks":
-        largest = max(plan.cpus_per_worker, w.cpus if w.count else 0)
+        largest = max(plan.cpus_per_worker, cpu_worker_pod(spec)[0] if w.count else 0)
         if e.crf_cpus > largest:
             raise ConfigError(f"evaluate.crf_cpus={e.crf_cpus:g}: each CRF task needs more CPUs than any worker has "
                               f"(the largest has {largest}); lower evaluate.crf_cpus or raise "
@@ -288,7 +311,7 @@ def render_raycluster(spec: JobSpec, plan: ClusterPlan, image: str, template: di
         cpu_pod = cpu_group["template"]["spec"]
         cpu_pod.pop("tolerations", None)
         _fill_pod(cpu_pod, spec, image, env + [{"name": "DS_ACCELERATOR", "value": "cpu"}],
-                  _container_resources(w.cpus, w.memory), secret_optional)
+                  _container_resources(*cpu_worker_pod(spec)), secret_optional)
         cs["workerGroupSpecs"].append(cpu_group)
     return doc
 
@@ -415,8 +438,8 @@ def render_all(spec: JobSpec, out_dir: str, image: Optional[str] = None) -> list
              plan.max_workers, plan.sized_by)
     if spec.cluster.cpu_workers.count:
         w = spec.cluster.cpu_workers
-        log.info("cluster for %r: and 0..%d CPU-only workers of %d CPU / %d GiB (%s on AWS)", spec.name, w.count,
-                 w.cpus, w.memory, cpu_worker_instance(spec)[0])
+        log.info("cluster for %r: and 0..%d CPU-only workers: pods of %d CPU / %d GiB on KubeRay, %s (%d CPU) on "
+                 "AWS", spec.name, w.count, *cpu_worker_pod(spec), cpu_worker_instance(spec)[0], w.cpus)
 
     cluster = render_raycluster(spec, plan, image, _load_template(templates / "kuberay" / "raycluster.yaml"))
     docs = {

@@ -950,7 +950,9 @@ def test_cpu_workers_render_as_a_second_group_in_both_manifests(tmp_path: Path) 
     assert (cpu["minReplicas"], cpu["replicas"], cpu["maxReplicas"]) == (0, 0, 6)  # autoscaled like the GPU group
     pod = cpu["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["resources"]["limits"] == c["resources"]["requests"] == {"cpu": "48", "memory": "96Gi"}
+    # c7i.12xlarge has 48 vCPU / 96 GiB: the pod asks for 90% of it (the kubelet keeps the rest), the AWS node
+    # declares all 48
+    assert c["resources"]["limits"] == c["resources"]["requests"] == {"cpu": "43", "memory": "86Gi"}
     assert "tolerations" not in pod and {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
     assert c["envFrom"] == gpu["template"]["spec"]["containers"][0]["envFrom"]  # the same S3 Secret
     assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"] == cluster["spec"]["workerGroupSpecs"]
@@ -968,12 +970,34 @@ def test_cpu_workers_render_as_a_second_group_in_both_manifests(tmp_path: Path) 
                         "cluster.cpu_workers.instance=c6a.24xlarge")["cluster-launcher.yaml"])
     assert named["available_node_types"]["cpu_only_workers"]["node_config"]["InstanceType"] == "c6a.24xlarge"
     assert named["available_node_types"]["cpu_only_workers"]["resources"] == {"CPU": 90}
+    named_pod = load(render(tmp_path / "named-k8s", "coco", "cluster.cpu_workers.count=2", "cluster.cpu_workers.cpus=90",
+                            "cluster.cpu_workers.instance=c6a.24xlarge")["raycluster.yaml"])
+    (c,) = named_pod["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"]
+    assert c["resources"]["requests"] == {"cpu": "90", "memory": "180Gi"}  # an unlisted type: taken as given
     plain = render(tmp_path / "plain", "coco")
     assert len(load(plain["raycluster.yaml"])["spec"]["workerGroupSpecs"]) == 1
     assert "cpu_only_workers" not in load(plain["cluster-launcher.yaml"])["available_node_types"]
 
 
+def test_the_readme_coco_cpu_workers_fit_their_node(tmp_path: Path) -> None:
+    """README "COCO on 8 GPUs": cpus=192 on a c7i.48xlarge (192 vCPU, 384 GiB) must not ask KubeRay for the
+    whole node (a pod requesting cpu "192" / 384Gi never schedules); the launcher's node declares all 192."""
+    files = render(tmp_path, "coco", "cluster.cpu_workers.count=3", "cluster.cpu_workers.cpus=192")
+    (c,) = load(files["raycluster.yaml"])["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"]
+    assert c["resources"]["requests"] == c["resources"]["limits"] == {"cpu": "172", "memory": "344Gi"}
+    assert 172 <= 0.9 * 192 and 344 <= 0.9 * 384
+    node = load(files["cluster-launcher.yaml"])["available_node_types"]["cpu_only_workers"]
+    assert node["node_config"]["InstanceType"] == "c7i.48xlarge" and node["resources"] == {"CPU": 192}
+    explicit = render(tmp_path / "explicit", "coco", "cluster.cpu_workers.count=1", "cluster.cpu_workers.cpus=16",
+                      "cluster.cpu_workers.memory_gib=20")
+    (c,) = load(explicit["raycluster.yaml"])["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"]
+    assert c["resources"]["requests"] == {"cpu": "14", "memory": "20Gi"}  # c7i.4xlarge: 16 vCPU, 32 GiB
+
+
 @pytest.mark.parametrize("overrides, line", [
+    (["cluster.cpu_workers.count=3", "cluster.cpu_workers.cpus=192", "cluster.cpu_workers.memory_gib=384"],
+     "cluster.cpu_workers.memory_gib=384: a pod on c7i.48xlarge (384 GiB) can get at most 345 GiB (the rest is the "
+     "node's own); lower it, or 0 for the default"),
     (["cluster.cpu_workers.count=2", "cluster.cpu_workers.instance=c7i.4xlarge"],
      "cluster.cpu_workers.instance=c7i.4xlarge has 16 vCPUs, fewer than cluster.cpu_workers.cpus=32; name a larger "
      "type or lower cpus"),
