@@ -42,6 +42,12 @@ class ClusterView:
     """Resources of each node type the autoscaler may launch; None: not published."""
     autoscaling: bool = False
     """An autoscaler that can add nodes runs (node types unknown unless :attr:`node_types`)."""
+    heads: list[bool] = field(default_factory=list)
+    """Which of :attr:`nodes` is the head (missing: not the head)."""
+
+    def workers(self) -> list[dict]:
+        """The alive nodes other than the head."""
+        return [n for i, n in enumerate(self.nodes) if not (i < len(self.heads) and self.heads[i])]
 
     def largest(self) -> dict:
         return {k: max((n.get(k, 0.0) for n in self.nodes), default=0.0) for k in ("CPU", "GPU")}
@@ -87,10 +93,33 @@ def cluster_view() -> ClusterView:
     from ray_jobs.common import alive_nodes
 
     nodes = alive_nodes()
+    heads = ray_compat.alive_node_is_head()
     total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     types, grows = ray_compat.published_node_types()
     autoscaling = grows if types is not None else _autoscaler_runs() is not False
-    return ClusterView(nodes=nodes, total=total, node_types=types, autoscaling=autoscaling)
+    return ClusterView(nodes=nodes, total=total, node_types=types, autoscaling=autoscaling,
+                       heads=heads if len(heads) == len(nodes) else [])
+
+
+def check_crf_hosts(spec: JobSpec, view: ClusterView) -> None:
+    """One line when GPU evaluate actors leave no worker node (or node type) ``evaluate.crf_cpus`` CPUs: every
+    CRF task would run on the head. Judged only when the nodes to come are known (published node types, or
+    no autoscaler) and there are workers (a one-node cluster is :func:`check_resources`' case). A node type
+    without GPUs counts as a CRF host (it may be the head's type: the check then errs towards running)."""
+    from ray_jobs.cluster_render import crf_cpus_left, crf_starved_line
+
+    e = spec.evaluate
+    res = e.resources
+    if not (e.crf and e.crf_placement == "tasks" and res.num_gpus > 0):
+        return
+    if view.node_types is None and view.autoscaling:
+        return
+    hosts = view.workers() + (view.node_types or [])
+    if not hosts:
+        return
+    lefts = [crf_cpus_left(n.get("CPU", 0.0), n.get("GPU", 0.0), res) for n in hosts]
+    if max(lefts) < e.crf_cpus:
+        raise ConfigError(crf_starved_line(e.crf_cpus, "every worker node's CPUs", max(lefts)))
 
 
 def stage_request(spec: JobSpec, stage: str) -> tuple[dict, int, str]:
@@ -126,6 +155,8 @@ def check_cluster(spec: JobSpec, stages: list[str], view: ClusterView) -> list[s
                               f"{_fmt(view.largest())}" + (" and none of its autoscaler's node types has it"
                                                             if view.node_types is not None else "")
                               + "; lower evaluate.crf_cpus, or set evaluate.crf_placement=actor")
+        if stage == "evaluate":
+            check_crf_hosts(spec, view)
         if any(_fits(want, n) for n in view.nodes):
             if not view.autoscaling:  # a fixed cluster: the whole pool and its input tasks must fit too
                 sub = dataclasses.replace(spec, pipeline=dataclasses.replace(spec.pipeline, stages=[stage]))

@@ -16,7 +16,10 @@ Sizing: stages run one after another, so the cluster is sized for the most deman
 A worker is as large as the largest single actor (max ``num_gpus``, rounded up; max ``num_cpus``, rounded
 up); a stage needs ``ceil(actors / actors_per_worker)`` workers, where ``actors`` is a Ray Data stage's
 ``concurrency`` or ``train.num_workers``; ``maxReplicas`` is the max over stages and ``minReplicas`` is 0,
-so an idle cluster costs only its CPU head. The optional CPU-only group (``cluster.cpu_workers``: count, CPUs,
+so an idle cluster costs only its CPU head. When the evaluate stage runs its dense CRF in CPU tasks
+(``evaluate.crf=true``, ``crf_placement=tasks``) and there is no CPU-only group, a worker also gets
+:func:`crf_spare_cpus` = max(``CRF_SPARE_CPUS``, ceil(``evaluate.crf_cpus``)) CPUs on top of what its evaluate
+actors take, so the CRF tasks run next to the GPUs instead of all on the head. The optional CPU-only group (``cluster.cpu_workers``: count, CPUs,
 memory, AWS instance) is not derived: its size is the user's choice of how fast the dense CRF should go
 (README "COCO on 8 GPUs"); it autoscales from 0 to ``count`` as well.
 """
@@ -118,6 +121,36 @@ class ClusterPlan:
         return self.gpus_per_worker > 0
 
 
+CRF_SPARE_CPUS = 4
+"""CPUs a worker gets for the evaluate stage's CRF tasks beyond its actors' (when there is no CPU-only group):
+VOC/COCO's 4-CPU evaluate actor then runs on an 8-vCPU g5.2xlarge, with 4 one-CPU CRF tasks beside it."""
+
+
+def crf_in_tasks(spec: JobSpec) -> bool:
+    e = spec.evaluate
+    return "evaluate" in spec.pipeline.stages and e.crf and e.crf_placement == "tasks"
+
+
+def crf_spare_cpus(spec: JobSpec) -> int:
+    """The sizing rule's one source: CPUs each worker gets for CRF tasks on top of its evaluate actors'."""
+    if not crf_in_tasks(spec) or spec.cluster.cpu_workers.count:
+        return 0
+    return max(CRF_SPARE_CPUS, math.ceil(spec.evaluate.crf_cpus - 1e-9))
+
+
+def actors_per_node(cpus: float, gpus: float, res: Resources) -> int:
+    """How many actors of ``res`` a node of ``cpus`` / ``gpus`` can host (at most the pool's size)."""
+    fit = math.floor(cpus / res.num_cpus + 1e-9)
+    if res.num_gpus > 0:
+        fit = min(fit, math.floor(gpus / res.num_gpus + 1e-9))
+    return max(0, min(fit, res.concurrency))
+
+
+def crf_cpus_left(cpus: float, gpus: float, res: Resources) -> float:
+    """CPUs a node keeps for CRF tasks once it hosts all the evaluate actors (``res``) it can."""
+    return cpus - actors_per_node(cpus, gpus, res) * res.num_cpus
+
+
 def stage_demands(spec: JobSpec) -> list[StageDemand]:
     """Resource demand of the stages the spec runs (all stages when none of them is a Ray stage)."""
     if spec.train.use_gpu and spec.train.resources.num_gpus <= 0:
@@ -140,11 +173,12 @@ def stage_demands(spec: JobSpec) -> list[StageDemand]:
 def plan_cluster(spec: JobSpec) -> ClusterPlan:
     """Size one worker for the largest actor, and the worker group for the most demanding stage."""
     demands = stage_demands(spec)
+    spare = crf_spare_cpus(spec)
     gpus = max(0, math.ceil(max(d.gpus for d in demands) - 1e-9))
-    cpus = max(1, math.ceil(max(d.cpus for d in demands) - 1e-9))
+    cpus = max(1, math.ceil(max(d.cpus + (spare if d.stage == "evaluate" else 0) for d in demands) - 1e-9))
     need, sized_by = 0, demands[0].stage
     for d in demands:
-        per_worker = math.floor(cpus / d.cpus + 1e-9)
+        per_worker = math.floor((cpus - (spare if d.stage == "evaluate" else 0)) / d.cpus + 1e-9)
         if d.gpus > 0:
             per_worker = min(per_worker, math.floor(gpus / d.gpus + 1e-9))
         workers = math.ceil(d.actors / max(1, per_worker))
@@ -203,12 +237,23 @@ def check_cpu_workers(spec: JobSpec, plan: ClusterPlan) -> None:
     e, w = spec.evaluate, spec.cluster.cpu_workers
     if w.count:
         cpu_worker_pod(spec)
-    if "evaluate" in spec.pipeline.stages and e.crf and e.crf_placement == "tasks":
+    if crf_in_tasks(spec):
+        res = e.resources
+        left = crf_cpus_left(plan.cpus_per_worker, plan.gpus_per_worker, res)
+        if not w.count and res.num_gpus > 0 and left < e.crf_cpus:
+            raise ConfigError(crf_starved_line(e.crf_cpus, f"each worker's {plan.cpus_per_worker} CPUs", left))
         largest = max(plan.cpus_per_worker, cpu_worker_pod(spec)[0] if w.count else 0)
         if e.crf_cpus > largest:
             raise ConfigError(f"evaluate.crf_cpus={e.crf_cpus:g}: each CRF task needs more CPUs than any worker has "
                               f"(the largest has {largest}); lower evaluate.crf_cpus or raise "
                               "cluster.cpu_workers.cpus (with cluster.cpu_workers.count > 0)")
+
+
+def crf_starved_line(crf_cpus: float, nodes: str, left: float) -> str:
+    """The one line for CRF tasks that would all run on the head (render and the joined-cluster check)."""
+    return (f"evaluate: each CRF task needs evaluate.crf_cpus={crf_cpus:g} CPUs but {nodes} minus the evaluate "
+            f"actors' leave {left:g}, so every CRF would run on the head; set cluster.cpu_workers.count>0 (CPU-only "
+            "workers) or evaluate.crf_placement=actor")
 
 
 # ----------------------------------------------------------------------------------------------

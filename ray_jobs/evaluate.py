@@ -45,6 +45,10 @@ from diclip.storage import commit_index
 from ray_jobs.common import (
     ID, start_actor, finalize, init_ray, item_error, list_shards, report_row, run_pool, setup_process, write_shard,
 )
+from ray_jobs.evaluate_crf import (  # noqa: F401  (re-exported: the row layout and the CRF task live there)
+    CRF_PAYLOAD, CRF_PENDING, EMPTY_PAYLOAD, ROW_FORMAT, SCHEMA, crf_payload, crf_task, dense_cm, make_row, seg_row,
+    sparse_cm,
+)
 
 log = get_logger("ray_jobs.evaluate")
 STAGE = "evaluate"
@@ -57,29 +61,11 @@ PICTURE_TITLES = ("image", "ground truth", "CAM (strongest class)", "prediction"
 PICTURE_ALPHA = 0.6
 """Class colours are blended over the image (background shows the image, not VOC's black), strongly enough
 that the darker VOC colours still read."""
-SCHEMA = pa.schema([
-    (ID, pa.string()),
-    ("task", pa.string()),  # seg | cam | pic
-    ("image_id", pa.string()),
-    ("height", pa.int32()), ("width", pa.int32()),
-    ("png", pa.binary()),  # seg: predicted mask, cam: pseudo-label (palette PNGs); pic: 8-bit CAM heatmap
-    ("cm_idx", pa.list_(pa.int32())),  # sparse confusion matrix: flat index gt * K + pred ...
-    ("cm_cnt", pa.list_(pa.int64())),  # ... and its pixel count (empty without ground truth)
-    ("cam_class", pa.int16()),  # pic: class id shown (0: no present class)
-    ("cm_raw_idx", pa.list_(pa.int32())),  # seg with CRF: the confusion matrix before CRF (the reference
-    ("cm_raw_cnt", pa.list_(pa.int64())),  # reports both), empty otherwise
-])
 SUMMARY_COLUMNS = [ID, "task", "image_id", "cm_idx", "cm_cnt", "cam_class", "cm_raw_idx", "cm_raw_cnt"]
-CRF_PENDING = "crf_pending"
-"""Actor output column: True on a seg item whose CRF a :func:`crf_task` still has to run (its logits, image
-and mask ride along in the ``CRF_PAYLOAD`` columns); False on report rows the actor completed itself."""
-CRF_PAYLOAD = ("crf_logits", "crf_k", "crf_h", "crf_w", "img", "img_h", "img_w", "mask")
-"""What an actor hands a CRF task per image: fp32 logits [K, h, w] at the working size (``work_ratio`` x the
-image; the exact input of the in-actor path, so masks stay identical), the RGB pixels the CRF's bilateral
-term reads and the ground-truth mask. A COCO image (640x480, 81 classes, work ratio 0.2): 3.98 MB of logits +
-0.92 MB of pixels + 0.31 MB of mask (``bench/orchestration.py --evaluate-crf`` measures it)."""
-ROW_FORMAT = 2
-"""Version of the row layout above; part of the run key, so outputs of an older layout are recomputed."""
+METRICS_VERSION = 2
+"""How ``metrics.json`` summarises the committed rows: 2 averages IoU over the classes with ground truth, as
+the reference (1, unversioned: predicted-only classes counted as 0). A complete output summarised another way
+is not complete: a re-run rebuilds its summary from the committed rows (no item is recomputed)."""
 
 
 def output_uri(spec: JobSpec) -> str:
@@ -128,6 +114,8 @@ def run_key(spec: JobSpec, fingerprint: str, base_size: int) -> dict:
            "correlation_maps": maps, "data": lineage.data_identity(spec),
            "cam_caa_threshold": c.cam_caa_threshold, "cam_rar_steps": c.cam_rar_steps, "cam_adapter": c.cam_adapter,
            "row_format": ROW_FORMAT}
+    if c.crf:  # CRF rows since the CRF tasks: upsampled on the CPU in both placements (before: on the device)
+        key["crf_upsampling"] = "cpu"
     if c.maps == "online":  # maps made here: how images become the diffusion input counts too
         key["diffusion_input"] = lineage.diffusion_input_settings(spec)
     return key
@@ -150,10 +138,18 @@ def recorded_key(out: str) -> dict | None:
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
+def metrics_version(out: str) -> int | None:
+    """:data:`METRICS_VERSION` of the ``metrics.json`` at ``out`` (1: written before it was recorded)."""
+    uri = storage.join(out, "metrics.json")
+    return int(storage.read_json(uri).get("metrics_version", 1)) if storage.exists(uri) else None
+
+
 def is_complete(spec: JobSpec) -> bool:
-    """Manifest present and made from this export (its weights' fingerprint) with these settings."""
-    key = current_key(spec)
-    return storage.is_complete(spec.evaluate.output) and key is not None and recorded_key(spec.evaluate.output) == key
+    """Manifest present and made from this export (its weights' fingerprint) with these settings, and its
+    metrics summarised the current way (else a re-run rebuilds them from the committed rows)."""
+    key, out = current_key(spec), spec.evaluate.output
+    return storage.is_complete(out) and key is not None and recorded_key(out) == key \
+        and metrics_version(out) == METRICS_VERSION
 
 
 def stale(spec: JobSpec) -> list[str]:
@@ -176,40 +172,6 @@ def reset_if_changed(out: str, key: dict, stale_dirs: list[str]) -> None:
             storage.delete_dir(storage.join(out, d))
     if old != key:
         storage.write_json(uri, key)
-
-
-def sparse_cm(cm: np.ndarray) -> tuple[list[int], list[int]]:
-    idx = np.flatnonzero(cm)
-    return idx.astype(np.int32).tolist(), cm.reshape(-1)[idx].astype(np.int64).tolist()
-
-
-def dense_cm(rows, k: int) -> np.ndarray:
-    """Sum of sparse per-row confusion matrices as an exact int64 [K, K] matrix."""
-    flat = np.zeros(k * k, dtype=np.int64)
-    for idx, cnt in rows:
-        if idx:
-            np.add.at(flat, np.asarray(idx, dtype=np.int64), np.asarray(cnt, dtype=np.int64))
-    return flat.reshape(k, k)
-
-
-def make_row(item: dict, h: int, w: int, png: bytes, cm: np.ndarray | None = None, cam_class: int = -1,
-             cm_raw: np.ndarray | None = None) -> dict:
-    """One shard row (:data:`SCHEMA`)."""
-    idx, cnt = sparse_cm(cm) if cm is not None else ([], [])
-    raw_idx, raw_cnt = sparse_cm(cm_raw) if cm_raw is not None else ([], [])
-    return {ID: item[ID], "task": item["task"], "image_id": item["image_id"], "height": h, "width": w,
-            "png": png, "cm_idx": idx, "cm_cnt": cnt, "cam_class": cam_class,
-            "cm_raw_idx": raw_idx, "cm_raw_cnt": raw_cnt}
-
-
-def seg_row(item: dict, mask: np.ndarray | None, pred: np.ndarray, raw: np.ndarray | None, k: int) -> dict:
-    """The shard row of a segmented image: its mask PNG, and with ground truth its confusion matrix (and the
-    one before CRF when ``raw`` is given)."""
-    from diclip.viz import encode_mask_png
-
-    cm = metriclib.confusion_matrix(mask, pred, k) if mask is not None else None
-    cm_raw = metriclib.confusion_matrix(mask, raw, k) if mask is not None and raw is not None else None
-    return make_row(item, *pred.shape, encode_mask_png(pred), cm, cm_raw=cm_raw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +224,7 @@ class Evaluator:
         self.k = self.model.num_classes
         self.class_set = class_set_for(spec.data)
         self._maps = None
-        if self.cfg.crf:
+        if self.cfg.crf and not self.crf_in_tasks:  # with crf_placement=tasks the CRF tasks check it
             from diclip.method.crf import crf_backend
 
             crf_backend()
@@ -306,14 +268,8 @@ class Evaluator:
     def crf_payloads(self, members: list[tuple[dict, object]]) -> list[dict]:
         """The logits of a seg batch for the CRF tasks (``crf_placement=tasks``): fp32 at the working size,
         with the image's pixels and mask as the input tasks decoded them."""
-        rows = []
-        for (item, _), lg in zip(members, self.seg_logits([s.image for _, s in members])):
-            arr = np.ascontiguousarray(lg.float().cpu().numpy())
-            rows.append({ID: item[ID], "task": item["task"], "image_id": item["image_id"], CRF_PENDING: True,
-                         "crf_logits": arr.tobytes(), "crf_k": arr.shape[0], "crf_h": arr.shape[1],
-                         "crf_w": arr.shape[2], "img": item["img"], "img_h": int(item["img_h"]),
-                         "img_w": int(item["img_w"]), "mask": item["mask"]})
-        return rows
+        return [crf_payload(item, lg.float().cpu().numpy())
+                for (item, _), lg in zip(members, self.seg_logits([s.image for _, s in members]))]
 
     def cams(self, members: list[tuple[dict, object]]) -> list[dict]:
         from diclip.inference import cam_pseudo_labels, resize_square, strongest_class
@@ -381,56 +337,12 @@ class Evaluator:
         if rows:
             write_shard(self.cfg.output, pa.Table.from_pylist(rows, schema=SCHEMA), reports=reports)
         if self.crf_in_tasks:  # every row carries the payload columns, so each output block has one schema
-            empty = {CRF_PENDING: False, "crf_logits": b"", "crf_k": 0, "crf_h": 0, "crf_w": 0, "img": b"",
-                     "img_h": 0, "img_w": 0, "mask": b""}
-            reports = [empty | r for r in reports] + pending
+            reports = [EMPTY_PAYLOAD | r for r in reports] + pending
         out = pd.DataFrame(reports)
         out["pid"] = os.getpid()  # which actor did the work (the summary counts actors that contributed)
         out["t_start"], out["t_end"] = t_start, time.time()  # compute span, for throughput without start-up
         out["cpu_s"] = (time.process_time() - cpu_start) / len(out)  # CPU this call used, per item
         return out
-
-
-# ----------------------------------------------------------------------------------------------
-# CRF tasks
-# ----------------------------------------------------------------------------------------------
-def crf_task(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
-    """Ray Data CPU task after the actor pool (``crf_placement=tasks``): for each seg item the actor left
-    pending, :func:`diclip.inference.finish_segment` (upsample, dense CRF, arg-max) on the logits it shipped,
-    then one shard for the call's rows, as an actor call writes one. The actor's own report rows pass
-    through. Reports say ``crf_s`` (CPU-side seconds) and ``moved_bytes`` (payload from the actor) per item."""
-    from diclip.inference import finish_segment
-
-    setup_process(spec)
-    torch.set_num_threads(max(1, int(spec.evaluate.crf_cpus)))
-    k = class_set_for(spec.data).num_classes
-    records = batch.to_dict("records")
-    keep = ("task", "pid", "t_start", "t_end", "cpu_s")
-    out: list[dict] = []
-    new: list[dict] = []
-    rows: list[dict] = []
-    for item in records:
-        if not item.get(CRF_PENDING):
-            out.append({c: v for c, v in item.items() if c not in CRF_PAYLOAD and c != CRF_PENDING})
-            continue
-        t0 = time.perf_counter()
-        moved = sum(len(item[c]) for c in ("crf_logits", "img", "mask"))
-        try:
-            h, w = int(item["img_h"]), int(item["img_w"])
-            image = np.frombuffer(item["img"], np.uint8).reshape(h, w, 3)
-            mask = np.frombuffer(item["mask"], np.uint8).reshape(h, w) if len(item["mask"]) else None
-            logits = torch.from_numpy(np.frombuffer(item["crf_logits"], np.float32).reshape(
-                int(item["crf_k"]), int(item["crf_h"]), int(item["crf_w"])).copy())
-            pred, raw = finish_segment(image, logits, True)
-            rows.append(seg_row(item, mask, pred, raw, k))
-            rep = report_row(item[ID], True)
-        except Exception as e:  # one bad item fails alone (a store outage past its budget is raised)
-            rep = report_row(item[ID], False, item_error(e))
-        new.append(rep | {c: item[c] for c in keep if c in item}
-                   | {"crf_s": time.perf_counter() - t0, "moved_bytes": moved})
-    if rows:
-        write_shard(spec.evaluate.output, pa.Table.from_pylist(rows, schema=SCHEMA), reports=new)
-    return pd.DataFrame(out + new)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,21 +528,83 @@ def _nan_to_none(obj):
     return obj
 
 
-def run(spec: JobSpec) -> dict:
+def check_inputs(spec: JobSpec):
+    """(export info, base size): one-line errors before any actor starts."""
     from diclip.inference import read_export
 
     cfg = spec.evaluate
-    t0 = time.perf_counter()
-    info = read_export(cfg.checkpoint, class_set_for(spec.data))  # one-line errors before any actor starts
+    info = read_export(cfg.checkpoint, class_set_for(spec.data))
     if cfg.crf:
         from diclip.method.crf import crf_backend
 
         crf_backend()
-    base = cfg.size or info.crop_size
     if (cfg.cam or cfg.export_pseudo_labels) and cfg.maps == "stored" and not storage.is_complete(cfg.correlation):
         raise ConfigError(f"evaluate.correlation: no complete correlate output at {cfg.correlation} (CAMs need the "
                           f"diffusion maps of split {cfg.cam_split!r}); run the correlate stage first, or set "
                           "evaluate.maps=online, or evaluate.cam=false")
+    return info, cfg.size or info.crop_size
+
+
+@dataclasses.dataclass
+class PoolStats:
+    """What the driver gathers from the report rows of one run (for the stage's summary)."""
+
+    counts: dict = dataclasses.field(default_factory=lambda: defaultdict(int))
+    pids: set = dataclasses.field(default_factory=set)
+    span: list = dataclasses.field(default_factory=lambda: [float("inf"), 0.0])
+    cpu_s: float = 0.0
+    moved: list = dataclasses.field(default_factory=lambda: [0, 0])  # payload bytes handed to CRF tasks, images
+
+    def collect(self, row: dict) -> None:
+        self.pids.add(int(row.get("pid", -1)))
+        if row.get("moved_bytes") == row.get("moved_bytes") and row.get("moved_bytes") is not None:  # not NaN
+            self.moved[0] += int(row["moved_bytes"])
+            self.moved[1] += 1
+        self.cpu_s += float(row.get("cpu_s", 0.0))
+        self.span[0], self.span[1] = min(self.span[0], row.get("t_start", self.span[0])), \
+            max(self.span[1], row.get("t_end", self.span[1]))
+        if row.get("ok"):
+            self.counts[str(row.get("task"))] += 1
+
+
+def run_items(spec: JobSpec, pending: list[dict], base: int, stats: PoolStats):
+    """The actor pool (and the CRF tasks after it) over the pending items."""
+    cfg = spec.evaluate
+    if pending:
+        init_ray(spec)
+    # never more actors than items: an idle actor would only load the model
+    res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
+    crf_tasks = cfg.crf and cfg.crf_placement == "tasks"
+    return run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
+                    prepare=prepare_samples, prepare_kwargs={"spec": spec},
+                    collect=stats.collect, stall_s=60 * spec.ray.stall_minutes, output=cfg.output,
+                    finish=crf_task if crf_tasks else None, finish_kwargs={"spec": spec},
+                    finish_cpus=cfg.crf_cpus, finish_concurrency=cfg.crf_concurrency)
+
+
+def write_metrics(spec: JobSpec, info, base: int, rows: dict[str, dict], failed: int) -> dict:
+    """``metrics.json`` (with :data:`METRICS_VERSION`) and ``report.md`` from the committed rows."""
+    cfg = spec.evaluate
+    sums = summaries(spec, rows)
+    metrics = {
+        "metrics_version": METRICS_VERSION,
+        "checkpoint": cfg.checkpoint, "fingerprint": info.fingerprint, "classes": info.classes,
+        "base_size": base, "failed": failed,
+        "segmentation": {"split": cfg.split, "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf,
+                         "voc_flip_quirk": cfg.voc_flip_quirk, "work_ratio": cfg.work_ratio, **sums["seg"]},
+        "cam": ({"split": cfg.cam_split, "caa_threshold": cfg.cam_caa_threshold, "rar_steps": cfg.cam_rar_steps,
+                 "adapter_cam": cfg.cam_adapter, "maps": cfg.maps, **sums["cam"]} if cfg.cam else None),
+    }
+    metrics = _nan_to_none(metrics)
+    storage.write_json(storage.join(cfg.output, "metrics.json"), metrics)
+    storage.write_text(storage.join(cfg.output, "report.md"), report_markdown(spec, metrics))
+    return metrics
+
+
+def run(spec: JobSpec) -> dict:
+    cfg = spec.evaluate
+    t0 = time.perf_counter()
+    info, base = check_inputs(spec)
     reset_if_changed(cfg.output, run_key(spec, info.fingerprint, base), ["shards", PSEUDO_DIR[0]])
     items = list_items(spec)
     wanted = {it[ID] for it in items}
@@ -640,47 +614,11 @@ def run(spec: JobSpec) -> dict:
              len(items), sum(it["task"] == "seg" for it in items), sum(it["task"] == "cam" for it in items),
              sum(it["task"] == "pic" for it in items), len(items) - len(pending), len(pending),
              cfg.resources.concurrency, cfg.resources.batch_size)
-    if pending:
-        init_ray(spec)
-    # never more actors than items: an idle actor would only load the model
-    res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
-    counts: dict[str, int] = defaultdict(int)
-    pids: set[int] = set()
-    span = [float("inf"), 0.0]
-    cpu = [0.0]
-    moved = [0, 0]  # payload bytes the actors handed to CRF tasks, images
-
-    def collect(row: dict) -> None:
-        pids.add(int(row.get("pid", -1)))
-        if row.get("moved_bytes") == row.get("moved_bytes") and row.get("moved_bytes") is not None:  # not NaN
-            moved[0] += int(row["moved_bytes"])
-            moved[1] += 1
-        cpu[0] += float(row.get("cpu_s", 0.0))
-        span[0], span[1] = min(span[0], row.get("t_start", span[0])), max(span[1], row.get("t_end", span[1]))
-        if row.get("ok"):
-            counts[str(row.get("task"))] += 1
-
-    crf_tasks = cfg.crf and cfg.crf_placement == "tasks"
-    result = run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
-                      prepare=prepare_samples, prepare_kwargs={"spec": spec},
-                      collect=collect, stall_s=60 * spec.ray.stall_minutes, output=cfg.output,
-                      finish=crf_task if crf_tasks else None, finish_kwargs={"spec": spec},
-                      finish_cpus=cfg.crf_cpus, finish_concurrency=cfg.crf_concurrency)
+    stats = PoolStats()
+    result = run_items(spec, pending, base, stats)
     rows, where = committed_rows(cfg.output, wanted)
-    sums = summaries(spec, rows)
-    metrics = {
-        "checkpoint": cfg.checkpoint, "fingerprint": info.fingerprint, "classes": info.classes,
-        "base_size": base, "failed": len(result.failures),
-        "segmentation": {"split": cfg.split, "scales": list(cfg.scales), "flip": cfg.flip, "crf": cfg.crf,
-                         "voc_flip_quirk": cfg.voc_flip_quirk, "work_ratio": cfg.work_ratio, **sums["seg"]},
-        "cam": ({"split": cfg.cam_split, "caa_threshold": cfg.cam_caa_threshold, "rar_steps": cfg.cam_rar_steps,
-                 "adapter_cam": cfg.cam_adapter, "maps": cfg.maps, **sums["cam"]} if cfg.cam else None),
-    }
-    metrics = _nan_to_none(metrics)
-    storage.write_json(storage.join(cfg.output, "metrics.json"), metrics)
-    storage.write_text(storage.join(cfg.output, "report.md"), report_markdown(spec, metrics))
-    seg_ids = [it["image_id"] for it in items if it["task"] == "seg"]
-    pictures = write_pictures(spec, rows, where, seg_ids)
+    metrics = write_metrics(spec, info, base, rows, len(result.failures))
+    pictures = write_pictures(spec, rows, where, [it["image_id"] for it in items if it["task"] == "seg"])
     export = None
     if cfg.export_pseudo_labels:
         backfill_pseudo_labels(spec, rows, where)
@@ -693,17 +631,21 @@ def run(spec: JobSpec) -> dict:
     manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
                         {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))}, extra,
                         before_commit=(lambda: require_complete_export(export)) if export else None)
-    rate = counts["seg"] / result.seconds if result.seconds > 0 else 0.0
-    # items/s from the first actor call's start to the last call's end: without Ray/actor start-up
-    steady = len(pending) / (span[1] - span[0]) if span[1] > span[0] else 0.0
+    rate = stats.counts["seg"] / result.seconds if result.seconds > 0 else 0.0
     log.info("evaluate: seg mIoU %s (%d images), CAM mIoU %s (%d images), %d failed; %.2f seg images/s this run",
              _pct(seg_s["miou"]), seg_s["images"], _pct(cam_s["miou"]) if cam_s else "-",
              cam_s["images"] if cam_s else 0, manifest.num_failed, rate)
     return {"seg_miou": seg_s["miou"], "cam_miou": cam_s["miou"] if cam_s else None,
             "seg_images": seg_s["images"], "cam_images": cam_s["images"] if cam_s else 0,
-            "computed_now": result.rows, "actors_used": len(pids), "failed": manifest.num_failed,
-            "seg_images_per_s": round(rate, 3),
-            "steady_items_per_s": round(steady, 3),
-            "actor_cpu_share": round(cpu[0] / (len(pids) * (span[1] - span[0])), 3) if span[1] > span[0] else 0.0,
-            "crf_moved_bytes_per_image": round(moved[0] / moved[1]) if moved[1] else 0,
+            "computed_now": result.rows, "actors_used": len(stats.pids), "failed": manifest.num_failed,
+            "seg_images_per_s": round(rate, 3), **throughput(stats, len(pending)),
             "pictures": pictures, "pseudo_labels": pseudo, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def throughput(stats: PoolStats, pending: int) -> dict:
+    """Items/s from the first actor call's start to the last call's end (without Ray/actor start-up), the
+    actors' CPU share of that span, and the payload per image handed to CRF tasks."""
+    span = stats.span[1] - stats.span[0]
+    return {"steady_items_per_s": round(pending / span, 3) if span > 0 else 0.0,
+            "actor_cpu_share": round(stats.cpu_s / (len(stats.pids) * span), 3) if span > 0 else 0.0,
+            "crf_moved_bytes_per_image": round(stats.moved[0] / stats.moved[1]) if stats.moved[1] else 0}

@@ -142,6 +142,21 @@ def published_node_types() -> tuple[list[dict] | None, bool]:
     return [{k: float(v) for k, v in g.resources.items()} for g in groups], grows
 
 
+HEAD_RESOURCE = "node:__internal_head__"
+"""The resource Ray gives the head node only (private name)."""
+
+
+def alive_node_is_head() -> list[bool]:
+    """For each alive node of ``ray.nodes()`` (the order of :func:`ray_jobs.common.alive_nodes`): whether it is
+    the head. [] when Ray cannot say (the caller then treats every node as a worker)."""
+    try:
+        import ray
+
+        return [HEAD_RESOURCE in (n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    except Exception:
+        return []
+
+
 def autoscaler_status_report() -> dict:
     """The v1 autoscaler's last status report from the GCS key-value store (private key; {} when none or
     when the key moved)."""

@@ -1004,9 +1004,6 @@ def test_the_readme_coco_cpu_workers_fit_their_node(tmp_path: Path) -> None:
     (["cluster.cpu_workers.count=2", "cluster.cpu_workers.cpus=500"],
      "cluster.cpu_workers.cpus=500: no listed AWS instance type has that many vCPUs (the largest, c7i.48xlarge, has "
      "192); lower it or name one in cluster.cpu_workers.instance"),
-    (["evaluate.crf_cpus=12"],
-     "evaluate.crf_cpus=12: each CRF task needs more CPUs than any worker has (the largest has 8); lower "
-     "evaluate.crf_cpus or raise cluster.cpu_workers.cpus (with cluster.cpu_workers.count > 0)"),
 ])
 def test_impossible_cpu_worker_plans_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                   overrides: list[str], line: str) -> None:
@@ -1014,10 +1011,6 @@ def test_impossible_cpu_worker_plans_are_one_line(tmp_path: Path, capsys: pytest
     rc = cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *S3_ROOTS, *overrides, "--out", str(out)])
     assert rc == 2 and capsys.readouterr().err.strip().splitlines() == [f"error: {line}"]
     assert not out.exists()
-    # a CPU group big enough makes the same CRF task fit
-    if overrides == ["evaluate.crf_cpus=12"]:
-        assert cli.main(["cluster", "render", str(CONFIGS / "coco.yaml"), *S3_ROOTS, *overrides,
-                         "cluster.cpu_workers.count=1", "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -1051,3 +1044,62 @@ def test_crf_tasks_that_no_node_can_host_are_refused() -> None:
     # an autoscaler whose CPU-only node type has the CPUs: fine
     check_cluster(coco, ["evaluate"], _view([{"CPU": 4.0, "GPU": 1.0}] * 16, [{"CPU": 4.0, "GPU": 1.0},
                                                                               {"CPU": 48.0}], autoscaling=True))
+
+
+@pytest.mark.parametrize("config", ["voc", "coco"])
+def test_evaluate_only_workers_get_spare_cpus_for_crf_tasks(tmp_path: Path, config: str) -> None:
+    """pipeline.stages=[evaluate] with the CRF in tasks and no CPU-only group: each GPU worker gets the actor's 4
+    CPUs plus crf_spare_cpus (4) for CRF tasks (g5.2xlarge), not only the actor's (every CRF on the head)."""
+    files = render(tmp_path, config, "pipeline.stages=[evaluate]")
+    (gpu,) = load(files["raycluster.yaml"])["spec"]["workerGroupSpecs"]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "8"
+    launcher = load(files["cluster-launcher.yaml"])
+    assert launcher["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"] == "g5.2xlarge"
+    assert gpu["maxReplicas"] == load_spec(str(CONFIGS / f"{config}.yaml")).evaluate.resources.concurrency
+    spec = load_spec(str(CONFIGS / f"{config}.yaml"), shared(config, "pipeline.stages=[evaluate]"))
+    plan = cluster_render.plan_cluster(spec)
+    assert cluster_render.crf_cpus_left(plan.cpus_per_worker, plan.gpus_per_worker, spec.evaluate.resources) \
+        == cluster_render.crf_spare_cpus(spec) == 4
+    # a larger CRF task gets its CPUs; in-actor CRF or a CPU-only group: no spare
+    big = load_spec(str(CONFIGS / f"{config}.yaml"), shared(config, "pipeline.stages=[evaluate]", "evaluate.crf_cpus=6"))
+    assert cluster_render.plan_cluster(big).cpus_per_worker == 10
+    # a CRF task larger than the CPU-only group's pods: one line; a bigger group fits it
+    with pytest.raises(ConfigError, match=r"^evaluate.crf_cpus=40: each CRF task needs more CPUs than any worker "
+                                          r"has \(the largest has \d+\); lower evaluate.crf_cpus or raise "
+                                          r"cluster.cpu_workers.cpus \(with cluster.cpu_workers.count > 0\)$"):
+        render(tmp_path / "big", config, "evaluate.crf_cpus=40", "cluster.cpu_workers.count=1",
+               "cluster.cpu_workers.cpus=32")
+    render(tmp_path / "bigger", config, "evaluate.crf_cpus=40", "cluster.cpu_workers.count=1",
+           "cluster.cpu_workers.cpus=64")
+    for extra in ("evaluate.crf_placement=actor", "cluster.cpu_workers.count=2"):
+        other = load_spec(str(CONFIGS / f"{config}.yaml"), shared(config, "pipeline.stages=[evaluate]", extra))
+        assert cluster_render.crf_spare_cpus(other) == 0 and cluster_render.plan_cluster(other).cpus_per_worker == 4
+
+
+def test_a_joined_cluster_whose_workers_leave_no_cpu_for_crf_is_one_line() -> None:
+    """Workers sized to the actor (4 CPUs + 1 GPU, actor 4 CPUs): every CRF would run on the head."""
+    from ray_jobs.cluster_fit import check_cluster
+
+    voc = load_spec(str(CONFIGS / "voc.yaml"), shared("voc", "pipeline.stages=[evaluate]"))
+    head, worker = {"CPU": 4.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 1.0}
+    view = _view([head] + [worker] * 8)
+    view.heads = [True] + [False] * 8
+    line = ("evaluate: each CRF task needs evaluate.crf_cpus=1 CPUs but every worker node's CPUs minus the evaluate "
+            "actors' leave 0, so every CRF would run on the head; set cluster.cpu_workers.count>0 (CPU-only "
+            "workers) or evaluate.crf_placement=actor")
+    with pytest.raises(ConfigError) as e:
+        check_cluster(voc, ["evaluate"], view)
+    assert str(e.value) == line
+    # autoscaler node types: the same refusal; a CPU-only node type, bigger GPU workers or in-actor CRF: fine
+    typed = _view([head], [worker], autoscaling=True)
+    typed.heads = [True]
+    with pytest.raises(ConfigError, match="every CRF would run on the head"):
+        check_cluster(voc, ["evaluate"], typed)
+    typed.node_types = [worker, {"CPU": 48.0}]
+    check_cluster(voc, ["evaluate"], typed)
+    big = _view([head] + [{"CPU": 8.0, "GPU": 1.0}] * 8)
+    big.heads = [True] + [False] * 8
+    check_cluster(voc, ["evaluate"], big)
+    actor = load_spec(str(CONFIGS / "voc.yaml"), shared("voc", "pipeline.stages=[evaluate]",
+                                                      "evaluate.crf_placement=actor"))
+    check_cluster(actor, ["evaluate"], view)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diclip import storage, viz
-from diclip.data import get_class_set, open_dataset
+from diclip.data import get_class_set, open_dataset, open_split
 from diclip.errors import ConfigError, StageFailed
 from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square, segment, \
     segmenter_forward
@@ -264,3 +264,93 @@ def test_crf_in_cpu_tasks_gives_the_masks_of_the_in_actor_path(prepared, tmp_pat
     lh, lw = int(h * 0.4), int(w * 0.4)
     assert tasks["crf_moved_bytes_per_image"] == k * lh * lw * 4 + h * w * 3 + h * w
     assert actor["crf_moved_bytes_per_image"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the CRF task itself (no Ray): malformed payloads, mixed rows, thread state
+# ----------------------------------------------------------------------------------------------
+def _pending_row(spec, image_id, k=5, h=64, w=80, ratio=0.4):
+    """A pending seg row as an actor ships it: random working-size logits, the image's pixels and mask."""
+    from ray_jobs.evaluate_crf import crf_payload
+
+    s = open_split(spec.data, spec.evaluate.split).load(image_id)
+    logits = np.random.default_rng(0).standard_normal((k, int(h * ratio), int(w * ratio))).astype(np.float32)
+    item = {"item_id": f"seg/{image_id}", "task": "seg", "image_id": image_id,
+            "img": np.ascontiguousarray(s.image).tobytes(), "img_h": s.image.shape[0], "img_w": s.image.shape[1],
+            "mask": np.ascontiguousarray(s.mask).tobytes()}
+    return crf_payload(item, logits) | {"pid": 7, "t_start": 1.0, "t_end": 2.0, "cpu_s": 0.5}
+
+
+def test_crf_task_fails_only_the_malformed_item_and_passes_actor_reports_through(prepared, tmp_path):
+    """A direct call on a pandas block mixing the actor's report rows (one committed cam row, with its shard
+    columns; one failed item) and pending seg rows, one of them with a null payload column: that item alone
+    fails, once; the others get rows in one shard; the reports pass through; torch threads are restored."""
+    import pandas as pd
+
+    from ray_jobs.evaluate_crf import EMPTY_PAYLOAD, crf_task
+
+    spec = tiny_spec(prepared.output_uri, *EVAL, f"evaluate.output={tmp_path}/direct", "evaluate.crf_cpus=2")
+    ids = open_split(spec.data, spec.evaluate.split).ids[:3]
+    good = [_pending_row(spec, i) for i in ids[:2]]
+    bad = _pending_row(spec, ids[2]) | {"crf_logits": None}
+    reports = [EMPTY_PAYLOAD | {"item_id": "cam/x", "ok": True, "error": "", "task": "cam", "shard": "s.parquet",
+                                "row": 0, "shard_rows": 1, "pid": 7, "t_start": 1.0, "t_end": 2.0, "cpu_s": 0.5},
+               EMPTY_PAYLOAD | {"item_id": "seg/broken", "ok": False, "error": "DiclipError: bad image",
+                                "task": "seg", "pid": 7, "t_start": 1.0, "t_end": 2.0, "cpu_s": 0.5}]
+    threads = torch.get_num_threads()
+    out = crf_task(pd.DataFrame(reports + good + [bad]), spec)
+    assert torch.get_num_threads() == threads
+    assert sorted(out["item_id"]) == sorted(["cam/x", "seg/broken", *(f"seg/{i}" for i in ids)])
+    assert not set(out.columns) & {"crf_logits", "img", "mask", "crf_pending"}
+    by_id = {r["item_id"]: r for r in out.to_dict("records")}
+    assert by_id["cam/x"]["ok"] and by_id["cam/x"]["shard"] == "s.parquet"  # passed through untouched
+    assert not by_id["seg/broken"]["ok"] and by_id["seg/broken"]["error"] == "DiclipError: bad image"
+    assert not by_id[f"seg/{ids[2]}"]["ok"] and "TypeError" in by_id[f"seg/{ids[2]}"]["error"]
+    assert all(by_id[f"seg/{i}"]["ok"] for i in ids[:2])
+    assert by_id[f"seg/{ids[0]}"]["moved_bytes"] == 5 * 25 * 32 * 4 + 64 * 80 * 3 + 64 * 80
+    (shard,) = list_shards(spec.evaluate.output)
+    assert sorted(storage.read_parquet(shard).column("item_id").to_pylist()) == [f"seg/{i}" for i in sorted(ids[:2])]
+
+
+def test_crf_task_passes_a_block_without_payload_columns_through(prepared, tmp_path):
+    """Blocks differ in columns (shard/row only where the actor committed rows; no payload columns at all):
+    a block with nothing pending is returned as is, and nothing is written."""
+    import pandas as pd
+
+    from ray_jobs.evaluate_crf import crf_task
+
+    spec = tiny_spec(prepared.output_uri, *EVAL, f"evaluate.output={tmp_path}/plain")
+    block = pd.DataFrame([{"item_id": "cam/a", "ok": True, "error": "", "task": "cam", "pid": 1},
+                          {"item_id": "pic/a", "ok": False, "error": "x", "task": "pic", "pid": 1}])
+    out = crf_task(block, spec)
+    assert out.to_dict("records") == block.to_dict("records")
+    assert list_shards(spec.evaluate.output) == []
+
+
+def test_crf_task_without_a_crf_package_fails_in_one_line(prepared, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from ray_jobs.evaluate_crf import crf_task
+
+    spec = tiny_spec(prepared.output_uri, *EVAL, f"evaluate.output={tmp_path}/nocrf")
+    row = _pending_row(spec, open_split(spec.data, spec.evaluate.split).ids[0])
+    for module in ("pydensecrf", "pydensecrf.densecrf", "denseCRF"):
+        monkeypatch.setitem(sys.modules, module, None)  # import of these now raises ImportError
+    with pytest.raises(ConfigError, match="needs a dense CRF package") as e:
+        crf_task(pd.DataFrame([row]), spec)
+    assert "\n" not in str(e.value)
+
+
+def test_old_style_metrics_are_rebuilt_from_committed_rows(evaluated):
+    """A complete output whose metrics.json predates METRICS_VERSION is not complete; a re-run recomputes no
+    item and rewrites the summary from the committed rows."""
+    spec, _ = evaluated
+    uri = storage.join(spec.evaluate.output, "metrics.json")
+    new = storage.read_json(uri)
+    assert new["metrics_version"] == evaluate.METRICS_VERSION and evaluate.is_complete(spec)
+    old = {k: v for k, v in new.items() if k != "metrics_version"} | {"segmentation": {"miou": 0.0}}
+    storage.write_json(uri, old)
+    assert not evaluate.is_complete(spec)
+    again = evaluate.run(spec)
+    assert again["computed_now"] == 0
+    assert storage.read_json(uri) == new and evaluate.is_complete(spec)
