@@ -104,3 +104,14 @@ def test_the_upload_matcher_is_rays_own():
     matcher = ray_compat.gitwildmatch(["*.pyc", "runs/"])
     assert matcher is not None, "Ray's vendored pathspec moved"
     assert matcher.match_file("a/b.pyc") and matcher.match_file("runs/x") and not matcher.match_file("a/b.py")
+
+
+def test_rays_head_marker_is_the_one_we_read():
+    """ray_compat.alive_node_is_head (CRF tasks need CPUs on a worker node, not the head's: test_cluster.py)."""
+    from ray._common import constants
+
+    names = {v for k, v in vars(constants).items() if isinstance(v, str) and "HEAD" in k}
+    assert ray_compat.HEAD_RESOURCE in {n if n.startswith("node:") else f"node:{n}" for n in names}, \
+        f"Ray's head-node resource is no longer {ray_compat.HEAD_RESOURCE!r}"
+    if not ray.is_initialized():
+        assert ray_compat.alive_node_is_head() == []
