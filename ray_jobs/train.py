@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import threading
 import time
 import uuid
@@ -570,6 +571,10 @@ def run(spec: JobSpec) -> dict:
     ray_compat.on_controller(trainer, controller_started)
     ray_compat.without_placement_group_cleaner(trainer)
     t0 = time.perf_counter()
+    # Ray Train installs its own SIGINT handler for the run and leaves it behind: a later Ctrl-C in this
+    # process (a notebook, the next stage) would ask a controller that is gone to abort. Restored after fit.
+    main = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors in text; surface user errors as one line
@@ -581,6 +586,8 @@ def run(spec: JobSpec) -> dict:
         raise
     finally:
         watchdog.stop()
+        if main and sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
     seconds = time.perf_counter() - t0
     note_recoveries(spec, fit)
     metrics = dict(result.metrics or {})

@@ -403,7 +403,11 @@ def test_a_changed_setting_trains_from_step_0_instead_of_resuming_the_old_run(ra
     synthesize.run(spec)
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
     weights = storage.join(spec.train.output, "export", "model.safetensors")
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
     train.run(spec)
+    assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's handler for the run is not left behind
     before = storage.read_bytes(weights)
     changed = tiny_spec(str(tmp_path / "run"), *TRAIN, *args, f"train.lr={spec.train.lr * 10}")
     assert not train.is_complete(changed) and train.stale(changed) == ["train.lr"]
