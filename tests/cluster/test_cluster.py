@@ -193,11 +193,16 @@ def test_demo_resources_match_an_independent_count(tmp_path: Path) -> None:
     cpus = max(1, math.ceil(max(r.num_cpus for r in res.values())))
     workers = max(math.ceil((spec.train.num_workers if s == "train" else r.concurrency) / (cpus // r.num_cpus))
                   for s, r in res.items())
+    # the dense CRF runs in CPU tasks after the evaluate actors: with no CPU-only group each worker gets
+    # max(4, crf_cpus) CPUs beyond its actors' (README, Clusters), not counted when packing actors
+    e = spec.evaluate
+    crf_tasks = "evaluate" in ray_stages and e.crf and e.crf_placement == "tasks" and not spec.cluster.cpu_workers.count
+    spare = max(4, math.ceil(e.crf_cpus)) if crf_tasks else 0
     cluster = load(files["raycluster.yaml"])
     (group,) = cluster["spec"]["workerGroupSpecs"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert group["maxReplicas"] == workers and group["minReplicas"] == 0
-    assert limits["cpu"] == str(cpus)
+    assert spare == 4 and limits["cpu"] == str(cpus + spare)
     assert limits.get("nvidia.com/gpu", "0") == str(gpus)
     if gpus == 0:
         assert group["groupName"] == "cpu-workers" and "tolerations" not in group["template"]["spec"]
