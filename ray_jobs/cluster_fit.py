@@ -90,15 +90,15 @@ def cluster_view() -> ClusterView:
     """What the joined cluster offers (Ray must be initialised)."""
     import ray
 
-    from ray_jobs.common import alive_nodes
+    from ray_jobs.common import alive_node_records, node_resources
 
-    nodes = alive_nodes()
-    heads = ray_compat.alive_node_is_head()
+    records = alive_node_records()  # one listing: which node is the head is read from the same records
+    nodes = [node_resources(n) for n in records]
+    heads = [ray_compat.is_head(n) for n in records]
     total = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     types, grows = ray_compat.published_node_types()
     autoscaling = grows if types is not None else _autoscaler_runs() is not False
-    return ClusterView(nodes=nodes, total=total, node_types=types, autoscaling=autoscaling,
-                       heads=heads if len(heads) == len(nodes) else [])
+    return ClusterView(nodes=nodes, total=total, node_types=types, autoscaling=autoscaling, heads=heads)
 
 
 def check_crf_hosts(spec: JobSpec, view: ClusterView) -> None:

@@ -319,12 +319,21 @@ def free_and_total() -> tuple[dict, dict]:
     return free, total
 
 
-def alive_nodes() -> list[dict]:
-    """Total CPUs/GPUs of each alive node of the connected cluster."""
+def alive_node_records() -> list[dict]:
+    """``ray.nodes()`` records of the connected cluster's alive nodes."""
     import ray
 
-    return [{k: float(n.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")} for n in ray.nodes()
-            if n.get("Alive")]
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def node_resources(node: dict) -> dict:
+    """Total CPUs/GPUs of one ``ray.nodes()`` record."""
+    return {k: float(node.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")}
+
+
+def alive_nodes() -> list[dict]:
+    """Total CPUs/GPUs of each alive node of the connected cluster."""
+    return [node_resources(n) for n in alive_node_records()]
 
 
 def largest_node() -> dict:

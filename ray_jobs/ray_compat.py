@@ -146,15 +146,9 @@ HEAD_RESOURCE = "node:__internal_head__"
 """The resource Ray gives the head node only (private name)."""
 
 
-def alive_node_is_head() -> list[bool]:
-    """For each alive node of ``ray.nodes()`` (the order of :func:`ray_jobs.common.alive_nodes`): whether it is
-    the head. [] when Ray cannot say (the caller then treats every node as a worker)."""
-    try:
-        import ray
-
-        return [HEAD_RESOURCE in (n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
-    except Exception:
-        return []
+def is_head(node: dict) -> bool:
+    """Whether a record of ``ray.nodes()`` is the head node (it alone has :data:`HEAD_RESOURCE`)."""
+    return HEAD_RESOURCE in (node.get("Resources") or {})
 
 
 def autoscaler_status_report() -> dict:

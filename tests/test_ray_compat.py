@@ -107,11 +107,11 @@ def test_the_upload_matcher_is_rays_own():
 
 
 def test_rays_head_marker_is_the_one_we_read():
-    """ray_compat.alive_node_is_head (CRF tasks need CPUs on a worker node, not the head's: test_cluster.py)."""
+    """ray_compat.is_head (CRF tasks need CPUs on a worker node, not the head's: test_cluster.py)."""
     from ray._common import constants
 
     names = {v for k, v in vars(constants).items() if isinstance(v, str) and "HEAD" in k}
     assert ray_compat.HEAD_RESOURCE in {n if n.startswith("node:") else f"node:{n}" for n in names}, \
         f"Ray's head-node resource is no longer {ray_compat.HEAD_RESOURCE!r}"
-    if not ray.is_initialized():
-        assert ray_compat.alive_node_is_head() == []
+    assert ray_compat.is_head({"Resources": {"CPU": 4.0, ray_compat.HEAD_RESOURCE: 1.0}})
+    assert not ray_compat.is_head({"Resources": {"CPU": 4.0}}) and not ray_compat.is_head({})
