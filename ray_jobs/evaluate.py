@@ -45,9 +45,8 @@ from diclip.storage import commit_index
 from ray_jobs.common import (
     ID, start_actor, finalize, init_ray, item_error, list_shards, report_row, run_pool, setup_process, write_shard,
 )
-from ray_jobs.evaluate_crf import (  # noqa: F401  (re-exported: the row layout and the CRF task live there)
-    CRF_PAYLOAD, CRF_PENDING, EMPTY_PAYLOAD, ROW_FORMAT, SCHEMA, crf_payload, crf_task, dense_cm, make_row, seg_row,
-    sparse_cm,
+from ray_jobs.evaluate_crf import (
+    EMPTY_PAYLOAD, ROW_FORMAT, SCHEMA, crf_payload, crf_task, dense_cm, make_row, seg_row,
 )
 
 log = get_logger("ray_jobs.evaluate")
@@ -567,7 +566,7 @@ class PoolStats:
             self.counts[str(row.get("task"))] += 1
 
 
-def run_items(spec: JobSpec, pending: list[dict], base: int, stats: PoolStats):
+def run_items(spec: JobSpec, pending: list[dict], base: int, stats: PoolStats, num_classes: int):
     """The actor pool (and the CRF tasks after it) over the pending items."""
     cfg = spec.evaluate
     if pending:
@@ -578,7 +577,7 @@ def run_items(spec: JobSpec, pending: list[dict], base: int, stats: PoolStats):
     return run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
                     prepare=prepare_samples, prepare_kwargs={"spec": spec},
                     collect=stats.collect, stall_s=60 * spec.ray.stall_minutes, output=cfg.output,
-                    finish=crf_task if crf_tasks else None, finish_kwargs={"spec": spec},
+                    finish=crf_task if crf_tasks else None, finish_kwargs={"spec": spec, "num_classes": num_classes},
                     finish_cpus=cfg.crf_cpus, finish_concurrency=cfg.crf_concurrency)
 
 
@@ -615,7 +614,7 @@ def run(spec: JobSpec) -> dict:
              sum(it["task"] == "pic" for it in items), len(items) - len(pending), len(pending),
              cfg.resources.concurrency, cfg.resources.batch_size)
     stats = PoolStats()
-    result = run_items(spec, pending, base, stats)
+    result = run_items(spec, pending, base, stats, len(info.classes))
     rows, where = committed_rows(cfg.output, wanted)
     metrics = write_metrics(spec, info, base, rows, len(result.failures))
     pictures = write_pictures(spec, rows, where, [it["image_id"] for it in items if it["task"] == "seg"])

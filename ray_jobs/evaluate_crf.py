@@ -14,7 +14,6 @@ import pandas as pd
 import pyarrow as pa
 
 from diclip.config import JobSpec
-from diclip.data import class_set_for
 from diclip.method import metrics as metriclib
 from ray_jobs.common import ID, item_error, report_row, setup_process, write_shard
 
@@ -111,11 +110,12 @@ def _finish_one(item: dict, k: int) -> dict:
     return seg_row(item, mask, pred, raw, k)
 
 
-def crf_task(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
+def crf_task(batch: pd.DataFrame, spec: JobSpec, num_classes: int) -> pd.DataFrame:
     """Ray Data CPU task after the actor pool (``crf_placement=tasks``): for each seg item the actor left
     pending, :func:`diclip.inference.finish_segment` (upsample, dense CRF, arg-max) on the logits it shipped,
     then one shard for the call's rows, as an actor call writes one. The actor's own report rows pass
     through. Reports say ``crf_s`` (CPU-side seconds) and ``moved_bytes`` (payload from the actor) per item.
+    ``num_classes`` comes from the driver (a classes file is not read again by every task).
 
     A bad item (a malformed or missing payload) fails alone and is reported once; a node without a dense-CRF
     package fails the task, hence the stage, in one line (:func:`diclip.method.crf.crf_backend`) instead of
@@ -136,7 +136,7 @@ def crf_task(batch: pd.DataFrame, spec: JobSpec) -> pd.DataFrame:
         return pd.DataFrame(out)
     setup_process(spec)
     crf_backend()  # once per task: a node without the package fails here in one line, not item by item
-    k = class_set_for(spec.data).num_classes
+    k = num_classes
     new: list[dict] = []
     rows: list[dict] = []
     threads = torch.get_num_threads()

@@ -34,13 +34,9 @@ def _why(e: BaseException) -> str:
     return m.group(0) if m else (text[:200] or type(e).__name__)
 
 
-def load_weights_only(uri: str) -> Any:
-    """``torch.load(weights_only=True)`` of a local path or ``s3://`` object, on CPU; one-line errors."""
-    return _load(uri, None)
-
-
 def load_hashed(uri: str) -> tuple[Any, str]:
-    """:func:`load_weights_only` and the SHA-256 of the file's bytes, an ``s3://`` object read once."""
+    """``torch.load(weights_only=True)`` of a local path or ``s3://`` object, on CPU, with one-line errors; and
+    the SHA-256 of the file's bytes (an ``s3://`` object is read once for both)."""
     h = hashlib.sha256()
     return _load(uri, h), h.hexdigest()
 
@@ -52,14 +48,12 @@ def _load(uri: str, h: Any) -> Any:
             if not storage.exists(uri):
                 raise ModelError(f"{uri}: no such file")
             source: Any = path
-            if h is not None:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        h.update(block)
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
         else:
             data = storage.read_bytes(uri)
-            if h is not None:
-                h.update(data)
+            h.update(data)
             source = io.BytesIO(data)
         return torch.load(source, map_location="cpu", weights_only=True)
     except DiclipError:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diclip import storage, viz
-from diclip.data import get_class_set, open_dataset, open_split
+from diclip.data import class_set_for, get_class_set, open_dataset, open_split
 from diclip.errors import ConfigError, StageFailed
 from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square, segment, \
     segmenter_forward
@@ -298,7 +298,7 @@ def test_crf_task_fails_only_the_malformed_item_and_passes_actor_reports_through
                EMPTY_PAYLOAD | {"item_id": "seg/broken", "ok": False, "error": "DiclipError: bad image",
                                 "task": "seg", "pid": 7, "t_start": 1.0, "t_end": 2.0, "cpu_s": 0.5}]
     threads = torch.get_num_threads()
-    out = crf_task(pd.DataFrame(reports + good + [bad]), spec)
+    out = crf_task(pd.DataFrame(reports + good + [bad]), spec, class_set_for(spec.data).num_classes)
     assert torch.get_num_threads() == threads
     assert sorted(out["item_id"]) == sorted(["cam/x", "seg/broken", *(f"seg/{i}" for i in ids)])
     assert not set(out.columns) & {"crf_logits", "img", "mask", "crf_pending"}
@@ -322,7 +322,7 @@ def test_crf_task_passes_a_block_without_payload_columns_through(prepared, tmp_p
     spec = tiny_spec(prepared.output_uri, *EVAL, f"evaluate.output={tmp_path}/plain")
     block = pd.DataFrame([{"item_id": "cam/a", "ok": True, "error": "", "task": "cam", "pid": 1},
                           {"item_id": "pic/a", "ok": False, "error": "x", "task": "pic", "pid": 1}])
-    out = crf_task(block, spec)
+    out = crf_task(block, spec, class_set_for(spec.data).num_classes)
     assert out.to_dict("records") == block.to_dict("records")
     assert list_shards(spec.evaluate.output) == []
 
@@ -337,7 +337,7 @@ def test_crf_task_without_a_crf_package_fails_in_one_line(prepared, tmp_path, mo
     for module in ("pydensecrf", "pydensecrf.densecrf", "denseCRF"):
         monkeypatch.setitem(sys.modules, module, None)  # import of these now raises ImportError
     with pytest.raises(ConfigError, match="needs a dense CRF package") as e:
-        crf_task(pd.DataFrame([row]), spec)
+        crf_task(pd.DataFrame([row]), spec, class_set_for(spec.data).num_classes)
     assert "\n" not in str(e.value)
 
 
