@@ -304,9 +304,12 @@ def finish_segment(image: np.ndarray, logits: torch.Tensor, crf: bool) -> tuple[
     """(mask, mask before CRF), uint8 class ids at the image's size, from the working-size logits [K, h, w] of
     :func:`multiscale_logits`: bilinear upsampling, arg-max and, with ``crf``, the dense CRF on the softmax.
 
-    With CPU logits this is all CPU work: the ``evaluate`` stage runs it in Ray Data CPU tasks after the
-    model actors (which ship the logits), and :func:`segment` runs the same function on the same CPU logits,
-    so both give the same masks bit for bit."""
+    With ``crf`` the logits are moved to the CPU (fp32) first, so this is all CPU work wherever it runs: the
+    ``evaluate`` stage runs it in Ray Data CPU tasks after the model actors (which ship the logits), and
+    :func:`segment` and the in-actor path run the same function, so a GPU's interpolation kernels never make
+    them differ: the same masks bit for bit."""
+    if crf:
+        logits = logits.float().cpu()
     full = upsample(logits, image.shape[:2])
     raw = full.argmax(0).to(torch.uint8).cpu().numpy()
     if not crf:
@@ -330,7 +333,7 @@ def segment(forward: SegForward, images: Sequence[np.ndarray], base: int, scales
     logits = multiscale_logits(forward, tensors, base, scales, flip, work_ratio, multiple, voc_flip_quirk)
     out = []
     for im, lg in zip(images, logits):
-        pred, raw = finish_segment(im, lg.float().cpu() if crf else lg, crf)
+        pred, raw = finish_segment(im, lg, crf)
         if raw_out is not None:
             raw_out.append(raw)
         out.append(pred)

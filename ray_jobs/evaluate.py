@@ -259,8 +259,7 @@ class Evaluator:
         crf = self.cfg.crf
         rows = []
         for (item, s), lg in zip(members, self.seg_logits([s.image for _, s in members])):
-            # as diclip.inference.segment: with the CRF the upsampling runs on the CPU, as in the CRF tasks
-            pred, raw = finish_segment(s.image, lg.float().cpu() if crf else lg, crf)
+            pred, raw = finish_segment(s.image, lg, crf)  # with the CRF: upsampled on the CPU, as in the CRF tasks
             rows.append(seg_row(item, s.mask, pred, raw if crf else None, self.k))
         return rows
 
