@@ -123,7 +123,7 @@ def _restore_data_context():
     DataContext._set_current(saved)
 
 
-_PROCESS_FIXTURES = {"ray_session", "seaweed", "s3_server", "s3_bucket", "seaweed_bucket", "cluster"}
+_PROCESS_FIXTURES = {"ray_session", "seaweed", "cluster"}  # fixturenames holds what they pull in (s3_bucket: seaweed)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
