@@ -359,7 +359,11 @@ def _errors(uri: str, action: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 _outage_lock = threading.Lock()
-_outage: dict[str, Any] = {"since": None, "count": 0, "waited_s": 0.0, "retries": 0}
+# ``waiters``: operations that have failed and not yet got an answer. An outage ends when the last of them
+# gets one, not when the first does: a gateway coming back answers one connection and drops the next, and
+# threads in backoff retry at different moments, so "first success" would tell one restart as several.
+_outage: dict[str, Any] = {"since": None, "count": 0, "waited_s": 0.0, "retries": 0, "waiters": 0,
+                           "answered": False}
 
 
 def outage_report() -> dict[str, float]:
@@ -380,9 +384,11 @@ def take_outages() -> tuple[int, float]:
     return int(count), float(waited)
 
 
-def _outage_begins(what: str, reason: str, budget: float) -> None:
+def _outage_begins(what: str, reason: str, budget: float, first: bool) -> None:
+    """A transient failure; ``first``: this operation's first one (it now waits on the store)."""
     with _outage_lock:
         _outage["retries"] += 1
+        _outage["waiters"] += int(first)
         if _outage["since"] is not None:
             return
         _outage["since"] = time.monotonic()
@@ -390,18 +396,19 @@ def _outage_begins(what: str, reason: str, budget: float) -> None:
                 "(storage.retry_budget_s)", _endpoint_label(), what, reason, budget)
 
 
-def _outage_abandoned() -> None:
-    """An operation gave up: the outage is no longer waited out here, so the next one is told anew."""
+def _outage_waiter_done(answered: bool) -> None:
+    """An operation that waited stops waiting: ``answered`` (the store replied, with data or an error)
+    or not (it gave up). The outage ends with the last waiter: told as over when one was answered, and
+    forgotten (the next failure is told anew) when every waiter gave up."""
     with _outage_lock:
-        _outage["since"] = None
-
-
-def _outage_ends() -> None:
-    with _outage_lock:
-        since = _outage["since"]
-        if since is None:
+        _outage["waiters"] = max(0, _outage["waiters"] - 1)
+        _outage["answered"] = _outage["answered"] or answered
+        if _outage["waiters"]:
             return
-        _outage["since"] = None
+        since, answered_any = _outage["since"], _outage["answered"]
+        _outage.update(since=None, answered=False)
+        if since is None or not answered_any:
+            return
         waited = time.monotonic() - since
         _outage["count"] += 1
         _outage["waited_s"] += waited
@@ -455,28 +462,32 @@ def retry_transient(fn: Callable[[], Any], what: str, budget_s: float | None = N
         budget_s = getattr(_budget_override, "seconds", None)
     budget = get_options().retry_budget_s if budget_s is None else budget_s
     first_failure: float | None = None
+    answered = False
     delay = _BACKOFF_FIRST_S
-    while True:
-        try:
-            out = fn()
-            if _outage["since"] is not None:
-                _outage_ends()
-            return out
-        except Exception as e:
-            if not is_transient(e):
-                raise
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            waited = now - first_failure
-            left = budget - waited
-            if left <= 0:
-                _outage_abandoned()
-                if give_up is None or budget <= 0:
+    try:
+        while True:
+            try:
+                out = fn()
+                answered = True
+                return out
+            except Exception as e:
+                if not is_transient(e):
+                    answered = True  # the store replied: it is reachable, whatever the reply says
                     raise
-                raise give_up(e, waited, budget) from e
-            _outage_begins(what, _short(e.__cause__ or e), budget)
-            time.sleep(min(delay * random.uniform(0.75, 1.25), left))  # the last try lands on the budget
-            delay = min(delay * 2, _BACKOFF_MAX_S)
+                now = time.monotonic()
+                waited = 0.0 if first_failure is None else now - first_failure
+                left = budget - waited
+                if left <= 0 or budget <= 0:
+                    if give_up is None or budget <= 0:
+                        raise
+                    raise give_up(e, waited, budget) from e
+                _outage_begins(what, _short(e.__cause__ or e), budget, first=first_failure is None)
+                first_failure = now if first_failure is None else first_failure
+                time.sleep(min(delay * random.uniform(0.75, 1.25), left))  # the last try lands on the budget
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+    finally:
+        if first_failure is not None:
+            _outage_waiter_done(answered)
 
 
 # --------------------------------------------------------------------------------------------------

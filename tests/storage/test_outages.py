@@ -149,3 +149,72 @@ def test_a_filesystem_handed_to_ray_waits_out_a_restart_and_keeps_its_answers(se
         fs.open_input_stream(f"{bucket}/ckpt/missing.bin")
     assert fs.get_file_info(f"{bucket}/nothing").type == pafs.FileType.NotFound
     assert retrying(pafs.LocalFileSystem()).type_name == "local"
+
+
+def test_a_flapping_return_is_one_outage_told_once(caplog, monkeypatch):
+    """A store coming back answers some connections and drops others for a moment; threads in backoff
+    retry at different times. However the successes and failures interleave, it is one outage: told
+    once as begun and once as over, when the last waiting operation has its answer."""
+    from diclip.storage import fs
+
+    monkeypatch.setattr(fs, "_BACKOFF_FIRST_S", 0.01)
+    flaky = OSError("connection refused")
+    flaky.transient = True  # what diclip's error mapping marks a refused connection as
+    fail_until = {name: time.monotonic() + delay for name, delay in
+                  {"a": 0.05, "b": 0.15, "c": 0.3, "d": 0.45}.items()}
+    # d's store drops one more connection after a and b already have their answers
+    drops = {"d": 2}
+
+    def op(name):
+        def call():
+            if time.monotonic() < fail_until[name]:
+                raise flaky
+            if drops.get(name):
+                drops[name] -= 1
+                raise flaky
+            return name
+        return call
+
+    before = storage.outage_report()
+    results = {}
+    with caplog.at_level(logging.WARNING, logger="diclip"):
+        threads = [threading.Thread(target=lambda n=n: results.update({n: fs.retry_transient(op(n), n, 5)}))
+                   for n in fail_until]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == {n: n for n in fail_until}
+    after = storage.outage_report()
+    assert after["count"] - before["count"] == 1
+    assert after["waited_s"] - before["waited_s"] >= 0.4
+    lines = [r.getMessage() for r in caplog.records if "object store" in r.getMessage()]
+    assert sum("not answering" in ln for ln in lines) == sum("answers again" in ln for ln in lines) == 1, lines
+
+
+def test_an_operation_that_gives_up_does_not_end_the_wait_of_others(caplog):
+    """One operation with a zero budget (a metrics write worth less than the wait) fails at once while
+    others still wait: the outage is neither ended nor told anew because of it."""
+    from diclip.storage import fs
+
+    flaky = OSError("connection refused")
+    flaky.transient = True
+    back_at = time.monotonic() + 0.3
+
+    def call():
+        if time.monotonic() < back_at:
+            raise flaky
+        return True
+
+    before = storage.outage_report()
+    with caplog.at_level(logging.WARNING, logger="diclip"):
+        waiter = threading.Thread(target=lambda: fs.retry_transient(call, "slow", 5))
+        waiter.start()
+        time.sleep(0.05)
+        with pytest.raises(OSError):
+            with storage.retry_budget(0):
+                fs.retry_transient(call, "metrics")
+        waiter.join()
+    assert storage.outage_report()["count"] - before["count"] == 1
+    lines = [r.getMessage() for r in caplog.records if "object store" in r.getMessage()]
+    assert sum("not answering" in ln for ln in lines) == 1, lines
