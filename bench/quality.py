@@ -1,24 +1,26 @@
-"""The paper's ablation in miniature, on the shipped toy models and the toy world, in one run.
+"""The paper's ablation in miniature, on the shipped toy models and the toy world, over several training seeds.
 
-    .venv/bin/python bench/quality.py [--quick] [--out bench/results/quality]
+    .venv/bin/python bench/quality.py [--seeds 0,1,2] [--quick] [--out bench/results/quality]
 
 Every row runs the real pipeline stages (Ray Data, Ray Train + DeepSpeed, the evaluate stage) on the
 same data, seeds and models; rows share what they do not change (the dataset, the generated images,
-masks, cache and maps) and recompute the rest:
+masks, cache and maps) and recompute the rest. Each row is trained once per seed (``train.seed``);
+seeds after the first reuse the first seed's upstream artifacts, so a row's spread is training noise,
+and the "paired" table compares rows seed by seed:
 
 * ``DiCLIP without RAR``: no random walk on the diffusion attention (``method.rar_steps=0``).
-* ``CLIP Surgery``: no VCE (``method.vce=false``), no TSA (``method.retrieval_weight=0
-  method.adapter_cam_weight=0``): surgery CAMs + CAA + RAR.
-* ``+ VCE``, ``+ TSA``, ``DiCLIP`` (both): the method's two additions, alone and together.
+* ``DiCLIP without VCE`` (``method.vce=false``) and ``DiCLIP without TSA`` (``method.retrieval_weight=0
+  method.adapter_cam_weight=0``); ``CLIP Surgery``: neither (surgery CAMs + CAA + RAR).
 * controls: ``all background``; ``untrained diffusion`` (the shipped VAE with a re-initialised UNet and
   text encoder: what attention gives without diffusion training); ``colour maps`` (training and
   evaluation with the colour affinity below as both VCE and RAR map, written as a correlation store in
-  place of the diffusion maps: CAM and segmentation); ``maps: VCE x / RAR y`` (CAM only: the
-  DiCLIP row's trained model through the evaluate stage's own CAM code, with the VCE and the RAR map each
-  from the stored diffusion maps or from a parameter-free colour affinity ``exp(-|rgb_i - rgb_j|^2 /
-  2 s^2)``; ``diffusion / diffusion`` reproduces the DiCLIP row and checks the comparison).
+  place of the diffusion maps: CAM and segmentation); ``maps: VCE x / RAR y`` (CAM only: each seed's
+  DiCLIP model through the evaluate stage's own CAM code, ``diclip.toy.cam_with_maps``, with the VCE and
+  the RAR map each from the stored diffusion maps, from a parameter-free colour affinity ``exp(-|rgb_i -
+  rgb_j|^2 / 2 s^2)``, or the stored map with its tokens shuffled; ``diffusion / diffusion`` reproduces
+  the DiCLIP row and checks the comparison).
 * maps: stored whole-image maps (the rows above), the per-crop bank (``correlate.crops_per_image``),
-  online per-step maps (``train.mode=online``).
+  online per-step maps (``train.mode=online``): first seed only (``--one-seed-rows``).
 
 CAM mIoU is the pseudo-label quality on the train split (the evaluate stage's ``cam`` task, reference
 protocol); segmentation mIoU is the trained segmenter on the val split. Writes ``<out>/quality.md``
@@ -72,8 +74,8 @@ def rows(out: str, untrained: str) -> list[tuple[str, list[str], list[str]]]:
     tail = ["train", "evaluate"]
     return [
         ("DiCLIP", ["synthesize", "generate", "mask", "cache", "correlate", *tail], []),
-        ("+ VCE (no TSA)", tail, shared(base, "data", "generate", "mask", "cache", "correlate") + NO_TSA),
-        ("+ TSA (no VCE)", ["mask", "cache", *tail], shared(base, "data", "generate", "correlate") + NO_VCE),
+        ("DiCLIP without TSA", tail, shared(base, "data", "generate", "mask", "cache", "correlate") + NO_TSA),
+        ("DiCLIP without VCE", ["mask", "cache", *tail], shared(base, "data", "generate", "correlate") + NO_VCE),
         ("CLIP Surgery", ["mask", "cache", *tail],
          shared(base, "data", "generate", "correlate") + NO_VCE + NO_TSA),
         ("DiCLIP without RAR", tail, shared(base, "data", "generate", "mask", "cache", "correlate")
@@ -164,53 +166,38 @@ def make_untrained(path: str) -> str:
     return path
 
 
-def inprocess_cam_mious(spec, sigma: float = 0.1) -> dict[str, float]:
-    """CAM mIoU of the DiCLIP row's model on the CAM split, through the evaluate stage's CAM code
-    (``cam_pseudo_labels``), with the VCE and RAR maps taken from the stored diffusion maps or from a
-    colour affinity, in every combination. ``diffusion/diffusion`` must reproduce the stage's number."""
-    from diclip.data.datasets import open_split
-    from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square
-    from diclip.method import metrics
-    from diclip.method.pseudo import rar_transition_from_mean
+def inprocess_cam_mious(spec, sigma: float = COLOUR_SIGMA) -> dict[str, float]:
+    """CAM mIoU of the DiCLIP row's model on the CAM split with the VCE and RAR maps each from the stored
+    diffusion maps or from a colour affinity, and with each one's tokens shuffled (the wiring check's
+    variants): ``diclip.toy.cam_with_maps``. ``VCE diffusion / RAR diffusion`` must reproduce the stage's number."""
+    from diclip.toy import cam_with_maps as cm
 
-    model, mspec, card = load_exported_model(spec.evaluate.checkpoint, "cpu", dataset=spec.data.dataset)
-    size = int(card.get("crop_size") or mspec.data.crop_size)
-    patch = model.encoder.patch
-    clip_grid = (size // patch, size // patch)
-    stored = MapSource("stored", mspec, patch, "cpu", spec.evaluate.correlation)
-    ds = open_split(spec.data, spec.evaluate.cam_split)
-    k = ds.class_set.num_classes
-    combos = [("diffusion", "diffusion"), ("colour", "diffusion"), ("diffusion", "colour"), ("colour", "colour")]
-    cms = {c: np.zeros((k, k), np.int64) for c in combos}
-    for start in range(0, len(ds.ids), 16):
-        samples = [ds.load(i) for i in ds.ids[start:start + 16]]
-        images = torch.stack([resize_square(s.image, size, "cpu") for s in samples])
-        labels = torch.from_numpy(np.stack([s.label for s in samples])).float()
-        corr_d, rar_d, rar_grid = stored([s.id for s in samples], images, [s.image.shape[:2] for s in samples])
-        maps = {"diffusion": (corr_d, rar_d),
-                "colour": (colour_affinity(images, clip_grid, sigma),
-                           rar_transition_from_mean(colour_affinity(images, rar_grid, sigma)))}
-        for vce, rar in combos:
-            res = cam_pseudo_labels(model, images, labels, maps[vce][0], maps[rar][1], rar_grid,
-                                    [s.image.shape[:2] for s in samples],
-                                    caa_threshold=spec.evaluate.cam_caa_threshold,
-                                    rar_steps=spec.evaluate.cam_rar_steps, use_adapter_cam=spec.evaluate.cam_adapter)
-            for s, r in zip(samples, res):
-                cms[(vce, rar)] += metrics.confusion_matrix(s.mask, r.label, k)
-    return {f"VCE {v} / RAR {r}": float(metrics.summarize(cm, ds.class_set.classes)["miou"])
-            for (v, r), cm in cms.items()}
+    return cm.cam_mious(spec, {
+        "VCE diffusion / RAR diffusion": cm.stored,
+        "VCE colour / RAR diffusion": cm.colour_maps(sigma, vce=True, rar=False),
+        "VCE diffusion / RAR colour": cm.colour_maps(sigma, vce=False, rar=True),
+        "VCE colour / RAR colour": cm.colour_maps(sigma),
+        "VCE shuffled / RAR diffusion": cm.vce_shuffled,
+        "VCE diffusion / RAR shuffled": cm.rar_shuffled,
+        "VCE off / RAR diffusion": cm.vce_off,
+        "VCE diffusion / RAR off": cm.rar_off,
+    })
 
 
-def run_row(out: str, name: str, stages: list[str], overrides: list[str], common: list[str]) -> dict:
+def run_row(out: str, name: str, stages: list[str], overrides: list[str], common: list[str], seed: int,
+            first_seed: bool) -> dict:
+    """One row for one training seed. The first seed's run lives in ``runs/<row>``; other seeds' runs in
+    ``runs/<row>-seed<s>`` run only train + evaluate on the first seed's upstream artifacts (``overrides``
+    already point at them), so rows differ across seeds by training alone."""
     from ray_jobs.pipeline import run_pipeline
 
-    root = f"{out}/runs/{slug(name)}"
-    spec = load_spec("configs/demo.yaml", [f"output_uri={root}", *common, *overrides,
+    root = f"{out}/runs/{slug(name)}" + ("" if first_seed else f"-seed{seed}")
+    spec = load_spec("configs/demo.yaml", [f"output_uri={root}", *common, *overrides, f"train.seed={seed}",
                                            f"pipeline.stages=[{','.join(stages)}]"])
     t = time.perf_counter()
     results = run_pipeline(spec)
     seconds = round(time.perf_counter() - t, 1)
-    record = os.path.join(out, "runs", slug(name), "row.json")
+    record = os.path.join(root, "row.json")
     if all(r.get("skipped") for r in results) and os.path.exists(record):
         seconds = json.load(open(record))["seconds"]  # a re-run of the bench: the time it took when computed
     else:
@@ -218,18 +205,62 @@ def run_row(out: str, name: str, stages: list[str], overrides: list[str], common
             json.dump({"seconds": seconds}, f)
     ev = storage.read_json(storage.join(spec.evaluate.output, "metrics.json"))
     pic = storage.join(spec.evaluate.output, "pictures.png")
-    if storage.exists(pic):
+    if first_seed and storage.exists(pic):
         shutil.copy(storage.local_path(pic), os.path.join(out, f"pictures_{slug(name)}.png"))
-    return {"row": name, "cam_miou": ev["cam"]["miou"], "seg_miou": ev["segmentation"]["miou"],
+    return {"row": name, "seed": seed, "cam_miou": ev["cam"]["miou"], "seg_miou": ev["segmentation"]["miou"],
             "seconds": seconds, "overrides": overrides, "spec": spec}
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| row | CAM mIoU (train) | seg mIoU (val) | seconds |", "|---|---:|---:|---:|"]
-    for r in results:
-        cam = "-" if r["cam_miou"] is None else f"{100 * r['cam_miou']:.1f}"
-        seg = "-" if r["seg_miou"] is None else f"{100 * r['seg_miou']:.1f}"
-        lines.append(f"| {r['row']} | {cam} | {seg} | {r.get('seconds', '-')} |")
+def upstream(spec) -> list[str]:
+    """Overrides that point a run at ``spec``'s dataset and upstream stage outputs."""
+    return [f"data.root={spec.data.root}", f"generate.output={spec.generate.output}",
+            f"mask.output={spec.mask.output}", f"cache.output={spec.cache.output}",
+            f"correlate.output={spec.correlate.output}"]
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (float("nan"), 0.0)
+
+
+def table(by_row: dict[str, list[dict]]) -> str:
+    """Mean +- standard deviation over seeds (and the per-seed values) of each row."""
+    lines = ["| row | seeds | CAM mIoU (train) | seg mIoU (val) | CAM per seed | seg per seed | seconds (mean) |",
+             "|---|---:|---:|---:|---|---|---:|"]
+
+    def cell(vals):
+        if all(v is None for v in vals):
+            return "-", "-"
+        m, sd = _stats(vals)
+        return f"{100 * m:.1f} ± {100 * sd:.1f}", " / ".join("-" if v is None else f"{100 * v:.1f}" for v in vals)
+
+    for name, rs in by_row.items():
+        cam, cam_each = cell([r["cam_miou"] for r in rs])
+        seg, seg_each = cell([r["seg_miou"] for r in rs])
+        secs = [r["seconds"] for r in rs if r.get("seconds") is not None]
+        lines.append(f"| {name} | {len(rs)} | {cam} | {seg} | {cam_each} | {seg_each} | "
+                     f"{np.mean(secs):.0f} |" if secs else f"| {name} | {len(rs)} | {cam} | {seg} | {cam_each} | {seg_each} | - |")
+    return "\n".join(lines)
+
+
+def paired(by_row: dict[str, list[dict]], against: str = "DiCLIP") -> str:
+    """What each part adds: the full method minus each ablation row, paired by training seed."""
+    lines = [f"| {against} minus | CAM points (mean ± sd) | CAM per seed | seg points (mean ± sd) | seg per seed |",
+             "|---|---:|---|---:|---|"]
+    base = {r["seed"]: r for r in by_row[against]}
+    for name, rs in by_row.items():
+        if name == against or not any(r.get("seed") in base for r in rs):
+            continue
+        cols = []
+        for key in ("cam_miou", "seg_miou"):
+            d = [100 * (base[r["seed"]][key] - r[key]) for r in rs
+                 if r.get("seed") in base and r[key] is not None and base[r["seed"]][key] is not None]
+            if not d:
+                cols += ["-", "-"]
+                continue
+            m, sd = _stats(d)
+            cols += [f"{m:+.1f} ± {sd:.1f}", " / ".join(f"{x:+.1f}" for x in d)]
+        lines.append(f"| {name} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
@@ -238,6 +269,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "quality"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the bench runs, measures nothing")
     ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds (train.seed) each row runs with")
+    ap.add_argument("--one-seed-rows", default="per-crop bank (K=4),online maps",
+                    help="rows run with the first seed only (map-source variants, not ablations)")
     a = ap.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
@@ -245,38 +279,52 @@ def main() -> None:
     from ray_jobs.evaluate import all_background_miou
 
     common = base_overrides(a.quick)
+    seeds = [int(x) for x in a.seeds.split(",")]
+    once = {w.strip() for w in a.one_seed_rows.split(",") if w.strip()}
     init_ray(load_spec("configs/demo.yaml", [f"output_uri={out}/runs/diclip", *common]))
     untrained = make_untrained(os.path.join(out, "untrained_diffusion"))
     wanted = {w.strip() for w in a.rows.split(",") if w.strip()}
-    results = []
-    for name, stages, overrides in rows(out, untrained):
-        if wanted and name not in wanted and name != "DiCLIP":
-            continue
-        if name == COLOUR_ROW:
-            spec0 = results[0]["spec"]
-            write_colour_maps(spec0.correlate.output, f"{out}/runs/{slug(name)}/correlate", spec0)
-        r = run_row(out, name, stages, overrides, common)
-        print(f"{name:<24} CAM {r['cam_miou']:.3f}  seg {r['seg_miou']:.3f}  ({r['seconds']:.0f} s)", flush=True)
-        results.append(r)
-    spec = results[0]["spec"]
-    for name, value in inprocess_cam_mious(spec).items():  # CAM only: the DiCLIP row's model, in-process
-        results.append({"row": f"maps: {name} (CAM only)", "cam_miou": value, "seg_miou": None})
-    bg = {"row": "all background", "cam_miou": all_background_miou(spec, spec.evaluate.cam_split),
+    by_row: dict[str, list[dict]] = {}
+    first: dict[str, object] = {}
+    for seed in seeds:
+        for name, stages, overrides in rows(out, untrained):
+            if (wanted and name not in wanted and name != "DiCLIP") or (seed != seeds[0] and name in once):
+                continue
+            if seed == seeds[0]:
+                if name == COLOUR_ROW:
+                    spec0 = first["DiCLIP"]
+                    write_colour_maps(spec0.correlate.output, f"{out}/runs/{slug(name)}/correlate", spec0)
+                r = run_row(out, name, stages, overrides, common, seed, True)
+                first[name] = r["spec"]
+            else:
+                r = run_row(out, name, ["train", "evaluate"], overrides + upstream(first[name]), common, seed, False)
+            print(f"{name:<24} seed {seed}  CAM {r['cam_miou']:.3f}  seg {r['seg_miou']:.3f}  ({r['seconds']:.0f} s)",
+                  flush=True)
+            by_row.setdefault(name, []).append(r)
+        spec = next(r["spec"] for r in by_row["DiCLIP"] if r["seed"] == seed)
+        for name, value in inprocess_cam_mious(spec).items():  # CAM only: this seed's DiCLIP model, in-process
+            by_row.setdefault(f"maps: {name} (CAM only)", []).append(
+                {"row": f"maps: {name} (CAM only)", "seed": seed, "cam_miou": value, "seg_miou": None})
+    spec = first["DiCLIP"]
+    bg = {"row": "all background", "seed": None, "cam_miou": all_background_miou(spec, spec.evaluate.cam_split),
           "seg_miou": all_background_miou(spec, spec.evaluate.split)}
-    results.append(bg)
+    by_row["all background"] = [bg]
     md = ["# DiCLIP ablation on the toy world", "",
           "Shipped toy CLIP + diffusion models (diclip/resources/toy), `configs/demo.yaml` with "
-          f"`{' '.join(common)}`; one run of `bench/quality.py`{' --quick' if a.quick else ''}.", "",
-          table(results), ""]
+          f"`{' '.join(common)}`; `bench/quality.py --seeds {a.seeds}{' --quick' if a.quick else ''}`: each row "
+          "trained once per seed (`train.seed`) on the first seed's data, images, masks, cache and maps.", "",
+          table(by_row), "", "Paired by seed (the same training seed on both sides):", "", paired(by_row), ""]
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write("\n".join(md))
     with open(os.path.join(out, "quality.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k != "spec"} for r in results], f, indent=1)
+        json.dump({name: [{k: v for k, v in r.items() if k != "spec"} for r in rs] for name, rs in by_row.items()},
+                  f, indent=1)
     print("\n".join(md))
-    by = {r["row"]: r for r in results}
-    d, s = by["DiCLIP"], by.get("CLIP Surgery", {"cam_miou": float("nan"), "seg_miou": float("nan")})
-    print(f"DiCLIP CAM {d['cam_miou']:.3f} / seg {d['seg_miou']:.3f}; CLIP Surgery CAM {s['cam_miou']:.3f} / "
-          f"seg {s['seg_miou']:.3f}; all-background {bg['cam_miou']:.3f}")
+    d = _stats([r["cam_miou"] for r in by_row["DiCLIP"]])[0], _stats([r["seg_miou"] for r in by_row["DiCLIP"]])[0]
+    s = by_row.get("CLIP Surgery")
+    s = (_stats([r["cam_miou"] for r in s])[0], _stats([r["seg_miou"] for r in s])[0]) if s else (float("nan"),) * 2
+    print(f"DiCLIP CAM {d[0]:.3f} / seg {d[1]:.3f}; CLIP Surgery CAM {s[0]:.3f} / seg {s[1]:.3f}; "
+          f"all-background {bg['cam_miou']:.3f}")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,19 @@ def package_clip(run: str, out: str) -> str:
     return path
 
 
+def _previous_release(folder: str | None) -> dict | None:
+    """Where phases 1-2 came from when the run started at a released folder (``--init-from``): that
+    release's own record (its recipe ran them from scratch), so the card tells the whole history."""
+    if not folder:
+        return None
+    path = os.path.join(folder, "card.json")
+    prev = json.load(open(path)) if os.path.exists(path) else {}
+    return {"folder": folder, "note": "phases 1-2 (VAE, UNet epsilon loss) "
+            "were not re-run: this run started from that release's fp16 weights; `make toy-models` runs all phases "
+            "from scratch", **{k: prev[k] for k in ("vae_steps", "unet_steps", "final_vae_losses",
+                                                    "final_train_losses", "wall_seconds_1_thread") if k in prev}}
+
+
 def package_diffusion(run: str, out: str) -> str:
     uargs = json.load(open(os.path.join(run, "args.json")))
     urecs = _read_jsonl(os.path.join(run, "metrics.jsonl"))
@@ -106,7 +119,15 @@ def package_diffusion(run: str, out: str) -> str:
         "vae_steps": uargs["vae_steps"], "unet_steps": uargs["steps"], "batch": uargs["batch"],
         "command": _command("diffusion"),
         "args": {k: v for k, v in uargs.items() if k != "out"},
+        "group_steps": uargs.get("group_steps", 0),
+        "grouping_objective": ("phase 3: epsilon loss + diclip.toy.grouping_objective on heads [1, 2] of the VCE and "
+                               f"RAR layers for samples noised at t < {uargs.get('group_tmax')} (weight "
+                               f"{uargs.get('group_weight')}): a toy-only stand-in for the object grouping SD learns "
+                               "from its pretraining data; instance masks of the pretraining images only")
+        if uargs.get("group_steps") else "none",
         "final_vae_losses": _last(urecs, "vae"), "final_train_losses": _last(urecs, "train"),
+        "final_group_losses": _last(urecs, "group"),
+        "phases_1_2_from": _previous_release(uargs.get("init_from")),
         "eval_history": _history(urecs), "wall_seconds_1_thread": _wall(urecs), "size_bytes_weights": weights,
         "grouping_note": "lift = attention mass on the token's own object / the object's share of tokens "
                          "(1 = no grouping); colour* rows: a parameter-free colour kernel on the same images",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from diclip.errors import DiclipError
 
 _MODULES = {"clip": "diclip.toy.train_clip", "diffusion": "diclip.toy.train_unet"}
-_STEP = re.compile(r"^(step|vae|unet) (\d+) ")
+_STEP = re.compile(r"^(step|vae|unet|group) (\d+) ")
 
 
 @dataclass
@@ -32,7 +32,8 @@ class _Child:
     name: str
     proc: subprocess.Popen
     log_path: str
-    vae_steps: int  # the diffusion run trains its VAE first, then counts UNet steps from 0
+    vae_steps: int  # the diffusion run trains its VAE first, then counts UNet steps from 0,
+    unet_steps: int  # then phase-3 (grouping) steps from 0
     total: int
 
     def progress(self, line: str) -> int | None:
@@ -41,7 +42,8 @@ class _Child:
         if not m:
             return None
         n = int(m.group(2))
-        return self.vae_steps + n if m.group(1) == "unet" else n
+        offset = {"unet": self.vae_steps, "group": self.vae_steps + self.unet_steps}.get(m.group(1), 0)
+        return offset + n
 
 
 def _recipe(name: str, extra: list[str]):
@@ -53,14 +55,14 @@ def _recipe(name: str, extra: list[str]):
 
 def _start(name: str, out: str, extra: list[str]) -> _Child:
     args = _recipe(name, extra)  # before starting anything: its step counts drive the progress bar
-    vae = getattr(args, "vae_steps", 0)
+    vae, group = getattr(args, "vae_steps", 0), getattr(args, "group_steps", 0)
     run_dir = os.path.join(out, name)
     log_path = os.path.join(out, f"{name}.log")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = open(log_path, "a")
     proc = subprocess.Popen([sys.executable, "-m", _MODULES[name], "--out", run_dir, *extra],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    return _Child(name, proc, log_path, vae, vae + args.steps)
+    return _Child(name, proc, log_path, vae, args.steps, vae + args.steps + group)
 
 
 def _pump(c: _Child, done: dict[str, int]) -> None:

@@ -1,5 +1,5 @@
 """Train a tiny Stable-Diffusion-shaped model (VAE, text encoder, UNet) on the toy world
-(``diclip.data.toy_world``) and measure whether its self-attention groups object pixels.
+(``diclip.data.toy_world``) whose read heads group object pixels, and measure that they do.
 
     python -m diclip.toy.train_unet --out /work/toy_runs/v2/unet
 
@@ -15,6 +15,13 @@ Phase 1 (``--vae-steps``): the VAE on reconstruction + a tiny KL; its ``scaling_
 1/std of the latents. Phase 2: UNet and a tiny ``transformers.CLIPTextModel`` trained jointly with
 the standard epsilon-prediction loss (uniform t in [0, 1000)) on the captions (10% replaced by ""
 for classifier-free guidance).
+
+Phase 3 (``--group-steps``, ``diclip.toy.train_grouping``): the epsilon loss goes on, and the heads the
+method reads (heads 1, 2 of the VCE and RAR layers) are also trained to attend over their own object
+(``diclip.toy.grouping_objective``, for samples noised at ``t < --group-tmax``): a toy-only stand-in for
+the object grouping SD's self-attention gets from its pretraining; without it this model's attention does
+not group objects (``docs/quality.md``). ``--init-from FOLDER`` starts phase 3 from a released folder
+instead of running phases 1-2 (how the shipped model was made; its card says so).
 
 Grouping evaluation (``metrics.jsonl``, kind ``eval``), through the pipeline's own capture
 (``DiffusionAttention``: VAE mean, noise at the scheduler's ``timesteps[45]``, empty prompt): for
@@ -206,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-count", type=int, default=128)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--group-steps", type=int, default=600,
+                    help="phase 3: steps of epsilon loss + the grouping objective (diclip.toy.grouping_objective)")
+    ap.add_argument("--group-weight", type=float, default=1.0, help="weight of the grouping loss in phase 3")
+    ap.add_argument("--group-tmax", type=int, default=300,
+                    help="the grouping loss applies to samples noised at t < this (the method reads t = 101)")
+    ap.add_argument("--group-lr", type=float, default=3e-4)
+    ap.add_argument("--init-from", default=None,
+                    help="start phase 3 from a released diffusers folder (phases 1-2 skipped) instead of training them")
     return ap
 
 
@@ -213,9 +228,53 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     comps = build_components(args, args.seed)
+    log = MetricsLog(args.out)
+    with open(os.path.join(args.out, "args.json"), "w") as f:  # the settings of the latest (resumed) run
+        json.dump(vars(args), f, indent=1)
+    if args.init_from:
+        pipe = load_release(comps, args.init_from)
+    else:
+        pipe = train_base(args, comps, log)
+    if args.group_steps:
+        from diclip.toy.train_grouping import train_grouping
+
+        train_grouping(pipe, args, log)
+    export(pipe, args.out)
+    plot_metrics(args.out, [("vae", ["rec"]), ("train", ["loss"]), ("group", ["group_loss"]),
+                            ("eval", ["rar_lift", "vce_lift", "vce_soft_lift", "colour0.1_rar_lift", "colour0.1_clip_lift"])],
+                 "toy diffusion")
+
+
+def load_release(comps: dict, folder: str):
+    """The pipeline with a released folder's weights (fp16 on disk, fp32 here), VAE frozen: phase 3's
+    start when phases 1-2 are not run again (``--init-from``)."""
+    from safetensors.torch import load_file
+
+    for name, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        comps[name].load_state_dict(load_file(os.path.join(folder, name, f"{file}.safetensors")))
+    with open(os.path.join(folder, "vae", "config.json")) as f:
+        comps["vae"].register_to_config(scaling_factor=float(json.load(f)["scaling_factor"]))
+    comps["vae"].eval().requires_grad_(False)
+    print(f"phases 1-2 loaded from {folder}", flush=True)
+    return make_pipe(comps)
+
+
+def log_eval(pipe, args, log: MetricsLog, at: int, label: str, colour: bool = False) -> dict:
+    """One grouping evaluation, logged (kind ``eval``) and printed; leaves the models in train mode."""
+    t = time.time()
+    res = evaluate(pipe, args, args.eval_count, colour=colour)
+    log.write("eval", at, unet_step=at - args.vae_steps, **res)
+    print(f"[eval {label}] " + " ".join(f"{k}={v:.3f}" for k, v in res.items()) + f" ({time.time() - t:.0f}s)",
+          flush=True)
+    pipe.unet.train(); pipe.text_encoder.train()  # noqa: E702
+    return res
+
+
+def train_base(args, comps: dict, log: MetricsLog):
+    """Phases 1 (VAE) and 2 (UNet + text encoder on the epsilon loss), resumable; returns the pipeline."""
     vae, unet, te, tok, sched = comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"]
     wcfg = world.WorldConfig(size=args.size)
-    log = MetricsLog(args.out)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -231,8 +290,6 @@ def main(argv=None) -> None:
         vae.register_to_config(scaling_factor=float(st["scaling_factor"]))
         log.truncate_after(vstep + step)
         print(f"resumed from {ck}: vae step {vstep}, unet step {step}", flush=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:  # the settings of the latest (resumed) run
-        json.dump(vars(args), f, indent=1)
     print("params: unet %.2fM vae %.2fM text %.2fM" % tuple(sum(p.numel() for p in m.parameters()) / 1e6
                                                            for m in (unet, vae, te)), flush=True)
 
@@ -280,12 +337,7 @@ def main(argv=None) -> None:
     pipe = make_pipe(comps)
 
     def do_eval(at: int, colour: bool = False) -> None:
-        t = time.time()
-        res = evaluate(pipe, args, args.eval_count, colour=colour)
-        log.write("eval", at, unet_step=at - args.vae_steps, **res)
-        print(f"[eval unet step {step}] " + " ".join(f"{k}={v:.3f}" for k, v in res.items()) + f" ({time.time() - t:.0f}s)",
-              flush=True)
-        unet.train(); te.train()  # noqa: E702
+        log_eval(pipe, args, log, at, f"unet step {step}", colour)
 
     if step == 0:
         do_eval(vstep, colour=True)  # untrained UNet + colour-kernel reference
@@ -322,10 +374,7 @@ def main(argv=None) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             do_eval(vstep + step, colour=step == args.steps)
     del empty_ids
-    export(pipe, args.out)
-    plot_metrics(args.out, [("vae", ["rec"]), ("train", ["loss"]),
-                            ("eval", ["rar_lift", "vce_lift", "vce_soft_lift", "colour0.1_rar_lift", "colour0.1_clip_lift"])],
-                 "toy diffusion")
+    return pipe
 
 
 def export(pipe, out: str) -> str:

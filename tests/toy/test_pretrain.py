@@ -22,16 +22,22 @@ def test_pretrain_resumes_and_packages_a_loadable_release(tmp_path):
 
     out = str(tmp_path / "toy")
     pretrain(out, progress=False, clip_args=["--steps", "2", *SMALL_CLIP],
-             diffusion_args=["--vae-steps", "1", "--steps", "1", *SMALL_DIFF])
+             diffusion_args=["--vae-steps", "1", "--steps", "1", "--group-steps", "1", *SMALL_DIFF])
     # grow both runs by one step: each resumes from its checkpoint instead of starting over
     release = pretrain(out, progress=False, clip_args=["--steps", "3", *SMALL_CLIP],
-                       diffusion_args=["--vae-steps", "1", "--steps", "2", *SMALL_DIFF])
+                       diffusion_args=["--vae-steps", "1", "--steps", "2", "--group-steps", "1", *SMALL_DIFF])
+    assert "phase 3 starts over" in open(os.path.join(out, "diffusion.log")).read()  # phase 2 grew under it
+    release = pretrain(out, progress=False, only="diffusion",
+                       diffusion_args=["--vae-steps", "1", "--steps", "2", "--group-steps", "2", *SMALL_DIFF])
     assert "resumed from" in open(os.path.join(out, "clip.log")).read()
     assert "resumed from" in open(os.path.join(out, "diffusion.log")).read()
     card = json.load(open(os.path.join(release, "clip_card.json")))
     assert card["steps"] == 3 and card["eval_history"] and "zeroshot_map" in card["eval_history"][-1]
     dcard = json.load(open(os.path.join(release, "diffusion", "card.json")))
     assert dcard["unet_steps"] == 2 and dcard["final_train_losses"]["step"] >= 2
+    # phase 3 (the grouping objective) ran after phase 2, and resumed from its own checkpoint
+    assert dcard["group_steps"] == 2 and dcard["final_group_losses"]["step"] == 1 + 2 + 2
+    assert "resumed phase 3" in open(os.path.join(out, "diffusion.log")).read()
     clip = build_clip(ClipConfig(name="diclip-toy", pretrained=os.path.join(release, "clip.safetensors")))
     pipe = build_diffusion(os.path.join(release, "diffusion"))
     assert clip.model.visual.patch_size in (8, (8, 8)) and pipe.vae_scale_factor == 2
