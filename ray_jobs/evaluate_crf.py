@@ -85,7 +85,11 @@ def crf_payload(item: dict, logits: np.ndarray) -> dict:
     """The output row of a seg item whose CRF a task runs: fp32 logits [K, h, w] at the working size, with
     the image's pixels and mask as the input tasks decoded them (``item``)."""
     arr = np.ascontiguousarray(logits, dtype=np.float32)
-    return {ID: item[ID], "task": item["task"], "image_id": item["image_id"], CRF_PENDING: True,
+    # the report columns too, typed as in every other row (the CRF task writes the item's real report):
+    # a block mixing rows with and without them has an ``ok`` column of True and NaN, which Arrow cannot
+    # convert (Ray Data then pickles the column and logs a warning per block)
+    return {ID: item[ID], "task": item["task"], "image_id": item["image_id"], "ok": True, "error": "",
+            "store_outages": 0, "store_wait_s": 0.0, CRF_PENDING: True,
             "crf_logits": arr.tobytes(), "crf_k": arr.shape[0], "crf_h": arr.shape[1], "crf_w": arr.shape[2],
             "img": item["img"], "img_h": int(item["img_h"]), "img_w": int(item["img_w"]), "mask": item["mask"]}
 
