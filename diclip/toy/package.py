@@ -98,6 +98,38 @@ def _previous_release(folder: str | None) -> dict | None:
                                                     "final_train_losses", "wall_seconds_1_thread") if k in prev}}
 
 
+def lean_tokenizer(folder: str) -> None:
+    """Replace a saved tokenizer's ``tokenizer.json`` (3.6 MB for CLIP's BPE) by ``vocab.json`` +
+    ``merges.txt`` (1.4 MB), which ``CLIPTokenizer.from_pretrained`` builds the same tokenizer from; checked
+    on the toy world's captions and prompts before the old file goes. Keeps the release under 20 MB."""
+    from transformers import CLIPTokenizer
+
+    src = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(src):
+        return
+    model = json.load(open(src, encoding="utf-8"))["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    before = CLIPTokenizer.from_pretrained(folder)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(model["vocab"], f, ensure_ascii=False, separators=(",", ":"))
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    os.rename(src, src + ".bak")
+    try:
+        after = CLIPTokenizer.from_pretrained(folder)
+        texts = ["", world.PROMPT_TEMPLATE.format("stripes and checks"), "a clean origami bars.",
+                 *(world.PROMPT_TEMPLATE.format(c) for c in (*world.CLASSES, *world.BACKGROUND_WORDS))]
+        for t in texts:
+            if before(t).input_ids != after(t).input_ids:
+                raise RuntimeError(f"vocab.json + merges.txt tokenize {t!r} differently from tokenizer.json")
+    except Exception:
+        os.rename(src + ".bak", src)
+        for f in ("vocab.json", "merges.txt"):
+            os.remove(os.path.join(folder, f))
+        raise
+    os.remove(src + ".bak")
+
+
 def package_diffusion(run: str, out: str) -> str:
     uargs = json.load(open(os.path.join(run, "args.json")))
     urecs = _read_jsonl(os.path.join(run, "metrics.jsonl"))
@@ -105,6 +137,7 @@ def package_diffusion(run: str, out: str) -> str:
     if os.path.exists(ddir):
         shutil.rmtree(ddir)
     shutil.copytree(os.path.join(run, "pipeline"), ddir)
+    lean_tokenizer(os.path.join(ddir, "tokenizer"))
     if os.path.exists(os.path.join(run, "curves.png")):
         shutil.copy(os.path.join(run, "curves.png"), os.path.join(ddir, "curves.png"))
     weights = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ddir) for f in fs
