@@ -609,6 +609,12 @@ class EvaluateConfig(StageBase):
     limit: int = 0
     """Evaluate the first N images (0: all)."""
 
+    @property
+    def crf_in_tasks(self) -> bool:
+        """The dense CRF runs, in Ray Data CPU tasks after the model actors (what planning and rendering
+        must leave CPUs for)."""
+        return bool(self.crf and self.crf_placement == "tasks")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales),

@@ -110,7 +110,7 @@ def check_crf_hosts(spec: JobSpec, view: ClusterView) -> None:
 
     e = spec.evaluate
     res = e.resources
-    if not (e.crf and e.crf_placement == "tasks" and res.num_gpus > 0):
+    if not (e.crf_in_tasks and res.num_gpus > 0):
         return
     if view.node_types is None and view.autoscaling:
         return
@@ -148,7 +148,7 @@ def check_cluster(spec: JobSpec, stages: list[str], view: ClusterView) -> list[s
             continue
         want, count, unit = stage_request(spec, stage)
         crf = {"CPU": spec.evaluate.crf_cpus}
-        if stage == "evaluate" and spec.evaluate.crf and spec.evaluate.crf_placement == "tasks" \
+        if stage == "evaluate" and spec.evaluate.crf_in_tasks \
                 and not any(_fits(crf, n) for n in view.nodes + (view.node_types or [])) \
                 and (view.node_types is not None or not view.autoscaling):
             raise ConfigError(f"evaluate: each CRF task asks for {_fmt(crf)} but the cluster's largest node has "

@@ -128,7 +128,7 @@ VOC/COCO's 4-CPU evaluate actor then runs on an 8-vCPU g5.2xlarge, with 4 one-CP
 
 def crf_in_tasks(spec: JobSpec) -> bool:
     e = spec.evaluate
-    return "evaluate" in spec.pipeline.stages and e.crf and e.crf_placement == "tasks"
+    return "evaluate" in spec.pipeline.stages and e.crf_in_tasks
 
 
 def crf_spare_cpus(spec: JobSpec) -> int:

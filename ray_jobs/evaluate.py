@@ -242,7 +242,7 @@ class Evaluator:
 
     @property
     def crf_in_tasks(self) -> bool:
-        return bool(self.cfg.crf and self.cfg.crf_placement == "tasks")
+        return self.cfg.crf_in_tasks
 
     def seg_logits(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """The model call of a seg batch: scale- and flip-averaged logits [K, h, w] at the working size."""
@@ -572,7 +572,7 @@ def run_items(spec: JobSpec, pending: list[dict], base: int, stats: PoolStats, n
         init_ray(spec)
     # never more actors than items: an idle actor would only load the model
     res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
-    crf_tasks = cfg.crf and cfg.crf_placement == "tasks"
+    crf_tasks = cfg.crf_in_tasks
     return run_pool(pending, Evaluator, {"spec": spec, "base_size": base}, res, desc="evaluate",
                     prepare=prepare_samples, prepare_kwargs={"spec": spec},
                     collect=stats.collect, stall_s=60 * spec.ray.stall_minutes, output=cfg.output,

@@ -95,7 +95,7 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the l
                               f"{stage}.resources.concurrency, {stage}.resources.num_cpus or "
                               f"{stage}.resources.prepare_cpus, or {grow}")
         e = spec.evaluate
-        if stage == "evaluate" and e.crf and e.crf_placement == "tasks" and pool + e.crf_cpus > cpus:
+        if stage == "evaluate" and e.crf_in_tasks and pool + e.crf_cpus > cpus:
             raise ConfigError(f"evaluate: its pool of {res.concurrency} actors x {res.num_cpus:g} CPUs = {pool:g} CPUs "
                               f"leaves {cpus - pool:g} of the {cpus:g} CPUs, less than one CRF task needs "
                               f"({e.crf_cpus:g}), so no segmentation would ever finish; lower evaluate.crf_cpus, "

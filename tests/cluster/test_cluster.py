@@ -196,7 +196,7 @@ def test_demo_resources_match_an_independent_count(tmp_path: Path) -> None:
     # the dense CRF runs in CPU tasks after the evaluate actors: with no CPU-only group each worker gets
     # max(4, crf_cpus) CPUs beyond its actors' (README, Clusters), not counted when packing actors
     e = spec.evaluate
-    crf_tasks = "evaluate" in ray_stages and e.crf and e.crf_placement == "tasks" and not spec.cluster.cpu_workers.count
+    crf_tasks = "evaluate" in ray_stages and e.crf_in_tasks and not spec.cluster.cpu_workers.count
     spare = max(4, math.ceil(e.crf_cpus)) if crf_tasks else 0
     cluster = load(files["raycluster.yaml"])
     (group,) = cluster["spec"]["workerGroupSpecs"]
