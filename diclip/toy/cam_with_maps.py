@@ -80,13 +80,19 @@ class CamRuns:
         return score_change(self.results[reference], self.results[name])
 
 
-def cam_results(spec, variants: dict[str, Variant], batch: int = 16) -> CamRuns:
+def cam_results(spec, variants: dict[str, Variant], batch: int = 16, method: dict | None = None) -> CamRuns:
     """Every variant's CAM pseudo-labels on ``spec.evaluate.cam_split`` from the model exported at
-    ``spec.evaluate.checkpoint``, with the evaluate stage's CAM settings (CAA threshold, RAR steps, adapter CAM)."""
+    ``spec.evaluate.checkpoint``, with the evaluate stage's CAM settings (CAA threshold, RAR steps, adapter CAM).
+    ``method``: ``method.*`` settings changed on the loaded model (e.g. ``{"retrieval_weight": 0}``: TSA's
+    retrieval CAM left out, the cache and everything else kept)."""
     from diclip.data.datasets import open_split
     from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square
 
     model, mspec, card = load_exported_model(spec.evaluate.checkpoint, "cpu", dataset=spec.data.dataset)
+    for key, value in (method or {}).items():
+        if not hasattr(model.method, key):
+            raise ValueError(f"method has no setting {key!r}")
+        setattr(model.method, key, value)
     size = int(card.get("crop_size") or mspec.data.crop_size)
     clip_grid = (size // model.encoder.patch, size // model.encoder.patch)
     source = MapSource("stored", mspec, model.encoder.patch, "cpu", spec.evaluate.correlation)
