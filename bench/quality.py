@@ -168,11 +168,13 @@ def make_untrained(path: str) -> str:
 
 def inprocess_cam_mious(spec, sigma: float = COLOUR_SIGMA) -> dict[str, float]:
     """CAM mIoU of the DiCLIP row's model on the CAM split with the VCE and RAR maps each from the stored
-    diffusion maps or from a colour affinity, and with each one's tokens shuffled (the wiring check's
-    variants): ``diclip.toy.cam_with_maps``. ``VCE diffusion / RAR diffusion`` must reproduce the stage's number."""
+    diffusion maps, from a colour affinity, shuffled (the wiring check's variants) or off, and with TSA's
+    retrieval CAM off (``method.retrieval_weight=0`` on the loaded model, its cache kept):
+    ``diclip.toy.cam_with_maps``. ``VCE diffusion / RAR diffusion`` must reproduce the stage's number."""
     from diclip.toy import cam_with_maps as cm
 
-    return cm.cam_mious(spec, {
+    no_retrieval = cm.cam_mious(spec, {"TSA's retrieval CAM off": cm.stored}, method={"retrieval_weight": 0.0})
+    return no_retrieval | cm.cam_mious(spec, {
         "VCE diffusion / RAR diffusion": cm.stored,
         "VCE colour / RAR diffusion": cm.colour_maps(sigma, vce=True, rar=False),
         "VCE diffusion / RAR colour": cm.colour_maps(sigma, vce=False, rar=True),

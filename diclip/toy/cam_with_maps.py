@@ -132,7 +132,7 @@ def score_change(a: list, b: list) -> float:
     return float(np.mean([np.abs(x.scores - y.scores).mean() for x, y in zip(a, b)]))
 
 
-def cam_mious(spec, variants: dict[str, Variant], batch: int = 16) -> dict[str, float]:
+def cam_mious(spec, variants: dict[str, Variant], batch: int = 16, method: dict | None = None) -> dict[str, float]:
     """CAM mIoU on ``spec.evaluate.cam_split``, once per variant (:func:`cam_results`)."""
-    runs = cam_results(spec, variants, batch)
+    runs = cam_results(spec, variants, batch, method)
     return {name: runs.miou(name) for name in variants}
