@@ -4,7 +4,8 @@
 
 Runs the test's own spec (``QUICK``) once per ``train.seed`` (the first seed builds the data, images,
 masks, cache and maps; the others retrain on them), and for each seed the wiring check's CAM variants
-(``diclip.toy.cam_with_maps``: stored maps, RAR map shuffled, VCE map shuffled). Prints per seed and
+(``diclip.toy.cam_with_maps``: stored maps, RAR map shuffled, VCE map off and shuffled: their mIoU and how far
+they move the CAM scores). Prints per seed and
 the minimum over seeds: the test's floors and margins are set from these minima, less a margin that
 covers thread-count and kernel differences. Writes ``<out>/quality_gate.json``.
 """
@@ -27,7 +28,7 @@ from diclip.config import load_spec  # noqa: E402
 def main() -> None:
     from test_quality import QUICK, WIRING_VARIANTS  # the test's spec and variants, not a copy
 
-    from diclip.toy.cam_with_maps import cam_mious
+    from diclip.toy.cam_with_maps import cam_results
     from ray_jobs.runtime.common import init_ray
     from ray_jobs.pipeline import run_pipeline
 
@@ -49,12 +50,14 @@ def main() -> None:
             init_ray(spec)
         run_pipeline(spec)
         ev = storage.read_json(storage.join(spec.evaluate.output, "metrics.json"))
-        variants = cam_mious(spec, WIRING_VARIANTS)
-        row = {"seed": seed, "cam": ev["cam"]["miou"], "segmentation": ev["segmentation"]["miou"], **variants}
+        runs = cam_results(spec, WIRING_VARIANTS)
+        row = {"seed": seed, "cam": ev["cam"]["miou"], "segmentation": ev["segmentation"]["miou"],
+               **{f"miou {k}": runs.miou(k) for k in WIRING_VARIANTS},
+               **{f"score change {k}": runs.score_change(k, "stored") for k in WIRING_VARIANTS if k != "stored"}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     low = {k: min(r[k] for r in rows) for k in rows[0] if k != "seed"}
-    gaps = {f"stored - {k}": min(r["stored"] - r[k] for r in rows) for k in WIRING_VARIANTS if k != "stored"}
+    gaps = {f"stored - {k}": min(r["miou stored"] - r[f"miou {k}"] for r in rows) for k in WIRING_VARIANTS if k != "stored"}
     summary = {"rows": rows, "minimum": low, "minimum_gap": gaps}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "quality_gate.json"), "w") as f:

@@ -12,6 +12,7 @@ A *variant* maps the stored maps of a batch to the pair fed to the CAM code:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -64,31 +65,68 @@ def colour_maps(sigma: float = 0.1, vce: bool = True, rar: bool = True) -> Varia
     return fn
 
 
-def cam_mious(spec, variants: dict[str, Variant], batch: int = 16) -> dict[str, float]:
-    """CAM mIoU on ``spec.evaluate.cam_split`` of the model exported at ``spec.evaluate.checkpoint``, once
-    per variant, with the evaluate stage's CAM settings (CAA threshold, RAR steps, adapter CAM)."""
+@dataclass
+class CamRuns:
+    """The images' ground truth and, per variant, each image's ``CamResult`` (pseudo-label, refined scores)."""
+
+    classes: list[str]
+    masks: list[np.ndarray]
+    results: dict[str, list]
+
+    def miou(self, name: str) -> float:
+        return miou(self.masks, self.results[name], self.classes)
+
+    def score_change(self, name: str, reference: str) -> float:
+        return score_change(self.results[reference], self.results[name])
+
+
+def cam_results(spec, variants: dict[str, Variant], batch: int = 16) -> CamRuns:
+    """Every variant's CAM pseudo-labels on ``spec.evaluate.cam_split`` from the model exported at
+    ``spec.evaluate.checkpoint``, with the evaluate stage's CAM settings (CAA threshold, RAR steps, adapter CAM)."""
     from diclip.data.datasets import open_split
     from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square
-    from diclip.method import metrics
 
     model, mspec, card = load_exported_model(spec.evaluate.checkpoint, "cpu", dataset=spec.data.dataset)
     size = int(card.get("crop_size") or mspec.data.crop_size)
     clip_grid = (size // model.encoder.patch, size // model.encoder.patch)
     source = MapSource("stored", mspec, model.encoder.patch, "cpu", spec.evaluate.correlation)
     ds = open_split(spec.data, spec.evaluate.cam_split)
-    k = ds.class_set.num_classes
-    cms = {name: np.zeros((k, k), np.int64) for name in variants}
+    masks: list[np.ndarray] = []
+    out: dict[str, list] = {name: [] for name in variants}
     for start in range(0, len(ds.ids), batch):
         samples = [ds.load(i) for i in ds.ids[start:start + batch]]
         sizes = [s.image.shape[:2] for s in samples]
         images = torch.stack([resize_square(s.image, size, "cpu") for s in samples])
         labels = torch.from_numpy(np.stack([s.label for s in samples])).float()
         corr, rar, rar_grid = source([s.id for s in samples], images, sizes)
+        masks += [s.mask for s in samples]
         for name, fn in variants.items():
             c, r = fn(images, corr, rar, rar_grid, clip_grid)
-            res = cam_pseudo_labels(model, images, labels, c, r, rar_grid, sizes,
-                                    caa_threshold=spec.evaluate.cam_caa_threshold,
-                                    rar_steps=spec.evaluate.cam_rar_steps, use_adapter_cam=spec.evaluate.cam_adapter)
-            for s, out in zip(samples, res):
-                cms[name] += metrics.confusion_matrix(s.mask, out.label, k)
-    return {name: float(metrics.summarize(cm, ds.class_set.classes)["miou"]) for name, cm in cms.items()}
+            out[name] += cam_pseudo_labels(model, images, labels, c, r, rar_grid, sizes,
+                                           caa_threshold=spec.evaluate.cam_caa_threshold,
+                                           rar_steps=spec.evaluate.cam_rar_steps,
+                                           use_adapter_cam=spec.evaluate.cam_adapter)
+    return CamRuns(list(ds.class_set.classes), masks, out)
+
+
+def miou(masks: list[np.ndarray], results: list, classes: list[str]) -> float:
+    """mIoU of the pseudo-labels ``results`` against ``masks`` (the evaluate stage's metric)."""
+    from diclip.method import metrics
+
+    k = len(classes)
+    cm = np.zeros((k, k), np.int64)
+    for mask, r in zip(masks, results):
+        cm += metrics.confusion_matrix(mask, r.label, k)
+    return float(metrics.summarize(cm, classes)["miou"])
+
+
+def score_change(a: list, b: list) -> float:
+    """Mean absolute difference of the refined CAM scores of two variants' results (same images): how much
+    one map moved the CAMs, whatever it did to the thresholded labels."""
+    return float(np.mean([np.abs(x.scores - y.scores).mean() for x, y in zip(a, b)]))
+
+
+def cam_mious(spec, variants: dict[str, Variant], batch: int = 16) -> dict[str, float]:
+    """CAM mIoU on ``spec.evaluate.cam_split``, once per variant (:func:`cam_results`)."""
+    runs = cam_results(spec, variants, batch)
+    return {name: runs.miou(name) for name in variants}

@@ -35,12 +35,17 @@ QUICK = [
 # CAM 0.375 and segmentation 0.419 here, so the CAM floor fails it. Floors: the lowest value less a margin
 # for kernels and thread counts (CAM) and for training noise beyond the three seeds (segmentation).
 FLOORS = {"cam": 0.48, "segmentation": 0.40}
-# The wiring check: the trained model's CAM with one diffusion map's tokens shuffled (same values, wrong
-# places) must lose at least this much mIoU against the stored map, so a part fed the wrong map, or reading
-# the wrong tokens, fails. Measured (same run): RAR shuffled 0.248 (-0.297), VCE shuffled 0.536 (-0.009).
+# The wiring check, on the same trained model and maps (``diclip.toy.cam_with_maps``). RAR: with the RAR map's
+# tokens shuffled (same values, wrong places) the CAM must lose at least RAR_MARGIN of mIoU - measured 0.545 ->
+# 0.248 here (and 0.491 -> 0.229 on bench/quality.py's data). VCE moves this toy CLIP's CAMs too little to
+# move mIoU reliably (docs/quality.md: +1.0 point here, -1.3 on the bench's data; mixing tokens within an
+# object barely changes a CLIP whose every object patch already carries the class), so its check is that the
+# map reaches the CAMs and that which tokens it pairs matters: the mean |change| of the refined CAM scores
+# with the VCE map off, or shuffled, at least VCE_CHANGE - measured 0.0122 / 0.0116 here (0.0145 / 0.0115).
 WIRING_VARIANTS = {"stored": cam_with_maps.stored, "rar_shuffled": cam_with_maps.rar_shuffled,
-                   "vce_shuffled": cam_with_maps.vce_shuffled}
-WIRING_MARGINS = {"rar_shuffled": 0.15, "vce_shuffled": 0.004}
+                   "vce_off": cam_with_maps.vce_off, "vce_shuffled": cam_with_maps.vce_shuffled}
+RAR_MARGIN = 0.15
+VCE_CHANGE = 0.005
 
 
 def test_toy_models_segment_the_toy_world(ray_session, tmp_path):
@@ -53,10 +58,12 @@ def test_toy_models_segment_the_toy_world(ray_session, tmp_path):
     print(json.dumps({"cam": cam, "segmentation": seg, "all_background": [bg_cam, bg_seg]}))
     assert cam >= max(FLOORS["cam"], 2 * bg_cam), (cam, bg_cam)
     assert seg >= max(FLOORS["segmentation"], 2 * bg_seg), (seg, bg_seg)
-    wiring = cam_with_maps.cam_mious(spec, WIRING_VARIANTS)
-    print(json.dumps(wiring))
+    runs = cam_with_maps.cam_results(spec, WIRING_VARIANTS)
+    mious = {name: runs.miou(name) for name in WIRING_VARIANTS}
+    change = {name: runs.score_change(name, "stored") for name in WIRING_VARIANTS}
+    print(json.dumps({"miou": mious, "score_change": change}))
     # the check runs the stage's CAM code; other batch shapes sum in another order, and a few pixels at a
     # threshold flip (measured: 0.0005)
-    assert abs(wiring["stored"] - cam) < 0.003, (wiring, cam)
-    for variant, margin in WIRING_MARGINS.items():
-        assert wiring["stored"] - wiring[variant] >= margin, (variant, wiring)
+    assert abs(mious["stored"] - cam) < 0.003, (mious, cam)
+    assert mious["stored"] - mious["rar_shuffled"] >= RAR_MARGIN, mious
+    assert change["vce_off"] >= VCE_CHANGE and change["vce_shuffled"] >= VCE_CHANGE, change
