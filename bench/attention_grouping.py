@@ -93,7 +93,7 @@ def diffusion_maps(pipe, spec, ids: list[str],
     from diclip.method.pseudo import rar_transition_from_mean
     from diclip.models.attention_capture import DiffusionAttention
     from diclip.models.correlation import noise_seed, rar_mean, vce_compact
-    from ray_jobs.correlate import clip_patch_size
+    from ray_jobs.stages.correlate import clip_patch_size
 
     d = spec.model.diffusion
     cap = DiffusionAttention(pipe, d, clip_patch_size(spec), mean=spec.model.clip.mean, std=spec.model.clip.std)(

@@ -48,7 +48,7 @@ def make_spec(root: str, *overrides: str):
 
 def timed_pool(items: list[dict], actor_cls, spec, res, desc: str) -> tuple[int, float]:
     """(images, seconds) of one actor-pool run, actor start-up included."""
-    from ray_jobs.common import run_pool
+    from ray_jobs.runtime.common import run_pool
 
     t0 = time.perf_counter()
     result = run_pool(items, actor_cls, {"spec": spec}, res, desc=desc)
@@ -77,10 +77,10 @@ def actor_scaling(tmp: str) -> dict:
     """(a): the same work with 1 and with 2 actors, each 1 CPU (one torch thread), small and large runs."""
     import ray
 
-    from ray_jobs import generate, mask
-    from ray_jobs.cache import KeyExtractor
-    from ray_jobs.cache import list_items as cache_items
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import generate, mask
+    from ray_jobs.stages.cache import KeyExtractor
+    from ray_jobs.stages.cache import list_items as cache_items
+    from ray_jobs.runtime.common import init_ray
 
     base = [f"generate.size={GEN_SIZE}", f"generate.save_size={GEN_SIZE}", f"generate.num_inference_steps={GEN_STEPS}",
             f"mask.image_size={MASK_SIZE}", f"cache.image_size={CACHE_SIZE}", "mask.min_foreground=0.0",
@@ -129,8 +129,8 @@ def make_res(res, actors: int):
 
 def kmeans_only(spec) -> float:
     """Seconds of the k-means compute alone on the committed feature rows (in process)."""
-    from ray_jobs.cache import explode_keys, kmeans_group
-    from ray_jobs.common import read_stage_table
+    from ray_jobs.stages.cache import explode_keys, kmeans_group
+    from ray_jobs.runtime.common import read_stage_table
 
     df = explode_keys(read_stage_table(spec.cache.output).to_pandas())
     t0 = time.perf_counter()
@@ -144,8 +144,8 @@ def cache_scaling(tmp: str) -> dict:
     """(b): cache stage time at 10 and 100 images per class (same images: the 100 grow from the 10)."""
     import ray
 
-    from ray_jobs import cache, generate, mask
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import cache, generate, mask
+    from ray_jobs.runtime.common import init_ray
 
     out = {}
     for per_class in SCALING_PER_CLASS:
@@ -205,8 +205,8 @@ def gpu_generate(tmp: str, source: str | None) -> dict:
         return {"skipped": "no CUDA device"}
     import ray
 
-    from ray_jobs import generate
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import generate
+    from ray_jobs.runtime.common import init_ray
 
     src = source or sd15_sized_dir(f"{tmp}/sd15-random")
     overrides = [f"generate.source={src}", f"generate.size={GPU_SIZE}", f"generate.save_size={GPU_SIZE}",

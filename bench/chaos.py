@@ -33,7 +33,7 @@ def main() -> None:
     from diclip.data import get_class_set
     from diclip.logging import init_logging
     from diclip.models.kv_cache import save_cache
-    from ray_jobs import synthesize
+    from ray_jobs.stages import synthesize
 
     init_logging("WARNING")
     store = SeaweedServer(tempfile.mkdtemp(prefix="chaos-store-"))

@@ -112,8 +112,8 @@ def extraction_rate(spec, images: int) -> dict:
     import ray
 
     from diclip.config import load_spec
-    from ray_jobs import correlate
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import correlate
+    from ray_jobs.runtime.common import init_ray
 
     init_ray(spec)
     rates = {}

@@ -70,7 +70,7 @@ def measure(spec, crops: int) -> dict:
     from diclip.method.pseudo import rar_transition_from_mean
     from diclip.models.kv_cache import save_cache
     from diclip.train.trainer import DiCLIPTrainer
-    from ray_jobs import correlate, synthesize
+    from ray_jobs.stages import correlate, synthesize
     from tests.helpers import random_cache
 
     synthesize.run(spec)

@@ -27,7 +27,7 @@ WARMUP_IMAGES = 8  # a first short run starts Ray's worker processes, so neither
 
 def run_config(base: str, actors: int, gpu: bool, limit: int = 0) -> dict:
     from diclip.config import load_spec
-    from ray_jobs import evaluate
+    from ray_jobs.stages import evaluate
 
     spec = load_spec("configs/tiny.yaml", [
         f"output_uri={base}", f"synthesize.num_val={NUM_IMAGES}",
@@ -56,8 +56,8 @@ def main() -> None:
     from diclip.data import get_class_set
     from diclip.inference import build_model, save_export
     from diclip.models.kv_cache import KVCache
-    from ray_jobs import synthesize
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import synthesize
+    from ray_jobs.runtime.common import init_ray
 
     busy = os.getloadavg()[0]  # other work on the machine before we start (shared CI/dev boxes)
     base = tempfile.mkdtemp(prefix="diclip-bench-evaluate-")

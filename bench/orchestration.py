@@ -50,8 +50,8 @@ def stand_in_class(wait_s: float):
     import numpy as np
     import torch
 
-    from ray_jobs import correlate
-    from ray_jobs.common import start_actor
+    from ray_jobs.stages import correlate
+    from ray_jobs.runtime.common import start_actor
 
     class StandInCorrelator(correlate.Correlator):
         def __init__(self, spec):  # no diffusion pipeline: the wait stands in for it
@@ -88,7 +88,7 @@ def stand_in_class(wait_s: float):
 
 def timed_class():
     """The real Correlator (tiny diffusion model on CPU), its model calls logged: ``--model`` mode."""
-    from ray_jobs import correlate
+    from ray_jobs.stages import correlate
 
     class TimedCorrelator(correlate.Correlator):
         def __init__(self, spec):
@@ -189,7 +189,7 @@ def run_once(base, actors: int, wait_s: float, moto_pid: int) -> dict:
     import dataclasses
 
     from diclip.storage import commit_index  # noqa: F401  (the stage writes one)
-    from ray_jobs import correlate
+    from ray_jobs.stages import correlate
 
     for f in glob.glob(os.path.join(SPANS_DIR, "*.jsonl")):
         os.remove(f)
@@ -248,8 +248,8 @@ def stand_in_evaluator(wait_s: float, classes: int):
     import torch
 
     from diclip.inference import work_size
-    from ray_jobs import evaluate
-    from ray_jobs.common import start_actor
+    from ray_jobs.stages import evaluate
+    from ray_jobs.runtime.common import start_actor
 
     class StandInEvaluator(evaluate.Evaluator):
         def __init__(self, spec, base_size):  # no model: the wait stands in for the segmenter on a GPU
@@ -297,7 +297,7 @@ def coco_payload_bytes() -> dict:
     import pyarrow as pa
 
     from diclip.config import load_spec
-    from ray_jobs import evaluate
+    from ray_jobs.stages import evaluate
 
     spec = load_spec("configs/coco.yaml", ["output_uri=/tmp/unused"])
     cls = stand_in_evaluator(0.0, 81)
@@ -326,7 +326,7 @@ def coco_payload_bytes() -> dict:
 
 def run_crf_layout(base: str, placement: str, wait_s: float, limit: int = 0) -> dict:
     from diclip.config import load_spec
-    from ray_jobs import evaluate
+    from ray_jobs.stages import evaluate
 
     for f in glob.glob(os.path.join(SPANS_DIR, "*.jsonl")):
         os.remove(f)
@@ -364,8 +364,8 @@ def measure_evaluate_crf(args) -> None:
     from diclip.data import get_class_set
     from diclip.inference import build_model, save_export
     from diclip.models.kv_cache import KVCache
-    from ray_jobs import synthesize
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import synthesize
+    from ray_jobs.runtime.common import init_ray
 
     busy_at_start = os.getloadavg()[0]
     base = tempfile.mkdtemp(prefix="diclip-bench-crf-")
@@ -441,8 +441,8 @@ def measure(url: str, moto_pid: int, args) -> list[dict]:
 
     from diclip import storage
     from diclip.config import load_spec
-    from ray_jobs import synthesize
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import synthesize
+    from ray_jobs.runtime.common import init_ray
 
     most = max(args.actors) * BATCHES_PER_ACTOR * BATCH
     spec = load_spec("configs/tiny.yaml", [

@@ -20,7 +20,7 @@ CROP = 128  # large enough that maps/UNet cost something, small enough for 2 CPU
 def run_config(data_root: str, correlate_uri: str, cache_uri: str, mode: str, workers: int, gpu: bool) -> float:
     from diclip import storage
     from diclip.config import load_spec
-    from ray_jobs import train
+    from ray_jobs.stages import train
 
     out = tempfile.mkdtemp(prefix=f"diclip-bench-train-{mode}-{workers}-")
     spec = load_spec("configs/tiny.yaml", [
@@ -42,8 +42,8 @@ def main() -> None:
     from diclip.config import load_spec
     from diclip.data import get_class_set
     from diclip.models.kv_cache import save_cache
-    from ray_jobs import correlate, synthesize
-    from ray_jobs.common import init_ray
+    from ray_jobs.stages import correlate, synthesize
+    from ray_jobs.runtime.common import init_ray
     from tests.helpers import random_cache
 
     base = tempfile.mkdtemp(prefix="diclip-bench-train-")

@@ -104,7 +104,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A driver joins or starts Ray explicitly (ray_jobs.common.init_ray); Ray's implicit ray.init on first use
+    # A driver joins or starts Ray explicitly (ray_jobs.runtime.common.init_ray); Ray's implicit ray.init on first use
     # would only ever run after a stop, from a background thread of the stopping run, and start or join a Ray
     # again ("SIGTERM handler is not set because current thread is not the main thread"). Read by Ray at import.
     import os
@@ -157,7 +157,8 @@ def _dispatch(args) -> int:
             print(f"  {name:<10} {status:<22} {uri}")
         return 0
     if cmd == "run" or registry.is_stage(cmd):
-        from ray_jobs import interrupt, pipeline
+        from ray_jobs import pipeline
+        from ray_jobs.runtime import interrupt
 
         spec = _load(args)
         # signal handlers belong to the command line, not the library; after ray.init, which installs its own
@@ -165,7 +166,7 @@ def _dispatch(args) -> int:
         print("\n".join(summary.lines()))
         return 0
     if cmd in ("submit", "status", "logs", "stop"):
-        from ray_jobs import submit
+        from ray_jobs.deploy import submit
 
         return submit.main(args)
     if cmd == "pretrain-toy":
@@ -185,7 +186,7 @@ def _dispatch(args) -> int:
                        check_clip=not args.no_clip_check)
         return 0
     if cmd == "cluster":
-        from ray_jobs import cluster_render
+        from ray_jobs.deploy import cluster_render
 
         if args.cluster_command != "render":
             print("usage: diclip cluster render SPEC [--out DIR]", file=sys.stderr)

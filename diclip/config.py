@@ -686,10 +686,10 @@ class CpuWorkersConfig:
     """At most this many CPU-only workers; 0: no CPU group."""
     cpus: int = 32
     """CPUs of one CPU worker (the launcher node's declared CPUs; the KubeRay pod's request, at most
-    ``ray_jobs.cluster_render.POD_SHARE`` of a listed node's vCPUs so that it can schedule)."""
+    ``ray_jobs.deploy.cluster_render.POD_SHARE`` of a listed node's vCPUs so that it can schedule)."""
     memory_gib: int = 0
     """Memory of one CPU worker's pod in GiB; 0: the node's memory per vCPU for each CPU, within the share of a
-    listed node a pod may request (ray_jobs.cluster_render.cpu_worker_pod; a COCO CRF task peaks at ~0.5 GiB)."""
+    listed node a pod may request (ray_jobs.deploy.cluster_render.cpu_worker_pod; a COCO CRF task peaks at ~0.5 GiB)."""
     instance: str = ""
     """AWS instance type of a CPU worker in the rendered cluster launcher; empty: the smallest listed c7i type
     with ``cpus`` vCPUs. A listed type with fewer vCPUs than ``cpus`` is refused; an unlisted one is taken as

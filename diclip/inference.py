@@ -3,7 +3,7 @@
 Everything here is a function of a model and a batch of images (no Ray, no stage I/O besides loading
 the export), so the ``evaluate`` and ``infer`` stages, notebooks and tests share one code path.
 
-**Export layout** (written by ``ray_jobs/train.py::export`` or :func:`save_export`):
+**Export layout** (written by ``ray_jobs/stages/train.py::export`` or :func:`save_export`):
 ``model.safetensors`` (adapter.* + segmenter.* = ``DiCLIP.trainable_state_dict()``), ``cache/`` (KV
 cache), ``spec.yaml`` (the merged training spec: CLIP/diffusion ids and every model size) and
 ``card.json`` (classes, dataset, clip id, crop size, steps, mode). CLIP and diffusion weights are not

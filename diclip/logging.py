@@ -62,7 +62,7 @@ model load; Ray Train sets a worker's root to INFO) and Ray libraries' own, whic
 FALSE_NOTICES = (
     "Progress bars disabled",  # Ray Data's WARNING when a run turns its bars off on purpose (not a terminal)
     # Ray Data at every training start: the loader's tasks wait while Ray Train's workers hold the CPUs
-    # they were planned around; training's own watchdog names a real stall (ray_jobs.train.TrainWatchdog)
+    # they were planned around; training's own watchdog names a real stall (ray_jobs.stages.train.TrainWatchdog)
     "Cluster resources are not enough to run any task from TaskPoolMapOperator[MapBatches(load_rows)]",
 )
 

@@ -18,8 +18,9 @@ from diclip import storage
 from diclip.config import JobSpec, to_yaml
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
-from ray_jobs import faults, recoveries, registry
-from ray_jobs.common import configure_driver, init_ray
+from ray_jobs import registry
+from ray_jobs.runtime import faults, recoveries
+from ray_jobs.runtime.common import configure_driver, init_ray
 from ray_jobs.planning import stage_complete, stages_to_run
 from ray_jobs.validate import check_resources, local_resources, validate_spec
 
@@ -76,7 +77,7 @@ def _start_ray(spec: JobSpec, stages: Optional[list[str]]) -> None:
     """Start or join Ray; on a joined cluster refuse a stage no node of it can ever host."""
     init_ray(spec)
     if local_resources(spec) is None:
-        from ray_jobs.cluster_fit import check_joined_cluster
+        from ray_jobs.deploy.cluster_fit import check_joined_cluster
 
         check_joined_cluster(spec, stages or stages_to_run(spec))
 

@@ -101,22 +101,23 @@ def _evaluate_reads(spec: JobSpec) -> tuple[str, ...]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("synthesize", "write the synthetic demo dataset (VOC layout) into data.root", "synthesize",
-          "data.root", _fields(), "ray_jobs.synthesize", needs_ray=False),
+          "data.root", _fields(), "ray_jobs.stages.synthesize", needs_ray=False),
     Stage("generate", "text-to-image single-class images for the KV cache (Ray Data, diffusers)", "generate",
-          "generate.output", _fields(), "ray_jobs.generate"),
+          "generate.output", _fields(), "ray_jobs.stages.generate"),
     Stage("mask", "foreground masks for generated images with the training-free CAM path", "mask",
-          "mask.output", _fields("mask.images"), "ray_jobs.mask", pictures="preview.png"),
+          "mask.output", _fields("mask.images"), "ray_jobs.stages.mask", pictures="preview.png"),
     Stage("cache", "CLIP features inside masks -> per-class k-means -> KV cache (safetensors)", "cache",
-          "cache.output", _fields("cache.images", "cache.masks"), "ray_jobs.cache"),
+          "cache.output", _fields("cache.images", "cache.masks"), "ray_jobs.stages.cache"),
     Stage("correlate", "diffusion attention + ACR for every dataset image -> compact shards", "correlate",
-          "correlate.output", _fields("data.root"), "ray_jobs.correlate", pictures="preview.png",
+          "correlate.output", _fields("data.root"), "ray_jobs.stages.correlate", pictures="preview.png",
           prepares_inputs=True),
     Stage("train", "adapter + segmenter with Ray Train + DeepSpeed", "train",
-          "train.output", _train_reads, "ray_jobs.train"),
+          "train.output", _train_reads, "ray_jobs.stages.train"),
     Stage("evaluate", "CAM pseudo-label and segmentation mIoU, pictures", "evaluate",
-          "evaluate.output", _evaluate_reads, "ray_jobs.evaluate", pictures="pictures.png", prepares_inputs=True),
+          "evaluate.output", _evaluate_reads, "ray_jobs.stages.evaluate", pictures="pictures.png",
+          prepares_inputs=True),
     Stage("infer", "masks for a folder/bucket of new images", "infer",
-          "infer.output", _fields("infer.checkpoint", "infer.input"), "ray_jobs.infer", pictures="overlays"),
+          "infer.output", _fields("infer.checkpoint", "infer.input"), "ray_jobs.stages.infer", pictures="overlays"),
 )
 """Every stage, in pipeline order (the names are :data:`diclip.stage_names.STAGE_NAMES`)."""
 

@@ -62,7 +62,7 @@ def check_resources(spec: JobSpec, cpus: float, gpus: float, where: str = "the l
     actors, and one that takes every CPU leaves none for the input tasks of the stages that have them
     (``Stage.prepares_inputs``). A train stage whose workers reserve every CPU starves Ray Data's ingest tasks
     the same way. Each waits silently (until ``ray.stall_minutes``). ``where``: whose CPUs and GPUs these are
-    (a joined cluster without autoscaler is checked the same way, :mod:`ray_jobs.cluster_fit`)."""
+    (a joined cluster without autoscaler is checked the same way, :mod:`ray_jobs.deploy.cluster_fit`)."""
     grow = "raise ray.num_cpus" if where == "the local Ray" else "add nodes to the cluster"
     for stage in spec.pipeline.stages:
         declared = registry.get(stage)

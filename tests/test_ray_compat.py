@@ -1,4 +1,4 @@
-"""Ray's internals and error wording that diclip relies on (ray_jobs/ray_compat.py) are still there.
+"""Ray's internals and error wording that diclip relies on (ray_jobs/runtime/ray_compat.py) are still there.
 
 Each test names what a Ray upgrade broke; at run time the code degrades to the safe side instead of
 failing a job, so without these checks a break would go unnoticed. Behaviour that needs a running Ray is
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ray
 
-from ray_jobs import ray_compat
+from ray_jobs.runtime import ray_compat
 
 
 def test_ray_data_streaming_executor_is_a_thread_we_can_stop():

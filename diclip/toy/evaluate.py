@@ -5,10 +5,10 @@
 
 Three blocks (held-out world-v2 samples, ``VAL_OFFSET`` onwards, GT image labels everywhere):
 
-* ``clip``: :func:`diclip.toy.train_clip.evaluate` (zero-shot mAP, pointing game, surgery-CAM mIoU at
+* ``clip``: :func:`diclip.toy.pretrain_clip.evaluate` (zero-shot mAP, pointing game, surgery-CAM mIoU at
   bg threshold 0.5 per surgery depth) for the trained CLIP and for its untrained init, plus the
   all-background mIoU;
-* ``unet``: :func:`diclip.toy.train_unet.evaluate` (object-grouping lift of the RAR map, the VCE
+* ``unet``: :func:`diclip.toy.pretrain_diffusion.evaluate` (object-grouping lift of the RAR map, the VCE
   map - raw chain, softmax, ACR-refined - and colour kernels) for the trained diffusion model and
   for an untrained UNet + text encoder on the same VAE;
 * ``end_to_end``: the method's CAM path - ``DiCLIP`` forward (surgery + cache-retrieval CAM) with
@@ -45,7 +45,7 @@ VAL_OFFSET = 10_000_000
 def load_clip(path: str, untrained: bool = False, seed: int = 0):
     """(model, tokenizer, name, cfg) from a folder with ``<name>.json`` + ``toy_clip.safetensors``;
     ``untrained``: the same architecture at its seeded init (the training run's step 0)."""
-    from diclip.toy.train_clip import build_model
+    from diclip.toy.pretrain_clip import build_model
 
     cfgs = [p for p in glob.glob(os.path.join(path, "*.json")) if not p.endswith(("card.json", "args.json"))]
     if len(cfgs) != 1:
@@ -237,7 +237,7 @@ def main(argv=None) -> None:
             res.update({k: v for k, v in json.load(f).items() if k in ("clip", "unet", "end_to_end")})
     clip_model, tok, name, _ = load_clip(a.clip)
     if "clip" in blocks:
-        from diclip.toy.train_clip import evaluate as clip_eval
+        from diclip.toy.pretrain_clip import evaluate as clip_eval
 
         wcfg = world.WorldConfig()
         res["clip"] = {"trained": clip_eval(clip_model, tok, wcfg, seed=0, count=a.count),
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
         pipe = load_diffusion(a.diffusion)
         upipe = load_diffusion(a.diffusion, untrained=True)
     if "unet" in blocks:
-        from diclip.toy.train_unet import evaluate as unet_eval
+        from diclip.toy.pretrain_diffusion import evaluate as unet_eval
 
         ns = argparse.Namespace(patch=a.patch, size=world.WorldConfig().size, seed=0)
         res["unet"] = {"trained": unet_eval(pipe, ns, a.count, colour=True), "untrained": unet_eval(upipe, ns, a.count)}

@@ -3,7 +3,7 @@
     diclip pretrain-toy --out runs/toy-models            # both, in parallel (one CPU thread each)
     diclip pretrain-toy --out runs/toy-models --only clip
 
-Each model trains in its own child process (``diclip.toy.train_clip`` / ``diclip.toy.train_unet``, one
+Each model trains in its own child process (``diclip.toy.pretrain_clip`` / ``diclip.toy.pretrain_diffusion``, one
 thread each, seeded, checkpointed every 100 steps): an interrupted run continues from its last
 checkpoint when started again with the same ``--out``. The parent shows one progress bar per model,
 keeps each child's output in ``<out>/<model>.log``, and at the end writes ``<out>/release``:
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from diclip.errors import DiclipError
 
-_MODULES = {"clip": "diclip.toy.train_clip", "diffusion": "diclip.toy.train_unet"}
+_MODULES = {"clip": "diclip.toy.pretrain_clip", "diffusion": "diclip.toy.pretrain_diffusion"}
 _STEP = re.compile(r"^(step|vae|unet|group) (\d+) ")
 
 

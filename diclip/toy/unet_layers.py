@@ -4,7 +4,7 @@
 
 For each ``attn1`` layer with a grid of at least 4x4: the lift of its head-mean softmax attention
 (mass on the query's own object / the object's token share; 1 = no grouping), as in
-``train_unet.grouping``; plus the colour-kernel lift on the same grids. Shows which UNet levels
+``pretrain_diffusion.grouping``; plus the colour-kernel lift on the same grids. Shows which UNet levels
 group objects, next to the two the pipeline reads (VCE: up_blocks.1.attentions.2, RAR:
 up_blocks.3.attentions.1).
 """
@@ -23,8 +23,9 @@ import torch  # noqa: E402
 from diclip.method.diffusion_input import diffusion_input  # noqa: E402
 from diclip.models.attention_capture import install_capture, layer_grid  # noqa: E402
 from diclip.data import toy_world as world  # noqa: E402
-from diclip.toy.train_unet import (VAL_OFFSET, build_components, colour_kernel, grouping, make_pipe,  # noqa: E402
-                                   token_fractions)
+from diclip.toy.pretrain_diffusion import (  # noqa: E402
+    VAL_OFFSET, build_components, colour_kernel, grouping, make_pipe, token_fractions,
+)
 
 
 @torch.no_grad()

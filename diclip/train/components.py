@@ -8,7 +8,7 @@
 * :func:`validate` - segmentation and CAM mIoU on the val split with confusion matrices summed over ranks;
 * :class:`TensorBoardLog` - rank 0's event files (scalars, prediction pictures), copied to the train output.
 
-None of them knows about Ray: ``ray_jobs/train.py`` wires them into a Ray Train worker loop (reports,
+None of them knows about Ray: ``ray_jobs/stages/train.py`` wires them into a Ray Train worker loop (reports,
 checkpoint upload, dataset shards), so each can be tested and reused on its own.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
 correlation and the RAR transition for a batch - resampled from stored shards (``stored``) or
 computed by a UNet pass on the crops (``online``, the reference behaviour). ``losses(batch, step)``
 is one forward with pseudo-labels and the three losses. The Ray Train worker
-(``ray_jobs/train.py``) only adds DeepSpeed, data streaming, checkpoints and metrics around it.
+(``ray_jobs/stages/train.py``) only adds DeepSpeed, data streaming, checkpoints and metrics around it.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def cluster(seaweed):
 
 
 def _spec(cluster, seaweed, bucket, *overrides):
-    from ray_jobs import synthesize
+    from ray_jobs.stages import synthesize
 
     spec = tiny_spec(f"{bucket}/run", *overrides, f"ray.address={cluster.gcs}", "ray.stall_minutes=5",
                      endpoint_url=seaweed.endpoint)

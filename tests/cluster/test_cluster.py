@@ -37,7 +37,7 @@ import yaml
 from diclip import cli
 from diclip.config import load_spec
 from diclip.errors import ConfigError, DiclipError
-from ray_jobs import cluster_render, submit
+from ray_jobs.deploy import cluster_render, submit
 from tests.multinode import free_port, session_pids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ def test_rendered_kuberay_manifests_validate_against_crds(tmp_path: Path, config
     assert js["submitterConfig"]["backoffLimit"] == 0  # pitfall 16: no retries with the same id
     assert js["backoffLimit"] == spec.cluster.job_retries == 3  # a failed job runs again on a new cluster
     assert isinstance(js["ttlSecondsAfterFinished"], int)
-    assert shlex.split(js["entrypoint"]) == ["python", "-m", "ray_jobs.launch", "run", f"/app/{spec.name}.yaml",
+    assert shlex.split(js["entrypoint"]) == ["python", "-m", "ray_jobs.deploy.launch", "run", f"/app/{spec.name}.yaml",
                                              "ray.address=auto"]
     assert cluster["metadata"]["namespace"] == job["metadata"]["namespace"] == "default"
     # the RayJob's cluster is the RayCluster plus the spec mount on the head
@@ -302,7 +302,7 @@ def test_cluster_section_of_the_spec_reaches_every_pod(tmp_path: Path) -> None:
     validate_k8s(cluster)
     validate_k8s(job)
     assert {d["metadata"]["namespace"] for d in (cluster, job, cm)} == {"vision"}
-    assert shlex.split(job["spec"]["entrypoint"])[:3] == ["/opt/venv/bin/python", "-m", "ray_jobs.launch"]
+    assert shlex.split(job["spec"]["entrypoint"])[:3] == ["/opt/venv/bin/python", "-m", "ray_jobs.deploy.launch"]
     for cs in (cluster["spec"], job["spec"]["rayClusterSpec"]):
         pods = [cs["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cs["workerGroupSpecs"]]
         for pod in pods:
@@ -431,7 +431,7 @@ def test_submit_refuses_outputs_that_stay_in_the_working_dir_copy(monkeypatch: p
 
 def test_a_module_missing_on_the_cluster_is_one_line() -> None:
     """The job's interpreter without diclip's dependencies (here: site-packages off with -S)."""
-    r = subprocess.run([sys.executable, "-S", "-m", "ray_jobs.launch", "run", "configs/demo.yaml"], cwd=REPO,
+    r = subprocess.run([sys.executable, "-S", "-m", "ray_jobs.deploy.launch", "run", "configs/demo.yaml"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
@@ -476,7 +476,7 @@ def test_upload_package_is_small_and_keeps_the_packages(tmp_path: Path) -> None:
     _zip_files(str(REPO), list(submit.EXCLUDES), str(out), include_gitignore=True)
     names = zipfile.ZipFile(out).namelist()
     assert out.stat().st_size < 40 * 2**20, f"upload is {out.stat().st_size / 2**20:.1f} MiB"  # 21 MB are toy weights
-    assert "ray_jobs/submit.py" in names and "diclip/cli.py" in names
+    assert "ray_jobs/deploy/submit.py" in names and "diclip/cli.py" in names
     # "/data" is anchored: the diclip.data package must survive the exclude
     assert any(n.startswith("diclip/data/") for n in names)
     for banned in (".git/", ".venv/", "runs/", "data/"):
@@ -560,10 +560,10 @@ def test_spec_outside_the_repo_uploads_its_merged_yaml(tmp_path: Path, monkeypat
 def test_entrypoint_quotes_every_argument() -> None:
     args = ["name=a b", "pipeline.stages=[synthesize,train]", "output_uri=$HOME/x", "data.root='q'"]
     cmd = submit.entrypoint("configs/my spec.yaml", args)
-    assert shlex.split(cmd) == ["python", "-m", "ray_jobs.launch", "run", "configs/my spec.yaml", *args]
+    assert shlex.split(cmd) == ["python", "-m", "ray_jobs.deploy.launch", "run", "configs/my spec.yaml", *args]
     assert "$HOME" in cmd and "'output_uri=$HOME/x'" in cmd  # no expansion by the cluster's shell
     explicit = submit.entrypoint("c.yaml", [], python="/opt/my venv/bin/python")  # cluster.python
-    assert shlex.split(explicit)[:3] == ["/opt/my venv/bin/python", "-m", "ray_jobs.launch"]
+    assert shlex.split(explicit)[:3] == ["/opt/my venv/bin/python", "-m", "ray_jobs.deploy.launch"]
 
 
 def test_submission_ids_are_readable_and_unique() -> None:
@@ -791,7 +791,7 @@ OWN_INSTANCE_SCRIPT = r"""
 import json, sys
 import diclip, ray
 from diclip.config import load_spec
-from ray_jobs.common import init_ray
+from ray_jobs.runtime.common import init_ray
 
 init_ray(load_spec("configs/demo.yaml", ["ray.num_cpus=1"]))
 
@@ -824,7 +824,7 @@ def test_a_second_ray_instance_on_the_host_does_not_confuse_the_pipeline(local_r
 
 
 def _view(nodes, node_types=None, autoscaling=False):
-    from ray_jobs.cluster_fit import ClusterView
+    from ray_jobs.deploy.cluster_fit import ClusterView
 
     total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
     return ClusterView(nodes=nodes, total=total, node_types=node_types, autoscaling=autoscaling)
@@ -832,7 +832,7 @@ def _view(nodes, node_types=None, autoscaling=False):
 
 def test_a_joined_cluster_is_checked_against_what_it_can_ever_offer() -> None:
     """Nodes now, the autoscaler's node types when published, or (unknown types) a note that the run waits."""
-    from ray_jobs.cluster_fit import check_cluster
+    from ray_jobs.deploy.cluster_fit import check_cluster
 
     voc = load_spec(str(CONFIGS / "voc.yaml"), shared("voc"))
     cpu_only = [{"CPU": 16.0, "GPU": 0.0}]
@@ -1033,7 +1033,7 @@ def test_bad_cpu_worker_and_crf_settings_are_one_line(override: str, needle: str
 
 def test_crf_tasks_that_no_node_can_host_are_refused() -> None:
     """Locally (validate) and on a joined cluster: a CRF task larger than what the actors leave, or than any node."""
-    from ray_jobs.cluster_fit import check_cluster
+    from ray_jobs.deploy.cluster_fit import check_cluster
     from ray_jobs.validate import check_resources
 
     coco = load_spec(str(CONFIGS / "coco.yaml"), shared("coco", "pipeline.stages=[evaluate]", "evaluate.crf_cpus=8"))
@@ -1083,7 +1083,7 @@ def test_evaluate_only_workers_get_spare_cpus_for_crf_tasks(tmp_path: Path, conf
 
 def test_a_joined_cluster_whose_workers_leave_no_cpu_for_crf_is_one_line() -> None:
     """Workers sized to the actor (4 CPUs + 1 GPU, actor 4 CPUs): every CRF would run on the head."""
-    from ray_jobs.cluster_fit import check_cluster
+    from ray_jobs.deploy.cluster_fit import check_cluster
 
     voc = load_spec(str(CONFIGS / "voc.yaml"), shared("voc", "pipeline.stages=[evaluate]"))
     head, worker = {"CPU": 4.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 1.0}

@@ -127,7 +127,7 @@ def test_s3_round_trip(s3_bucket):
 def test_the_stage_is_complete_only_for_the_params_it_was_drawn_with(tmp_path):
     """``synthesize`` used to count as complete whenever ``synthetic.json`` existed, so another seed or
     size was skipped and the old images were used under the new spec."""
-    from ray_jobs import synthesize
+    from ray_jobs.stages import synthesize
     from ray_jobs.planning import stale_settings
     from tests.helpers import tiny_spec
 

@@ -18,8 +18,8 @@ from diclip.inference import (
 )
 from diclip.method import crf as crflib
 from diclip.method.metrics import confusion_matrix, summarize
-from ray_jobs.evaluate import reset_if_changed
-from ray_jobs.evaluate_crf import dense_cm, sparse_cm
+from ray_jobs.stages.evaluate import reset_if_changed
+from ray_jobs.stages.evaluate_crf import dense_cm, sparse_cm
 from tests.helpers import random_cache, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)

@@ -276,8 +276,8 @@ def test_the_imported_export_and_cache_load_like_trained_ones(storage_root, tmp_
     """evaluate's and infer's loading, the segmentation entry they share, and train's start from the cache."""
     from diclip.data import get_class_set
     from diclip.inference import load_exported_model, read_export, segment, segmenter_forward
-    from ray_jobs import train
-    from ray_jobs.lineage import fingerprint
+    from ray_jobs.stages import train
+    from ray_jobs.runtime.lineage import fingerprint
     from ray_jobs.planning import plan
 
     files = write_release(tmp_path / "release", tiny_clip)[:2]

@@ -18,8 +18,8 @@ from diclip.models.attention_capture import DiffusionAttention
 from diclip.models.correlation import noise_seed
 from diclip.models.diffusion import build_diffusion_from_config
 from diclip.viz import colorize, grid_size
-from ray_jobs import correlate, synthesize
-from ray_jobs.common import list_shards
+from ray_jobs.stages import correlate, synthesize
+from ray_jobs.runtime.common import list_shards
 from tests.helpers import committed_ids, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)
@@ -128,8 +128,8 @@ def test_maps_of_a_failed_run_are_not_mixed_into_a_run_with_other_settings(ray_s
     """The settings are recorded before any map is extracted: a failed (or interrupted) run leaves maps
     but no manifest, and a re-run with other settings must recompute them, not keep them."""
     from diclip.errors import StageFailed
-    from ray_jobs import evaluate, train
-    from ray_jobs.lineage import changed_keys
+    from ray_jobs.stages import evaluate, train
+    from ray_jobs.runtime.lineage import changed_keys
     from ray_jobs.planning import plan_details, stale_settings
 
     small = ["synthesize.num_train=2", "synthesize.num_val=1"]
@@ -176,7 +176,7 @@ def test_sigterm_stops_the_driver_and_the_rerun_finishes_exactly_once(tmp_path, 
     SIGKILL; a third completes every map exactly once. Everything lives in the S3 bucket (SeaweedFS)."""
     import psutil
 
-    from ray_jobs.interrupt import MESSAGE
+    from ray_jobs.runtime.interrupt import MESSAGE
 
     root = f"{s3_bucket}/run"
     overrides = ["synthesize.num_train=12", "synthesize.num_val=4", "correlate.resources.batch_size=2",
@@ -237,8 +237,8 @@ def test_the_diffusion_input_recipe_is_part_of_every_diffusion_output(tmp_path, 
     """Maps, masks and cache features (and online train / evaluate runs) depend on how images become the
     diffusion input: rows made from another input (the earlier exact ``2x - 1`` floats) are stale."""
     import diclip.method.diffusion_input as recipe
-    from ray_jobs import cache, evaluate, mask, train
-    from ray_jobs.lineage import changed_keys
+    from ray_jobs.stages import cache, evaluate, mask, train
+    from ray_jobs.runtime.lineage import changed_keys
 
     spec = tiny_spec(str(tmp_path / "run"), "train.mode=online", "evaluate.maps=online")
 

@@ -12,7 +12,7 @@ from diclip.models.attention_capture import DiffusionAttention
 from diclip.models.correlation import noise_seed, vce_compact
 from diclip.models.diffusion import build_diffusion_from_config
 from diclip.train.data import build_items, load_rows, rank_table
-from ray_jobs import correlate, synthesize
+from ray_jobs.stages import correlate, synthesize
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.timeout(600)

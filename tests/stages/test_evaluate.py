@@ -16,8 +16,8 @@ from diclip.errors import ConfigError, StageFailed
 from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square, segment, \
     segmenter_forward
 from diclip.method.metrics import confusion_matrix
-from ray_jobs import correlate, evaluate, infer, synthesize
-from ray_jobs.common import list_shards, read_stage_table
+from ray_jobs.stages import correlate, evaluate, infer, synthesize
+from ray_jobs.runtime.common import list_shards, read_stage_table
 from tests.helpers import tiny_spec
 from tests.method.test_inference import make_export
 
@@ -271,7 +271,7 @@ def test_crf_in_cpu_tasks_gives_the_masks_of_the_in_actor_path(prepared, tmp_pat
 # ----------------------------------------------------------------------------------------------
 def _pending_row(spec, image_id, k=5, h=64, w=80, ratio=0.4):
     """A pending seg row as an actor ships it: random working-size logits, the image's pixels and mask."""
-    from ray_jobs.evaluate_crf import crf_payload
+    from ray_jobs.stages.evaluate_crf import crf_payload
 
     s = open_split(spec.data, spec.evaluate.split).load(image_id)
     logits = np.random.default_rng(0).standard_normal((k, int(h * ratio), int(w * ratio))).astype(np.float32)
@@ -287,7 +287,7 @@ def test_crf_task_fails_only_the_malformed_item_and_passes_actor_reports_through
     fails, once; the others get rows in one shard; the reports pass through; torch threads are restored."""
     import pandas as pd
 
-    from ray_jobs.evaluate_crf import EMPTY_PAYLOAD, crf_task
+    from ray_jobs.stages.evaluate_crf import EMPTY_PAYLOAD, crf_task
 
     spec = tiny_spec(prepared.output_uri, *EVAL, f"evaluate.output={tmp_path}/direct", "evaluate.crf_cpus=2")
     ids = open_split(spec.data, spec.evaluate.split).ids[:3]
@@ -317,7 +317,7 @@ def test_crf_task_passes_a_block_without_payload_columns_through(prepared, tmp_p
     a block with nothing pending is returned as is, and nothing is written."""
     import pandas as pd
 
-    from ray_jobs.evaluate_crf import crf_task
+    from ray_jobs.stages.evaluate_crf import crf_task
 
     spec = tiny_spec(prepared.output_uri, *EVAL, f"evaluate.output={tmp_path}/plain")
     block = pd.DataFrame([{"item_id": "cam/a", "ok": True, "error": "", "task": "cam", "pid": 1},
@@ -330,7 +330,7 @@ def test_crf_task_passes_a_block_without_payload_columns_through(prepared, tmp_p
 def test_crf_task_without_a_crf_package_fails_in_one_line(prepared, tmp_path, monkeypatch):
     import pandas as pd
 
-    from ray_jobs.evaluate_crf import crf_task
+    from ray_jobs.stages.evaluate_crf import crf_task
 
     spec = tiny_spec(prepared.output_uri, *EVAL, f"evaluate.output={tmp_path}/nocrf")
     row = _pending_row(spec, open_split(spec.data, spec.evaluate.split).ids[0])

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from diclip import storage
-from ray_jobs import correlate, synthesize
-from ray_jobs.common import list_shards
-from ray_jobs.lineage import call_batched
+from ray_jobs.stages import correlate, synthesize
+from ray_jobs.runtime.common import list_shards
+from ray_jobs.runtime.lineage import call_batched
 from tests.helpers import tiny_spec
 
 
@@ -64,7 +64,7 @@ def test_a_stage_that_cannot_be_scheduled_stops_with_one_line(ray_session):
     progress" into an error naming the request and what the cluster has free."""
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs.common import run_pool
+    from ray_jobs.runtime.common import run_pool
 
     res = Resources(num_cpus=64, concurrency=1, batch_size=2)  # this test cluster has 2 CPUs
     with pytest.raises(DiclipError) as e:
@@ -93,8 +93,8 @@ def test_a_pool_that_starves_its_input_tasks_says_so(ray_session, monkeypatch):
     stuck"), however slowly a loaded machine starts them, and the test waits seconds, not the stall's 40."""
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs import common
-    from ray_jobs.common import run_pool
+    from ray_jobs.runtime import common
+    from ray_jobs.runtime.common import run_pool
 
     ray = ray_session
     started: list[float] = []
@@ -135,7 +135,7 @@ def test_the_watchdog_stops_a_silent_stage_after_twice_the_stall_before_its_firs
 
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs.common import watched
+    from ray_jobs.runtime.common import watched
 
     res = Resources(num_cpus=1, concurrency=1, batch_size=2)
     stop = threading.Event()
@@ -175,7 +175,7 @@ def test_the_watchdog_stops_a_silent_stage_after_twice_the_stall_before_its_firs
 def test_the_watchdog_passes_errors_through_and_names_an_actor_start_timeout():
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs.common import watched
+    from ray_jobs.runtime.common import watched
 
     res = Resources(num_cpus=1, concurrency=1, batch_size=2)
 
@@ -209,7 +209,7 @@ def test_an_actor_that_cannot_load_its_model_is_one_line(ray_session):
     stage re-raises the user's error, naming the stage, in one line."""
     from diclip.config import Resources
     from diclip.errors import ModelError
-    from ray_jobs.common import run_pool
+    from ray_jobs.runtime.common import run_pool
 
     with pytest.raises(ModelError) as e:
         run_pool([{"item_id": str(i)} for i in range(4)], _CannotLoad, {}, Resources(concurrency=1, batch_size=2),
@@ -230,7 +230,7 @@ def test_inputs_are_prepared_in_cpu_tasks_apart_from_the_actors(ray_session):
     """Equal CPU requests would let Ray Data fuse the input step into the actor pool (decoding on the GPU
     actors again); run_pool keeps it a task operator of its own."""
     from diclip.config import Resources
-    from ray_jobs.common import run_pool
+    from ray_jobs.runtime.common import run_pool
 
     import warnings
 

@@ -32,7 +32,7 @@ FAST = [
 def test_a_stage_run_will_recompute_makes_the_stages_reading_its_output_stale(tmp_path):
     """``validate`` lists a stale stage and the ones that read its output (their own inputs still match,
     but ``run`` will change them), with the reason."""
-    from ray_jobs import synthesize
+    from ray_jobs.stages import synthesize
     from ray_jobs.planning import plan_details, producers, stale_settings
 
     small = ["synthesize.num_train=2", "synthesize.num_val=1", "synthesize.image_size=[32,32]"]

@@ -12,7 +12,7 @@ from diclip.models.kv_cache import save_cache
 from diclip.train.data import build_items, load_rows, rank_positions, rank_table
 from diclip.train.deepspeed_config import build_deepspeed_config
 from diclip.train.trainer import DiCLIPTrainer, batch_from_rows
-from ray_jobs import correlate, synthesize, train
+from ray_jobs.stages import correlate, synthesize, train
 from tests.helpers import random_cache, tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
@@ -299,7 +299,7 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
     import sys
     import time
 
-    from ray_jobs.interrupt import MESSAGE
+    from ray_jobs.runtime.interrupt import MESSAGE
 
     root = str(tmp_path / "run")
     args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",

@@ -11,8 +11,9 @@ import pytest
 from diclip import storage
 from diclip.data import get_class_set
 from diclip.models.kv_cache import save_cache
-from ray_jobs import pipeline, synthesize, train
-from ray_jobs.common import list_shards
+from ray_jobs import pipeline
+from ray_jobs.stages import synthesize, train
+from ray_jobs.runtime.common import list_shards
 from tests.chaos import Injector, checkpoint_registered
 from tests.helpers import committed_ids, random_cache, tiny_spec
 

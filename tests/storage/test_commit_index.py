@@ -6,7 +6,7 @@ import pyarrow as pa
 from diclip import storage
 from diclip.storage import commit_index
 from diclip.storage.commit_index import CommitIndex, IndexWriter
-from ray_jobs.common import report_row, write_shard
+from ray_jobs.runtime.common import report_row, write_shard
 
 
 def commit_batch(stage: str, ids: list[str], writer: IndexWriter | None, crop: int = -1) -> str:

@@ -1,4 +1,4 @@
-"""Entrypoint of submitted jobs: ``<cluster.python> -m ray_jobs.launch run SPEC ...``.
+"""Entrypoint of submitted jobs: ``<cluster.python> -m ray_jobs.deploy.launch run SPEC ...``.
 
 Why not ``python -m diclip.cli`` directly: the job runs whatever interpreter ``cluster.python`` names on
 the cluster, and when that interpreter lacks diclip's dependencies (a cluster started without the venv

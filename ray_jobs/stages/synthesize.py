@@ -5,7 +5,7 @@ from diclip.config import JobSpec
 from diclip.data.synthetic import existing_summary, generate_synthetic, recorded_params, synthetic_params
 from diclip.logging import get_logger
 
-log = get_logger("ray_jobs.synthesize")
+log = get_logger("ray_jobs.stages.synthesize")
 
 
 def output_uri(spec: JobSpec) -> str:
@@ -34,7 +34,7 @@ def is_complete(spec: JobSpec) -> bool:
 
 def stale(spec: JobSpec) -> list[str]:
     """Params that changed since the dataset in data.root was drawn (``validate`` lists them)."""
-    from ray_jobs.lineage import changed_keys
+    from ray_jobs.runtime.lineage import changed_keys
 
     old = recorded_params(spec.data.root)
     if old is None:

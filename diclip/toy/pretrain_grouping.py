@@ -1,6 +1,6 @@
 """Phase 3 of the toy diffusion recipe: epsilon loss + the grouping objective on the read heads.
 
-Run by ``diclip.toy.train_unet`` when ``--group-steps`` > 0, after phases 1-2 (or from a released
+Run by ``diclip.toy.pretrain_diffusion`` when ``--group-steps`` > 0, after phases 1-2 (or from a released
 folder with ``--init-from``). Same data stream as phase 2 (world seed ``seed``, indices continuing
 after phase 2's), same epsilon loss and caption dropout; in addition, for samples noised at
 ``t < --group-tmax``, the VCE and RAR layers' read heads get :func:`grouping_loss` against their
@@ -46,7 +46,7 @@ def _step_loss(pipe, args, b: dict, step: int, store: dict, layers: list[str]) -
 
 def train_grouping(pipe, args, log: MetricsLog) -> None:
     """Phase 3 (resumable); leaves ``pipe`` with the trained weights and its default processors."""
-    from diclip.toy.train_unet import log_eval  # the recipe's evaluation (train_unet imports this module lazily)
+    from diclip.toy.pretrain_diffusion import log_eval  # lazily: pretrain_diffusion imports this module
 
     unet, te = pipe.unet, pipe.text_encoder
     out = os.path.join(args.out, "group")

@@ -14,7 +14,7 @@ from diclip import storage
 from diclip.config import JobSpec
 from diclip.errors import DiclipError, StageFailed, StageFault, StorageError
 from diclip.logging import get_logger
-from ray_jobs.ray_compat import is_system_failure
+from ray_jobs.runtime.ray_compat import is_system_failure
 
 log = get_logger(__name__)
 _REASON_CHARS = 300
@@ -57,7 +57,7 @@ def kept(spec: JobSpec, stage: str, output: str | None) -> str:
     try:
         with storage.retry_budget(0):
             if stage == "train":
-                from ray_jobs import train
+                from ray_jobs.stages import train
 
                 ckpt = train.interrupted_checkpoint(spec)
                 if ckpt is None:

@@ -39,9 +39,9 @@ from diclip.config import JobSpec, Resources, to_yaml
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
 from ray_jobs import registry
-from ray_jobs.submit import entrypoint, job_overrides, repo_root
+from ray_jobs.deploy.submit import entrypoint, job_overrides, repo_root
 
-log = get_logger("ray_jobs.cluster_render")
+log = get_logger("ray_jobs.deploy.cluster_render")
 
 DEFAULT_IMAGE = "diclip:latest"
 # Namespace, service account, S3 Secret name and the head's CPUs/memory come from the spec's ``cluster``

@@ -26,13 +26,13 @@ from diclip import storage
 from diclip.config import JobSpec
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
-from ray_jobs.common import (
+from ray_jobs.runtime.common import (
     ID, start_actor, committed_ids, finalize, init_ray, item_error, report_row, run_pool, short_error, write_shard,
 )
-from ray_jobs.evaluate import reset_if_changed
-from ray_jobs.lineage import call_batched
+from ray_jobs.stages.evaluate import reset_if_changed
+from ray_jobs.runtime.lineage import call_batched
 
-log = get_logger("ray_jobs.infer")
+log = get_logger("ray_jobs.stages.infer")
 STAGE = "infer"
 SUFFIXES = (".jpg", ".jpeg", ".png")
 MASKS = "masks"
@@ -148,15 +148,15 @@ def current_key(spec: JobSpec) -> dict | None:
 
 def is_complete(spec: JobSpec) -> bool:
     """Manifest present and made from this export with these settings (a new input folder adds images)."""
-    from ray_jobs.evaluate import recorded_key
+    from ray_jobs.stages.evaluate import recorded_key
 
     key = current_key(spec)
     return storage.is_complete(spec.infer.output) and key is not None and recorded_key(spec.infer.output) == key
 
 
 def stale(spec: JobSpec) -> list[str]:
-    from ray_jobs.evaluate import recorded_key
-    from ray_jobs.lineage import changed_keys
+    from ray_jobs.stages.evaluate import recorded_key
+    from ray_jobs.runtime.lineage import changed_keys
 
     old, key = recorded_key(spec.infer.output), current_key(spec)
     return changed_keys(old, key) if old is not None and key is not None else []

@@ -34,13 +34,15 @@ from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
 from diclip.method.resample import resize_grid
-from ray_jobs.common import (
-    ID, pending_items, start_actor, finalize, init_ray, item_error, report_row, run_pool, setup_process, write_shard,
+from ray_jobs.runtime.common import (
+    ID, pending_items, start_actor, finalize, init_ray, item_error, report_row, run_pool, setup_process,
+    write_shard,
 )
-from ray_jobs.lineage import (call_batched, claim_settings, data_identity, diffusion_input_settings, settings_match,
-                              stale_keys)
+from ray_jobs.runtime.lineage import (
+    call_batched, claim_settings, data_identity, diffusion_input_settings, settings_match, stale_keys,
+)
 
-log = get_logger("ray_jobs.correlate")
+log = get_logger("ray_jobs.stages.correlate")
 STAGE = "correlate"
 INDEX_COLUMNS = BANK_COLUMNS  # kept in the commit index: training builds its bank index from it alone
 

@@ -35,9 +35,9 @@ from diclip.logging import get_logger, init_logging, quiet_library_logs
 from diclip.storage import Manifest, ShardInfo
 from diclip.storage.manifest import config_hash
 from diclip.storage.commit_index import ID, INDEX_FILE, SHARD_DIR, CommitIndex, IndexWriter, annotate, relative
-from ray_jobs.ray_compat import is_actor_start_timeout, streaming_executors, user_error_in
+from ray_jobs.runtime.ray_compat import is_actor_start_timeout, streaming_executors, user_error_in
 
-log = get_logger("ray_jobs.common")
+log = get_logger("ray_jobs.runtime.common")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +527,7 @@ def _consume(ds, result: PoolResult, desc: str, res: Resources, collect: Callabl
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="img", disable=not _progress_enabled(), leave=False)
-    from ray_jobs import recoveries
+    from ray_jobs.runtime import recoveries
 
     rec = recoveries.current()
     for batch in watched(ds.iter_batches(batch_size=None, batch_format="pandas"), desc, res, stall_s, prepared):

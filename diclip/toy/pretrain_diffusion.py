@@ -1,7 +1,7 @@
 """Train a tiny Stable-Diffusion-shaped model (VAE, text encoder, UNet) on the toy world
 (``diclip.data.toy_world``) whose read heads group object pixels, and measure that they do.
 
-    python -m diclip.toy.train_unet --out /work/toy_runs/v2/unet
+    python -m diclip.toy.pretrain_diffusion --out /work/toy_runs/v2/unet
 
 The defaults are the shipped model's recipe. Geometry: 48 px images; a small ``AutoencoderKL`` with
 one downsampling (latent 24x24); a UNet with the topology of ``diclip.models.diffusion.tiny_components``
@@ -16,7 +16,7 @@ Phase 1 (``--vae-steps``): the VAE on reconstruction + a tiny KL; its ``scaling_
 the standard epsilon-prediction loss (uniform t in [0, 1000)) on the captions (10% replaced by ""
 for classifier-free guidance).
 
-Phase 3 (``--group-steps``, ``diclip.toy.train_grouping``): the epsilon loss goes on, and the heads the
+Phase 3 (``--group-steps``, ``diclip.toy.pretrain_grouping``): the epsilon loss goes on, and the heads the
 method reads (heads 1, 2 of the VCE and RAR layers) are also trained to attend over their own object
 (``diclip.toy.grouping_objective``, for samples noised at ``t < --group-tmax``): a toy-only stand-in for
 the object grouping SD's self-attention gets from its pretraining; without it this model's attention does
@@ -34,7 +34,7 @@ attention (heads 1,2 mean). Reference rows: the same for the untrained UNet (the
 parameter-free colour kernel ``exp(-|rgb_i-rgb_j|^2 / 2 sigma^2)`` on the image average-pooled to
 the grid (``colour*``).
 
-Resumable like ``train_clip``; final model as a diffusers ``save_pretrained`` folder (fp16
+Resumable like ``pretrain_clip``; final model as a diffusers ``save_pretrained`` folder (fp16
 safetensors) in ``--out/pipeline``, loadable by ``diclip.models.diffusion.build_diffusion(path)``.
 """
 from __future__ import annotations
@@ -236,7 +236,7 @@ def main(argv=None) -> None:
     else:
         pipe = train_base(args, comps, log)
     if args.group_steps:
-        from diclip.toy.train_grouping import train_grouping
+        from diclip.toy.pretrain_grouping import train_grouping
 
         train_grouping(pipe, args, log)
     export(pipe, args.out)

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from diclip.config import JobSpec
 from diclip.method import metrics as metriclib
-from ray_jobs.common import ID, item_error, report_row, setup_process, write_shard
+from ray_jobs.runtime.common import ID, item_error, report_row, setup_process, write_shard
 
 SCHEMA = pa.schema([
     (ID, pa.string()),

@@ -30,13 +30,12 @@ from diclip.config import JobSpec
 from diclip.data import class_identity, class_set_for
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
-from ray_jobs.common import (
-    ID, start_actor, committed_ids, finalize, init_ray, report_row, run_pool, short_error,
-    write_shard,
+from ray_jobs.runtime.common import (
+    ID, start_actor, committed_ids, finalize, init_ray, report_row, run_pool, short_error, write_shard,
 )
-from ray_jobs.lineage import claim_settings, settings_match, call_batched
+from ray_jobs.runtime.lineage import claim_settings, settings_match, call_batched
 
-log = get_logger("ray_jobs.generate")
+log = get_logger("ray_jobs.stages.generate")
 STAGE = "generate"
 
 SCHEMA = pa.schema([
@@ -110,7 +109,7 @@ def settings(spec: JobSpec) -> dict[str, Any]:
 
 def stale(spec: JobSpec) -> list[str]:
     """Settings that changed since the committed generate rows were made (``validate`` lists them)."""
-    from ray_jobs.lineage import stale_keys
+    from ray_jobs.runtime.lineage import stale_keys
 
     return stale_keys(spec.generate.output, settings(spec))
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from diclip.config import JobSpec
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
-from ray_jobs import ray_compat, registry
+from ray_jobs import registry
+from ray_jobs.runtime import ray_compat
 
-log = get_logger("ray_jobs.cluster_fit")
+log = get_logger("ray_jobs.deploy.cluster_fit")
 
 STATUS_WAIT_S = 12.0
 """How long to wait for the v1 autoscaler's first status report (written every 5 s) on a fresh cluster."""
@@ -90,7 +91,7 @@ def cluster_view() -> ClusterView:
     """What the joined cluster offers (Ray must be initialised)."""
     import ray
 
-    from ray_jobs.common import alive_node_records, node_resources
+    from ray_jobs.runtime.common import alive_node_records, node_resources
 
     records = alive_node_records()  # one listing: which node is the head is read from the same records
     nodes = [node_resources(n) for n in records]
@@ -106,7 +107,7 @@ def check_crf_hosts(spec: JobSpec, view: ClusterView) -> None:
     CRF task would run on the head. Judged only when the nodes to come are known (published node types, or
     no autoscaler) and there are workers (a one-node cluster is :func:`check_resources`' case). A node type
     without GPUs counts as a CRF host (it may be the head's type: the check then errs towards running)."""
-    from ray_jobs.cluster_render import crf_cpus_left, crf_starved_line
+    from ray_jobs.deploy.cluster_render import crf_cpus_left, crf_starved_line
 
     e = spec.evaluate
     res = e.resources

@@ -1,8 +1,8 @@
 """``diclip submit / status / logs / stop``: run a job spec on a running Ray cluster via the Ray Jobs API.
 
-The job is ``<cluster.python> -m ray_jobs.launch run <spec> <overrides> ray.address=auto`` executed on the cluster's head
-in an uploaded copy of this repository (runtime_env ``working_dir``), so the cluster runs exactly the code
-and spec the user has locally without an image rebuild. Why the pieces look the way they do:
+The job is ``<cluster.python> -m ray_jobs.deploy.launch run <spec> <overrides> ray.address=auto`` executed on
+the cluster's head in an uploaded copy of this repository (runtime_env ``working_dir``), so the cluster runs
+exactly the code and spec the user has locally without an image rebuild. Why the pieces look the way they do:
 
 * the upload is zipped into the cluster's GCS, which has a size limit (pitfall 14): ``EXCLUDES`` keeps
   ``.git``, the virtualenv, runs, data and weights out (Ray also honours ``.gitignore``), except the
@@ -11,9 +11,9 @@ and spec the user has locally without an image rebuild. Why the pieces look the 
   to ``.diclip_submit/`` in the repo for the duration of the upload; specs never hold credentials
   (``diclip.config`` keeps them out), so the upload holds none either;
 * object-store credentials travel only as runtime_env ``env_vars`` read from the submitter's environment
-  (:func:`ray_jobs.common.worker_env`), never through a file;
+  (:func:`ray_jobs.runtime.common.worker_env`), never through a file;
 * the interpreter is the spec's ``cluster.python`` (default ``python``, the first on the cluster's PATH),
-  and :mod:`ray_jobs.launch` turns a module missing from it into one line naming the fix;
+  and :mod:`ray_jobs.deploy.launch` turns a module missing from it into one line naming the fix;
 * outputs must be shared (``s3://``): a relative path would land in Ray's temporary copy of the working dir
   and vanish with the job (:func:`ray_jobs.validate.check_cluster_uris`);
 * ``ray.address=auto`` makes the driver join the cluster it runs on: without it, a spec with
@@ -42,12 +42,12 @@ from urllib.parse import urlparse
 from diclip.config import JobSpec, load_spec, to_yaml
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
-from ray_jobs.common import worker_env
+from ray_jobs.runtime.common import worker_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-log = get_logger("ray_jobs.submit")
+log = get_logger("ray_jobs.deploy.submit")
 
 # gitignore-style patterns relative to the repo root. Leading "/" anchors a pattern at the root:
 # a bare "data" would also drop the diclip/data package and tests/data.
@@ -78,7 +78,7 @@ TOKEN_HINT = "the cluster requires a token: set RAY_AUTH_MODE=token and RAY_AUTH
 
 def repo_root() -> Path:
     """The directory holding ``diclip/`` and ``ray_jobs/``: what a job uploads as its working dir."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # ray_jobs/deploy/submit.py -> the checkout
     if not ((root / "diclip").is_dir() and (root / "ray_jobs").is_dir()):
         raise DiclipError(f"cannot find the diclip source tree next to {Path(__file__).parent}; "
                           "submit from a checkout of the repository")
@@ -93,7 +93,7 @@ def job_overrides(spec: JobSpec) -> list[str]:
     return [] if spec.ray.address else ["ray.address=auto"]
 
 
-ENTRY_MODULE = "ray_jobs.launch"
+ENTRY_MODULE = "ray_jobs.deploy.launch"
 """Stdlib-only wrapper of the CLI: a module missing on the cluster becomes one line, not a traceback."""
 
 
@@ -129,7 +129,7 @@ def _uploaded(path: Path, root: Path) -> bool:
     gitignore = root / ".gitignore"
     if gitignore.is_file():
         patterns += gitignore.read_text().splitlines()
-    from ray_jobs.ray_compat import gitwildmatch
+    from ray_jobs.runtime.ray_compat import gitwildmatch
 
     spec = gitwildmatch(patterns)  # the matcher Ray's upload itself uses
     if spec is None:  # pragma: no cover - private module moved: be safe, upload a merged copy

@@ -31,10 +31,10 @@ from diclip.config import JobSpec, to_dict, to_yaml
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
-from ray_jobs import ray_compat
-from ray_jobs.common import configure_data_context, free_and_total, init_ray, setup_process
+from ray_jobs.runtime import ray_compat
+from ray_jobs.runtime.common import configure_data_context, free_and_total, init_ray, setup_process
 
-log = get_logger("ray_jobs.train")
+log = get_logger("ray_jobs.stages.train")
 STAGE = "train"
 PREFETCH_BATCHES = 4  # batches each worker keeps loaded ahead: hides a slow object-store read behind steps
 PROGRESS = "progress.json"
@@ -251,7 +251,7 @@ def run_settings(spec: JobSpec) -> dict:
     """What a training run's checkpoints depend on: model, method, data and train settings (not where it
     resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the images,
     the KV cache and, with stored maps, the correlation maps)."""
-    from ray_jobs.lineage import data_identity, diffusion_input_settings, fingerprint
+    from ray_jobs.runtime.lineage import data_identity, diffusion_input_settings, fingerprint
 
     t = {k: v for k, v in to_dict(spec.train).items()
          if k not in ("resume_from", "max_failures", "placement", "keep_checkpoints", "trust_checkpoints", "resources",
@@ -292,7 +292,7 @@ def is_complete(spec: JobSpec) -> bool:
 
 
 def stale(spec: JobSpec) -> list[str]:
-    from ray_jobs.lineage import changed_keys
+    from ray_jobs.runtime.lineage import changed_keys
 
     run = recorded_run(spec)
     return changed_keys(run.get("settings"), run_settings(spec)) if run and run.get("settings") else []
@@ -396,7 +396,7 @@ CURVES = "curves.png"
 def note_recoveries(spec: JobSpec, fit: str) -> None:
     """This fit's worker-group restarts (the log's ``resume`` records after a failure) and the store outages
     its workers waited out, into the stage's recoveries; the log is read best effort (a record, not an input)."""
-    from ray_jobs import recoveries
+    from ray_jobs.runtime import recoveries
 
     rec = recoveries.current()
     uri = storage.join(spec.train.output, METRICS)
@@ -516,7 +516,7 @@ def run(spec: JobSpec) -> dict:
     if dropped:
         log.warning("train: %d %s images left out: their maps failed in correlate (e.g. %s)", len(dropped),
                     spec.data.train_split, dropped[0][0])
-        from ray_jobs.common import check_failures
+        from ray_jobs.runtime.common import check_failures
 
         check_failures(STAGE, items.num_rows // max(1, table_crops(items)), dropped, t.max_failed_fraction)
     clear_other_run(spec)
@@ -557,7 +557,7 @@ def run(spec: JobSpec) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    from ray_jobs import interrupt
+    from ray_jobs.runtime import interrupt
 
     watchdog = TrainWatchdog(spec, 60 * spec.ray.stall_minutes)
 
@@ -566,7 +566,7 @@ def run(spec: JobSpec) -> dict:
         if not interrupt.is_installed():
             ray_trains_handler(controller)
         # else: Ray Train's own SIGINT handler "gracefully aborts", which kept training for 40+ s; the
-        # driver's handler (ray_jobs.interrupt) stops within seconds and a re-run resumes.
+        # driver's handler (ray_jobs.runtime.interrupt) stops within seconds and a re-run resumes.
 
     ray_compat.on_controller(trainer, controller_started)
     ray_compat.without_placement_group_cleaner(trainer)

@@ -29,16 +29,16 @@ from diclip.data.synthetic import encode_mask_png
 from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_bytes
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
-from ray_jobs.common import (
+from ray_jobs.runtime.common import (
     ID, pending_items, start_actor, finalize, init_ray, list_shards, item_error, report_row, run_pool, short_error,
     write_shard,
 )
-from ray_jobs.lineage import (
+from ray_jobs.runtime.lineage import (
     INPUTS, call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
     recorded_hash, same_source, settings_match,
 )
 
-log = get_logger("ray_jobs.mask")
+log = get_logger("ray_jobs.stages.mask")
 STAGE = "mask"
 
 SCHEMA = pa.schema([
@@ -87,7 +87,7 @@ def list_items(spec: JobSpec) -> list[dict]:
 
 def stale(spec: JobSpec) -> list[str]:
     """Settings that changed since the committed mask rows were made (``validate`` lists them)."""
-    from ray_jobs.lineage import stale_keys
+    from ray_jobs.runtime.lineage import stale_keys
 
     return stale_keys(spec.mask.output, settings(spec))
 

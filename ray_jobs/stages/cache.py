@@ -35,16 +35,16 @@ from diclip.errors import DataError, DiclipError
 from diclip.logging import get_logger
 from diclip.models.kv_cache import CACHE_FILE, KVCache, save_cache
 from diclip.storage.manifest import config_hash
-from ray_jobs.common import (
+from ray_jobs.runtime.common import (
     ID, pending_items, start_actor, finalize, init_ray, list_shards, item_error, report_row, run_pool, short_error,
     write_shard,
 )
-from ray_jobs.lineage import (
+from ray_jobs.runtime.lineage import (
     INPUTS, call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
     recorded_hash, same_source, settings_match,
 )
 
-log = get_logger("ray_jobs.cache")
+log = get_logger("ray_jobs.stages.cache")
 STAGE = "cache"
 BACKGROUND = 0
 
@@ -79,7 +79,7 @@ def reduce_settings(spec: JobSpec) -> dict:
 
 def stale(spec: JobSpec) -> list[str]:
     """Settings that changed since the committed cache rows were made (``validate`` lists them)."""
-    from ray_jobs.lineage import stale_keys
+    from ray_jobs.runtime.lineage import stale_keys
 
     return stale_keys(spec.cache.output, settings(spec))
 

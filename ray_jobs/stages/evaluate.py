@@ -39,17 +39,17 @@ from diclip.data import cached_split, class_identity, class_set_for, open_split
 from diclip.errors import ConfigError, DiclipError, StageFailed
 from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
-from ray_jobs import lineage
-from ray_jobs.lineage import call_batched
+from ray_jobs.runtime import lineage
+from ray_jobs.runtime.lineage import call_batched
 from diclip.storage import commit_index
-from ray_jobs.common import (
+from ray_jobs.runtime.common import (
     ID, start_actor, finalize, init_ray, item_error, list_shards, report_row, run_pool, setup_process, write_shard,
 )
-from ray_jobs.evaluate_crf import (
+from ray_jobs.stages.evaluate_crf import (
     EMPTY_PAYLOAD, ROW_FORMAT, SCHEMA, crf_payload, crf_task, dense_cm, make_row, seg_row,
 )
 
-log = get_logger("ray_jobs.evaluate")
+log = get_logger("ray_jobs.stages.evaluate")
 STAGE = "evaluate"
 RUN_FILE = "run.json"
 PSEUDO_DIR = ("pseudo_labels", "SegmentationClassAug")
@@ -152,7 +152,7 @@ def is_complete(spec: JobSpec) -> bool:
 
 
 def stale(spec: JobSpec) -> list[str]:
-    from ray_jobs.lineage import changed_keys
+    from ray_jobs.runtime.lineage import changed_keys
 
     old, key = recorded_key(spec.evaluate.output), current_key(spec)
     return changed_keys(old, key) if old is not None and key is not None else []

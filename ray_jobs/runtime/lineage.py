@@ -20,9 +20,9 @@ from diclip.errors import StorageError
 from diclip.logging import get_logger
 from diclip.storage.manifest import config_hash
 from diclip.storage import commit_index
-from ray_jobs.common import ID, list_shards, short_error
+from ray_jobs.runtime.common import ID, list_shards, short_error
 
-log = get_logger("ray_jobs.lineage")
+log = get_logger("ray_jobs.runtime.lineage")
 SETTINGS_FILE = "settings.json"
 
 

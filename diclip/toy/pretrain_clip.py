@@ -1,7 +1,7 @@
 """Train a tiny open_clip CLIP on the toy world (``diclip.data.toy_world``) so that its *patch tokens*
 localise classes.
 
-    python -m diclip.toy.train_clip --out /work/toy_runs/v2/clip
+    python -m diclip.toy.pretrain_clip --out /work/toy_runs/v2/clip
 
 The defaults are the shipped model's recipe (48 px images, ViT patch 8 -> 6x6 tokens, width 128,
 4 layers, CLS pooling, 600 steps of batch 128 on one CPU thread).
