@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -446,6 +446,11 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     result = PoolResult()
     if not items:
         return result
+    if len(items) < res.concurrency:
+        # no more actors or input tasks than items (a re-run with a few pending): the others would only start
+        # and idle - a model load each, on a GPU - and Ray Data warns that it cannot use them
+        res = replace(res, concurrency=len(items),
+                      prepare_concurrency=min(res.prepare_concurrency or len(items), len(items)))
     start = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     saved_wait = ctx.wait_for_min_actors_s
