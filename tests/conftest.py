@@ -132,3 +132,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or "tests/stages/" in item.nodeid:
             item.add_marker(pytest.mark.slow)
+    # The multi-node ``cluster`` tests run before any test of the shared local Ray (``ray_session``): after
+    # that instance is shut down, a driver joining the multi-node cluster in the same process could not
+    # start actors (seen 2026-12-05: ActorDiedError "cancelled before it started"; cause not yet found).
+    # Until it is, the order that passes is made explicit instead of resting on file names.
+    items.sort(key=lambda item: 0 if "cluster" in getattr(item, "fixturenames", ()) else 1)
