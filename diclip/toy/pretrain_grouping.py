@@ -21,13 +21,14 @@ from diclip.data import toy_world as world
 from diclip.models.attention_capture import layer_grid
 from diclip.toy.common import MetricsLog, latest_checkpoint, save_checkpoint
 from diclip.toy.grouping_objective import grouping_loss, install_logits, same_instance_target
+from diclip.toy.pretrain_diffusion import log_eval, to_pm1  # it imports this module only inside main()
 
 
 def _step_loss(pipe, args, b: dict, step: int, store: dict, layers: list[str]) -> tuple[torch.Tensor, ...]:
     """(total, epsilon, grouping) losses of one batch."""
     vae, unet, te, tok, sched = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7_000_000 + step)
-    x = world.to_tensor(b["images"], normalise=False) * 2 - 1
+    x = to_pm1(b["images"])
     with torch.no_grad():
         z = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
     caps = [("" if torch.rand((), generator=g).item() < args.cfg_drop else c) for c in b["captions"]]
@@ -46,8 +47,6 @@ def _step_loss(pipe, args, b: dict, step: int, store: dict, layers: list[str]) -
 
 def train_grouping(pipe, args, log: MetricsLog) -> None:
     """Phase 3 (resumable); leaves ``pipe`` with the trained weights and its default processors."""
-    from diclip.toy.pretrain_diffusion import log_eval  # lazily: pretrain_diffusion imports this module
-
     unet, te = pipe.unet, pipe.text_encoder
     out = os.path.join(args.out, "group")
     os.makedirs(out, exist_ok=True)
