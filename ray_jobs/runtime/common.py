@@ -36,6 +36,7 @@ from diclip.storage import Manifest, ShardInfo
 from diclip.storage.manifest import config_hash
 from diclip.storage.commit_index import ID, INDEX_FILE, SHARD_DIR, CommitIndex, IndexWriter, annotate, relative
 from ray_jobs.runtime.ray_compat import is_actor_start_timeout, streaming_executors, user_error_in
+from ray_jobs.runtime.input_outages import carrying_actor, carrying_prepare
 
 log = get_logger("ray_jobs.runtime.common")
 
@@ -459,6 +460,8 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
         if prepare is not None:
+            # the input tasks' outages travel with their batches into the actors' reports (the recoveries record)
+            prepare, actor_cls = carrying_prepare(prepare), carrying_actor(actor_cls)
             # ``run`` identifies this run to the input tasks, whose processes outlive it (per-run caches)
             ds = ds.map_batches(prepare, fn_kwargs={**(prepare_kwargs or {}), "run": uuid.uuid4().hex},
                                 batch_format="pandas",

@@ -244,3 +244,46 @@ def test_inputs_are_prepared_in_cpu_tasks_apart_from_the_actors(ray_session):
     assert not deprecated, deprecated  # no Ray API that a coming release removes (ray_remote_args_fn, concurrency)
     assert out.rows == 6 and all(r["input_pid"] != r["actor_pid"] for r in rows)
     assert len({r["run"] for r in rows}) == 1 and rows[0]["run"]  # one id per run for the input tasks' caches
+
+
+def _input_through_an_outage(batch, run: str):
+    """An input task whose read meets a store that is away for 0.3 s (a refused connection, as diclip's
+    error mapping marks it) and waits it out."""
+    from diclip.storage import fs
+
+    back_at = time.monotonic() + 0.3
+
+    def read():
+        if time.monotonic() < back_at:
+            err = OSError("connection refused")
+            err.transient = True
+            raise err
+        return "bytes"
+
+    fs.retry_transient(read, "s3://store/input.png", 30)
+    return batch
+
+
+class _ReportActor:
+    """Reports as the stages' actors do: one row per item, no input columns passed through."""
+
+    def __call__(self, batch):
+        from ray_jobs.runtime.common import report_row
+
+        return pd.DataFrame([report_row(i, True) for i in batch["item_id"]])
+
+
+def test_outages_the_input_tasks_waited_out_are_in_the_recoveries_record(ray_session):
+    """The input tasks make no report rows of their own: what they waited out travels with their batches into
+    the actors' reports, so the stage's recoveries count it (it was told in their log and then lost)."""
+    from diclip.config import Resources
+    from ray_jobs.runtime import recoveries
+    from ray_jobs.runtime.common import run_pool
+
+    res = Resources(num_cpus=0.5, prepare_cpus=0.5, concurrency=1, batch_size=2)
+    with recoveries.collect() as rec:
+        out = run_pool([{"item_id": str(i)} for i in range(6)], _ReportActor, {}, res, desc="t",
+                       prepare=_input_through_an_outage)
+    assert out.rows == 6 and not out.failures
+    assert rec.store_outages == 3  # one per input batch (three batches of two)
+    assert rec.store_wait_s >= 3 * 0.3
