@@ -1,5 +1,6 @@
 """A real multi-node Ray cluster on one host, for chaos tests: a head and worker raylets, each its own
-``ray start --block`` in its own session, its own temp dir and its own loopback address, so a test can
+``ray start --block`` in its own session, its own temp dir and its own loopback address (and each worker,
+where the host allows a private mount namespace, its own ``/tmp``: nothing but the bucket is shared), so a test can
 kill one node (every process of its session, SIGKILL: what a preempted VM looks like to Ray) while the
 others go on.
 
@@ -57,6 +58,16 @@ def kill_session(sid: int, grace_s: float = 0.0) -> None:
             sig = signal.SIGKILL
 
 
+def private_tmp_possible() -> bool:
+    """Whether this host lets a node have a /tmp of its own (a private mount namespace: root, or user
+    namespaces allowed)."""
+    try:
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                               "mount -t tmpfs tmpfs /tmp"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 @dataclass
 class Node:
     name: str
@@ -77,6 +88,7 @@ class LocalCluster:
     workers: int = 2
     cpus: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
+    private_tmp: bool = field(default_factory=lambda: private_tmp_possible())  # each worker node its own /tmp
     nodes: list[Node] = field(default_factory=list)
     gcs: str = ""
 
@@ -93,11 +105,17 @@ class LocalCluster:
                    RAY_AUTH_MODE="disabled", **self.env)
         return env
 
-    def _start(self, name: str, ip: str, args: list[str]) -> Node:
+    def _start(self, name: str, ip: str, args: list[str], private_tmp: bool = False) -> Node:
         temp_dir = tempfile.mkdtemp(prefix=f"dcl{name[0]}", dir="/tmp")  # short: unix socket path limits
         log = Path(temp_dir) / "ray-start.log"
         cmd = [self._ray(), "start", "--block", f"--node-ip-address={ip}", "--disable-usage-stats",
                f"--temp-dir={temp_dir}", *args]
+        if private_tmp:
+            # a disk of its own, as a node of a real cluster: a fresh /tmp (tmpfs) in a private mount
+            # namespace, where Ray's session and every worker's scratch live; the log stays on the host's /tmp
+            # (opened before the mount)
+            cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                   'mount -t tmpfs -o size=2g tmpfs /tmp && mkdir -p "$0" && exec "$@"', temp_dir, *cmd]
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, env=self._env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, ip, proc, temp_dir, log)
@@ -116,7 +134,8 @@ class LocalCluster:
 
     def add_worker(self, timeout: float = 180.0) -> Node:
         i = len(self.nodes) + 1
-        node = self._start(f"worker{i}", f"127.0.0.{i + 1}", [f"--address={self.gcs}", f"--num-cpus={self.cpus:g}"])
+        node = self._start(f"worker{i}", f"127.0.0.{i + 1}", [f"--address={self.gcs}", f"--num-cpus={self.cpus:g}"],
+                           private_tmp=self.private_tmp)
         self._wait_nodes(sum(n.alive for n in self.nodes), timeout)
         return node
 

@@ -7,6 +7,8 @@ lost or duplicated, at most one checkpoint interval of steps redone, and the rec
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.chaos import CORRELATE, TRAIN, Injector, checkpoint_registered, run_stage_with, shards_at_least
@@ -39,6 +41,38 @@ def _spec(cluster, seaweed, bucket, *overrides):
                      endpoint_url=seaweed.endpoint)
     synthesize.run(spec)
     return spec
+
+
+def test_worker_nodes_share_no_disk_with_the_driver(cluster, tmp_path):
+    """The worker nodes have a /tmp of their own, as nodes of a real cluster have their own disks: what the
+    driver writes there, a worker does not see, and the other way round - so a stage that passes the
+    chaos tests below cannot be leaning on a shared local folder."""
+    import ray
+
+    if not cluster.private_tmp:
+        pytest.skip("this host allows no private mount namespace (unshare --mount)")
+    marker = tmp_path / "written-by-the-driver"
+    marker.write_text("driver")
+
+    def look(path: str) -> tuple[bool, str, str]:
+        import os
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir="/tmp", delete=False) as f:  # a worker's own scratch file
+            f.write(b"worker")
+        return os.path.exists(path), f.name, ray.get_runtime_context().get_node_id()
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=cluster.gcs, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=1)(look)
+        seen = ray.get([remote.options(scheduling_strategy="SPREAD").remote(str(marker)) for _ in range(4)])
+    finally:
+        ray.shutdown()
+    assert len({node for _, _, node in seen}) == 2  # both worker nodes answered
+    assert not any(exists for exists, _, _ in seen)  # the driver's /tmp file is not on any worker
+    assert not any(os.path.exists(name) for _, name, _ in seen)  # nor a worker's on the driver's host
 
 
 def test_a_node_lost_mid_correlate_costs_no_item(cluster, seaweed, seaweed_bucket):
