@@ -102,3 +102,13 @@ def committed_ids(stage_uri: str) -> list[str]:
     for s in manifest.shards:
         ids += storage.read_parquet(storage.join(stage_uri, s.path), columns=["item_id"]).column("item_id").to_pylist()
     return ids
+
+
+def process_tree(pid: int) -> list:
+    """A process and everything it started (psutil handles), for a test that must find nothing left behind."""
+    import psutil
+
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []

@@ -112,3 +112,70 @@ def test_a_node_lost_mid_training_resumes_from_the_checkpoint(cluster, seaweed, 
     assert out.recoveries.get("worker_group_restarts") == 1, out.recoveries
     assert len(out.recoveries.get("nodes_lost", [])) == 1, out.recoveries
     assert out.steps_redone <= spec.train.eval_every, out  # at most one checkpoint interval
+
+
+def test_a_stopped_driver_frees_the_cluster_and_the_next_run_finishes_exactly_once(cluster, seaweed, seaweed_bucket,
+                                                                                  tmp_path):
+    """Stop and resubmit on the cluster: ``diclip stop`` (``ray job stop``) sends the job's driver SIGTERM and,
+    a few seconds later, SIGKILL. A driver joined to the cluster gets SIGTERM mid-correlate (whole images plus a
+    per-crop bank): it stops in seconds with one line and its actors leave the nodes; a second run's driver is
+    killed hard; a third run finishes with every map exactly once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from diclip import storage
+    from ray_jobs.runtime.common import list_shards
+    from ray_jobs.runtime.interrupt import MESSAGE
+    from tests.helpers import committed_ids
+
+    overrides = ["synthesize.num_train=12", "synthesize.num_val=4", "correlate.resources.batch_size=2",
+                 "correlate.resources.concurrency=1", "correlate.crops_per_image=2", "data.crop_size=48"]
+    spec = _spec(cluster, seaweed, seaweed_bucket, *overrides)
+    root = spec.output_uri
+    env = dict(os.environ, DICLIP_LOG_LEVEL="WARNING", RAY_AUTH_MODE="disabled")
+    cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/tiny.yaml", f"output_uri={root}",
+           f"storage.endpoint_url={seaweed.endpoint}", f"ray.address={cluster.gcs}", "ray.progress_bars=false",
+           "synthesize.image_size=[64,80]", "correlate.max_side=80", *overrides]
+
+    def driver_until(shards: int, log: str) -> subprocess.Popen:
+        with open(tmp_path / log, "w") as err:  # a file, not a pipe: Ray's logs must not fill a pipe
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(list_shards(spec.correlate.output)) < shards and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(list_shards(spec.correlate.output)) >= shards, (tmp_path / log).read_text()[-2000:]
+        return proc
+
+    proc = driver_until(3, "first.txt")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)  # the contract: stopped within 30 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = (tmp_path / "first.txt").read_text()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == MESSAGE, err[-2000:]
+    deadline = time.monotonic() + 30
+    while cluster.node_running("Correlator") is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cluster.node_running("Correlator") is None, "the stopped run's actors still hold the nodes"
+    assert not storage.is_complete(spec.correlate.output)
+    partial = len(list_shards(spec.correlate.output))
+    for s in list_shards(spec.correlate.output):  # every visible shard is complete and readable
+        storage.read_parquet(s)
+
+    proc = driver_until(partial + 2, "second.txt")  # killed hard: its last shards were never indexed
+    proc.kill()
+    proc.wait(timeout=10)
+    assert not storage.is_complete(spec.correlate.output)
+    partial = len(list_shards(spec.correlate.output))
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ids = committed_ids(spec.correlate.output)
+    want = 16 + 12 * 2  # whole images + (train image, crop) pairs
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == want  # every map exactly once, no holes
+    assert sum("@crop" in i for i in ids) == 24
+    assert len(storage.read_manifest(spec.correlate.output).shards) >= partial

@@ -299,7 +299,10 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
     import sys
     import time
 
+    import psutil
+
     from ray_jobs.runtime.interrupt import MESSAGE
+    from tests.helpers import process_tree
 
     root = str(tmp_path / "run")
     args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
@@ -331,12 +334,15 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
             while time.time() < deadline and not ready() and proc.poll() is None:
                 time.sleep(0.2)
             assert ready(), f"training never got to the point of the {signal.Signals(sig).name}"
+            started = process_tree(proc.pid)  # the driver, the local Ray it started, its workers
             proc.send_signal(sig)
             proc.wait(timeout=30)  # the contract: stopped within 30 s
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert (tmp_path / log_name).read_text().strip().splitlines()[-1] == MESSAGE
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, f"left running: {[p.pid for p in alive]}"  # the local Ray went with the driver
         return proc.returncode
 
     assert interrupt(signal.SIGINT, registered, "first.txt") == 130
