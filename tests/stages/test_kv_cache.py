@@ -1,4 +1,5 @@
-"""The KV-cache chain: ``generate`` -> ``mask`` -> ``cache`` on local Ray (2 actors) and through S3 (SeaweedFS).
+"""The KV-cache chain: ``generate`` -> ``mask`` -> ``cache`` on local Ray (2 actors). (Through S3 (SeaweedFS) it runs
+in ``test_pipeline.test_own_class_set_end_to_end_into_s3``, which runs the whole pipeline into a bucket.)
 
 Stage runs dominate the time (actor start-up), so the generated outputs are shared per module:
 ``gen_a`` / ``gen_b`` are two runs of the same spec into different dirs.
@@ -263,28 +264,10 @@ def test_cache_shapes_determinism_and_adapter(masked_a):
         load_cache(spec.cache.output, 64, list(get_class_set("voc").classes))
     assert "classes" in str(e.value) and "\n" not in str(e.value)
 
-
-# ----------------------------------------------------------------------------------------------
-# S3
-# ----------------------------------------------------------------------------------------------
-def test_chain_roundtrips_through_s3(ray_session, s3_bucket, s3_server):
-    spec = tiny_spec(f"{s3_bucket}/run", *BASE, "mask.min_foreground=0.0", "mask.max_foreground=1.0",
-                     endpoint_url=s3_server)
-    assert generate.run(spec)["images"] == 8
-    out = mask.run(spec)
-    assert out["images"] == 8 and out["failed"] == 0
-    res = cache.run(spec)
-    assert res["failed"] == 0
-    for mod in (generate, mask, cache):
-        assert mod.is_complete(spec)
-        assert storage.exists(storage.join(mod.output_uri(spec), "manifest.json"))
-    kv = load_cache(spec.cache.output, 64, list(CLASSES))
-    assert kv.keys.shape == (res["entries"], 64) and kv.card["sources"]["mask"]["uri"].startswith("s3://")
     # a re-run of the complete chain does no work
     assert generate.run(spec)["generated_now"] == 0 and mask.run(spec)["masked_now"] == 0
     # other images under the same ids: the masks and the cache made from the old ones are stale and redone
-    changed = tiny_spec(f"{s3_bucket}/run", *BASE, "mask.min_foreground=0.0", "mask.max_foreground=1.0",
-                        "generate.guidance_scale=9", endpoint_url=s3_server)
+    changed = tiny_spec(spec.output_uri, *BASE, "generate.guidance_scale=9")
     assert generate.run(changed)["generated_now"] == 8
     assert not mask.is_complete(changed) and mask.stale(changed) == ["generate output changed"]
     assert not cache.is_complete(changed) and cache.stale(changed) == ["generate output changed"]

@@ -69,6 +69,7 @@ def test_own_class_set_end_to_end_into_s3(ray_session, s3_bucket, s3_server, tmp
     assert storage.read_manifest(spec.generate.output).num_items == 4
     cache = load_cache(spec.cache.output, 64, CLASSES)  # refuses a cache of other classes
     assert cache.num_entries > 0 and cache.values.shape[1] == 3
+    assert cache.card["sources"]["mask"]["uri"] == spec.mask.output  # the card names the bucket it came from
     store = CorrelationStore(spec.correlate.output)
     assert len(store.index) == 10 and store.get(["synth_val_00000"])[0].grid == (4, 4)  # the 64 px crop square
     metrics = [json.loads(x) for x in storage.read_text(storage.join(spec.train.output, "metrics.jsonl")).splitlines()]
