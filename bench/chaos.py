@@ -4,6 +4,8 @@ worker raylets on loopback addresses, nothing shared but the bucket) with a real
 
 * a worker node lost (SIGKILL of its raylet and every worker on it; a replacement node joins after);
 * the object store restarted (down for about 10 s: stop, 4 s away, start);
+* correlate's driver stopped (SIGTERM, what ``diclip stop`` / ``ray job stop`` sends first) and the same
+  command run again (the resubmit), the stopped run's seconds counted with the rerun's;
 
 and prints, per fault: outcome, items lost, items duplicated, training steps redone, and the extra seconds
 over the undisturbed run of the same stage, side by side in one run. Tiny random models: what is measured
@@ -19,7 +21,7 @@ import uuid
 from _common import write_result
 
 from tests.chaos import CORRELATE, TRAIN, Injector, checkpoint_registered, run_stage_with, shards_at_least
-from tests.helpers import random_cache, tiny_spec
+from tests.helpers import random_cache, tiny_overrides, tiny_spec
 from tests.multinode import LocalCluster
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer
 
@@ -64,6 +66,30 @@ def main() -> None:
         time.sleep(DOWN_S)
         store.start()
 
+    def stopped_and_rerun(spec):
+        """A driver joined to the cluster (as a submitted job's is) stopped mid-correlate, then run again."""
+        import signal
+        import subprocess
+        import sys
+
+        from ray_jobs.runtime.common import list_shards
+
+        overrides = tiny_overrides(spec.output_uri, *CORRELATE, f"ray.address={cluster.gcs}", "ray.stall_minutes=5",
+                                   endpoint_url=store.endpoint)
+        cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/tiny.yaml", *overrides]
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, env=dict(os.environ, DICLIP_LOG_LEVEL="ERROR", RAY_AUTH_MODE="disabled"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        while len(list_shards(spec.correlate.output)) < 2 and proc.poll() is None and time.monotonic() - t0 < 240:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        stopped = time.monotonic() - t0
+        out = run_stage_with(spec, "correlate", "driver stopped, rerun", None)
+        out.seconds += stopped
+        out.recoveries = {"stopped_after_s": round(stopped, 1), "exit": proc.returncode, **out.recoveries}
+        return out
+
     rows = []
     try:
         for stage, ready, marker in (("correlate", lambda s: shards_at_least(s, 2), "Correlator"),
@@ -75,7 +101,9 @@ def main() -> None:
                                        Injector(ready(spec), lose_node(marker), after=cluster.add_worker)))
             spec = spec_for(stage)
             rows.append(run_stage_with(spec, stage, "store restarted", Injector(ready(spec), restart_store)))
-            for r in rows[-3:]:
+            if stage == "correlate":
+                rows.append(stopped_and_rerun(spec_for(stage)))
+            for r in rows[-4 if stage == "correlate" else -3:]:
                 r.extra = r.seconds - base.seconds  # type: ignore[attr-defined]
     finally:
         import ray
@@ -85,12 +113,12 @@ def main() -> None:
         cluster.stop()
         store.stop()
 
-    header = f"{'stage':<10} {'fault':<17} {'outcome':<9} {'lost':>4} {'dup':>4} {'steps redone':>12} {'seconds':>8} " \
+    header = f"{'stage':<10} {'fault':<22} {'outcome':<9} {'lost':>4} {'dup':>4} {'steps redone':>12} {'seconds':>8} " \
              f"{'extra s':>8}  recoveries"
     print(header)
     for r in rows:
         outcome = "finished" if r.finished else "FAILED"
-        print(f"{r.stage:<10} {r.fault:<17} {outcome:<9} {r.lost:>4} {r.duplicated:>4} {r.steps_redone:>12} "
+        print(f"{r.stage:<10} {r.fault:<22} {outcome:<9} {r.lost:>4} {r.duplicated:>4} {r.steps_redone:>12} "
               f"{r.seconds:>8.1f} {r.extra:>8.1f}  {r.recoveries or r.error or '-'}")
     write_result("chaos", {"rows": [dict(r.__dict__) for r in rows]})
 

@@ -49,6 +49,12 @@ def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None)
     """``configs/tiny.yaml`` (random tiny models) shrunk further for tests, writing under ``output_uri``."""
     from diclip.config import load_spec
 
+    return load_spec("configs/tiny.yaml", tiny_overrides(output_uri, *overrides, endpoint_url=endpoint_url))
+
+
+def tiny_overrides(output_uri: str, *overrides: str, endpoint_url: str | None = None) -> list[str]:
+    """The overrides of :func:`tiny_spec`, for a ``diclip ... configs/tiny.yaml`` command line that must
+    describe the same run."""
     base = [
         f"output_uri={output_uri}",
         "ray.progress_bars=false",
@@ -60,7 +66,7 @@ def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None)
     ]
     if endpoint_url:
         base.append(f"storage.endpoint_url={endpoint_url}")
-    return load_spec("configs/tiny.yaml", base + list(overrides))
+    return base + list(overrides)
 
 
 REPO = Path(__file__).resolve().parents[1]

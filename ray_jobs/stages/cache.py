@@ -36,11 +36,13 @@ from diclip.logging import get_logger
 from diclip.models.kv_cache import CACHE_FILE, KVCache, save_cache
 from diclip.storage.manifest import config_hash
 from ray_jobs.runtime.common import (
-    ID, pending_items, start_actor, finalize, init_ray, list_shards, item_error, report_row, run_pool, short_error,
+    ID, start_actor, init_ray, list_shards, item_error, report_row, short_error,
     write_shard,
 )
+from ray_jobs.runtime import pool_stage
+from ray_jobs.runtime.pool_stage import PoolStage
 from ray_jobs.runtime.lineage import (
-    INPUTS, call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
+    INPUTS, call_batched, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
     recorded_hash, same_source, settings_match,
 )
 
@@ -264,24 +266,21 @@ def build_cache(spec: JobSpec, rows: list[dict], card: dict[str, Any]) -> KVCach
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
+POOL = PoolStage(STAGE, "kept masks", "featurise", KeyExtractor, desc="cache keys")
+
+
 def run(spec: JobSpec) -> dict:
     c = spec.cache
     class_set = class_set_for(spec.data)
-    t0 = time.perf_counter()
     sources = {"generate": fingerprint(c.images), "mask": fingerprint(c.masks)}
     items, missing = list_items(spec)
-    s_hash = claim_settings(c.output, STAGE, settings(spec))
-    pending = pending_items(items, c.output)
-    log.info("cache: %d kept masks, %d already featurised, %d to featurise (%d actors x batch %d, %s)", len(items),
-             len(items) - len(pending), len(pending), c.resources.concurrency, c.resources.batch_size,
-             "GPU" if c.resources.num_gpus else "CPU")
-    init_ray(spec)
-    result = run_pool(pending, KeyExtractor, {"spec": spec}, c.resources, desc="cache keys",
-                      stall_s=60 * spec.ray.stall_minutes, output=c.output)
+    run = pool_stage.start(spec, POOL, c, items, settings(spec))
+    t0, s_hash, result = run.started, run.settings_hash, run.result
     for iid, err in missing:
         log.warning("cache: %s failed: %s", iid, err)
     failures = list(missing) + list(result.failures)
     t_map = time.perf_counter() - t0
+    init_ray(spec)  # the reduce is a Ray Data job, whether or not any item was pending
 
     keep = sorted(it[ID] for it in items)
     shards = list_shards(c.output)
@@ -336,10 +335,8 @@ def run(spec: JobSpec) -> dict:
              "reduce": reduce_settings(spec), "settings_hash": s_hash, "missing_classes": missing_classes,
              "images_without_foreground_tokens": no_fg_tokens}
     models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}
-    manifest = finalize(c.output, STAGE, spec, c, failures, models, extra)
+    manifest = run.commit(spec, models, extra, failures=missing)
     log.info("cache: %d entries x %d dims from %d images (%d failed); map %.1fs, k-means reduce %.1fs",
              cache.num_entries, cache.keys.shape[1], manifest.num_items, manifest.num_failed, t_map, t_reduce)
-    return {"images": manifest.num_items, "failed": manifest.num_failed, "featurised_now": result.rows,
-            "entries": cache.num_entries, "embed_dim": int(cache.keys.shape[1]),
-            "images_per_s": round(result.items_per_s, 3), "map_seconds": round(t_map, 2),
-            "reduce_seconds": round(t_reduce, 2), "seconds": round(time.perf_counter() - t0, 1)}
+    return run.summary(manifest, "featurised_now", entries=cache.num_entries, embed_dim=int(cache.keys.shape[1]),
+                       map_seconds=round(t_map, 2), reduce_seconds=round(t_reduce, 2))

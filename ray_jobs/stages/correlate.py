@@ -18,7 +18,6 @@ captioned with the share of the objects' tokens' attention that stays in their o
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -35,11 +34,13 @@ from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
 from diclip.method.resample import resize_grid
 from ray_jobs.runtime.common import (
-    ID, pending_items, start_actor, finalize, init_ray, item_error, report_row, run_pool, setup_process,
+    ID, start_actor, item_error, report_row, setup_process,
     write_shard,
 )
+from ray_jobs.runtime import pool_stage
+from ray_jobs.runtime.pool_stage import PoolStage
 from ray_jobs.runtime.lineage import (
-    call_batched, claim_settings, data_identity, diffusion_input_settings, settings_match, stale_keys,
+    call_batched, data_identity, diffusion_input_settings, settings_match, stale_keys,
 )
 
 log = get_logger("ray_jobs.stages.correlate")
@@ -303,34 +304,25 @@ def stale(spec: JobSpec) -> list[str]:
     return stale_keys(spec.correlate.output, settings(spec))
 
 
+POOL = PoolStage(STAGE, "maps", "extract", Correlator, prepare=prepare_inputs, index_columns=tuple(INDEX_COLUMNS))
+
+
 def run(spec: JobSpec) -> dict:
     cfg = spec.correlate
     items = list_items(spec)
-    # recorded before any map is extracted: maps of an interrupted or failed run with other settings
-    # are dropped here, never mixed with new ones
-    s_hash = claim_settings(cfg.output, STAGE, settings(spec))
-    pending = pending_items(items, cfg.output)
-    log.info("correlate: %d maps (%d crops per %s image), %d already in committed shards, %d to extract "
-             "(%d actors x batch %d, %s)", len(items), cfg.crops_per_image, cfg.crop_split,
-             len(items) - len(pending), len(pending), cfg.resources.concurrency, cfg.resources.batch_size,
-             "GPU" if cfg.resources.num_gpus else "CPU")
-    if pending:
-        init_ray(spec)
-    t0 = time.perf_counter()
-    result = run_pool(pending, Correlator, {"spec": spec}, cfg.resources, desc="correlate",
-                      prepare=prepare_inputs, prepare_kwargs={"spec": spec, "patch": clip_patch_size(spec)},
-                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output, index_columns=INDEX_COLUMNS)
+    # the settings are claimed before any map is extracted: maps of an interrupted or failed run with other
+    # settings are dropped then, never mixed with new ones
+    run = pool_stage.start(spec, POOL, cfg, items, settings(spec),
+                           prepare_kwargs={"spec": spec, "patch": clip_patch_size(spec)},
+                           detail=f" ({cfg.crops_per_image} crops per {cfg.crop_split} image)")
     models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(clip_patch_size(spec))}
-    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models,
-                        extra={"rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits),
-                               "whole_image": cfg.whole_image, "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image,
-                               "crop_split": cfg.crop_split, "settings": settings(spec),
-                               "settings_hash": s_hash},
-                        index_columns=INDEX_COLUMNS)
+    manifest = run.commit(spec, models, {
+        "rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits), "whole_image": cfg.whole_image,
+        "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image, "crop_split": cfg.crop_split,
+        "settings": settings(spec), "settings_hash": run.settings_hash})
     if cfg.num_pictures and write_preview(spec, items):
         log.info("correlate: example maps in %s", cfg.output.rstrip("/") + "/preview.png")
-    rate = result.items_per_s
+    out = run.summary(manifest, "extracted_now")
     log.info("correlate: %d maps committed, %d failed, %.2f maps/s this run",
-             manifest.num_items, manifest.num_failed, rate)
-    return {"images": manifest.num_items, "failed": manifest.num_failed, "extracted_now": result.rows,
-            "images_per_s": round(rate, 3), "seconds": round(time.perf_counter() - t0, 1)}
+             manifest.num_items, manifest.num_failed, out["images_per_s"])
+    return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import time
 from collections import Counter
 from typing import Any
 
@@ -31,9 +30,11 @@ from diclip.data import class_identity, class_set_for
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
 from ray_jobs.runtime.common import (
-    ID, start_actor, committed_ids, finalize, init_ray, report_row, run_pool, short_error, write_shard,
+    ID, start_actor, committed_ids, report_row, short_error, write_shard,
 )
-from ray_jobs.runtime.lineage import claim_settings, settings_match, call_batched
+from ray_jobs.runtime import pool_stage
+from ray_jobs.runtime.pool_stage import PoolStage
+from ray_jobs.runtime.lineage import settings_match, call_batched
 
 log = get_logger("ray_jobs.stages.generate")
 STAGE = "generate"
@@ -185,32 +186,24 @@ class ImageGenerator:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
+POOL = PoolStage(STAGE, "images", "generate", ImageGenerator)
+
+
 def run(spec: JobSpec) -> dict:
     cfg = spec.generate
     items = list_items(spec)
-    s_hash = claim_settings(cfg.output, STAGE, settings(spec))
-    done = committed_ids(cfg.output)
-    pending = [it for it in items if it[ID] not in done]
-    log.info("generate: %d images (%d classes x %d), %d already committed, %d to generate (%d actors x batch %d, %s)",
-             len(items), len(items) // max(1, cfg.images_per_class), cfg.images_per_class, len(items) - len(pending),
-             len(pending), cfg.resources.concurrency, cfg.resources.batch_size,
-             "GPU" if cfg.resources.num_gpus else "CPU")
-    if pending:
-        init_ray(spec)
-    t0 = time.perf_counter()
-    result = run_pool(pending, ImageGenerator, {"spec": spec}, cfg.resources, desc="generate",
-                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
-    failed = {i for i, _ in result.failures}
-    new = [it for it in pending if it[ID] not in failed]
-    per_class = Counter(i.rsplit("/", 1)[0] for i in done) + Counter(it["class_name"] for it in new)
+    classes = len(items) // max(1, cfg.images_per_class)
+    run = pool_stage.start(spec, POOL, cfg, items, settings(spec),
+                           detail=f" ({classes} classes x {cfg.images_per_class})")
+    failed = {i for i, _ in run.result.failures}
+    new = [it for it in run.pending if it[ID] not in failed]
+    per_class = Counter(i.rsplit("/", 1)[0] for i in committed_ids(cfg.output))  # earlier runs' and this one's
     requested = {name: cfg.images_per_class for _, name, _ in generation_classes(spec)}
-    extra = {"requested": requested, "per_class": dict(sorted(per_class.items())), "settings_hash": s_hash,
+    extra = {"requested": requested, "per_class": dict(sorted(per_class.items())), "settings_hash": run.settings_hash,
              "size": cfg.size, "save_size": cfg.save_size}
-    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, {"diffusion": cfg.source}, extra)
-    rate = result.items_per_s
+    manifest = run.commit(spec, {"diffusion": cfg.source}, extra)
+    out = run.summary(manifest, "generated_now",
+                      generated_per_class=dict(sorted(Counter(it["class_name"] for it in new).items())))
     log.info("generate: %d images committed, %d failed, %.2f images/s this run", manifest.num_items,
-             manifest.num_failed, rate)
-    return {"images": manifest.num_items, "failed": manifest.num_failed, "generated_now": result.rows,
-            "generated_per_class": dict(sorted(Counter(it["class_name"] for it in new).items())),
-            "images_per_s": round(rate, 3), "seconds": round(time.perf_counter() - t0, 1)}
-
+             manifest.num_failed, out["images_per_s"])
+    return out

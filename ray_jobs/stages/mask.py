@@ -15,7 +15,6 @@ filtered), because whether a threshold is right is seen faster than read.
 """
 from __future__ import annotations
 
-import time
 from collections import Counter, defaultdict
 
 import pandas as pd
@@ -30,11 +29,13 @@ from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_byt
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from ray_jobs.runtime.common import (
-    ID, pending_items, start_actor, finalize, init_ray, list_shards, item_error, report_row, run_pool, short_error,
+    ID, start_actor, list_shards, item_error, report_row, short_error,
     write_shard,
 )
+from ray_jobs.runtime import pool_stage
+from ray_jobs.runtime.pool_stage import PoolStage
 from ray_jobs.runtime.lineage import (
-    INPUTS, call_batched, claim_settings, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
+    INPUTS, call_batched, clip_model_id, fingerprint, locate_rows, model_settings, read_located,
     recorded_hash, same_source, settings_match,
 )
 
@@ -211,32 +212,22 @@ def write_preview(spec: JobSpec, class_names: tuple[str, ...]) -> int:
     return len(grid)
 
 
+POOL = PoolStage(STAGE, "generated images", "mask", MaskActor)
+
+
 def run(spec: JobSpec) -> dict:
     cfg = spec.mask
     source = fingerprint(cfg.images)
-    items = list_items(spec)
-    s_hash = claim_settings(cfg.output, STAGE, settings(spec))
-    pending = pending_items(items, cfg.output)
-    log.info("mask: %d generated images, %d already masked, %d to mask (%d actors x batch %d, %s)", len(items),
-             len(items) - len(pending), len(pending), cfg.resources.concurrency, cfg.resources.batch_size,
-             "GPU" if cfg.resources.num_gpus else "CPU")
-    if pending:
-        init_ray(spec)
-    t0 = time.perf_counter()
-    result = run_pool(pending, MaskActor, {"spec": spec}, cfg.resources, desc="mask",
-                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
+    run = pool_stage.start(spec, POOL, cfg, list_items(spec), settings(spec))
     class_names = class_set_for(spec.data).classes
     counts = summarize(cfg.output, class_names)
     models = {"clip": clip_model_id(spec), "diffusion": spec.model.diffusion.source}
-    extra = {"source": source, "settings_hash": s_hash, **counts}
-    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures, models, extra)
+    manifest = run.commit(spec, models, {"source": source, "settings_hash": run.settings_hash, **counts})
     drawn = write_preview(spec, class_names)
     if drawn:
         log.info("mask: %d example masks in %s", drawn, storage.join(cfg.output, "preview.png"))
-    rate = result.items_per_s
+    out = run.summary(manifest, "masked_now", kept=counts["kept"], filtered=counts["filtered"])
     log.info("mask: %d masks committed (%d kept, %d filtered: %s), %d failed, %.2f images/s this run",
              manifest.num_items, counts["kept"], counts["filtered"], counts["filtered_by_reason"], manifest.num_failed,
-             rate)
-    return {"images": manifest.num_items, "kept": counts["kept"], "filtered": counts["filtered"],
-            "failed": manifest.num_failed, "masked_now": result.rows, "images_per_s": round(rate, 3),
-            "seconds": round(time.perf_counter() - t0, 1)}
+             out["images_per_s"])
+    return out
