@@ -48,7 +48,7 @@ def make_spec(root: str, *overrides: str):
 
 def timed_pool(items: list[dict], actor_cls, spec, res, desc: str) -> tuple[int, float]:
     """(images, seconds) of one actor-pool run, actor start-up included."""
-    from ray_jobs.runtime.common import run_pool
+    from ray_jobs.runtime.pool import run_pool
 
     t0 = time.perf_counter()
     result = run_pool(items, actor_cls, {"spec": spec}, res, desc=desc)
@@ -80,7 +80,7 @@ def actor_scaling(tmp: str) -> dict:
     from ray_jobs.stages import generate, mask
     from ray_jobs.stages.cache import KeyExtractor
     from ray_jobs.stages.cache import list_items as cache_items
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     base = [f"generate.size={GEN_SIZE}", f"generate.save_size={GEN_SIZE}", f"generate.num_inference_steps={GEN_STEPS}",
             f"mask.image_size={MASK_SIZE}", f"cache.image_size={CACHE_SIZE}", "mask.min_foreground=0.0",
@@ -130,7 +130,7 @@ def make_res(res, actors: int):
 def kmeans_only(spec) -> float:
     """Seconds of the k-means compute alone on the committed feature rows (in process)."""
     from ray_jobs.stages.cache import explode_keys, kmeans_group
-    from ray_jobs.runtime.common import read_stage_table
+    from ray_jobs.runtime.shards import read_stage_table
 
     df = explode_keys(read_stage_table(spec.cache.output).to_pandas())
     t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def cache_scaling(tmp: str) -> dict:
     import ray
 
     from ray_jobs.stages import cache, generate, mask
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     out = {}
     for per_class in SCALING_PER_CLASS:
@@ -206,7 +206,7 @@ def gpu_generate(tmp: str, source: str | None) -> dict:
     import ray
 
     from ray_jobs.stages import generate
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     src = source or sd15_sized_dir(f"{tmp}/sd15-random")
     overrides = [f"generate.source={src}", f"generate.size={GPU_SIZE}", f"generate.save_size={GPU_SIZE}",

@@ -72,7 +72,7 @@ def main() -> None:
         import subprocess
         import sys
 
-        from ray_jobs.runtime.common import list_shards
+        from ray_jobs.runtime.shards import list_shards
 
         overrides = tiny_overrides(spec.output_uri, *CORRELATE, f"ray.address={cluster.gcs}", "ray.stall_minutes=5",
                                    endpoint_url=store.endpoint)

@@ -113,7 +113,7 @@ def extraction_rate(spec, images: int) -> dict:
 
     from diclip.config import load_spec
     from ray_jobs.stages import correlate
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     init_ray(spec)
     rates = {}

@@ -48,7 +48,8 @@ def commit_all(spec, items: list[dict]) -> None:
 
     from diclip.data.correlation import SCHEMA, pack_npz
     from diclip.storage.commit_index import IndexWriter
-    from ray_jobs.runtime.common import finalize, report_row, write_shard
+    from ray_jobs.runtime.shards import finalize, write_shard
+    from ray_jobs.runtime.item_reports import report_row
     from ray_jobs.stages.correlate import INDEX_COLUMNS, STAGE, settings
 
     out = spec.correlate.output
@@ -84,7 +85,7 @@ def measure(n: int, work: Path, scan: bool) -> dict:
     from diclip.storage.commit_index import CommitIndex
     from diclip.train.data import build_items
     from ray_jobs.stages import correlate
-    from ray_jobs.runtime.common import pending_items
+    from ray_jobs.runtime.shards import pending_items
 
     root = work / f"n{n}"
     make_split(root / "data", n)

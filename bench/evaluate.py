@@ -57,7 +57,7 @@ def main() -> None:
     from diclip.inference import build_model, save_export
     from diclip.models.kv_cache import KVCache
     from ray_jobs.stages import synthesize
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     busy = os.getloadavg()[0]  # other work on the machine before we start (shared CI/dev boxes)
     base = tempfile.mkdtemp(prefix="diclip-bench-evaluate-")

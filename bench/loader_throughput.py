@@ -39,7 +39,8 @@ def write_data(root: str) -> list[dict]:
 
     from diclip import storage
     from diclip.data.correlation import SCHEMA, pack_npz
-    from ray_jobs.runtime.common import report_row, write_shard
+    from ray_jobs.runtime.item_reports import report_row
+    from ray_jobs.runtime.shards import write_shard
 
     rng = np.random.default_rng(0)
     items, rows, reports = [], [], []

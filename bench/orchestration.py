@@ -51,7 +51,7 @@ def stand_in_class(wait_s: float):
     import torch
 
     from ray_jobs.stages import correlate
-    from ray_jobs.runtime.common import start_actor
+    from ray_jobs.runtime.ray_session import start_actor
 
     class StandInCorrelator(correlate.Correlator):
         def __init__(self, spec):  # no diffusion pipeline: the wait stands in for it
@@ -249,7 +249,7 @@ def stand_in_evaluator(wait_s: float, classes: int):
 
     from diclip.inference import work_size
     from ray_jobs.stages import evaluate
-    from ray_jobs.runtime.common import start_actor
+    from ray_jobs.runtime.ray_session import start_actor
 
     class StandInEvaluator(evaluate.Evaluator):
         def __init__(self, spec, base_size):  # no model: the wait stands in for the segmenter on a GPU
@@ -365,7 +365,7 @@ def measure_evaluate_crf(args) -> None:
     from diclip.inference import build_model, save_export
     from diclip.models.kv_cache import KVCache
     from ray_jobs.stages import synthesize
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     busy_at_start = os.getloadavg()[0]
     base = tempfile.mkdtemp(prefix="diclip-bench-crf-")
@@ -442,7 +442,7 @@ def measure(url: str, moto_pid: int, args) -> list[dict]:
     from diclip import storage
     from diclip.config import load_spec
     from ray_jobs.stages import synthesize
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     most = max(args.actors) * BATCHES_PER_ACTOR * BATCH
     spec = load_spec("configs/tiny.yaml", [

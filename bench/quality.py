@@ -104,7 +104,7 @@ def write_colour_maps(base_uri: str, out_uri: str, spec, sigma: float = COLOUR_S
     from diclip.data import open_split
     from diclip.data.correlation import BANK_COLUMNS, SCHEMA, CorrelationStore, pack_npz
     from diclip.inference import resize_square
-    from ray_jobs.runtime.common import finalize, write_shard
+    from ray_jobs.runtime.shards import finalize, write_shard
 
     if storage.is_complete(out_uri):
         return storage.read_manifest(out_uri).num_items
@@ -277,7 +277,7 @@ def main() -> None:
     a = ap.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
     from ray_jobs.stages.evaluate import all_background_miou
 
     common = base_overrides(a.quick)

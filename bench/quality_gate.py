@@ -29,7 +29,7 @@ def main() -> None:
     from test_quality import QUICK, WIRING_VARIANTS  # the test's spec and variants, not a copy
 
     from diclip.toy.cam_with_maps import cam_results
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
     from ray_jobs.pipeline import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

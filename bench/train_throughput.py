@@ -43,7 +43,7 @@ def main() -> None:
     from diclip.data import get_class_set
     from diclip.models.kv_cache import save_cache
     from ray_jobs.stages import correlate, synthesize
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
     from tests.helpers import random_cache
 
     base = tempfile.mkdtemp(prefix="diclip-bench-train-")

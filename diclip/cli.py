@@ -104,7 +104,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A driver joins or starts Ray explicitly (ray_jobs.runtime.common.init_ray); Ray's implicit ray.init on first use
+    # A driver joins or starts Ray explicitly (ray_jobs.runtime.ray_session.init_ray); Ray's implicit ray.init on first use
     # would only ever run after a stop, from a background thread of the stopping run, and start or join a Ray
     # again ("SIGTERM handler is not set because current thread is not the main thread"). Read by Ray at import.
     import os

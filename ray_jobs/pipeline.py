@@ -20,7 +20,7 @@ from diclip.errors import ConfigError
 from diclip.logging import get_logger
 from ray_jobs import registry
 from ray_jobs.runtime import faults, recoveries
-from ray_jobs.runtime.common import configure_driver, init_ray
+from ray_jobs.runtime.ray_session import configure_driver, init_ray
 from ray_jobs.planning import stage_complete, stages_to_run
 from ray_jobs.validate import check_resources, local_resources, validate_spec
 

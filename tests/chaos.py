@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from diclip import storage
 from ray_jobs import pipeline
 from ray_jobs.stages import train
-from ray_jobs.runtime.common import list_shards
+from ray_jobs.runtime.shards import list_shards
 
 CORRELATE = ["synthesize.num_train=12", "synthesize.num_val=4", "correlate.resources.batch_size=2",
              "correlate.resources.concurrency=1", "correlate.resources.num_cpus=0.5",
@@ -105,7 +105,7 @@ def logged_steps(spec) -> list[tuple[str, int]]:
 
 
 def run_stage_with(spec, stage: str, fault: str, injector: Injector | None) -> Outcome:
-    from ray_jobs.runtime.common import init_ray
+    from ray_jobs.runtime.ray_session import init_ray
 
     init_ray(spec)  # joined before the stage, as `diclip run` does: the stage's record sees which nodes it lost
     out = Outcome(fault=fault, stage=stage)

@@ -361,7 +361,7 @@ def test_an_exported_dashboard_address_does_not_change_local_runs(tmp_path, monk
     script = ("import os, ray, diclip\n"
               "from diclip.config import load_spec\n"
               "from diclip.logging import init_logging\n"
-              "from ray_jobs.runtime.common import init_ray\n"
+              "from ray_jobs.runtime.ray_session import init_ray\n"
               "init_logging()  # as the CLI does\n"
               "init_ray(load_spec('configs/demo.yaml', ['ray.num_cpus=1', 'ray.dashboard=false']))\n"
               "print(int(ray.cluster_resources()['CPU']), os.environ.get('RAY_ADDRESS'),\n"

@@ -15,7 +15,7 @@ from ray_jobs.runtime import ray_compat
 
 
 def test_ray_data_streaming_executor_is_a_thread_we_can_stop():
-    """ray_compat.streaming_executors / common.stop_executors (the stall tests in tests/stages/test_fallback.py)."""
+    """ray_compat.streaming_executors / pool.stop_executors (the stall tests in tests/stages/test_fallback.py)."""
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
 
     assert issubclass(StreamingExecutor, threading.Thread), "Ray Data's executor is no longer a thread"

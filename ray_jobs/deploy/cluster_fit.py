@@ -91,7 +91,7 @@ def cluster_view() -> ClusterView:
     """What the joined cluster offers (Ray must be initialised)."""
     import ray
 
-    from ray_jobs.runtime.common import alive_node_records, node_resources
+    from ray_jobs.runtime.ray_session import alive_node_records, node_resources
 
     records = alive_node_records()  # one listing: which node is the head is read from the same records
     nodes = [node_resources(n) for n in records]

@@ -11,7 +11,7 @@ exactly the code and spec the user has locally without an image rebuild. Why the
   to ``.diclip_submit/`` in the repo for the duration of the upload; specs never hold credentials
   (``diclip.config`` keeps them out), so the upload holds none either;
 * object-store credentials travel only as runtime_env ``env_vars`` read from the submitter's environment
-  (:func:`ray_jobs.runtime.common.worker_env`), never through a file;
+  (:func:`ray_jobs.runtime.ray_session.worker_env`), never through a file;
 * the interpreter is the spec's ``cluster.python`` (default ``python``, the first on the cluster's PATH),
   and :mod:`ray_jobs.deploy.launch` turns a module missing from it into one line naming the fix;
 * outputs must be shared (``s3://``): a relative path would land in Ray's temporary copy of the working dir
@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 from diclip.config import JobSpec, load_spec, to_yaml
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
-from ray_jobs.runtime.common import worker_env
+from ray_jobs.runtime.ray_session import worker_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient

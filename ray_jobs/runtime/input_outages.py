@@ -1,6 +1,6 @@
 """Store outages waited out by a pool's input tasks reach the stage's recoveries record.
 
-An actor's report rows carry the outages its process waited out (:func:`ray_jobs.runtime.common.report_row`),
+An actor's report rows carry the outages its process waited out (:func:`ray_jobs.runtime.item_reports.report_row`),
 but the input tasks that read and decode the items before the actors (``run_pool``'s ``prepare``) make no
 report rows: an outage they rode out was told in their log and then lost. Here the input step adds what it
 waited out to its batch, and the actor, wrapped, moves it into its own first report row, where the driver

@@ -20,7 +20,9 @@ from diclip.errors import StorageError
 from diclip.logging import get_logger
 from diclip.storage.manifest import config_hash
 from diclip.storage import commit_index
-from ray_jobs.runtime.common import ID, list_shards, short_error
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.shards import list_shards
+from ray_jobs.runtime.item_reports import short_error
 
 log = get_logger("ray_jobs.runtime.lineage")
 SETTINGS_FILE = "settings.json"

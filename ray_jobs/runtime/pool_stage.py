@@ -19,7 +19,9 @@ from diclip.config import JobSpec
 from diclip.logging import get_logger
 from diclip.storage import Manifest
 from diclip.storage.commit_index import ID
-from ray_jobs.runtime.common import PoolResult, finalize, init_ray, pending_items, run_pool
+from ray_jobs.runtime.pool import PoolResult, run_pool
+from ray_jobs.runtime.shards import finalize, pending_items
+from ray_jobs.runtime.ray_session import init_ray
 from ray_jobs.runtime.lineage import claim_settings
 
 log = get_logger("ray_jobs.runtime.pool_stage")

@@ -35,10 +35,10 @@ from diclip.errors import DataError, DiclipError
 from diclip.logging import get_logger
 from diclip.models.kv_cache import CACHE_FILE, KVCache, save_cache
 from diclip.storage.manifest import config_hash
-from ray_jobs.runtime.common import (
-    ID, start_actor, init_ray, list_shards, item_error, report_row, short_error,
-    write_shard,
-)
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.ray_session import start_actor, init_ray
+from ray_jobs.runtime.shards import list_shards, write_shard
+from ray_jobs.runtime.item_reports import item_error, report_row, short_error
 from ray_jobs.runtime import pool_stage
 from ray_jobs.runtime.pool_stage import PoolStage
 from ray_jobs.runtime.lineage import (

@@ -33,10 +33,10 @@ from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
 from diclip.method.resample import resize_grid
-from ray_jobs.runtime.common import (
-    ID, start_actor, item_error, report_row, setup_process,
-    write_shard,
-)
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.ray_session import start_actor, setup_process
+from ray_jobs.runtime.item_reports import item_error, report_row
+from ray_jobs.runtime.shards import write_shard
 from ray_jobs.runtime import pool_stage
 from ray_jobs.runtime.pool_stage import PoolStage
 from ray_jobs.runtime.lineage import (

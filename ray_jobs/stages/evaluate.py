@@ -42,9 +42,11 @@ from diclip.method import metrics as metriclib
 from ray_jobs.runtime import lineage
 from ray_jobs.runtime.lineage import call_batched
 from diclip.storage import commit_index
-from ray_jobs.runtime.common import (
-    ID, start_actor, finalize, init_ray, item_error, list_shards, report_row, run_pool, setup_process, write_shard,
-)
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.ray_session import start_actor, init_ray, setup_process
+from ray_jobs.runtime.shards import finalize, list_shards, write_shard
+from ray_jobs.runtime.item_reports import item_error, report_row
+from ray_jobs.runtime.pool import run_pool
 from ray_jobs.stages.evaluate_crf import (
     EMPTY_PAYLOAD, ROW_FORMAT, SCHEMA, crf_payload, crf_task, dense_cm, make_row, seg_row,
 )

@@ -15,7 +15,10 @@ import pyarrow as pa
 
 from diclip.config import JobSpec
 from diclip.method import metrics as metriclib
-from ray_jobs.runtime.common import ID, item_error, report_row, setup_process, write_shard
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.item_reports import item_error, report_row
+from ray_jobs.runtime.ray_session import setup_process
+from ray_jobs.runtime.shards import write_shard
 
 SCHEMA = pa.schema([
     (ID, pa.string()),

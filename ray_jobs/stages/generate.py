@@ -29,9 +29,10 @@ from diclip.config import JobSpec
 from diclip.data import class_identity, class_set_for
 from diclip.errors import ConfigError
 from diclip.logging import get_logger
-from ray_jobs.runtime.common import (
-    ID, start_actor, committed_ids, report_row, short_error, write_shard,
-)
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.ray_session import start_actor
+from ray_jobs.runtime.shards import committed_ids, write_shard
+from ray_jobs.runtime.item_reports import report_row, short_error
 from ray_jobs.runtime import pool_stage
 from ray_jobs.runtime.pool_stage import PoolStage
 from ray_jobs.runtime.lineage import settings_match, call_batched

@@ -26,9 +26,11 @@ from diclip import storage
 from diclip.config import JobSpec
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
-from ray_jobs.runtime.common import (
-    ID, start_actor, committed_ids, finalize, init_ray, item_error, report_row, run_pool, short_error, write_shard,
-)
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.ray_session import start_actor, init_ray
+from ray_jobs.runtime.shards import committed_ids, finalize, write_shard
+from ray_jobs.runtime.item_reports import item_error, report_row, short_error
+from ray_jobs.runtime.pool import run_pool
 from ray_jobs.stages.evaluate import reset_if_changed
 from ray_jobs.runtime.lineage import call_batched
 

@@ -28,10 +28,10 @@ from diclip.data.synthetic import encode_mask_png
 from diclip.viz import colorize, decode_mask_png, overlay, picture_grid, png_bytes
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
-from ray_jobs.runtime.common import (
-    ID, start_actor, list_shards, item_error, report_row, short_error,
-    write_shard,
-)
+from diclip.storage.commit_index import ID
+from ray_jobs.runtime.ray_session import start_actor
+from ray_jobs.runtime.shards import list_shards, write_shard
+from ray_jobs.runtime.item_reports import item_error, report_row, short_error
 from ray_jobs.runtime import pool_stage
 from ray_jobs.runtime.pool_stage import PoolStage
 from ray_jobs.runtime.lineage import (

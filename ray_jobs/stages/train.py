@@ -32,7 +32,7 @@ from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
 from ray_jobs.runtime import ray_compat
-from ray_jobs.runtime.common import configure_data_context, free_and_total, init_ray, setup_process
+from ray_jobs.runtime.ray_session import configure_data_context, free_and_total, init_ray, setup_process
 
 log = get_logger("ray_jobs.stages.train")
 STAGE = "train"
@@ -516,7 +516,7 @@ def run(spec: JobSpec) -> dict:
     if dropped:
         log.warning("train: %d %s images left out: their maps failed in correlate (e.g. %s)", len(dropped),
                     spec.data.train_split, dropped[0][0])
-        from ray_jobs.runtime.common import check_failures
+        from ray_jobs.runtime.shards import check_failures
 
         check_failures(STAGE, items.num_rows // max(1, table_crops(items)), dropped, t.max_failed_fraction)
     clear_other_run(spec)

@@ -126,7 +126,7 @@ def test_a_stopped_driver_frees_the_cluster_and_the_next_run_finishes_exactly_on
     import time
 
     from diclip import storage
-    from ray_jobs.runtime.common import list_shards
+    from ray_jobs.runtime.shards import list_shards
     from ray_jobs.runtime.interrupt import MESSAGE
     from tests.helpers import committed_ids
 

@@ -791,7 +791,7 @@ OWN_INSTANCE_SCRIPT = r"""
 import json, sys
 import diclip, ray
 from diclip.config import load_spec
-from ray_jobs.runtime.common import init_ray
+from ray_jobs.runtime.ray_session import init_ray
 
 init_ray(load_spec("configs/demo.yaml", ["ray.num_cpus=1"]))
 

@@ -16,7 +16,7 @@ from diclip.models.correlation import noise_seed
 from diclip.models.diffusion import build_diffusion_from_config
 from diclip.viz import colorize, grid_size
 from ray_jobs.stages import correlate, synthesize
-from ray_jobs.runtime.common import list_shards
+from ray_jobs.runtime.shards import list_shards
 from tests.helpers import committed_ids, tiny_spec
 
 pytestmark = pytest.mark.timeout(300)

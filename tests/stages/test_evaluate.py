@@ -17,7 +17,7 @@ from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, 
     segmenter_forward
 from diclip.method.metrics import confusion_matrix
 from ray_jobs.stages import correlate, evaluate, infer, synthesize
-from ray_jobs.runtime.common import list_shards, read_stage_table
+from ray_jobs.runtime.shards import list_shards, read_stage_table
 from tests.helpers import tiny_spec
 from tests.method.test_inference import make_export
 

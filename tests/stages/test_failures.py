@@ -4,7 +4,7 @@ import pytest
 
 from diclip import storage
 from diclip.errors import StageFailed
-from ray_jobs.runtime.common import failure_reasons, finalize, write_shard
+from ray_jobs.runtime.shards import failure_reasons, finalize, write_shard
 from tests.helpers import tiny_spec
 
 

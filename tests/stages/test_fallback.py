@@ -7,7 +7,7 @@ import pytest
 
 from diclip import storage
 from ray_jobs.stages import correlate, synthesize
-from ray_jobs.runtime.common import list_shards
+from ray_jobs.runtime.shards import list_shards
 from ray_jobs.runtime.lineage import call_batched
 from tests.helpers import tiny_spec
 
@@ -64,7 +64,7 @@ def test_a_stage_that_cannot_be_scheduled_stops_with_one_line(ray_session):
     progress" into an error naming the request and what the cluster has free."""
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs.runtime.common import run_pool
+    from ray_jobs.runtime.pool import run_pool
 
     res = Resources(num_cpus=64, concurrency=1, batch_size=2)  # this test cluster has 2 CPUs
     with pytest.raises(DiclipError) as e:
@@ -93,8 +93,8 @@ def test_a_pool_that_starves_its_input_tasks_says_so(ray_session, monkeypatch):
     stuck"), however slowly a loaded machine starts them, and the test waits seconds, not the stall's 40."""
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs.runtime import common
-    from ray_jobs.runtime.common import run_pool
+    from ray_jobs.runtime import watchdog
+    from ray_jobs.runtime.pool import run_pool
 
     ray = ray_session
     started: list[float] = []
@@ -104,7 +104,7 @@ def test_a_pool_that_starves_its_input_tasks_says_so(ray_session, monkeypatch):
             started.append(time.monotonic())
         return 0.0 if not started else 20 * (time.monotonic() - started[0])
 
-    monkeypatch.setattr(common, "clock", clock)
+    monkeypatch.setattr(watchdog, "clock", clock)
     res = Resources(num_cpus=1, prepare_cpus=0.5, concurrency=2, batch_size=2)  # 2 x 1 CPU = this test cluster
     with pytest.raises(DiclipError) as e:
         run_pool([{"item_id": str(i)} for i in range(4)], _Echo, {}, res, desc="correlate", stall_s=20,
@@ -135,7 +135,7 @@ def test_the_watchdog_stops_a_silent_stage_after_twice_the_stall_before_its_firs
 
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs.runtime.common import watched
+    from ray_jobs.runtime.watchdog import watched
 
     res = Resources(num_cpus=1, concurrency=1, batch_size=2)
     stop = threading.Event()
@@ -175,7 +175,7 @@ def test_the_watchdog_stops_a_silent_stage_after_twice_the_stall_before_its_firs
 def test_the_watchdog_passes_errors_through_and_names_an_actor_start_timeout():
     from diclip.config import Resources
     from diclip.errors import DiclipError
-    from ray_jobs.runtime.common import watched
+    from ray_jobs.runtime.watchdog import watched
 
     res = Resources(num_cpus=1, concurrency=1, batch_size=2)
 
@@ -209,7 +209,7 @@ def test_an_actor_that_cannot_load_its_model_is_one_line(ray_session):
     stage re-raises the user's error, naming the stage, in one line."""
     from diclip.config import Resources
     from diclip.errors import ModelError
-    from ray_jobs.runtime.common import run_pool
+    from ray_jobs.runtime.pool import run_pool
 
     with pytest.raises(ModelError) as e:
         run_pool([{"item_id": str(i)} for i in range(4)], _CannotLoad, {}, Resources(concurrency=1, batch_size=2),
@@ -230,7 +230,7 @@ def test_inputs_are_prepared_in_cpu_tasks_apart_from_the_actors(ray_session):
     """Equal CPU requests would let Ray Data fuse the input step into the actor pool (decoding on the GPU
     actors again); run_pool keeps it a task operator of its own."""
     from diclip.config import Resources
-    from ray_jobs.runtime.common import run_pool
+    from ray_jobs.runtime.pool import run_pool
 
     import warnings
 
@@ -268,7 +268,7 @@ class _ReportActor:
     """Reports as the stages' actors do: one row per item, no input columns passed through."""
 
     def __call__(self, batch):
-        from ray_jobs.runtime.common import report_row
+        from ray_jobs.runtime.item_reports import report_row
 
         return pd.DataFrame([report_row(i, True) for i in batch["item_id"]])
 
@@ -278,7 +278,7 @@ def test_outages_the_input_tasks_waited_out_are_in_the_recoveries_record(ray_ses
     the actors' reports, so the stage's recoveries count it (it was told in their log and then lost)."""
     from diclip.config import Resources
     from ray_jobs.runtime import recoveries
-    from ray_jobs.runtime.common import run_pool
+    from ray_jobs.runtime.pool import run_pool
 
     res = Resources(num_cpus=0.5, prepare_cpus=0.5, concurrency=1, batch_size=2)
     with recoveries.collect() as rec:

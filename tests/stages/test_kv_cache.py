@@ -25,7 +25,7 @@ from diclip.models.diffusion import build_diffusion_from_config
 from diclip.models.kv_cache import CACHE_FILE, load_cache
 from diclip.viz import grid_size
 from ray_jobs.stages import cache, generate, mask
-from ray_jobs.runtime.common import list_shards, read_stage_table
+from ray_jobs.runtime.shards import list_shards, read_stage_table
 from tests.helpers import tiny_spec
 
 pytestmark = pytest.mark.timeout(600)

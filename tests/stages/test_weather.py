@@ -13,7 +13,7 @@ from diclip.data import get_class_set
 from diclip.models.kv_cache import save_cache
 from ray_jobs import pipeline
 from ray_jobs.stages import synthesize, train
-from ray_jobs.runtime.common import list_shards
+from ray_jobs.runtime.shards import list_shards
 from tests.chaos import Injector, checkpoint_registered
 from tests.helpers import committed_ids, random_cache, tiny_spec
 

@@ -6,7 +6,8 @@ import pyarrow as pa
 from diclip import storage
 from diclip.storage import commit_index
 from diclip.storage.commit_index import CommitIndex, IndexWriter
-from ray_jobs.runtime.common import report_row, write_shard
+from ray_jobs.runtime.item_reports import report_row
+from ray_jobs.runtime.shards import write_shard
 
 
 def commit_batch(stage: str, ids: list[str], writer: IndexWriter | None, crop: int = -1) -> str:

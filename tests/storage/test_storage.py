@@ -561,7 +561,7 @@ def test_ec2_metadata_is_disabled_only_for_an_endpoint_override(tmp_path):
     import sys
 
     from diclip.config import load_spec
-    from ray_jobs.runtime.common import worker_env
+    from ray_jobs.runtime.ray_session import worker_env
 
     script = (
         "import json, os, diclip\n"
