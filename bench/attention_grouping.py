@@ -7,9 +7,9 @@ and size, rendered without the JPEG round trip, with their instance masks), each
 method's own capture (:class:`~diclip.models.attention_capture.DiffusionAttention`, noise seeded per item
 id as the ``correlate`` stage does) and the maps are made by the method's own code:
 
-* ``VCE``: ``ACR map`` = :func:`~diclip.models.correlation.vce_compact` expanded (what VCE adds to CLIP's
+* ``VCE``: ``ACR map`` = :func:`~diclip.models.diffusion_maps.vce_compact` expanded (what VCE adds to CLIP's
   attention), and ``q k^T chain`` = the thresholded chain of heads 1 and 2 before ACR (ACR's input);
-* ``RAR``: ``softmax`` = the head-mean softmax attention (:func:`~diclip.models.correlation.rar_mean`, the
+* ``RAR``: ``softmax`` = the head-mean softmax attention (:func:`~diclip.models.diffusion_maps.rar_mean`, the
   stored map) and ``walk transition`` = :func:`~diclip.method.pseudo.rar_transition_from_mean` of it (the
   matrix the random walk multiplies the CAM by).
 
@@ -92,7 +92,7 @@ def diffusion_maps(pipe, spec, ids: list[str],
     from diclip.method.acr import chain_heads, normalize_attention
     from diclip.method.pseudo import rar_transition_from_mean
     from diclip.models.attention_capture import DiffusionAttention
-    from diclip.models.correlation import noise_seed, rar_mean, vce_compact
+    from diclip.models.diffusion_maps import noise_seed, rar_mean, vce_compact
     from ray_jobs.stages.correlate import clip_patch_size
 
     d = spec.model.diffusion

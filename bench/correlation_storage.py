@@ -51,7 +51,7 @@ def storage_sizes(spec, samples) -> dict:
     from diclip.method.codecs import get_codec, nbytes
     from diclip.method.pseudo import rar_transition_from_mean
     from diclip.models.attention_capture import DiffusionAttention
-    from diclip.models.correlation import noise_seed, vce_compact
+    from diclip.models.diffusion_maps import noise_seed, vce_compact
     from diclip.models.diffusion import build_diffusion_from_config
     from diclip.train.trainer import DiCLIPTrainer
 
@@ -133,10 +133,10 @@ def extraction_rate(spec, images: int) -> dict:
 def step_times(spec, samples, repeat: int) -> dict:
     import torch
 
-    from diclip.data.correlation import CorrelationRecord, pack_npz
+    from diclip.data.map_shards import CorrelationRecord, pack_npz
     from diclip.data.transforms import apply_geometry, sample_geometry
     from diclip.method.codecs import get_codec
-    from diclip.models.correlation import noise_seed, vce_compact
+    from diclip.models.diffusion_maps import noise_seed, vce_compact
     from diclip.train.trainer import Batch, DiCLIPTrainer
 
     online = DiCLIPTrainer(spec, with_diffusion=True)

@@ -63,10 +63,10 @@ def measure(spec, crops: int) -> dict:
     import torch
 
     from diclip.data import get_class_set, open_dataset
-    from diclip.data.correlation import CorrelationStore, batch_maps
+    from diclip.data.map_shards import CorrelationStore, batch_maps
     from diclip.data.crop_bank import bank_geometry, crop_item_id
     from diclip.data.transforms import apply_geometry
-    from diclip.models.correlation import noise_seed, rar_mean, vce_compact
+    from diclip.models.diffusion_maps import noise_seed, rar_mean, vce_compact
     from diclip.method.pseudo import rar_transition_from_mean
     from diclip.models.kv_cache import save_cache
     from diclip.train.trainer import DiCLIPTrainer

@@ -46,7 +46,7 @@ def commit_all(spec, items: list[dict]) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from diclip.data.correlation import SCHEMA, pack_npz
+    from diclip.data.map_shards import SCHEMA, pack_npz
     from diclip.storage.commit_index import IndexWriter
     from ray_jobs.runtime.shards import finalize, write_shard
     from ray_jobs.runtime.item_reports import report_row

@@ -143,7 +143,7 @@ def oracle_check(spec, device: str) -> dict:
 
     from diclip.data.synthetic import render_sample
     from diclip.method import acr, pseudo
-    from diclip.models.correlation import noise_seed
+    from diclip.models.diffusion_maps import noise_seed
     from diclip.models.diffusion import capture_timestep
     from diclip.models.vce import VCEVisionEncoder
     from diclip.train.trainer import Batch, DiCLIPTrainer

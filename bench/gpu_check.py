@@ -80,7 +80,7 @@ def main() -> None:
     from diclip.data.classes import VOC
     from diclip.inference import multiscale_logits, segmenter_forward
     from diclip.models.attention_capture import DiffusionAttention
-    from diclip.models.correlation import rar_mean, vce_compact
+    from diclip.models.diffusion_maps import rar_mean, vce_compact
     from diclip.models.diclip_model import DiCLIP
     from diclip.models.diffusion import maybe_enable_xformers
     from diclip.method.pseudo import rar_transition_from_mean

@@ -38,7 +38,7 @@ def write_data(root: str) -> list[dict]:
     from PIL import Image
 
     from diclip import storage
-    from diclip.data.correlation import SCHEMA, pack_npz
+    from diclip.data.map_shards import SCHEMA, pack_npz
     from ray_jobs.runtime.item_reports import report_row
     from ray_jobs.runtime.shards import write_shard
 

@@ -49,7 +49,7 @@ def _wrap(owner, name: str, label: str) -> None:
 
 
 def instrument() -> None:
-    from diclip.data import correlation as corrmod
+    from diclip.data import map_shards as corrmod
     from diclip.method import losses, pseudo
     from diclip.method.codecs import QKCodec
     from diclip.models import diclip_model as dm
@@ -90,7 +90,7 @@ def instrument() -> None:
 def make_batch(spec, samples, records_file: Path):
     import torch
 
-    from diclip.data.correlation import CorrelationRecord, pack_npz
+    from diclip.data.map_shards import CorrelationRecord, pack_npz
     from diclip.data.transforms import apply_geometry, sample_geometry
     from diclip.method.codecs import get_codec
     from diclip.train.trainer import Batch
@@ -106,7 +106,7 @@ def make_batch(spec, samples, records_file: Path):
         records = pickle.loads(records_file.read_bytes())
     else:  # as correlation_storage.step_times: whole image, identity grid, seeded noise
         from diclip.models.attention_capture import DiffusionAttention
-        from diclip.models.correlation import noise_seed, vce_compact
+        from diclip.models.diffusion_maps import noise_seed, vce_compact
         from diclip.models.diffusion import build_diffusion_from_config
 
         t0 = time.perf_counter()

@@ -102,7 +102,7 @@ def write_colour_maps(base_uri: str, out_uri: str, spec, sigma: float = COLOUR_S
     import pyarrow as pa
 
     from diclip.data import open_split
-    from diclip.data.correlation import BANK_COLUMNS, SCHEMA, CorrelationStore, pack_npz
+    from diclip.data.map_shards import BANK_COLUMNS, SCHEMA, CorrelationStore, pack_npz
     from diclip.inference import resize_square
     from ray_jobs.runtime.shards import finalize, write_shard
 

@@ -355,7 +355,7 @@ class MapSource:
         self.store = None
         self.diffusion = None
         if mode == "stored":
-            from diclip.data.correlation import CorrelationStore
+            from diclip.data.map_shards import CorrelationStore
 
             if not correlation_uri:
                 raise ConfigError("stored maps need a correlation URI (evaluate.correlation)")
@@ -379,13 +379,13 @@ class MapSource:
         from diclip.method.pseudo import rar_transition_from_mean
 
         if self.diffusion is not None:
-            from diclip.models.correlation import noise_seed, rar_mean, vce_compact
+            from diclip.models.diffusion_maps import noise_seed, rar_mean, vce_compact
 
             seeds = [noise_seed(i, self.spec.model.diffusion.seed) for i in item_ids]
             cap = self.diffusion(images, seeds)
             corr = vce_compact(cap, self.spec.method, self.spec.model.diffusion).expand().to(self.device)
             return corr, rar_transition_from_mean(rar_mean(cap).float()).to(self.device), cap.rar_grid
-        from diclip.data.correlation import batch_maps
+        from diclip.data.map_shards import batch_maps
         from diclip.data.transforms import resize_geometry
 
         records = self.store.get(item_ids)

@@ -210,7 +210,7 @@ def correlation_captions(rec, mask: np.ndarray | None) -> list[str | None]:
     image's ground-truth mask; none: no captions). ``rec`` is a stored correlation record."""
     if mask is None:
         return [None] * 4
-    from diclip.data.correlation import batch_maps
+    from diclip.data.map_shards import batch_maps
 
     vce, rar = batch_maps([rec], None, None, None)
     return [None, None, grouping_caption(vce[0], rec.grid, mask), grouping_caption(rar[0], rec.rar_grid, mask)]

@@ -27,7 +27,7 @@ from diclip.method.cam import surgery_cam
 from diclip.method.pseudo import pseudo_labels, rar_transition_from_mean
 from diclip.models.attention_capture import CapturedAttention, DiffusionAttention
 from diclip.models.clip import build_clip, class_text_features
-from diclip.models.correlation import noise_seed, rar_mean, vce_compact
+from diclip.models.diffusion_maps import noise_seed, rar_mean, vce_compact
 from diclip.models.diffusion import build_diffusion_from_config, maybe_enable_xformers
 from diclip.models.vce import VCEVisionEncoder, VisionOutput
 

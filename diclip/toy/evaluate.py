@@ -102,7 +102,7 @@ class Maps:
     @torch.no_grad()
     def __call__(self, images01: torch.Tensor, ids: list[str]):
         from diclip.method.pseudo import rar_transition_from_mean
-        from diclip.models.correlation import noise_seed, rar_mean, vce_compact
+        from diclip.models.diffusion_maps import noise_seed, rar_mean, vce_compact
 
         cap = self.cap(images01, [noise_seed(i, self.dcfg.seed) for i in ids])
         corr = vce_compact(cap, self.method, self.dcfg).expand().float()

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from diclip.config import JobSpec
 from diclip.data import open_split
-from diclip.data.correlation import CorrelationStore
+from diclip.data.map_shards import CorrelationStore
 from diclip.data.crop_bank import bank_crop, crop_item_id
 from diclip.data.crop_bank import geometry_from_array as bank_geometry_from_array
 from diclip.data.datasets import decode_image
@@ -226,7 +226,7 @@ geometry_from_array = bank_geometry_from_array
 
 def records_from_batch(batch: dict) -> list:
     """CorrelationRecords from the ``corr_*`` columns of a loaded batch."""
-    from diclip.data.correlation import MAP_COLUMNS, CorrelationRecord
+    from diclip.data.map_shards import MAP_COLUMNS, CorrelationRecord
 
     n = len(batch["pos"])
     return [CorrelationRecord.from_row({c: batch[f"corr_{c}"][i] for c in MAP_COLUMNS}) for i in range(n)]

@@ -84,7 +84,7 @@ class DiCLIPTrainer:
     def maps(self, batch: Batch, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(VCE correlation [B, N, N], RAR transition [B, M, M], RAR grid) for the batch's crops."""
         if self.diffusion is not None:
-            from diclip.models.correlation import noise_seed, rar_mean, vce_compact
+            from diclip.models.diffusion_maps import noise_seed, rar_mean, vce_compact
 
             # Online noise differs per step (as in the reference) but is reproducible: seeded by position.
             seeds = [noise_seed(f"{i}:{p}", self.spec.model.diffusion.seed)
@@ -92,7 +92,7 @@ class DiCLIPTrainer:
             cap = self.diffusion(batch.images, seeds)
             corr = vce_compact(cap, self.spec.method, self.spec.model.diffusion).expand().to(self.device)
             return corr, rar_transition_from_mean(rar_mean(cap)).to(self.device), cap.rar_grid
-        from diclip.data.correlation import batch_maps
+        from diclip.data.map_shards import batch_maps
 
         if batch.records is None:
             raise ValueError("stored mode needs correlation records in the batch")

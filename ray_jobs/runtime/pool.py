@@ -53,7 +53,6 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     returns report rows as an actor would, passing the actor's own reports through.
     """
     import ray.data
-    from ray.data import TaskPoolStrategy
 
     result = PoolResult()
     if not items:
@@ -69,25 +68,8 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     if stall_s > 0:  # actors that cannot start fail the dataset instead of waiting forever
         ctx.wait_for_min_actors_s = max(1, int(stall_s))
     try:
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
-        if prepare is not None:
-            # the input tasks' outages travel with their batches into the actors' reports (the recoveries record)
-            prepare, actor_cls = carrying_prepare(prepare), carrying_actor(actor_cls)
-            # ``run`` identifies this run to the input tasks, whose processes outlive it (per-run caches)
-            ds = ds.map_batches(prepare, fn_kwargs={**(prepare_kwargs or {}), "run": uuid.uuid4().hex},
-                                batch_format="pandas",
-                                batch_size=res.batch_size, num_cpus=res.prepare_cpus,
-                                compute=TaskPoolStrategy(size=res.prepare_concurrency or res.concurrency),
-                                **UNFUSED_TASK_ARGS)
-        ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
-                            **map_batches_kwargs(res))
-        if finish is not None:
-            # batches of the pool's batch size (an actor's rows, give or take a block boundary): one shard per
-            # call, as the actors write; a retried task gets the same rows and rewrites the same shard
-            ds = ds.map_batches(finish, fn_kwargs=finish_kwargs or {}, batch_format="pandas",
-                                batch_size=res.batch_size,
-                                num_cpus=finish_cpus, compute=TaskPoolStrategy(size=finish_concurrency or None),
-                                **UNFUSED_TASK_ARGS)
+        ds = _pool_dataset(items, actor_cls, ctor_kwargs, res, prepare, prepare_kwargs, finish, finish_kwargs,
+                           finish_cpus, finish_concurrency)
         writer = IndexWriter(output, index_columns) if output else None
         running = streaming_executors()
         try:
@@ -110,6 +92,33 @@ def run_pool(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resourc
     for item_id, err in result.failures:
         log.warning("%s: %s failed: %s", desc, item_id, err)
     return result
+
+
+def _pool_dataset(items: list[dict], actor_cls: type, ctor_kwargs: dict, res: Resources, prepare: Callable | None,
+                  prepare_kwargs: dict | None, finish: Callable | None, finish_kwargs: dict | None,
+                  finish_cpus: float, finish_concurrency: int):
+    """The pool's Ray Data plan: items -> input tasks (``prepare``) -> actor pool -> CPU tasks (``finish``)."""
+    import ray.data
+    from ray.data import TaskPoolStrategy
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * res.concurrency)))
+    if prepare is not None:
+        # the input tasks' outages travel with their batches into the actors' reports (the recoveries record)
+        prepare, actor_cls = carrying_prepare(prepare), carrying_actor(actor_cls)
+        # ``run`` identifies this run to the input tasks, whose processes outlive it (per-run caches)
+        ds = ds.map_batches(prepare, fn_kwargs={**(prepare_kwargs or {}), "run": uuid.uuid4().hex},
+                            batch_format="pandas", batch_size=res.batch_size, num_cpus=res.prepare_cpus,
+                            compute=TaskPoolStrategy(size=res.prepare_concurrency or res.concurrency),
+                            **UNFUSED_TASK_ARGS)
+    ds = ds.map_batches(actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_format="pandas",
+                        **map_batches_kwargs(res))
+    if finish is not None:
+        # batches of the pool's batch size (an actor's rows, give or take a block boundary): one shard per
+        # call, as the actors write; a retried task gets the same rows and rewrites the same shard
+        ds = ds.map_batches(finish, fn_kwargs=finish_kwargs or {}, batch_format="pandas", batch_size=res.batch_size,
+                            num_cpus=finish_cpus, compute=TaskPoolStrategy(size=finish_concurrency or None),
+                            **UNFUSED_TASK_ARGS)
+    return ds
 
 
 def stop_executors(executors: set) -> None:

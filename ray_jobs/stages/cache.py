@@ -266,6 +266,30 @@ def build_cache(spec: JobSpec, rows: list[dict], card: dict[str, Any]) -> KVCach
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
+def cache_card(spec: JobSpec, classes: list[str], counts: dict, sources: dict, s_hash: str,
+               missing_classes: list[str], no_fg_tokens: int) -> dict[str, Any]:
+    """What the cache file says about itself: its classes and counts, the generate and mask outputs (and
+    their models) it was built from, the feature space and reduce settings."""
+    c = spec.cache
+    mask_m = storage.read_manifest(c.masks)
+    gen_m = storage.read_manifest(c.images)
+    return {
+        "classes": list(classes),
+        "counts": counts,
+        "sources": {"generate": {**(sources["generate"] or {}), "models": gen_m.models if gen_m else {}},
+                    "mask": {**(sources["mask"] or {}), "models": mask_m.models if mask_m else {}}},
+        "models": {"clip": clip_model_id(spec), "vce_diffusion": spec.model.diffusion.source,
+                   "generation": (gen_m.models.get("diffusion") if gen_m else None)},
+        "feature_space": "VCE surgery-path CLIP tokens normalised over the token axis (DiCLIP.forward)",
+        "image_size": c.image_size,
+        "reduce": reduce_settings(spec),
+        "config_hash": config_hash(to_dict(c)),
+        "settings_hash": s_hash,
+        "missing_classes": missing_classes,
+        "images_without_foreground_tokens": no_fg_tokens,
+    }
+
+
 POOL = PoolStage(STAGE, "kept masks", "featurise", KeyExtractor, desc="cache keys")
 
 
@@ -306,23 +330,7 @@ def run(spec: JobSpec) -> dict:
               for g in range(class_set.num_classes)}
     # kept masks whose foreground vanished at token resolution (nearest resize): no foreground key
     no_fg_tokens = len(items) - len(result.failures) - sum(v for g, v in points.items() if g != BACKGROUND)
-    mask_m = storage.read_manifest(c.masks)
-    gen_m = storage.read_manifest(c.images)
-    card = {
-        "classes": list(class_set.classes),
-        "counts": counts,
-        "sources": {"generate": {**(sources["generate"] or {}), "models": gen_m.models if gen_m else {}},
-                    "mask": {**(sources["mask"] or {}), "models": mask_m.models if mask_m else {}}},
-        "models": {"clip": clip_model_id(spec), "vce_diffusion": spec.model.diffusion.source,
-                   "generation": (gen_m.models.get("diffusion") if gen_m else None)},
-        "feature_space": "VCE surgery-path CLIP tokens normalised over the token axis (DiCLIP.forward)",
-        "image_size": c.image_size,
-        "reduce": reduce_settings(spec),
-        "config_hash": config_hash(to_dict(c)),
-        "settings_hash": s_hash,
-        "missing_classes": missing_classes,
-        "images_without_foreground_tokens": no_fg_tokens,
-    }
+    card = cache_card(spec, class_set.classes, counts, sources, s_hash, missing_classes, no_fg_tokens)
     cache = build_cache(spec, rows, card)
     card.update(num_entries=cache.num_entries, embed_dim=int(cache.keys.shape[1]))
     if cache.num_entries > spec.model.adapter_size:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from diclip.config import JobSpec
 from diclip.data import cached_split, open_split
-from diclip.data.correlation import BANK_COLUMNS, SCHEMA, pack_npz
+from diclip.data.map_shards import BANK_COLUMNS, SCHEMA, pack_npz
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from diclip.method.codecs import get_codec
@@ -176,7 +176,7 @@ class Correlator:
 
     def extract(self, members: list[tuple]) -> list[dict]:
         """Maps of same-size inputs (item, split, source size, input, crop, geometry) -> shard rows."""
-        from diclip.models.correlation import noise_seed, vce_compact
+        from diclip.models.diffusion_maps import noise_seed, vce_compact
 
         x = torch.from_numpy(np.stack([m[3] for m in members])).permute(0, 3, 1, 2)
         images = x if x.is_floating_point() else x.float() / 255.0
@@ -247,7 +247,7 @@ def centre_row(maps: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
 def preview_columns(image: np.ndarray, rec) -> list[np.ndarray]:
     """image | ACR cluster ids | VCE centre-token row | RAR centre-token row, all at the image size."""
     from diclip import viz
-    from diclip.data.correlation import batch_maps
+    from diclip.data.map_shards import batch_maps
 
     size = image.shape[:2]
     vce, rar = batch_maps([rec], None, None, None)
@@ -260,7 +260,7 @@ def preview_columns(image: np.ndarray, rec) -> list[np.ndarray]:
 def write_preview(spec: JobSpec, items: list[dict]) -> int:
     """``preview.png`` for the first ``correlate.num_pictures`` committed images; returns rows drawn."""
     from diclip import storage, viz
-    from diclip.data.correlation import CorrelationStore
+    from diclip.data.map_shards import CorrelationStore
     from diclip.data.datasets import decode_image
 
     from diclip.data.crop_bank import bank_geometry

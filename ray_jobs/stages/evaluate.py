@@ -89,7 +89,7 @@ def list_items(spec: JobSpec) -> list[dict]:
         pics = seg_ids[: cfg.num_pictures]
         if cfg.maps == "stored" and storage.is_complete(cfg.correlation):
             # the CAM column needs the image's maps; a split without them (COCO's full val) draws none
-            from diclip.data.correlation import CorrelationStore
+            from diclip.data.map_shards import CorrelationStore
 
             store = CorrelationStore(cfg.correlation)
             pics = [i for i in pics if i in store]

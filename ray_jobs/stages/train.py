@@ -179,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
     tb = C.TensorBoardLog(spec, rank, start)
     store = None
     if t.mode == "stored":
-        from diclip.data.correlation import CorrelationStore
+        from diclip.data.map_shards import CorrelationStore
 
         store = CorrelationStore(t.correlation)
     shard = ray.train.get_dataset_shard(f"train_{rank}")

@@ -315,7 +315,7 @@ def test_online_training_step_matches_oracle(tmp_path, parts):
     restates the reference's pass from the normalised crop (uint8 de-normalisation, fp16 preprocess, VAE, the
     checkpoint's scheduler at index 45 of 50, empty prompt, attention processor) with the same noise: same
     maps, same losses."""
-    from diclip.models.correlation import noise_seed
+    from diclip.models.diffusion_maps import noise_seed
     from diclip.models.kv_cache import save_cache
     from diclip.train.trainer import Batch, DiCLIPTrainer
     from tests.helpers import tiny_spec

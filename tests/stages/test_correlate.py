@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from diclip import storage
-from diclip.data.correlation import CorrelationStore, batch_maps
+from diclip.data.map_shards import CorrelationStore, batch_maps
 from diclip.method.acr import refine_correlation
 from diclip.method.resample import Geometry
 from diclip.models.attention_capture import DiffusionAttention
-from diclip.models.correlation import noise_seed
+from diclip.models.diffusion_maps import noise_seed
 from diclip.models.diffusion import build_diffusion_from_config
 from diclip.viz import colorize, grid_size
 from ray_jobs.stages import correlate, synthesize

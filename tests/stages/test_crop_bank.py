@@ -5,11 +5,11 @@ import torch
 
 from diclip import storage
 from diclip.data import get_class_set, open_dataset
-from diclip.data.correlation import CorrelationStore, batch_maps
+from diclip.data.map_shards import CorrelationStore, batch_maps
 from diclip.data.crop_bank import bank_crop, bank_geometry, crop_item_id, geometry_from_array, split_crop_id
 from diclip.data.transforms import apply_geometry
 from diclip.models.attention_capture import DiffusionAttention
-from diclip.models.correlation import noise_seed, vce_compact
+from diclip.models.diffusion_maps import noise_seed, vce_compact
 from diclip.models.diffusion import build_diffusion_from_config
 from diclip.train.data import build_items, load_rows, rank_table
 from ray_jobs.stages import correlate, synthesize

@@ -20,7 +20,7 @@ from diclip.data.datasets import decode_image, decode_mask
 from diclip.errors import ConfigError, ModelError
 from diclip.models.attention_capture import DiffusionAttention
 from diclip.models.cam_masks import to_square_batch
-from diclip.models.correlation import noise_seed, vce_compact
+from diclip.models.diffusion_maps import noise_seed, vce_compact
 from diclip.models.diffusion import build_diffusion_from_config
 from diclip.models.kv_cache import CACHE_FILE, load_cache
 from diclip.viz import grid_size

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diclip import storage, viz
-from diclip.data.correlation import CorrelationStore
+from diclip.data.map_shards import CorrelationStore
 from diclip.models.kv_cache import load_cache
 from ray_jobs.pipeline import pictures_of, run_pipeline
 from ray_jobs.planning import plan
