@@ -58,6 +58,24 @@ def kill_session(sid: int, grace_s: float = 0.0) -> None:
             sig = signal.SIGKILL
 
 
+_PRIVATE_TMP = """exec 3</tmp && mount -t tmpfs -o size=2g tmpfs /tmp || exit 1
+IFS=:
+for p in $DICLIP_NODE_KEEP; do
+  mkdir -p "$p" && mount --no-canonicalize --bind "/proc/self/fd/3${p#/tmp}" "$p" || exit 1
+done
+unset IFS
+mkdir -p "$0" && exec "$@" 3<&-"""
+
+
+def node_keeps() -> list[str]:
+    """What every node needs under the host's /tmp, if anything lives there: this Python's environment, the
+    repository (the code the workers import) and the caches the Makefile points into it."""
+    paths = {os.path.realpath(sys.prefix), str(Path(__file__).resolve().parents[1])}
+    paths |= {os.path.realpath(os.environ[k]) for k in ("TORCH_EXTENSIONS_DIR", "HF_HOME") if os.environ.get(k)}
+    under = sorted(p for p in paths if p.startswith("/tmp/"))
+    return [p for p in under if not any(p.startswith(q + "/") for q in under)]  # a folder once, not its parts
+
+
 def private_tmp_possible() -> bool:
     """Whether this host lets a node have a /tmp of its own (a private mount namespace: root, or user
     namespaces allowed)."""
@@ -102,7 +120,7 @@ class LocalCluster:
         venv_bin = Path(sys.executable).parent
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_JOB"))}
         env.update(PATH=f"{venv_bin}{os.pathsep}{env.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
-                   RAY_AUTH_MODE="disabled", **self.env)
+                   RAY_AUTH_MODE="disabled", DICLIP_NODE_KEEP=":".join(node_keeps()), **self.env)
         return env
 
     def _start(self, name: str, ip: str, args: list[str], private_tmp: bool = False) -> Node:
@@ -112,10 +130,11 @@ class LocalCluster:
                f"--temp-dir={temp_dir}", *args]
         if private_tmp:
             # a disk of its own, as a node of a real cluster: a fresh /tmp (tmpfs) in a private mount
-            # namespace, where Ray's session and every worker's scratch live; the log stays on the host's /tmp
-            # (opened before the mount)
-            cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                   'mount -t tmpfs -o size=2g tmpfs /tmp && mkdir -p "$0" && exec "$@"', temp_dir, *cmd]
+            # namespace, where Ray's session and every worker's scratch live. What a node of a real cluster
+            # has too - the code and its Python - stays visible when it lives under /tmp (a clone there):
+            # bound back from the host's /tmp, reached through a descriptor opened before the mount. The
+            # log stays on the host's /tmp (opened before the mount as well).
+            cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _PRIVATE_TMP, temp_dir, *cmd]
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, env=self._env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, ip, proc, temp_dir, log)
