@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from diclip import storage
 from diclip.config import JobSpec, to_dict
@@ -28,26 +28,43 @@ log = get_logger("ray_jobs.runtime.lineage")
 SETTINGS_FILE = "settings.json"
 
 
-def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any]) -> str:
+def claim_settings(stage_uri: str, stage: str, settings: dict[str, Any], also_drop: Iterable[str] = ()) -> str:
     """Record what defines this stage's rows; rows made with other settings are recomputed, never mixed in.
 
-    Resume skips committed items by id, so shards from other settings would be silently mixed with new
-    ones: when the settings changed, the stage starts over in the same output (its shards and manifest
-    are deleted, with a warning naming the changed keys), as ``correlate`` and ``train`` do. Returns the
-    settings hash.
+    The one record of "made with what" for every stage: the settings, the fingerprints of the outputs it
+    read and the model ids, in ``settings.json`` next to the stage's manifest. Resume skips committed items
+    by id, so shards from other settings would be silently mixed with new ones: when the settings changed,
+    the stage starts over in the same output (its shards and manifest are deleted, with a warning naming
+    the changed keys, and the folders in ``also_drop`` too: files a stage writes beside its shards, such as
+    evaluate's pseudo-labels or infer's masks). Returns the settings hash.
     """
     h = config_hash(settings)
     uri = storage.join(stage_uri, SETTINGS_FILE)
     old = storage.read_json(uri) if storage.exists(uri) else None
     if old is not None and old.get("hash") == h:
         return h
-    if list_shards(stage_uri):  # rows of other settings, or of unknown ones (no settings recorded)
+    # rows of other settings, or of unknown ones (no settings recorded); files beside them of other settings
+    if list_shards(stage_uri) or (also_drop and old is not None):
         changed = changed_keys(old.get("settings"), settings) if old is not None else []
         log.warning("%s: %s holds rows made with other settings (changed: %s); recomputing all", stage,
                     stage_uri, ", ".join(changed[:8]) or "unknown")
         commit_index.reset(stage_uri)
+        for folder in also_drop:
+            storage.delete_dir(storage.join(stage_uri, folder))
     storage.write_json(uri, {"stage": stage, "hash": h, "settings": settings})
     return h
+
+
+def recorded_settings(stage_uri: str) -> dict[str, Any] | None:
+    """The settings the stage's committed rows were made with (None: nothing recorded)."""
+    uri = storage.join(stage_uri, SETTINGS_FILE)
+    return storage.read_json(uri).get("settings") if storage.exists(uri) else None
+
+
+def complete_with(stage_uri: str, settings: dict[str, Any] | None) -> bool:
+    """The stage is committed (its manifest exists) and was made with ``settings`` (None: not knowable yet,
+    e.g. the model it would read does not exist)."""
+    return settings is not None and storage.is_complete(stage_uri) and settings_match(stage_uri, settings)
 
 
 def changed_keys(old: dict | None, new: dict) -> list[str]:

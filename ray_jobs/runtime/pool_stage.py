@@ -76,13 +76,14 @@ class PoolRun:
 
 def start(spec: JobSpec, stage: PoolStage, section: Any, items: list[dict], settings: dict[str, Any], *,
           ctor_kwargs: dict | None = None, prepare_kwargs: dict | None = None, detail: str = "",
-          pending: list[dict] | None = None) -> PoolRun:
-    """Claim ``settings`` (rows made with others are dropped first, never mixed in), find the pending items
-    (``pending`` when the stage decides itself), and run them through the stage's actor pool.
+          pending: Callable[[list[dict]], list[dict]] | None = None, also_drop: Iterable[str] = ()) -> PoolRun:
+    """Claim ``settings`` (rows made with others are dropped first, never mixed in, with the folders in
+    ``also_drop``), find the pending items (``pending(items)`` when the stage decides itself, asked after
+    the claim), and run them through the stage's actor pool.
 
     Ray is started or joined only when something is pending: a complete stage re-run touches no cluster."""
-    s_hash = claim_settings(section.output, stage.name, settings)
-    todo = pending_items(items, section.output) if pending is None else pending
+    s_hash = claim_settings(section.output, stage.name, settings, also_drop=also_drop)
+    todo = pending_items(items, section.output) if pending is None else pending(items)
     res = section.resources
     log_for(stage).info("%s: %d %s%s, %d already committed, %d to %s (%d actors x batch %d, %s)", stage.name,
                         len(items), stage.noun, detail, len(items) - len(todo), len(todo), stage.verb,

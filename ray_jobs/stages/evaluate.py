@@ -17,7 +17,8 @@
        shortfall fails the stage naming the missing ids], failures.parquet, manifest.json (last)
 
 Resumable like every stage: a re-run schedules only items without a committed row, and the totals are
-rebuilt from all committed rows. ``run.json`` records what the results depend on (export fingerprint,
+rebuilt from all committed rows. ``settings.json`` - the record every stage keeps
+(:func:`ray_jobs.runtime.lineage.claim_settings`) - says what the results depend on (export fingerprint,
 scales, thresholds, data root ...); when that changes, the old results are discarded, not mixed in.
 Details of the inference itself: :mod:`diclip.inference`.
 """
@@ -41,7 +42,6 @@ from diclip.logging import get_logger
 from diclip.method import metrics as metriclib
 from ray_jobs.runtime import lineage
 from ray_jobs.runtime.lineage import call_batched
-from diclip.storage import commit_index
 from diclip.storage.commit_index import ID
 from ray_jobs.runtime.ray_session import start_actor, init_ray, setup_process
 from ray_jobs.runtime.shards import finalize, list_shards, write_shard
@@ -53,7 +53,6 @@ from ray_jobs.stages.evaluate_crf import (
 
 log = get_logger("ray_jobs.stages.evaluate")
 STAGE = "evaluate"
-RUN_FILE = "run.json"
 PSEUDO_DIR = ("pseudo_labels", "SegmentationClassAug")
 PSEUDO_COUNT = "export.json"  # expected vs written pseudo-labels, next to SegmentationClassAug/
 MISSING_SHOWN = 10  # missing ids named in the error; export.json lists them all
@@ -134,11 +133,6 @@ def current_key(spec: JobSpec) -> dict | None:
     return run_key(spec, info.fingerprint, spec.evaluate.size or info.crop_size)
 
 
-def recorded_key(out: str) -> dict | None:
-    uri = storage.join(out, RUN_FILE)
-    return storage.read_json(uri) if storage.exists(uri) else None
-
-
 def metrics_version(out: str) -> int | None:
     """:data:`METRICS_VERSION` of the ``metrics.json`` at ``out`` (1: written before it was recorded)."""
     uri = storage.join(out, "metrics.json")
@@ -148,31 +142,13 @@ def metrics_version(out: str) -> int | None:
 def is_complete(spec: JobSpec) -> bool:
     """Manifest present and made from this export (its weights' fingerprint) with these settings, and its
     metrics summarised the current way (else a re-run rebuilds them from the committed rows)."""
-    key, out = current_key(spec), spec.evaluate.output
-    return storage.is_complete(out) and key is not None and recorded_key(out) == key \
-        and metrics_version(out) == METRICS_VERSION
+    out = spec.evaluate.output
+    return lineage.complete_with(out, current_key(spec)) and metrics_version(out) == METRICS_VERSION
 
 
 def stale(spec: JobSpec) -> list[str]:
-    from ray_jobs.runtime.lineage import changed_keys
-
-    old, key = recorded_key(spec.evaluate.output), current_key(spec)
-    return changed_keys(old, key) if old is not None and key is not None else []
-
-
-def reset_if_changed(out: str, key: dict, stale_dirs: list[str]) -> None:
-    """Drop results computed under another key (another model, scales, data ...), then record the key."""
-    uri = storage.join(out, RUN_FILE)
-    old = storage.read_json(uri) if storage.exists(uri) else None
-    if old != key and (old is not None or list_shards(out)):
-        changed = sorted(k for k in set(key) | set(old or {}) if (old or {}).get(k) != key.get(k))
-        log.warning("%s: results there were computed with different settings (%s); discarding them",
-                    out, ", ".join(changed) or "unknown")
-        commit_index.reset(out)  # manifest, shards and the index of them
-        for d in stale_dirs:
-            storage.delete_dir(storage.join(out, d))
-    if old != key:
-        storage.write_json(uri, key)
+    key = current_key(spec)
+    return lineage.stale_keys(spec.evaluate.output, key) if key is not None else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,7 +581,7 @@ def run(spec: JobSpec) -> dict:
     cfg = spec.evaluate
     t0 = time.perf_counter()
     info, base = check_inputs(spec)
-    reset_if_changed(cfg.output, run_key(spec, info.fingerprint, base), ["shards", PSEUDO_DIR[0]])
+    lineage.claim_settings(cfg.output, STAGE, run_key(spec, info.fingerprint, base), also_drop=[PSEUDO_DIR[0]])
     items = list_items(spec)
     wanted = {it[ID] for it in items}
     done, _ = committed_rows(cfg.output, wanted)

@@ -14,9 +14,8 @@ image whose mask (and overlay, if enabled) exists and whose row is committed is 
 """
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -27,12 +26,12 @@ from diclip.config import JobSpec
 from diclip.errors import DiclipError
 from diclip.logging import get_logger
 from diclip.storage.commit_index import ID
-from ray_jobs.runtime.ray_session import start_actor, init_ray
-from ray_jobs.runtime.shards import committed_ids, finalize, write_shard
+from ray_jobs.runtime import lineage, pool_stage
+from ray_jobs.runtime.ray_session import start_actor
+from ray_jobs.runtime.shards import committed_ids, write_shard
 from ray_jobs.runtime.item_reports import item_error, report_row, short_error
-from ray_jobs.runtime.pool import run_pool
-from ray_jobs.stages.evaluate import reset_if_changed
 from ray_jobs.runtime.lineage import call_batched
+from ray_jobs.runtime.pool_stage import PoolStage
 
 log = get_logger("ray_jobs.stages.infer")
 STAGE = "infer"
@@ -150,54 +149,48 @@ def current_key(spec: JobSpec) -> dict | None:
 
 def is_complete(spec: JobSpec) -> bool:
     """Manifest present and made from this export with these settings (a new input folder adds images)."""
-    from ray_jobs.stages.evaluate import recorded_key
-
-    key = current_key(spec)
-    return storage.is_complete(spec.infer.output) and key is not None and recorded_key(spec.infer.output) == key
+    return lineage.complete_with(spec.infer.output, current_key(spec))
 
 
 def stale(spec: JobSpec) -> list[str]:
-    from ray_jobs.stages.evaluate import recorded_key
-    from ray_jobs.runtime.lineage import changed_keys
+    key = current_key(spec)
+    return lineage.stale_keys(spec.infer.output, key) if key is not None else []
 
-    old, key = recorded_key(spec.infer.output), current_key(spec)
-    return changed_keys(old, key) if old is not None and key is not None else []
+
+def pending_of(spec: JobSpec) -> Callable[[list[dict]], list[dict]]:
+    """Items whose shard row, mask or overlay (when asked for) is missing: a deleted mask is redone alone."""
+    cfg = spec.infer
+
+    def pending(items: list[dict]) -> list[dict]:
+        done = committed_ids(cfg.output)
+        have_masks = set(storage.list_files(storage.join(cfg.output, MASKS), suffix=".png"))
+        have_overlays = (set(storage.list_files(storage.join(cfg.output, OVERLAYS), suffix=".jpg")) if cfg.overlays
+                         else set())
+
+        def complete(it: dict) -> bool:
+            name = it[ID]
+            return (name in done and storage.join(cfg.output, mask_rel(name)) in have_masks
+                    and (not cfg.overlays or storage.join(cfg.output, overlay_rel(name)) in have_overlays))
+
+        return [it for it in items if not complete(it)]
+
+    return pending
+
+
+POOL = PoolStage(STAGE, "images", "segment", Inferer)
 
 
 def run(spec: JobSpec) -> dict:
     from diclip.inference import read_export
 
     cfg = spec.infer
-    t0 = time.perf_counter()
     info = read_export(cfg.checkpoint)
     key = run_key(spec, info)
-    base = key["size"]
-    reset_if_changed(cfg.output, key, ["shards", MASKS, OVERLAYS])
-    items = list_items(spec)
-    done = committed_ids(cfg.output)
-    have_masks = set(storage.list_files(storage.join(cfg.output, MASKS), suffix=".png"))
-    have_overlays = (set(storage.list_files(storage.join(cfg.output, OVERLAYS), suffix=".jpg")) if cfg.overlays
-                     else set())
-
-    def complete(it: dict) -> bool:
-        name = it[ID]
-        return (name in done and storage.join(cfg.output, mask_rel(name)) in have_masks
-                and (not cfg.overlays or storage.join(cfg.output, overlay_rel(name)) in have_overlays))
-
-    pending = [it for it in items if not complete(it)]
-    log.info("infer: %d images under %s, %d done, %d to segment (%d actors x batch %d)", len(items), cfg.input,
-             len(items) - len(pending), len(pending), cfg.resources.concurrency, cfg.resources.batch_size)
-    if pending:
-        init_ray(spec)
-    # never more actors than items: an idle actor would only load the model
-    res = dataclasses.replace(cfg.resources, concurrency=max(1, min(cfg.resources.concurrency, len(pending))))
-    result = run_pool(pending, Inferer, {"spec": spec, "base_size": base}, res, desc="infer",
-                      stall_s=60 * spec.ray.stall_minutes, output=cfg.output)
-    manifest = finalize(cfg.output, STAGE, spec, cfg, result.failures,
-                        {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))},
-                        extra={"classes": info.classes, "base_size": base, "fingerprint": info.fingerprint})
-    rate = result.items_per_s
+    run = pool_stage.start(spec, POOL, cfg, list_items(spec), key, ctor_kwargs={"spec": spec, "base_size": key["size"]},
+                           pending=pending_of(spec), also_drop=[MASKS, OVERLAYS], detail=f" under {cfg.input}")
+    manifest = run.commit(spec, {"export": cfg.checkpoint, "clip": str(info.card.get("clip", ""))},
+                          {"classes": info.classes, "base_size": key["size"], "fingerprint": info.fingerprint})
+    out = run.summary(manifest, "segmented_now")
     log.info("infer: %d masks committed, %d failed, %.2f images/s this run", manifest.num_items,
-             manifest.num_failed, rate)
-    return {"images": manifest.num_items, "failed": manifest.num_failed, "segmented_now": result.rows,
-            "images_per_s": round(rate, 3), "seconds": round(time.perf_counter() - t0, 1)}
+             manifest.num_failed, out["images_per_s"])
+    return out

@@ -18,7 +18,7 @@ from diclip.inference import (
 )
 from diclip.method import crf as crflib
 from diclip.method.metrics import confusion_matrix, summarize
-from ray_jobs.stages.evaluate import reset_if_changed
+from ray_jobs.runtime.lineage import claim_settings, recorded_settings
 from ray_jobs.stages.evaluate_crf import dense_cm, sparse_cm
 from tests.helpers import random_cache, tiny_spec
 
@@ -227,17 +227,26 @@ def test_export_errors_are_one_line(exported, tmp_path):
 
 
 def test_results_of_another_config_are_discarded(tmp_path):
+    """Evaluate and infer keep their record of "made with what" where every stage does (``settings.json``,
+    lineage.claim_settings); the files they write beside their shards go with the shards."""
     out = str(tmp_path / "eval")
+    pseudo = storage.join(out, "pseudo_labels", "SegmentationClassAug", "a.png")
     storage.write_bytes(storage.join(out, "shards", "part-x.parquet"), b"x")
-    storage.write_bytes(storage.join(out, "pseudo_labels", "SegmentationClassAug", "a.png"), b"x")
-    reset_if_changed(out, {"scales": [1.0]}, ["shards", "pseudo_labels"])  # unknown provenance: dropped
-    assert not storage.list_files(storage.join(out, "shards"))
-    assert storage.read_json(f"{out}/run.json") == {"scales": [1.0]}
+    storage.write_bytes(pseudo, b"x")
+    claim_settings(out, "evaluate", {"scales": [1.0]}, also_drop=["pseudo_labels"])  # unknown provenance: dropped
+    assert not storage.list_files(storage.join(out, "shards")) and not storage.exists(pseudo)
+    assert recorded_settings(out) == {"scales": [1.0]}
     storage.write_bytes(storage.join(out, "shards", "part-y.parquet"), b"y")
-    reset_if_changed(out, {"scales": [1.0]}, ["shards", "pseudo_labels"])  # same settings: kept
-    assert storage.list_files(storage.join(out, "shards"))
-    reset_if_changed(out, {"scales": [1.0, 1.5]}, ["shards", "pseudo_labels"])
-    assert not storage.list_files(storage.join(out, "shards"))
+    storage.write_bytes(pseudo, b"y")
+    claim_settings(out, "evaluate", {"scales": [1.0]}, also_drop=["pseudo_labels"])  # same settings: kept
+    assert storage.list_files(storage.join(out, "shards")) and storage.exists(pseudo)
+    claim_settings(out, "evaluate", {"scales": [1.0, 1.5]}, also_drop=["pseudo_labels"])
+    assert not storage.list_files(storage.join(out, "shards")) and not storage.exists(pseudo)
+    assert recorded_settings(out) == {"scales": [1.0, 1.5]}
+    # a folder of other settings beside no shards (every item failed, or only masks were written) goes too
+    storage.write_bytes(pseudo, b"z")
+    claim_settings(out, "evaluate", {"scales": [2.0]}, also_drop=["pseudo_labels"])
+    assert not storage.exists(pseudo)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """Stages ``evaluate`` and ``infer`` on the synthetic data with a tiny exported model (no Ray Train)."""
 import io
-import json
 import os
 
 import numpy as np
@@ -18,6 +17,7 @@ from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, 
 from diclip.method.metrics import confusion_matrix
 from ray_jobs.stages import correlate, evaluate, infer, synthesize
 from ray_jobs.runtime.shards import list_shards, read_stage_table
+from ray_jobs.runtime.lineage import recorded_settings
 from tests.helpers import tiny_spec
 from tests.method.test_inference import make_export
 
@@ -235,7 +235,7 @@ def test_infer_masks_overlays_odd_sizes_corrupt_and_resume(prepared, tmp_path):
     storage.delete(storage.join(out, "masks", "gray.png"))
     third = infer.run(spec)
     assert third["segmented_now"] == 1 and _png(storage.join(out, "masks", "gray.png")).size == (53, 37)
-    assert json.loads(json.dumps(storage.read_json(storage.join(out, "run.json"))))["scales"] == [0.7, 1.0]
+    assert recorded_settings(out)["scales"] == [0.7, 1.0]  # the one record of what the masks were made with
 
 
 def test_crf_in_cpu_tasks_gives_the_masks_of_the_in_actor_path(prepared, tmp_path):
