@@ -25,13 +25,13 @@ import time
 import uuid
 from typing import Any
 
-
 from diclip import storage
 from diclip.config import JobSpec, to_dict, to_yaml
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
 from ray_jobs.runtime import ray_compat
+from ray_jobs.runtime.lineage import SETTINGS_FILE, claim_settings, recorded_settings, settings_match
 from ray_jobs.runtime.ray_session import configure_data_context, free_and_total, init_ray, setup_process
 
 log = get_logger("ray_jobs.stages.train")
@@ -244,7 +244,7 @@ def export(spec: JobSpec, trainer, module) -> None:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-RUN_FILE = "run.json"
+RUN_FILE = SETTINGS_FILE  # what the run was made with: the record every stage keeps (lineage.claim_settings)
 
 
 def run_settings(spec: JobSpec) -> dict:
@@ -271,42 +271,33 @@ def run_settings(spec: JobSpec) -> dict:
             "classes": class_identity(spec.data), "inputs": inputs}
 
 
-def run_fingerprint(spec: JobSpec) -> str:
-    from diclip.storage.manifest import config_hash
-
-    return config_hash(run_settings(spec))
-
-
-def recorded_run(spec: JobSpec) -> dict | None:
-    uri = storage.join(spec.train.output, RUN_FILE)
+def same_run(spec: JobSpec) -> bool:
+    """The output holds a run (finished or interrupted) of these settings and inputs."""
     try:
-        return storage.read_json(uri) if storage.exists(uri) else None
+        return settings_match(spec.train.output, run_settings(spec))
     except (DiclipError, ValueError):
-        return None
+        return False
 
 
 def is_complete(spec: JobSpec) -> bool:
     """Manifest present and trained with these settings from these inputs (cache, maps)."""
-    run = recorded_run(spec)
-    return storage.is_complete(spec.train.output) and run is not None and run.get("fingerprint") == run_fingerprint(spec)
+    return storage.is_complete(spec.train.output) and same_run(spec)
 
 
 def stale(spec: JobSpec) -> list[str]:
     from ray_jobs.runtime.lineage import changed_keys
 
-    run = recorded_run(spec)
-    return changed_keys(run.get("settings"), run_settings(spec)) if run and run.get("settings") else []
+    old = recorded_settings(spec.train.output)
+    return changed_keys(old, run_settings(spec)) if old else []
 
 
 def interrupted_checkpoint(spec: JobSpec) -> str | None:
     """The latest checkpoint of an interrupted (not complete) run with these settings, else None."""
-    t = spec.train
-    run_file = storage.join(t.output, RUN_FILE)
     snapshot = snapshot_uri(spec)
     try:
-        if is_complete(spec) or not storage.exists(run_file) or not storage.exists(snapshot):
+        if is_complete(spec) or not storage.exists(snapshot):
             return None
-        if storage.read_json(run_file).get("fingerprint") != run_fingerprint(spec):
+        if not same_run(spec):
             return None  # another run's (clear_other_run removes it before training)
         latest = storage.read_json(snapshot).get("latest_checkpoint_result") or {}
         name = latest.get("checkpoint_dir_name")
@@ -352,8 +343,7 @@ def clear_other_run(spec: JobSpec) -> None:
     so a changed setting or input would otherwise re-export the old weights as trained with the new
     ones. A run of these settings (interrupted or finished) is kept: Ray Train resumes it."""
     t = spec.train
-    old = recorded_run(spec)
-    if old is not None and old.get("fingerprint") == run_fingerprint(spec):
+    if same_run(spec):
         return
     folder = run_dir(spec)
     if t.resume_from and _bare(t.resume_from).startswith(_bare(folder)):
@@ -363,7 +353,7 @@ def clear_other_run(spec: JobSpec) -> None:
         any(storage.exists(storage.join(t.output, f)) for f in ("manifest.json", METRICS, RUN_FILE))
     if not found:
         return
-    changed = stale(spec) if old is not None else []
+    changed = stale(spec)
     log.warning("train: %s holds a run with other settings (changed: %s); starting over", t.output,
                 ", ".join(changed[:6]) or "unknown")
     storage.delete_dir(folder)
@@ -529,8 +519,7 @@ def run(spec: JobSpec) -> dict:
     if t.resume_from:
         start = read_checkpoint_step(t.resume_from)
         log.info("train: resuming from %s at step %d", t.resume_from, start)
-    storage.write_json(storage.join(t.output, RUN_FILE), {"fingerprint": run_fingerprint(spec),
-                                                          "settings": run_settings(spec)})
+    claim_settings(t.output, STAGE, run_settings(spec))  # clear_other_run above removed another run's files
     storage.write_json(storage.join(t.output, PROGRESS), {"step": start})
     ctx = ray.data.DataContext.get_current()
     configure_data_context(spec)

@@ -430,10 +430,11 @@ def test_a_resume_from_inside_the_run_folder_being_replaced_is_refused(tmp_path)
     """Starting over deletes the old run's folder: a checkpoint there named as train.resume_from would be
     deleted before it is read, so that is one line instead (a checkpoint elsewhere is fine)."""
     spec = tiny_spec(str(tmp_path / "run"))
-    storage.write_json(storage.join(spec.train.output, "run.json"), {"fingerprint": "another run"})
+    record = storage.join(spec.train.output, "settings.json")  # the record every stage keeps of its settings
+    storage.write_json(record, {"stage": "train", "hash": "another run", "settings": {}})
     inside = storage.join(train.run_dir(spec), "checkpoint_2026")
     with pytest.raises(ConfigError, match="train.resume_from: .* run with other settings") as e:
         train.clear_other_run(tiny_spec(str(tmp_path / "run"), f"train.resume_from={inside.split('://')[-1]}"))
-    assert "\n" not in str(e.value) and storage.exists(storage.join(spec.train.output, "run.json"))
+    assert "\n" not in str(e.value) and storage.exists(record)
     train.clear_other_run(tiny_spec(str(tmp_path / "run"), f"train.resume_from={tmp_path}/elsewhere"))
-    assert not storage.exists(storage.join(spec.train.output, "run.json"))
+    assert not storage.exists(record)
