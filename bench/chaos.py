@@ -20,7 +20,8 @@ import uuid
 
 from _common import write_result
 
-from tests.chaos import CORRELATE, TRAIN, Injector, checkpoint_registered, run_stage_with, shards_at_least
+from tests.chaos import (CORRELATE, TRAIN, Injector, checkpoint_registered, driver_until, run_stage_with,
+                         shards_at_least)
 from tests.helpers import random_cache, tiny_overrides, tiny_spec
 from tests.multinode import LocalCluster
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer
@@ -69,19 +70,14 @@ def main() -> None:
     def stopped_and_rerun(spec):
         """A driver joined to the cluster (as a submitted job's is) stopped mid-correlate, then run again."""
         import signal
-        import subprocess
         import sys
-
-        from ray_jobs.runtime.shards import list_shards
 
         overrides = tiny_overrides(spec.output_uri, *CORRELATE, f"ray.address={cluster.gcs}", "ray.stall_minutes=5",
                                    endpoint_url=store.endpoint)
         cmd = [sys.executable, "-m", "diclip.cli", "correlate", "configs/tiny.yaml", *overrides]
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, env=dict(os.environ, DICLIP_LOG_LEVEL="ERROR", RAY_AUTH_MODE="disabled"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        while len(list_shards(spec.correlate.output)) < 2 and proc.poll() is None and time.monotonic() - t0 < 240:
-            time.sleep(0.2)
+        proc = driver_until(cmd, dict(os.environ, DICLIP_LOG_LEVEL="ERROR", RAY_AUTH_MODE="disabled"),
+                            shards_at_least(spec, 2))
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         stopped = time.monotonic() - t0

@@ -9,6 +9,7 @@ person, were items lost or duplicated, how many training steps were redone, how 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -82,6 +83,21 @@ class Injector(threading.Thread):
 
 def shards_at_least(spec, n: int) -> Callable[[], bool]:
     return lambda: len(list_shards(spec.correlate.output)) >= n
+
+
+def driver_until(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], err_path: str | None = None,
+                 timeout_s: float = 240.0):
+    """A ``diclip`` command started as its own process (a job's driver), returned once ``ready()`` holds, it
+    exited, or ``timeout_s`` passed: the caller stops it (SIGTERM, as ``diclip stop`` does first) or kills it.
+    Its stderr goes to ``err_path`` (a file, not a pipe: Ray's logs must not fill a pipe) or nowhere."""
+    import subprocess
+
+    with open(err_path or os.devnull, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.2)
+    return proc
 
 
 def checkpoint_registered(spec) -> Callable[[], bool]:

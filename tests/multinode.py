@@ -106,7 +106,7 @@ class LocalCluster:
     workers: int = 2
     cpus: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
-    private_tmp: bool = field(default_factory=lambda: private_tmp_possible())  # each worker node its own /tmp
+    private_tmp: bool = field(default_factory=private_tmp_possible)  # each worker node its own /tmp
     nodes: list[Node] = field(default_factory=list)
     gcs: str = ""
 

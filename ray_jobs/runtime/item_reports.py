@@ -2,11 +2,9 @@
 process waited out (the stage's recoveries record)."""
 from __future__ import annotations
 
-import diclip
 from diclip import storage
 from diclip.errors import DiclipError
 from diclip.storage.commit_index import ID
-
 
 
 def report_row(item_id: str, ok: bool, error: str = "") -> dict:

@@ -7,7 +7,6 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
-import diclip
 from diclip.config import Resources
 from diclip.errors import DiclipError
 from diclip.logging import get_logger

@@ -2,7 +2,8 @@
 join Ray, fan the pending items out to the pool, and - after the stage's own summary - commit and report.
 
 A stage module keeps only what is particular to it: its item list, its actor (and input step), what it
-adds to the manifest and its picture. ``generate``, ``mask``, ``cache`` and ``correlate`` run through it::
+adds to the manifest and its picture. ``generate``, ``mask``, ``cache``, ``correlate`` and ``infer`` run
+through it::
 
     run = start(spec, POOL, spec.mask, list_items(spec), settings(spec))   # claim, pending, Ray, pool
     manifest = run.commit(spec, models, extra)                              # dedupe, failures, manifest
@@ -18,14 +19,10 @@ from typing import Any
 from diclip.config import JobSpec
 from diclip.logging import get_logger
 from diclip.storage import Manifest
-from diclip.storage.commit_index import ID
 from ray_jobs.runtime.pool import PoolResult, run_pool
 from ray_jobs.runtime.shards import finalize, pending_items
 from ray_jobs.runtime.ray_session import init_ray
 from ray_jobs.runtime.lineage import claim_settings
-
-log = get_logger("ray_jobs.runtime.pool_stage")
-
 
 @dataclass(frozen=True)
 class PoolStage:
@@ -52,12 +49,6 @@ class PoolRun:
     settings_hash: str
     result: PoolResult = field(default_factory=PoolResult)
     started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def done_ids(self) -> set[str]:
-        """Items committed by an earlier run (not redone now)."""
-        pending = {it[ID] for it in self.pending}
-        return {it[ID] for it in self.items if it[ID] not in pending}
 
     def commit(self, spec: JobSpec, models: dict[str, str], extra: dict | None = None,
                failures: Iterable[tuple[str, str]] = ()) -> Manifest:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import diclip
 from diclip import storage
 from diclip.config import JobSpec, Resources
 from diclip.logging import get_logger, init_logging, quiet_library_logs
-
 
 log = get_logger("ray_jobs.runtime.ray_session")
 

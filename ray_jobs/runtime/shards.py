@@ -29,7 +29,6 @@ from diclip.storage.manifest import config_hash
 from diclip.storage.commit_index import ID, INDEX_FILE, SHARD_DIR, CommitIndex, annotate, relative
 
 
-
 def shard_uri(stage_uri: str, ids: Iterable[str]) -> str:
     digest = hashlib.sha1("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:20]
     return storage.join(stage_uri, SHARD_DIR, f"part-{digest}.parquet")

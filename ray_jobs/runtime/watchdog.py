@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
-import diclip
 from diclip.config import Resources
 from diclip.errors import DiclipError
 from ray_jobs.runtime.ray_compat import is_actor_start_timeout

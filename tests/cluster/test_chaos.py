@@ -11,7 +11,8 @@ import os
 
 import pytest
 
-from tests.chaos import CORRELATE, TRAIN, Injector, checkpoint_registered, run_stage_with, shards_at_least
+from tests.chaos import (CORRELATE, TRAIN, Injector, checkpoint_registered, driver_until, run_stage_with,
+                          shards_at_least)
 from tests.helpers import random_cache, tiny_spec
 from tests.multinode import LocalCluster
 
@@ -139,16 +140,12 @@ def test_a_stopped_driver_frees_the_cluster_and_the_next_run_finishes_exactly_on
            f"storage.endpoint_url={seaweed.endpoint}", f"ray.address={cluster.gcs}", "ray.progress_bars=false",
            "synthesize.image_size=[64,80]", "correlate.max_side=80", *overrides]
 
-    def driver_until(shards: int, log: str) -> subprocess.Popen:
-        with open(tmp_path / log, "w") as err:  # a file, not a pipe: Ray's logs must not fill a pipe
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(list_shards(spec.correlate.output)) < shards and proc.poll() is None:
-            time.sleep(0.2)
+    def driver_at(shards: int, log: str) -> subprocess.Popen:
+        proc = driver_until(cmd, env, shards_at_least(spec, shards), str(tmp_path / log))
         assert len(list_shards(spec.correlate.output)) >= shards, (tmp_path / log).read_text()[-2000:]
         return proc
 
-    proc = driver_until(3, "first.txt")
+    proc = driver_at(3, "first.txt")
     try:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)  # the contract: stopped within 30 s
@@ -166,7 +163,7 @@ def test_a_stopped_driver_frees_the_cluster_and_the_next_run_finishes_exactly_on
     for s in list_shards(spec.correlate.output):  # every visible shard is complete and readable
         storage.read_parquet(s)
 
-    proc = driver_until(partial + 2, "second.txt")  # killed hard: its last shards were never indexed
+    proc = driver_at(partial + 2, "second.txt")  # killed hard: its last shards were never indexed
     proc.kill()
     proc.wait(timeout=10)
     assert not storage.is_complete(spec.correlate.output)
