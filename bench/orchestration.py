@@ -54,12 +54,12 @@ def stand_in_class(wait_s: float):
     from ray_jobs.runtime.ray_session import start_actor
 
     class StandInCorrelator(correlate.Correlator):
-        def __init__(self, spec):  # no diffusion pipeline: the wait stands in for it
+        def __init__(self, spec, patch):  # no diffusion pipeline: the wait stands in for it
             from diclip.method.codecs import get_codec
 
             self.spec, self.cfg = spec, spec.correlate
             self.device = start_actor(spec, self.cfg.resources)
-            self.patch = 16
+            self.patch = patch
             self.codec = get_codec(self.cfg.rar_codec)
             self.qk: dict[tuple, torch.Tensor] = {}
             self.log = open(os.path.join(SPANS_DIR, f"{os.getpid()}.jsonl"), "a")
@@ -91,8 +91,8 @@ def timed_class():
     from ray_jobs.stages import correlate
 
     class TimedCorrelator(correlate.Correlator):
-        def __init__(self, spec):
-            super().__init__(spec)
+        def __init__(self, spec, patch):
+            super().__init__(spec, patch)
             self.log = open(os.path.join(SPANS_DIR, f"{os.getpid()}.jsonl"), "a")
 
         def extract(self, members: list[tuple]) -> list[dict]:
@@ -200,15 +200,15 @@ def run_once(base, actors: int, wait_s: float, moto_pid: int) -> dict:
     n = actors * BATCHES_PER_ACTOR * BATCH
     spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, train_split=f"train{n}"))
     spec = dataclasses.replace(spec, correlate=dataclasses.replace(spec.correlate, splits=[f"train{n}"]))
-    real = correlate.Correlator
-    correlate.Correlator = stand_in_class(wait_s) if wait_s else timed_class()
+    real = correlate.POOL  # the stage runs the actor its PoolStage names
+    correlate.POOL = dataclasses.replace(real, actor=stand_in_class(wait_s) if wait_s else timed_class())
     try:
         with CpuSampler({moto_pid}) as cpu:
             t0 = time.perf_counter()
             out = correlate.run(spec)
             wall = time.perf_counter() - t0
     finally:
-        correlate.Correlator = real
+        correlate.POOL = real
     spans = read_spans()
     eff, lo, hi, gap = efficiency(actors, spans)
     done = sum(k for r in spans for s, e, k in r if lo <= e <= hi)  # images whose wait ended in the window

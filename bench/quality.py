@@ -278,7 +278,7 @@ def main() -> None:
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     from ray_jobs.runtime.ray_session import init_ray
-    from ray_jobs.stages.evaluate import all_background_miou
+    from ray_jobs.stages.evaluate_report import all_background_miou
 
     common = base_overrides(a.quick)
     seeds = [int(x) for x in a.seeds.split(",")]

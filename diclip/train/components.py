@@ -26,12 +26,10 @@ import torch.distributed as dist
 from diclip import storage
 from diclip.config import JobSpec
 from diclip.logging import get_logger
+from diclip.train.files import METRICS, STATE, TENSORBOARD
 
 log = get_logger("diclip.train")
 DS_TAG = "ds"
-STATE = "diclip_state.json"
-METRICS = "metrics.jsonl"
-TENSORBOARD = "tensorboard"  # {train.output}/tensorboard/: event files for `tensorboard --logdir`
 TB_PICTURE_CELL = 128  # px per picture cell in TensorBoard: legible masks, a few kB per validation
 
 

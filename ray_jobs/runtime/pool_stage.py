@@ -2,8 +2,8 @@
 join Ray, fan the pending items out to the pool, and - after the stage's own summary - commit and report.
 
 A stage module keeps only what is particular to it: its item list, its actor (and input step), what it
-adds to the manifest and its picture. ``generate``, ``mask``, ``cache``, ``correlate`` and ``infer`` run
-through it::
+adds to the manifest and its picture. ``generate``, ``mask``, ``cache``, ``correlate``, ``evaluate`` and
+``infer`` run through it::
 
     run = start(spec, POOL, spec.mask, list_items(spec), settings(spec))   # claim, pending, Ray, pool
     manifest = run.commit(spec, models, extra)                              # dedupe, failures, manifest
@@ -23,6 +23,7 @@ from ray_jobs.runtime.pool import PoolResult, run_pool
 from ray_jobs.runtime.shards import finalize, pending_items
 from ray_jobs.runtime.ray_session import init_ray
 from ray_jobs.runtime.lineage import claim_settings
+
 
 @dataclass(frozen=True)
 class PoolStage:
@@ -51,11 +52,12 @@ class PoolRun:
     started: float = field(default_factory=time.perf_counter)
 
     def commit(self, spec: JobSpec, models: dict[str, str], extra: dict | None = None,
-               failures: Iterable[tuple[str, str]] = ()) -> Manifest:
+               failures: Iterable[tuple[str, str]] = (), before_commit: Callable[[], None] | None = None) -> Manifest:
         """Dedupe the shards, write the failures (``failures`` the stage found itself, then the pool's) and the
-        manifest, last: the commit point. Too many failures raise and leave the stage incomplete."""
+        manifest, last: the commit point. Too many failures, or ``before_commit`` raising, leave the stage
+        incomplete."""
         return finalize(self.section.output, self.stage.name, spec, self.section,
-                        [*failures, *self.result.failures], models, extra,
+                        [*failures, *self.result.failures], models, extra, before_commit=before_commit,
                         index_columns=self.stage.index_columns)
 
     def summary(self, manifest: Manifest, now_key: str, **more: Any) -> dict:
@@ -67,10 +69,12 @@ class PoolRun:
 
 def start(spec: JobSpec, stage: PoolStage, section: Any, items: list[dict], settings: dict[str, Any], *,
           ctor_kwargs: dict | None = None, prepare_kwargs: dict | None = None, detail: str = "",
-          pending: Callable[[list[dict]], list[dict]] | None = None, also_drop: Iterable[str] = ()) -> PoolRun:
+          pending: Callable[[list[dict]], list[dict]] | None = None, also_drop: Iterable[str] = (),
+          **pool_kwargs: Any) -> PoolRun:
     """Claim ``settings`` (rows made with others are dropped first, never mixed in, with the folders in
     ``also_drop``), find the pending items (``pending(items)`` when the stage decides itself, asked after
-    the claim), and run them through the stage's actor pool.
+    the claim), and run them through the stage's actor pool (``pool_kwargs``: ``run_pool``'s ``collect`` and
+    ``finish`` options, for a stage that gathers report rows or runs CPU tasks after its actors).
 
     Ray is started or joined only when something is pending: a complete stage re-run touches no cluster."""
     s_hash = claim_settings(section.output, stage.name, settings, also_drop=also_drop)
@@ -85,7 +89,7 @@ def start(spec: JobSpec, stage: PoolStage, section: Any, items: list[dict], sett
     run.result = run_pool(todo, stage.actor, ctor_kwargs if ctor_kwargs is not None else {"spec": spec}, res,
                           desc=stage.desc or stage.name, stall_s=60 * spec.ray.stall_minutes,
                           output=section.output, index_columns=stage.index_columns, prepare=stage.prepare,
-                          prepare_kwargs=prepare_kwargs)
+                          prepare_kwargs=prepare_kwargs, **pool_kwargs)
     return run
 
 

@@ -67,7 +67,6 @@ def pending_items(items: list[dict], stage_uri: str) -> list[dict]:
 def failure_reasons(failures: list[tuple[str, str]], top: int = 3) -> list[tuple[str, int]]:
     """The most common failure reasons with counts; item ids and numbers are masked so that the same
     problem on different items counts as one reason."""
-    import re
     from collections import Counter
 
     def reason(item_id: str, error: str) -> str:

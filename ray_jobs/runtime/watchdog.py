@@ -50,8 +50,6 @@ def watched(batches: Iterator, desc: str, res: Resources, stall_s: float, prepar
     import queue
     import threading
 
-    from diclip.errors import DiclipError
-
     if not stall_s or stall_s <= 0:
         yield from batches
         return

@@ -160,7 +160,7 @@ class Correlator:
 
     Its inputs arrive decoded and resized by :func:`prepare_inputs` tasks."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, patch: int):
         from diclip.models.attention_capture import DiffusionAttention
         from diclip.models.diffusion import build_diffusion_from_config, maybe_enable_xformers
 
@@ -169,7 +169,7 @@ class Correlator:
         self.device = start_actor(spec, self.cfg.resources)
         pipe = build_diffusion_from_config(spec.model.diffusion, self.device)
         maybe_enable_xformers(pipe, spec.model.diffusion.enable_xformers)
-        self.patch = clip_patch_size(spec)
+        self.patch = patch  # from the driver: reading it here would import open_clip into every actor (~2.5 s)
         self.diff = DiffusionAttention(pipe, spec.model.diffusion, self.patch, mean=spec.model.clip.mean,
                                        std=spec.model.clip.std)
         self.codec = get_codec(self.cfg.rar_codec)
@@ -312,10 +312,11 @@ def run(spec: JobSpec) -> dict:
     items = list_items(spec)
     # the settings are claimed before any map is extracted: maps of an interrupted or failed run with other
     # settings are dropped then, never mixed with new ones
-    run = pool_stage.start(spec, POOL, cfg, items, settings(spec),
-                           prepare_kwargs={"spec": spec, "patch": clip_patch_size(spec)},
+    patch = clip_patch_size(spec)
+    run = pool_stage.start(spec, POOL, cfg, items, settings(spec), ctor_kwargs={"spec": spec, "patch": patch},
+                           prepare_kwargs={"spec": spec, "patch": patch},
                            detail=f" ({cfg.crops_per_image} crops per {cfg.crop_split} image)")
-    models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(clip_patch_size(spec))}
+    models = {"diffusion": spec.model.diffusion.source, "clip_patch": str(patch)}
     manifest = run.commit(spec, models, {
         "rar_codec": get_codec(cfg.rar_codec).name, "splits": list(cfg.splits), "whole_image": cfg.whole_image,
         "max_side": cfg.max_side, "crops_per_image": cfg.crops_per_image, "crop_split": cfg.crop_split,

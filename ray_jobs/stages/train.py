@@ -23,13 +23,13 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any
 
 from diclip import storage
-from diclip.config import JobSpec, to_dict, to_yaml
+from diclip.config import JobSpec, to_dict
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
+from diclip.train.files import EXPORT, METRICS, PROGRESS, STATE, TENSORBOARD
 from ray_jobs.runtime import ray_compat
 from ray_jobs.runtime.lineage import SETTINGS_FILE, claim_settings, recorded_settings, settings_match
 from ray_jobs.runtime.ray_session import configure_data_context, free_and_total, init_ray, setup_process
@@ -37,9 +37,6 @@ from ray_jobs.runtime.ray_session import configure_data_context, free_and_total,
 log = get_logger("ray_jobs.stages.train")
 STAGE = "train"
 PREFETCH_BATCHES = 4  # batches each worker keeps loaded ahead: hides a slow object-store read behind steps
-PROGRESS = "progress.json"
-STATE = "diclip_state.json"  # = diclip.train.components.STATE (not imported here: it pulls in torch)
-METRICS = "metrics.jsonl"  # = diclip.train.components.METRICS
 
 
 def output_uri(spec: JobSpec) -> str:
@@ -132,113 +129,35 @@ class RankDatasetFactory:
 # worker
 # ----------------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: the components of :mod:`diclip.train.components` wired to Ray Train's
-    dataset shards, reports and checkpoints."""
+    """One Ray Train worker: a :class:`diclip.train.loop.TrainingLoop` wired to Ray Train (its rank, the
+    checkpoint it restored, this rank's dataset shard, ``ray.train.report``)."""
     import ray.train
     import torch
 
     from diclip._compat import default_ds_accelerator
-    from diclip.train import components as C
-    from diclip.train.trainer import DiCLIPTrainer
+    from diclip.train.loop import TrainingLoop
 
     spec: JobSpec = config["spec"]
     t = spec.train
     setup_process(spec)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if t.use_gpu and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.resources.num_cpus)))
     default_ds_accelerator(device.type == "cuda")
-
-    torch.manual_seed(t.seed)  # identical trainable init on every rank (DeepSpeed also broadcasts rank 0's)
-    trainer = DiCLIPTrainer(spec, device)
-    engine, optimizer = C.build_engine(trainer, spec, device)
-    b = per_worker_batch(spec)
-    torch.manual_seed(t.seed * 1000 + rank)  # per-rank dropout stream
-    checkpointer = C.Checkpointer(rank, world, t.seed)
-    start = 0
+    loop = TrainingLoop(spec, rank, ctx.get_world_size(), device, fit=config.get("fit", ""))
     # A restart after a failure resumes from this run's latest checkpoint; a fresh run may resume
     # from train.resume_from (Ray Train v2 has no trainer-level resume argument).
     restarted = ray.train.get_checkpoint()
     ckpt = restarted if restarted is not None else checkpoint_from_uri(t.resume_from) if t.resume_from else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start = checkpointer.load(engine, d)
-    metrics_log = C.StepMetrics(spec, rank, world, b * t.grad_accum * world, start, fit=config.get("fit", ""))
-    # Ray Train hands a checkpoint to the first attempt of a re-run too (it restores the run's snapshot): a
-    # restart after a failure is an attempt of a fit that has already logged
-    after_failure = restarted is not None and metrics_log.logged_in_this_fit()
-    if start == 0:
-        metrics_log.record("setup", {"step": 0, **C.precision_report(trainer, engine)})
-    else:  # the log and, after a failure, the run summary say where the run went on from
-        metrics_log.record("resume", {"step": start, "after_failure": after_failure})
-        if rank == 0:
-            log.warning("train: %s from the checkpoint at step %d", "worker group restarted after a failure; resumed"
-                        if after_failure else "resumed", start)
-    tb = C.TensorBoardLog(spec, rank, start)
-    store = None
-    if t.mode == "stored":
-        from diclip.data.map_shards import CorrelationStore
-
-        store = CorrelationStore(t.correlation)
+            loop.load(d)
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = C.RankBatches(shard.iter_batches(batch_size=b, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES), rank, world, b)
-    engine.train()
-    for step in range(start, t.max_iters):
-        metrics_log.add(C.train_step(engine, trainer, batches, step, t.grad_accum, device))
-        done = step + 1
-        is_eval = done % t.eval_every == 0 or done == t.max_iters
-        if done % t.log_every and not is_eval:
-            continue
-        metrics: dict[str, Any] = {"step": done, "lr": optimizer.param_groups[0]["lr"], **metrics_log.flush()}
-        if rank == 0:
-            log.info("step %d/%d loss %.4f seg %.4f aff %.4f adapter %.4f lr %.3e %.1f samples/s", done,
-                     t.max_iters, metrics.get("loss", float("nan")), metrics.get("seg_loss", float("nan")),
-                     metrics.get("aff_loss", float("nan")), metrics.get("adapter_loss", float("nan")),
-                     metrics["lr"], metrics["samples_per_s"])
-        if not is_eval:
-            metrics_log.record("train", metrics)
-            tb.scalars(done, metrics)
-            continue
-        metrics.update(C.validate(trainer, spec, rank, world, done, store))
-        with checkpointer.saved(engine, done, metrics) as d:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        metrics_log.record("eval", metrics)
-        if rank == 0:
-            C.best_effort("training progress", lambda: storage.write_json(storage.join(t.output, PROGRESS),
-                                                                          {"step": done}))
-            log.info("step %d: val mIoU %.4f, CAM mIoU %.4f (checkpoint reported)", done, metrics["val_miou"],
-                     metrics["val_cam_miou"])
-            tb.scalars(done, metrics)
-            if t.tensorboard_pictures:
-                tb.picture(done, C.prediction_pictures(trainer, spec, store, t.tensorboard_pictures))
-            tb.sync()
-    tb.close()
-    if rank == 0:
-        export(spec, trainer, engine.module)
-
-
-def export(spec: JobSpec, trainer, module) -> None:
-    """Everything inference needs besides CLIP/diffusion weights: trainable weights, cache, spec, card."""
-    from diclip.data.classes import class_set_to_dict
-    from diclip.models.kv_cache import save_cache
-
-    out = storage.join(spec.train.output, "export")
-    state = {k: v.detach().float().cpu().contiguous() for k, v in module.trainable_state_dict().items()}
-    storage.save_tensors(storage.join(out, "model.safetensors"), state, {"format": "diclip-trainable-v1"})
-    save_cache(storage.join(out, "cache"), trainer.cache)
-    storage.write_text(storage.join(out, "spec.yaml"), to_yaml(spec))
-    storage.write_json(storage.join(out, "card.json"), {
-        "classes": list(trainer.class_set.classes),
-        "dataset": trainer.class_set.name,
-        "class_set": class_set_to_dict(trainer.class_set),  # inference needs no classes file
-        "clip": trainer.clip.model_id,
-        "crop_size": spec.data.crop_size,
-        "steps": spec.train.max_iters,
-        "mode": spec.train.mode,
-        "precision_trainable": str(next(module.parameters()).dtype).replace("torch.", ""),
-    })
+    batches = shard.iter_batches(batch_size=loop.per_worker, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)
+    loop.run(batches, lambda metrics, d: ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d)),
+             restarted=restarted is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +238,7 @@ def snapshot_uri(spec: JobSpec) -> str:
     return storage.join(run_dir(spec), "checkpoint_manager_snapshot.json")
 
 
-RUN_OUTPUTS = ("export", "tensorboard")
+RUN_OUTPUTS = (EXPORT, TENSORBOARD)
 RUN_FILES = ("manifest.json", "failures.parquet", METRICS, PROGRESS, "curves.png", RUN_FILE)
 
 
@@ -592,7 +511,7 @@ def run(spec: JobSpec) -> dict:
                         extra={"final_metrics": metrics, "best_checkpoint": best,
                                "last_checkpoint": checkpoint_uri(spec, result.checkpoint.path if result.checkpoint
                                                                  else None),
-                               "export": storage.join(t.output, "export"), "seconds": round(seconds, 1)})
+                               "export": storage.join(t.output, EXPORT), "seconds": round(seconds, 1)})
     storage.write_manifest(t.output, manifest)
     return {"steps": t.max_iters, "val_miou": metrics.get("val_miou"), "val_cam_miou": metrics.get("val_cam_miou"),
             "loss": metrics.get("loss"), "checkpoint": manifest.extra["last_checkpoint"],

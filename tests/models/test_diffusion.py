@@ -159,3 +159,30 @@ def test_processes_that_import_deepspeed_pick_an_accelerator_quietly():
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "cpu" and "Setting accelerator" not in r.stderr, r.stderr
+
+
+def test_the_tiny_tokenizer_has_open_clips_vocabulary_without_importing_open_clip():
+    """The tiny/toy diffusion tokenizer reads CLIP's BPE file itself (importing open_clip costs a diffusion
+    actor ~2.5 s); its vocabulary and merges must be exactly open_clip's ``SimpleTokenizer``'s, or the shipped
+    toy diffusion model would read other token ids than it was trained on."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diclip; from diclip.models.diffusion import tiny_tokenizer; t = tiny_tokenizer(); "
+            "print(t('a red ball').input_ids); print('open_clip' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids, imported = out.stdout.split("\n")[:2]
+    assert imported == "False"
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from diclip.models.diffusion import _clip_bpe
+
+    st = SimpleTokenizer()
+    vocab, merges = _clip_bpe()
+    expected = dict(st.encoder)
+    expected["<|startoftext|>"] = expected.pop("<start_of_text>")
+    expected["<|endoftext|>"] = expected.pop("<end_of_text>")
+    assert vocab == expected
+    assert merges == [p for p, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
+    assert ids == str([49406, *st.encode("a red ball"), 49407])

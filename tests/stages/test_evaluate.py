@@ -15,7 +15,7 @@ from diclip.errors import ConfigError, StageFailed
 from diclip.inference import MapSource, cam_pseudo_labels, load_exported_model, resize_square, segment, \
     segmenter_forward
 from diclip.method.metrics import confusion_matrix
-from ray_jobs.stages import correlate, evaluate, infer, synthesize
+from ray_jobs.stages import correlate, evaluate, evaluate_report, infer, synthesize
 from ray_jobs.runtime.shards import list_shards, read_stage_table
 from ray_jobs.runtime.lineage import recorded_settings
 from tests.helpers import tiny_spec
@@ -63,8 +63,8 @@ def test_evaluate_writes_every_output(evaluated):
     assert spec.evaluate.crf and 0 <= m["segmentation"]["before_crf"]["miou"] <= 1 and "mIoU before CRF" in report
     assert ("**random models**" in report) == (not spec.model.clip.pretrained)  # the tiny test models are random
     pic = _png(storage.join(out, "pictures.png"))
-    width = viz.grid_size(3, 4, evaluate.PICTURE_CELL)[0]
-    legend_rows = (pic.size[1] - viz.grid_size(3, 4, evaluate.PICTURE_CELL)[1] - viz.GRID_PAD) // viz.LEGEND_LINE
+    width = viz.grid_size(3, 4, evaluate_report.PICTURE_CELL)[0]
+    legend_rows = (pic.size[1] - viz.grid_size(3, 4, evaluate_report.PICTURE_CELL)[1] - viz.GRID_PAD) // viz.LEGEND_LINE
     assert pic.format == "PNG" and pic.size[0] == width and legend_rows >= 1  # rows, then the class legend
     manifest = storage.read_manifest(out)
     assert manifest.num_items == 13 and manifest.num_failed == 0 and manifest.stage == "evaluate"
@@ -182,17 +182,17 @@ def test_pseudo_label_shortfall_fails_the_stage_naming_the_missing_ids(prepared,
 def test_shortfall_message_lists_a_truncated_id_list(tmp_path):
     spec = tiny_spec(str(tmp_path / "run"), "evaluate.export_pseudo_labels=true")
     ids = [f"img{i:03d}" for i in range(30)]
-    folder = storage.join(spec.evaluate.output, *evaluate.PSEUDO_DIR)
+    folder = storage.join(spec.evaluate.output, *evaluate_report.PSEUDO_DIR)
     for i in ids[:12]:
         storage.write_bytes(storage.join(folder, f"{i}.png"), viz.encode_mask_png(np.zeros((2, 2), np.uint8)))
     storage.write_bytes(storage.join(folder, "stale_other.png"), b"x")  # not in the split: not counted
-    record = evaluate.pseudo_label_export(spec, ids)
+    record = evaluate_report.pseudo_label_export(spec, ids)
     assert (record["expected"], record["written"], record["missing"]) == (30, 12, ids[12:])
     with pytest.raises(StageFailed) as e:
-        evaluate.require_complete_export(record)
+        evaluate_report.require_complete_export(record)
     msg = str(e.value)
     assert "12 of 30 masks" in msg and f"missing: {', '.join(ids[12:22])} (+8 more);" in msg and "\n" not in msg
-    evaluate.require_complete_export(evaluate.pseudo_label_export(spec, ids[:12]))  # complete: no error
+    evaluate_report.require_complete_export(evaluate_report.pseudo_label_export(spec, ids[:12]))  # complete: no error
 
 
 def _write(path, img: Image.Image, fmt="PNG"):
@@ -347,7 +347,7 @@ def test_old_style_metrics_are_rebuilt_from_committed_rows(evaluated):
     spec, _ = evaluated
     uri = storage.join(spec.evaluate.output, "metrics.json")
     new = storage.read_json(uri)
-    assert new["metrics_version"] == evaluate.METRICS_VERSION and evaluate.is_complete(spec)
+    assert new["metrics_version"] == evaluate_report.METRICS_VERSION and evaluate.is_complete(spec)
     old = {k: v for k, v in new.items() if k != "metrics_version"} | {"segmentation": {"miou": 0.0}}
     storage.write_json(uri, old)
     assert not evaluate.is_complete(spec)

@@ -31,7 +31,7 @@ def test_call_batched_retries_one_by_one():
 def test_correlate_batch_failure_falls_back_per_item(tmp_path):
     spec = tiny_spec(str(tmp_path / "run"))
     synthesize.run(spec)
-    actor = correlate.Correlator(spec)  # the Ray Data actor class, run in-process
+    actor = correlate.Correlator(spec, correlate.clip_patch_size(spec))  # the Ray Data actor class, in-process
     real = actor.diff
     seen = []
 

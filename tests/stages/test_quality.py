@@ -16,7 +16,7 @@ import pytest
 from diclip import storage
 from diclip.config import load_spec
 from diclip.toy import cam_with_maps
-from ray_jobs.stages.evaluate import all_background_miou
+from ray_jobs.stages.evaluate_report import all_background_miou
 from ray_jobs.pipeline import run_pipeline
 
 pytestmark = pytest.mark.timeout(1200)
