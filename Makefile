@@ -31,6 +31,10 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
+# Ray Train's controller polls its workers every 2 s by default, at the worker group's start, end and failure:
+# a short run (the demo's, every training test) waits out several polls. 0.25 s: 13 s instead of 20 s per
+# tiny training run on 2 cores (measured, bench/train_start.py); a cluster user may leave Ray's default.
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.25
 
 .PHONY: demo test test-fast venv bench fullsize-check toy-models clean
 

@@ -24,14 +24,26 @@ CORRUPT = ("synth_train_00001", "synth_val_00002")
 skips the val one (counted); within the fractions TRAIN allows."""
 
 
-def _prepare(root, *overrides, endpoint_url=None):
-    spec = tiny_spec(root, *TRAIN, *overrides, endpoint_url=endpoint_url)
-    synthesize.run(spec)
-    for item in CORRUPT:
-        storage.write_bytes(storage.join(spec.data.root, "JPEGImages", f"{item}.jpg"), b"not a jpeg")
-    correlate.run(spec)
+def _prepare(root, *overrides, endpoint_url=None, reuse=None):
+    """A training spec under ``root`` with its data, maps and cache ready. ``reuse``: a spec prepared before
+    whose data and maps this one reads (a stage run saved; training writes neither)."""
+    if reuse is not None:
+        spec = tiny_spec(root, *TRAIN, *overrides, f"data.root={reuse.data.root}",
+                         f"correlate.output={reuse.correlate.output}", endpoint_url=endpoint_url)
+    else:
+        spec = tiny_spec(root, *TRAIN, *overrides, endpoint_url=endpoint_url)
+        synthesize.run(spec)
+        for item in CORRUPT:
+            storage.write_bytes(storage.join(spec.data.root, "JPEGImages", f"{item}.jpg"), b"not a jpeg")
+        correlate.run(spec)
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
     return spec
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tmp_path_factory):
+    """Local data (with the CORRUPT images) and its maps, made once for the tests that only train on them."""
+    return _prepare(str(tmp_path_factory.mktemp("prepared") / "run"))
 
 
 def _metrics(spec):
@@ -67,8 +79,8 @@ def test_positions_are_disjoint_and_deterministic():
     assert list(rank_positions(1, 2, 3, 2, 4)) == list(p1[6:])  # resuming at micro-step 2
 
 
-def test_loss_decreases_on_a_fixed_batch(ray_session, tmp_path):
-    spec = _prepare(str(tmp_path / "run"), "model.dropout=0.0")
+def test_loss_decreases_on_a_fixed_batch(prepared, tmp_path):
+    spec = _prepare(str(tmp_path / "run"), "model.dropout=0.0", reuse=prepared)
     items = build_items(spec, "train", spec.correlate.output)
     rows = load_rows(rank_table(items, 0, 1, 4, 0, 1, 0).to_pydict() | {}, crop=64, scale_range=(0.75, 1.5),
                      flip=True, seed=0, with_maps=True)
@@ -186,7 +198,8 @@ def test_bf16_trains_only_the_heads_in_bf16_and_matches_fp32(s3_run, tmp_path):
     Step 1 is before any update and step 2 follows the warm-up step (lr x 1e-6); steps 3 and 4 follow
     full-lr bf16 optimizer steps, so they compare the update too."""
     fp32_spec, _ = s3_run
-    spec = _prepare(str(tmp_path / "run"), *BANK, "train.precision=bf16", "train.keep_checkpoints=1")
+    spec = _prepare(str(tmp_path / "run"), *BANK, "train.precision=bf16", "train.keep_checkpoints=1", reuse=fp32_spec,
+                    endpoint_url=fp32_spec.storage.endpoint_url)  # the same data and maps as the fp32 run
     assert spec.train.max_iters == fp32_spec.train.max_iters and spec.train.warmup_iters == fp32_spec.train.warmup_iters
     train.run(spec)
     m = _metrics(spec)
@@ -226,61 +239,90 @@ def test_bad_train_configs_fail_with_one_line(tmp_path):
         tiny_spec(str(tmp_path), "train.precision=fp8")
 
 
-def _kill_a_train_worker_after_first_checkpoint(spec, killed: list) -> None:
-    """Test-only fault injection: once Ray Train has registered the first checkpoint, SIGKILL one Ray Train
-    worker - a process this test's own Ray instance started (found among this process's descendants)."""
+def _registered_step(spec) -> int:
+    """The step of the latest checkpoint Ray Train has registered for this run (0: none yet)."""
+    snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
+    try:
+        latest = storage.read_json(snapshot).get("latest_checkpoint_result")
+    except Exception:
+        return 0
+    return int((latest or {}).get("metrics", {}).get("step", 0))
+
+
+def _kill_train_workers(spec, killed: list, times: int = 1) -> None:
+    """Test-only fault injection, ``times`` times: once Ray Train has registered a checkpoint (the first; then one
+    the restarted worker group made past the step it resumed from), SIGKILL one Ray Train worker - a process this
+    test's own Ray instance started (found among this process's descendants). ``killed``: (pid, step seen)."""
     import os
     import signal
     import time
 
     import psutil
 
-    snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
     deadline = time.time() + 240
-    while time.time() < deadline:
-        latest = None
-        try:
-            latest = storage.read_json(snapshot).get("latest_checkpoint_result")
-        except Exception:
-            pass
-        if latest:
+    seen = 0
+    while time.time() < deadline and len(killed) < times:
+        if killed:  # after a kill: a checkpoint the restarted group made, past the step it resumed from
+            resumed = [r["step"] for r in _metrics_or_none(spec) if r["kind"] == "resume"]
+            if not resumed:
+                time.sleep(0.2)
+                continue
+            seen = max(seen, resumed[-1])
+        step = _registered_step(spec)
+        if step > seen:
             for p in psutil.Process().children(recursive=True):
                 try:
-                    if "RayTrainWorker" in " ".join(p.cmdline()):
+                    if "RayTrainWorker" in " ".join(p.cmdline()) and p.pid not in {k for k, _ in killed}:
                         os.kill(p.pid, signal.SIGKILL)
-                        killed.append(p.pid)
-                        return
+                        killed.append((p.pid, step))
+                        seen = step
+                        break
                 except psutil.Error:
                     continue
         time.sleep(0.2)
 
 
-def test_worker_failure_is_recovered_from_the_last_checkpoint(ray_session, tmp_path):
+def test_a_lost_worker_is_recovered_until_the_restarts_run_out_then_one_line_and_the_rerun_resumes(prepared,
+                                                                                                    tmp_path):
+    """``train.max_failures=1``: the first lost worker is recovered in the same run from the last checkpoint;
+    the second (after the restarted group checkpointed again) is one more than allowed: one line (no
+    WorkerGroupError traceback) that names the checkpoint a re-run resumes from. The re-run does, and the
+    training log holds each step once."""
     import threading
 
-    spec = _prepare(str(tmp_path / "run"), "train.max_failures=2", "train.keep_checkpoints=1", "train.max_iters=8")
+    from diclip.errors import StageFault
+    from ray_jobs import pipeline
+
+    spec = _prepare(str(tmp_path / "run"), "train.max_failures=1", "train.keep_checkpoints=1", "train.max_iters=12",
+                    reuse=prepared)
     killed: list = []
-    killer = threading.Thread(target=_kill_a_train_worker_after_first_checkpoint, args=(spec, killed), daemon=True)
+    killer = threading.Thread(target=_kill_train_workers, args=(spec, killed, 2), daemon=True)
     killer.start()
-    summary = train.run(spec)
+    with pytest.raises(StageFault) as err:
+        pipeline.run_stage(spec, "train")
     killer.join(timeout=5)
-    assert killed, "no train worker was killed"
-    assert summary["steps"] == 8
+    assert len(killed) == 2, f"killed {killed}: the run did not lose a worker twice"
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("train: ") and msg.endswith("; run again to resume"), msg
+    step = train.read_checkpoint_step(train.interrupted_checkpoint(spec))
+    assert f"training resumes from the checkpoint at step {step} (" in msg and step >= 4, msg
     m = _metrics(spec)
     assert [r["kind"] for r in m].count("setup") == 1
-    resumes = [i for i, r in enumerate(m) if r["kind"] == "resume"]
-    assert len(resumes) == 1 and m[resumes[0]]["after_failure"]  # the worker group was restarted ...
-    assert m[resumes[0]]["step"] >= 2  # ... from a checkpoint, not from step 0
-    after = [r for r in m[resumes[0]:] if r["kind"] in ("train", "eval")]
-    assert after[0]["step"] > m[resumes[0]]["step"] and after[-1]["step"] == 8
+    restarts = [r for r in m if r["kind"] == "resume"]
+    assert len(restarts) == 1 and restarts[0]["after_failure"] and restarts[0]["step"] >= 2  # from a checkpoint
+    summary = pipeline.run_stage(spec, "train")  # the re-run resumes where the restarts ran out, and finishes
+    assert summary["steps"] == 12
+    m = _metrics(spec)
+    assert [(r["step"], r["after_failure"]) for r in m if r["kind"] == "resume"] == \
+        [(restarts[0]["step"], True), (step, False)]
     logged = [(r["kind"], r["step"]) for r in m if r["kind"] in ("train", "eval")]
-    assert len(logged) == len(set(logged))  # each step once: what the failed attempt logged past it is gone
-    assert [r["step"] for r in m if r["kind"] == "eval"][-1] == 8
+    assert len(logged) == len(set(logged))  # each step once: what the failed attempts logged past it is gone
+    assert [r["step"] for r in m if r["kind"] == "eval"][-1] == 12
     manifest = storage.read_manifest(spec.train.output)
     run_dir = storage.join(spec.train.output, "ray", f"{spec.name}-train")
     managed = {storage.join(run_dir, r["checkpoint_dir_name"]) for r in
                storage.read_json(storage.join(run_dir, "checkpoint_manager_snapshot.json"))["checkpoint_results"]}
-    # keep_checkpoints=1: the best by val mIoU and the last (an upload the kill cut short may linger unregistered)
+    # keep_checkpoints=1: the best by val mIoU and the last (an upload a kill cut short may linger unregistered)
     assert managed == {manifest.extra["best_checkpoint"]["path"], manifest.extra["last_checkpoint"]}
 
 

@@ -3,7 +3,6 @@ same run goes on - no person, no resubmit - with every item exactly once and eac
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -12,7 +11,7 @@ from diclip import storage
 from diclip.data import get_class_set
 from diclip.models.kv_cache import save_cache
 from ray_jobs import pipeline
-from ray_jobs.stages import synthesize, train
+from ray_jobs.stages import synthesize
 from ray_jobs.runtime.shards import list_shards
 from tests.chaos import Injector, checkpoint_registered
 from tests.helpers import committed_ids, random_cache, tiny_spec
@@ -71,34 +70,6 @@ def test_training_rides_out_a_store_restart_after_a_checkpoint(ray_session, seaw
     logged = [(r["kind"], r["step"]) for r in records if r["kind"] in ("train", "eval")]
     assert sorted(set(logged)) == sorted(logged)  # each step once
     assert {s for k, s in logged if k == "train"} | {s for k, s in logged if k == "eval"} == set(range(1, 7))
-
-
-def test_a_worker_group_out_of_restarts_ends_in_one_line_naming_the_resume_step(ray_session, tmp_path):
-    """A node lost more often than ``train.max_failures`` allows: one line (no WorkerGroupError traceback)
-    that names the checkpoint a re-run resumes from; the re-run does."""
-    from diclip.errors import StageFault
-    from tests.stages.test_train import _kill_a_train_worker_after_first_checkpoint
-
-    args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
-            "train.warmup_iters=1", "train.mode=online", "train.num_workers=1", "train.max_failures=0"]
-    spec = tiny_spec(str(tmp_path / "run"), *args)
-    synthesize.run(spec)
-    save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
-    killed: list = []
-    killer = threading.Thread(target=_kill_a_train_worker_after_first_checkpoint, args=(spec, killed), daemon=True)
-    killer.start()
-    with pytest.raises(StageFault) as err:
-        pipeline.run_stage(spec, "train")
-    killer.join(timeout=5)
-    assert killed, "no train worker was killed"
-    msg = str(err.value)
-    assert "\n" not in msg and msg.startswith("train: ") and msg.endswith("; run again to resume"), msg
-    step = train.read_checkpoint_step(train.interrupted_checkpoint(spec))
-    assert f"training resumes from the checkpoint at step {step} (" in msg and step >= 2, msg
-    summary = pipeline.run_stage(spec, "train")  # the re-run resumes there and finishes
-    assert summary["steps"] == 6
-    records = [json.loads(x) for x in storage.read_text(storage.join(spec.train.output, "metrics.jsonl")).splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "resume"] == [step]
 
 
 def test_a_store_away_beyond_the_budget_ends_in_one_line_and_the_rerun_resumes(seaweed, seaweed_bucket, tmp_path):
