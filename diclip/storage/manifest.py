@@ -17,7 +17,7 @@ import pyarrow as pa
 
 import diclip
 from diclip.errors import StorageError
-from diclip.storage import fs
+from diclip.storage import formats, fs
 
 MANIFEST_NAME = "manifest.json"
 FAILURES_NAME = "failures.parquet"
@@ -142,7 +142,7 @@ def write_failures(stage_uri: str, failures: list[tuple[str, str]]) -> None:
     table = pa.table(
         [pa.array(ids, pa.string()), pa.array(errors, pa.string())], schema=FAILURES_SCHEMA
     )
-    fs.write_parquet(fs.join(stage_uri, FAILURES_NAME), table)
+    formats.write_parquet(fs.join(stage_uri, FAILURES_NAME), table)
 
 
 def read_failures(stage_uri: str) -> list[tuple[str, str]]:
@@ -150,5 +150,5 @@ def read_failures(stage_uri: str) -> list[tuple[str, str]]:
     uri = fs.join(stage_uri, FAILURES_NAME)
     if not fs.exists(uri):
         return []
-    table = fs.read_parquet(uri, columns=["item_id", "error"])
+    table = formats.read_parquet(uri, columns=["item_id", "error"])
     return list(zip(table.column("item_id").to_pylist(), table.column("error").to_pylist()))

@@ -16,11 +16,12 @@ from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
-from diclip.storage import fs as _fs
+from diclip.storage import outages
+from diclip.storage.options import get_options
 
 
 class RetryingHandler(pafs.FileSystemHandler):
-    """Delegates to ``inner``; each call is one :func:`diclip.storage.fs.retry_transient` operation with
+    """Delegates to ``inner``; each call is one :func:`diclip.storage.outages.retry_transient` operation with
     ``budget_s`` (it travels with the filesystem to Ray Train's controller and workers, which are not
     configured by a job spec)."""
 
@@ -38,7 +39,7 @@ class RetryingHandler(pafs.FileSystemHandler):
         return not self == other
 
     def _do(self, what: str, path: str, fn: Callable[[], Any]) -> Any:
-        return _fs.retry_transient(fn, f"{what} {path}", self.budget_s)
+        return outages.retry_transient(fn, f"{what} {path}", self.budget_s)
 
     def get_type_name(self) -> str:
         return f"retrying+{self.inner.type_name}"
@@ -91,5 +92,5 @@ def retrying(inner: pafs.FileSystem, budget_s: float | None = None) -> pafs.File
     ``retry_budget_s``); a local filesystem is returned as it is (nothing to wait for)."""
     if isinstance(inner, pafs.LocalFileSystem):
         return inner
-    budget = _fs.get_options().retry_budget_s if budget_s is None else budget_s
+    budget = get_options().retry_budget_s if budget_s is None else budget_s
     return pafs.PyFileSystem(RetryingHandler(inner, budget))

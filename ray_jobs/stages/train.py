@@ -16,7 +16,6 @@ worker failure, starting at the last reported step (``progress.json``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -29,10 +28,14 @@ from diclip.config import JobSpec, to_dict
 from diclip.errors import ConfigError, DiclipError
 from diclip.logging import get_logger
 from diclip.train.deepspeed_config import build_deepspeed_config, check_train_spec, per_worker_batch
-from diclip.train.files import EXPORT, METRICS, PROGRESS, STATE, TENSORBOARD
+from diclip.train.files import EXPORT, METRICS, PROGRESS
 from ray_jobs.runtime import ray_compat
-from ray_jobs.runtime.lineage import SETTINGS_FILE, claim_settings, recorded_settings, settings_match
+from ray_jobs.runtime.lineage import claim_settings
 from ray_jobs.runtime.ray_session import configure_data_context, free_and_total, init_ray, setup_process
+from ray_jobs.stages.train_runs import (  # noqa: F401  (is_complete, stale: what the registry asks a stage)
+    checkpoint_uri, clear_other_run, interrupted_checkpoint, is_complete, note_recoveries, read_checkpoint_step,
+    run_settings, snapshot_uri, stale, write_curves,
+)
 
 log = get_logger("ray_jobs.stages.train")
 STAGE = "train"
@@ -62,13 +65,6 @@ def checkpoint_from_uri(uri: str):
 
     path, fs = ray_storage(uri)
     return Checkpoint(path=path, filesystem=fs) if fs is not None else Checkpoint(path=path)
-
-
-def read_checkpoint_step(uri: str) -> int:
-    state_uri = storage.join(uri, STATE)
-    if not storage.exists(state_uri):
-        raise ConfigError(f"train.resume_from: {uri} is not a diclip training checkpoint (no {STATE})")
-    return int(storage.read_json(state_uri)["step"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,125 +159,6 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-RUN_FILE = SETTINGS_FILE  # what the run was made with: the record every stage keeps (lineage.claim_settings)
-
-
-def run_settings(spec: JobSpec) -> dict:
-    """What a training run's checkpoints depend on: model, method, data and train settings (not where it
-    resumes from nor how many failures or checkpoints it tolerates) and the artifacts it reads (the images,
-    the KV cache and, with stored maps, the correlation maps)."""
-    from ray_jobs.runtime.lineage import data_identity, diffusion_input_settings, fingerprint
-
-    t = {k: v for k, v in to_dict(spec.train).items()
-         if k not in ("resume_from", "max_failures", "placement", "keep_checkpoints", "trust_checkpoints", "resources",
-                      "tensorboard_pictures")}
-    inputs = {"cache": fingerprint(t["cache"])}
-    if spec.train.mode == "stored":
-        inputs["correlation"] = fingerprint(t["correlation"])
-    else:  # the maps are made in the step: how images become the diffusion input is part of the run
-        inputs["diffusion_input"] = diffusion_input_settings(spec)
-    for v in inputs.values():
-        if v:
-            v.pop("uri", None)
-    inputs["data"] = data_identity(spec)
-    from diclip.data import class_identity
-
-    return {"train": t, "model": to_dict(spec.model), "method": to_dict(spec.method), "data": to_dict(spec.data),
-            "classes": class_identity(spec.data), "inputs": inputs}
-
-
-def same_run(spec: JobSpec) -> bool:
-    """The output holds a run (finished or interrupted) of these settings and inputs."""
-    try:
-        return settings_match(spec.train.output, run_settings(spec))
-    except (DiclipError, ValueError):
-        return False
-
-
-def is_complete(spec: JobSpec) -> bool:
-    """Manifest present and trained with these settings from these inputs (cache, maps)."""
-    return storage.is_complete(spec.train.output) and same_run(spec)
-
-
-def stale(spec: JobSpec) -> list[str]:
-    from ray_jobs.runtime.lineage import changed_keys
-
-    old = recorded_settings(spec.train.output)
-    return changed_keys(old, run_settings(spec)) if old else []
-
-
-def interrupted_checkpoint(spec: JobSpec) -> str | None:
-    """The latest checkpoint of an interrupted (not complete) run with these settings, else None."""
-    snapshot = snapshot_uri(spec)
-    try:
-        if is_complete(spec) or not storage.exists(snapshot):
-            return None
-        if not same_run(spec):
-            return None  # another run's (clear_other_run removes it before training)
-        latest = storage.read_json(snapshot).get("latest_checkpoint_result") or {}
-        name = latest.get("checkpoint_dir_name")
-    except (DiclipError, ValueError, TypeError, AttributeError):
-        return None
-    if not name:
-        return None
-    uri = storage.join(run_dir(spec), name)
-    return uri if storage.exists(storage.join(uri, STATE)) else None
-
-
-def run_dir(spec: JobSpec) -> str:
-    """Ray Train's run folder (checkpoints and ``checkpoint_manager_snapshot.json``)."""
-    return storage.join(spec.train.output, "ray", f"{spec.name}-train")
-
-
-def snapshot_uri(spec: JobSpec) -> str:
-    """Ray Train's record of the run's registered checkpoints (``latest_checkpoint_result``)."""
-    return storage.join(run_dir(spec), "checkpoint_manager_snapshot.json")
-
-
-RUN_OUTPUTS = (EXPORT, TENSORBOARD)
-RUN_FILES = ("manifest.json", "failures.parquet", METRICS, PROGRESS, "curves.png", RUN_FILE)
-
-
-def checkpoint_uri(spec: JobSpec, path: str | None) -> str | None:
-    """A checkpoint path as Ray Train reports it, as a URI: with a storage filesystem Ray Train drops the
-    ``s3://``, and a printed ``bucket/key`` reads like a local folder."""
-    if path is None or "://" in path or not storage.is_remote(spec.train.output):
-        return path
-    return "s3://" + path.lstrip("/")
-
-
-def _bare(uri: str) -> str:
-    """A URI without its scheme, ending in '/' (Ray Train reports S3 checkpoint paths without s3://)."""
-    return uri.split("://", 1)[-1].rstrip("/") + "/"
-
-
-def clear_other_run(spec: JobSpec) -> None:
-    """Remove a previous run made with other settings (or unknown ones) before training starts over.
-
-    Ray Train loads any snapshot in its run folder and the workers continue from its latest checkpoint,
-    so a changed setting or input would otherwise re-export the old weights as trained with the new
-    ones. A run of these settings (interrupted or finished) is kept: Ray Train resumes it."""
-    t = spec.train
-    if same_run(spec):
-        return
-    folder = run_dir(spec)
-    if t.resume_from and _bare(t.resume_from).startswith(_bare(folder)):
-        raise ConfigError(f"train.resume_from: {t.resume_from} is in the run folder of a run with other settings, "
-                          "which this run replaces; copy that checkpoint elsewhere first")
-    found = storage.exists(snapshot_uri(spec)) or \
-        any(storage.exists(storage.join(t.output, f)) for f in ("manifest.json", METRICS, RUN_FILE))
-    if not found:
-        return
-    changed = stale(spec)
-    log.warning("train: %s holds a run with other settings (changed: %s); starting over", t.output,
-                ", ".join(changed[:6]) or "unknown")
-    storage.delete_dir(folder)
-    for d in RUN_OUTPUTS:
-        storage.delete_dir(storage.join(t.output, d))
-    for f in RUN_FILES:
-        storage.delete(storage.join(t.output, f))
-
-
 def preflight(spec: JobSpec) -> None:
     """Check the inputs in the driver so a missing or mismatched artifact is one line, not N worker
     tracebacks: the cache (dimension and classes against the CLIP config) and the correlation maps."""
@@ -297,48 +174,6 @@ def preflight(spec: JobSpec) -> None:
     if spec.train.mode == "stored" and not storage.is_complete(spec.train.correlation):
         raise ConfigError(f"train.correlation: no complete correlate output at {spec.train.correlation}; "
                           "run the correlate stage first (or train.mode=online)")
-
-
-CURVES = "curves.png"
-
-
-def note_recoveries(spec: JobSpec, fit: str) -> None:
-    """This fit's worker-group restarts (the log's ``resume`` records after a failure) and the store outages
-    its workers waited out, into the stage's recoveries; the log is read best effort (a record, not an input)."""
-    from ray_jobs.runtime import recoveries
-
-    rec = recoveries.current()
-    uri = storage.join(spec.train.output, METRICS)
-    if rec is None:
-        return
-    try:
-        with storage.retry_budget(0):
-            text = storage.read_text(uri) if storage.exists(uri) else ""
-    except DiclipError:
-        return
-    for line in text.splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if r.get("fit") != fit:
-            continue  # an earlier run's (kept up to its checkpoint), counted there
-        if r.get("kind") == "resume" and r.get("after_failure"):
-            rec.resumed_from.append(int(r["step"]))
-        if r.get("store_outages"):
-            rec.add_store(int(r["store_outages"]), float(r.get("store_wait_s", 0.0)))
-
-
-def write_curves(spec: JobSpec) -> None:
-    """``{train.output}/curves.png``: losses and validation mIoUs from ``metrics.jsonl`` (a missing log
-    draws nothing: the picture is a convenience, never a reason to fail a finished run)."""
-    from diclip.train.curves import curves_png, read_records
-
-    uri = storage.join(spec.train.output, METRICS)
-    if not storage.exists(uri):
-        log.warning("train: no %s to draw %s from", uri, CURVES)
-        return
-    storage.write_bytes(storage.join(spec.train.output, CURVES), curves_png(read_records(storage.read_text(uri))))
 
 
 class TrainWatchdog:
@@ -402,15 +237,8 @@ def train_stall_message(spec: JobSpec, minutes: float) -> str:
 
 
 def run(spec: JobSpec) -> dict:
-    import ray.data
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from diclip.storage import Manifest
-    from diclip.storage.manifest import config_hash
-    from diclip.train.data import build_items, dropped_items, table_crops
-
+    """Train (or resume an interrupted run of these settings) and commit: the manifest names the best and
+    the last checkpoint and the export."""
     t = spec.train
     check_train_spec(spec)
     build_deepspeed_config(spec)  # fail fast on config errors, before any worker starts
@@ -420,6 +248,24 @@ def run(spec: JobSpec) -> dict:
     log.info("train: %d workers x %d per worker x %d accumulation = effective batch %d; lr %.2e (x%g for adapter "
              "and segmenter), %s maps, ZeRO-%d, %s", t.num_workers, b, t.grad_accum, t.num_workers * b * t.grad_accum,
              t.lr, t.lr_mult, t.mode, t.zero_stage, "GPU" if t.use_gpu else "CPU (gloo)")
+    items, dropped = _items(spec)
+    clear_other_run(spec)
+    spec, start = _resume_point(spec)
+    claim_settings(spec.train.output, STAGE, run_settings(spec))  # clear_other_run removed another run's files
+    storage.write_json(storage.join(spec.train.output, PROGRESS), {"step": start})
+    fit = uuid.uuid4().hex[:12]  # this driver run's id in the training log (recoveries are counted per fit)
+    t0 = time.perf_counter()
+    result = _fit(spec, _torch_trainer(spec, items, fit))
+    seconds = time.perf_counter() - t0
+    note_recoveries(spec, fit)
+    return _commit(spec, result, items, dropped, seconds)
+
+
+def _items(spec: JobSpec):
+    """The training index and the images left out (their maps failed in correlate), within the tolerance."""
+    from diclip.train.data import build_items, dropped_items, table_crops
+
+    t = spec.train
     items = build_items(spec, spec.data.train_split, t.correlation if t.mode == "stored" else None)
     dropped = [(i, "no correlation map (failed in correlate)") for i in dropped_items(items)]
     if dropped:
@@ -428,28 +274,42 @@ def run(spec: JobSpec) -> dict:
         from ray_jobs.runtime.shards import check_failures
 
         check_failures(STAGE, items.num_rows // max(1, table_crops(items)), dropped, t.max_failed_fraction)
-    clear_other_run(spec)
+    return items, dropped
+
+
+def _resume_point(spec: JobSpec) -> tuple[JobSpec, int]:
+    """(spec, step): an interrupted run of these settings is continued (``resume_from`` set to its latest
+    checkpoint) instead of started over; ``train.resume_from`` given by the user wins."""
+    t = spec.train
     if not t.resume_from:
         previous = interrupted_checkpoint(spec)
-        if previous:  # an interrupted run of these settings: continue it instead of starting over
+        if previous:
             spec = dataclasses.replace(spec, train=dataclasses.replace(t, resume_from=previous))
-            t = spec.train
-    start = 0
-    if t.resume_from:
-        start = read_checkpoint_step(t.resume_from)
-        log.info("train: resuming from %s at step %d", t.resume_from, start)
-    claim_settings(t.output, STAGE, run_settings(spec))  # clear_other_run above removed another run's files
-    storage.write_json(storage.join(t.output, PROGRESS), {"step": start})
+    if not spec.train.resume_from:
+        return spec, 0
+    start = read_checkpoint_step(spec.train.resume_from)
+    log.info("train: resuming from %s at step %d", spec.train.resume_from, start)
+    return spec, start
+
+
+def _torch_trainer(spec: JobSpec, items, fit: str):
+    """Ray Train's ``TorchTrainer`` for this run: per-rank dataset factories, the run folder on our storage,
+    retries, checkpoints kept by validation mIoU."""
+    import ray.data
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = spec.train
     ctx = ray.data.DataContext.get_current()
     configure_data_context(spec)
     ctx.execution_options.preserve_order = True  # each rank's samples arrive in position order
     datasets = {f"train_{r}": RankDatasetFactory(spec, items, r) for r in range(t.num_workers)}
     path, fs = ray_storage(storage.join(t.output, "ray"))
-    fit = uuid.uuid4().hex[:12]  # this driver run's id in the training log (recoveries are counted per fit)
     resources = {"CPU": t.resources.num_cpus}
     if t.use_gpu:
         resources["GPU"] = max(1.0, t.resources.num_gpus)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "fit": fit},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
@@ -465,6 +325,11 @@ def run(spec: JobSpec) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
+
+
+def _fit(spec: JobSpec, trainer):
+    """``trainer.fit()`` under the stall watchdog and the driver's own interrupt handling; a worker's error
+    comes back as its own class (a store outage stays a fault, a bad input a mistake)."""
     from ray_jobs.runtime import interrupt
 
     watchdog = TrainWatchdog(spec, 60 * spec.ray.stall_minutes)
@@ -478,41 +343,46 @@ def run(spec: JobSpec) -> dict:
 
     ray_compat.on_controller(trainer, controller_started)
     ray_compat.without_placement_group_cleaner(trainer)
-    t0 = time.perf_counter()
     # Ray Train installs its own SIGINT handler for the run and leaves it behind: a later Ctrl-C in this
     # process (a notebook, the next stage) would ask a controller that is gone to abort. Restored after fit.
     main = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main else None
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as e:  # Ray wraps worker errors in text; surface user errors as one line
         if watchdog.fired:
             raise DiclipError(watchdog.message) from None
         found = ray_compat.user_error_in(e, prefix="train worker: ")
-        if found is not None:  # the worker's own error class: a store outage stays a fault, a bad input a mistake
+        if found is not None:
             raise found from e
         raise
     finally:
         watchdog.stop()
         if main and sigint is not None:
             signal.signal(signal.SIGINT, sigint)
-    seconds = time.perf_counter() - t0
-    note_recoveries(spec, fit)
+
+
+def _commit(spec: JobSpec, result, items, dropped: list, seconds: float) -> dict:
+    """Curves, failures and the manifest (last: the commit point), and the stage's summary."""
+    from diclip.storage import Manifest
+    from diclip.storage.manifest import config_hash
+    from diclip.train.data import table_crops
+
+    t = spec.train
     metrics = dict(result.metrics or {})
     best = None
     if result.best_checkpoints:
         best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_miou", -1))
-        best = {"path": checkpoint_uri(spec, best_ckpt.path), "val_miou": best_metrics.get("val_miou"), "step": best_metrics.get("step")}
+        best = {"path": checkpoint_uri(spec, best_ckpt.path), "val_miou": best_metrics.get("val_miou"),
+                "step": best_metrics.get("step")}
     write_curves(spec)
     storage.write_failures(t.output, dropped)
+    last = checkpoint_uri(spec, result.checkpoint.path if result.checkpoint else None)
     manifest = Manifest(stage=STAGE, shards=[], num_items=items.num_rows // max(1, table_crops(items)),
-                        num_failed=len(dropped), config=to_dict(t),
-                        config_hash=config_hash(to_dict(t)), models={"clip": spec.model.clip.name},
-                        extra={"final_metrics": metrics, "best_checkpoint": best,
-                               "last_checkpoint": checkpoint_uri(spec, result.checkpoint.path if result.checkpoint
-                                                                 else None),
+                        num_failed=len(dropped), config=to_dict(t), config_hash=config_hash(to_dict(t)),
+                        models={"clip": spec.model.clip.name},
+                        extra={"final_metrics": metrics, "best_checkpoint": best, "last_checkpoint": last,
                                "export": storage.join(t.output, EXPORT), "seconds": round(seconds, 1)})
     storage.write_manifest(t.output, manifest)
     return {"steps": t.max_iters, "val_miou": metrics.get("val_miou"), "val_cam_miou": metrics.get("val_cam_miou"),
-            "loss": metrics.get("loss"), "checkpoint": manifest.extra["last_checkpoint"],
-            "best_checkpoint": best, "seconds": round(seconds, 1)}
+            "loss": metrics.get("loss"), "checkpoint": last, "best_checkpoint": best, "seconds": round(seconds, 1)}

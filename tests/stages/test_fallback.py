@@ -249,7 +249,7 @@ def test_inputs_are_prepared_in_cpu_tasks_apart_from_the_actors(ray_session):
 def _input_through_an_outage(batch, run: str):
     """An input task whose read meets a store that is away for 0.3 s (a refused connection, as diclip's
     error mapping marks it) and waits it out."""
-    from diclip.storage import fs
+    from diclip.storage import outages
 
     back_at = time.monotonic() + 0.3
 
@@ -260,7 +260,7 @@ def _input_through_an_outage(batch, run: str):
             raise err
         return "bytes"
 
-    fs.retry_transient(read, "s3://store/input.png", 30)
+    outages.retry_transient(read, "s3://store/input.png", 30)
     return batch
 
 

@@ -12,7 +12,7 @@ from diclip.models.kv_cache import save_cache
 from diclip.train.data import build_items, load_rows, rank_positions, rank_table
 from diclip.train.deepspeed_config import build_deepspeed_config
 from diclip.train.trainer import DiCLIPTrainer, batch_from_rows
-from ray_jobs.stages import correlate, synthesize, train
+from ray_jobs.stages import correlate, synthesize, train, train_runs
 from tests.helpers import random_cache, tiny_spec
 
 pytestmark = pytest.mark.timeout(600)
@@ -474,7 +474,7 @@ def test_a_resume_from_inside_the_run_folder_being_replaced_is_refused(tmp_path)
     spec = tiny_spec(str(tmp_path / "run"))
     record = storage.join(spec.train.output, "settings.json")  # the record every stage keeps of its settings
     storage.write_json(record, {"stage": "train", "hash": "another run", "settings": {}})
-    inside = storage.join(train.run_dir(spec), "checkpoint_2026")
+    inside = storage.join(train_runs.run_dir(spec), "checkpoint_2026")
     with pytest.raises(ConfigError, match="train.resume_from: .* run with other settings") as e:
         train.clear_other_run(tiny_spec(str(tmp_path / "run"), f"train.resume_from={inside.split('://')[-1]}"))
     assert "\n" not in str(e.value) and storage.exists(record)

@@ -155,9 +155,9 @@ def test_a_flapping_return_is_one_outage_told_once(caplog, monkeypatch):
     """A store coming back answers some connections and drops others for a moment; threads in backoff
     retry at different times. However the successes and failures interleave, it is one outage: told
     once as begun and once as over, when the last waiting operation has its answer."""
-    from diclip.storage import fs
+    from diclip.storage import outages
 
-    monkeypatch.setattr(fs, "_BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(outages, "_BACKOFF_FIRST_S", 0.01)
     flaky = OSError("connection refused")
     flaky.transient = True  # what diclip's error mapping marks a refused connection as
     fail_until = {name: time.monotonic() + delay for name, delay in
@@ -178,7 +178,7 @@ def test_a_flapping_return_is_one_outage_told_once(caplog, monkeypatch):
     before = storage.outage_report()
     results = {}
     with caplog.at_level(logging.WARNING, logger="diclip"):
-        threads = [threading.Thread(target=lambda n=n: results.update({n: fs.retry_transient(op(n), n, 5)}))
+        threads = [threading.Thread(target=lambda n=n: results.update({n: outages.retry_transient(op(n), n, 5)}))
                    for n in fail_until]
         for t in threads:
             t.start()
@@ -195,7 +195,7 @@ def test_a_flapping_return_is_one_outage_told_once(caplog, monkeypatch):
 def test_an_operation_that_gives_up_does_not_end_the_wait_of_others(caplog):
     """One operation with a zero budget (a metrics write worth less than the wait) fails at once while
     others still wait: the outage is neither ended nor told anew because of it."""
-    from diclip.storage import fs
+    from diclip.storage import outages
 
     flaky = OSError("connection refused")
     flaky.transient = True
@@ -208,12 +208,12 @@ def test_an_operation_that_gives_up_does_not_end_the_wait_of_others(caplog):
 
     before = storage.outage_report()
     with caplog.at_level(logging.WARNING, logger="diclip"):
-        waiter = threading.Thread(target=lambda: fs.retry_transient(call, "slow", 5))
+        waiter = threading.Thread(target=lambda: outages.retry_transient(call, "slow", 5))
         waiter.start()
         time.sleep(0.05)
         with pytest.raises(OSError):
             with storage.retry_budget(0):
-                fs.retry_transient(call, "metrics")
+                outages.retry_transient(call, "metrics")
         waiter.join()
     assert storage.outage_report()["count"] - before["count"] == 1
     lines = [r.getMessage() for r in caplog.records if "object store" in r.getMessage()]

@@ -244,12 +244,12 @@ def test_atomic_write_failure_leaves_target_unchanged(storage_root):
         raise Boom
 
     with pytest.raises(Boom):
-        sfs._atomic_write(target, half_then_fail)
+        sfs.atomic_write(target, half_then_fail)
     assert storage.read_bytes(target) == b"old content"
 
     fresh = storage.join(storage_root, "data", "fresh.bin")
     with pytest.raises(Boom):
-        sfs._atomic_write(fresh, half_then_fail)
+        sfs.atomic_write(fresh, half_then_fail)
     assert not storage.exists(fresh)
     assert storage.list_files(storage.join(storage_root, "data")) == [target]
     local_dir = storage.local_path(storage.join(storage_root, "data"))
@@ -267,7 +267,7 @@ def test_atomic_parquet_failure_mid_write(storage_root, monkeypatch):
         real_write_table(table, where, **kw)  # bytes really reach the file...
         raise Boom  # ...then the writer dies before the commit
 
-    monkeypatch.setattr(sfs.pq, "write_table", write_then_fail)
+    monkeypatch.setattr(pq, "write_table", write_then_fail)
     with pytest.raises(Boom):
         storage.write_parquet(target, pa.table({"a": [9]}))
     monkeypatch.undo()
