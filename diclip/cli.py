@@ -135,68 +135,90 @@ def _load(args, absolute_paths: bool = True):
     return load_spec(args.spec, args.overrides, absolute_paths=absolute_paths)
 
 
+def _show(args) -> int:
+    from diclip.config import to_yaml
+
+    print(to_yaml(_load(args)), end="")
+    return 0
+
+
+def _validate(args) -> int:
+    from ray_jobs.planning import plan_details, stale_settings
+    from ray_jobs.validate import validate_spec
+
+    spec = _load(args)
+    validate_spec(spec)
+    print(f"ok: {args.spec} ({', '.join(spec.pipeline.stages)})")
+    for name, done, uri, upstream in plan_details(spec):
+        changed = [] if done else stale_settings(spec, name, upstream)
+        status = "complete, run skips it" if done else f"stale: {', '.join(changed[:6])}" if changed else "to run"
+        print(f"  {name:<10} {status:<22} {uri}")
+    return 0
+
+
+def _run(args) -> int:
+    """``diclip run`` or one stage by name."""
+    from ray_jobs import pipeline
+    from ray_jobs.runtime import interrupt
+
+    spec = _load(args)
+    # signal handlers belong to the command line, not the library; after ray.init, which installs its own
+    summary = pipeline.run(spec, None if args.command == "run" else [args.command], before_stages=interrupt.install)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _jobs(args) -> int:
+    from ray_jobs.deploy import submit
+
+    return submit.main(args)
+
+
+def _pretrain_toy(args) -> int:
+    from diclip.toy.pretrain import pretrain
+
+    clip_args = [] if args.clip_steps is None else ["--steps", str(args.clip_steps)]
+    diff_args = [] if args.diffusion_steps is None else ["--vae-steps", str(args.diffusion_steps[0]),
+                                                         "--steps", str(args.diffusion_steps[1])]
+    release = pretrain(args.out, args.only, parallel=not args.sequential, clip_args=clip_args,
+                       diffusion_args=diff_args)
+    print(f"toy models in {release}")
+    return 0
+
+
+def _import_release(args) -> int:
+    from diclip.release import import_release
+
+    import_release(_load(args), args.out, checkpoint=args.checkpoint, cache=args.cache,
+                   check_clip=not args.no_clip_check)
+    return 0
+
+
+def _cluster(args) -> int:
+    from ray_jobs.deploy import cluster_render
+
+    if args.cluster_command != "render":
+        print("usage: diclip cluster render SPEC [--out DIR]", file=sys.stderr)
+        return 2
+    spec = _load(args, absolute_paths=False)  # paths are resolved on the cluster, not here
+    for path in cluster_render.render_all(spec, args.out, image=args.image):
+        print(path)
+    return 0
+
+
+COMMANDS = {"show": _show, "validate": _validate, "run": _run, "submit": _jobs, "status": _jobs, "logs": _jobs,
+            "stop": _jobs, "pretrain-toy": _pretrain_toy, "import-release": _import_release, "cluster": _cluster}
+"""What each command does (every stage name also runs, as ``run`` with that stage alone)."""
+
+
 def _dispatch(args) -> int:
     from ray_jobs import registry
 
     cmd = args.command
-    if cmd == "show":
-        from diclip.config import to_yaml
-
-        print(to_yaml(_load(args)), end="")
-        return 0
-    if cmd == "validate":
-        from ray_jobs.planning import plan_details, stale_settings
-        from ray_jobs.validate import validate_spec
-
-        spec = _load(args)
-        validate_spec(spec)
-        print(f"ok: {args.spec} ({', '.join(spec.pipeline.stages)})")
-        for name, done, uri, upstream in plan_details(spec):
-            changed = [] if done else stale_settings(spec, name, upstream)
-            status = "complete, run skips it" if done else f"stale: {', '.join(changed[:6])}" if changed else "to run"
-            print(f"  {name:<10} {status:<22} {uri}")
-        return 0
-    if cmd == "run" or registry.is_stage(cmd):
-        from ray_jobs import pipeline
-        from ray_jobs.runtime import interrupt
-
-        spec = _load(args)
-        # signal handlers belong to the command line, not the library; after ray.init, which installs its own
-        summary = pipeline.run(spec, None if cmd == "run" else [cmd], before_stages=interrupt.install)
-        print("\n".join(summary.lines()))
-        return 0
-    if cmd in ("submit", "status", "logs", "stop"):
-        from ray_jobs.deploy import submit
-
-        return submit.main(args)
-    if cmd == "pretrain-toy":
-        from diclip.toy.pretrain import pretrain
-
-        clip_args = [] if args.clip_steps is None else ["--steps", str(args.clip_steps)]
-        diff_args = [] if args.diffusion_steps is None else ["--vae-steps", str(args.diffusion_steps[0]),
-                                                             "--steps", str(args.diffusion_steps[1])]
-        release = pretrain(args.out, args.only, parallel=not args.sequential, clip_args=clip_args,
-                           diffusion_args=diff_args)
-        print(f"toy models in {release}")
-        return 0
-    if cmd == "import-release":
-        from diclip.release import import_release
-
-        import_release(_load(args), args.out, checkpoint=args.checkpoint, cache=args.cache,
-                       check_clip=not args.no_clip_check)
-        return 0
-    if cmd == "cluster":
-        from ray_jobs.deploy import cluster_render
-
-        if args.cluster_command != "render":
-            print("usage: diclip cluster render SPEC [--out DIR]", file=sys.stderr)
-            return 2
-        spec = _load(args, absolute_paths=False)  # paths are resolved on the cluster, not here
-        paths = cluster_render.render_all(spec, args.out, image=args.image)
-        for p in paths:
-            print(p)
-        return 0
-    raise DiclipError(f"unknown command {cmd!r}")
+    handler = _run if registry.is_stage(cmd) else COMMANDS.get(cmd)
+    if handler is None:
+        raise DiclipError(f"unknown command {cmd!r}")
+    return handler(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

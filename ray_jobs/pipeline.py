@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 from diclip import storage
@@ -20,7 +21,7 @@ from diclip.errors import ConfigError
 from diclip.logging import get_logger
 from ray_jobs import registry
 from ray_jobs.runtime import faults, recoveries
-from ray_jobs.runtime.ray_session import configure_driver, init_ray
+from ray_jobs.runtime.ray_session import configure_driver, data_context_kept, init_ray
 from ray_jobs.planning import stage_complete, stages_to_run
 from ray_jobs.validate import check_resources, local_resources, validate_spec
 
@@ -119,7 +120,7 @@ def run_stage(spec: JobSpec, name: str, force: bool = False) -> dict:
     t0 = time.perf_counter()
     log.info("stage %-9s starting -> %s", name, output)
     try:
-        with recoveries.collect() as rec:
+        with recoveries.collect() as rec, data_context_kept() if stage.needs_ray else nullcontext():
             summary = stage.run(spec)
     except Exception as e:  # a fault ends in one line that says what is kept and where a re-run resumes
         wrapped = faults.wrap(spec, name, output, e)

@@ -207,6 +207,31 @@ def existing_summary(root: str, params: dict[str, Any]) -> dict[str, Any] | None
     return meta
 
 
+def _check_request(cs, h: int, w: int, num_train: int, num_val: int, max_objects: int, seed: int) -> None:
+    """One-line errors for a request the generator cannot draw."""
+    num_fg = cs.num_classes - 1
+    if cs.name == "toy" and h != w:
+        raise ConfigError(f"the toy world is square: synthesize.image_size must be [s, s], got [{h}, {w}]")
+    if cs.name != "toy" and num_fg > len(STYLES):
+        raise DataError(
+            f"class set {cs.name!r} has {num_fg} foreground classes but the synthetic generator "
+            f"draws at most {len(STYLES)}: use class_set='synthetic'"
+        )
+    if num_train < 1 or num_val < 1:
+        raise ConfigError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
+    if max_objects < 1:
+        raise ConfigError(f"max_objects must be >= 1, got {max_objects}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+
+
+def _write_sample(root: str, image_id: str, image: np.ndarray, mask: np.ndarray) -> list[int]:
+    """The image (JPEG) and its mask (palette PNG) in VOC's folders; returns the classes present."""
+    storage.write_bytes(storage.join(root, "JPEGImages", f"{image_id}.jpg"), encode_jpeg(image))
+    storage.write_bytes(storage.join(root, "SegmentationClass", f"{image_id}.png"), encode_mask_png(mask))
+    return [int(c) for c in np.unique(mask) if c > 0]
+
+
 def generate_synthetic(
     root: str,
     *,
@@ -228,19 +253,7 @@ def generate_synthetic(
     num_fg = cs.num_classes - 1
     h, w = _size_hw(image_size)
     toy = cs.name == "toy"
-    if toy and h != w:
-        raise ConfigError(f"the toy world is square: synthesize.image_size must be [s, s], got [{h}, {w}]")
-    if not toy and num_fg > len(STYLES):
-        raise DataError(
-            f"class set {cs.name!r} has {num_fg} foreground classes but the synthetic generator "
-            f"draws at most {len(STYLES)}: use class_set='synthetic'"
-        )
-    if num_train < 1 or num_val < 1:
-        raise ConfigError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
-    if max_objects < 1:
-        raise ConfigError(f"max_objects must be >= 1, got {max_objects}")
-    if seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {seed}")
+    _check_request(cs, h, w, num_train, num_val, max_objects, seed)
     params = synthetic_params(num_train, num_val, (h, w), seed, max_objects, cs)
     root = root.rstrip("/") or root
 
@@ -252,34 +265,27 @@ def generate_synthetic(
             "class_counts": meta["class_counts"], "skipped": True,
         }
 
-    image_dir = storage.join(root, "JPEGImages")
-    mask_dir = storage.join(root, "SegmentationClass")
-    list_dir = storage.join(root, "ImageSets", "Segmentation")
     labels: dict[str, np.ndarray] = {}
     counts = {split: {name: 0 for name in cs.foreground} for split in SPLITS}
     split_sizes = {"train": int(num_train), "val": int(num_val)}
 
+    def draw(split_code: int, split: str, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if toy:
+            return _render_toy(int(seed), split, i, h, int(max_objects))
+        return render_sample(np.random.default_rng([int(seed), split_code, i]), h, w, num_fg, int(max_objects))
+
     with tqdm(total=num_train + num_val, desc="synthetic", disable=not show_progress) as bar:
         for split_code, split in enumerate(SPLITS):
-            ids = []
-            for i in range(split_sizes[split]):
-                image_id = f"synth_{split}_{i:05d}"
-                if toy:
-                    image, mask = _render_toy(int(seed), split, i, h, int(max_objects))
-                else:
-                    rng = np.random.default_rng([int(seed), split_code, i])
-                    image, mask = render_sample(rng, h, w, num_fg, int(max_objects))
-                storage.write_bytes(storage.join(image_dir, f"{image_id}.jpg"), encode_jpeg(image))
-                storage.write_bytes(storage.join(mask_dir, f"{image_id}.png"), encode_mask_png(mask))
-                label = np.zeros(num_fg, dtype=np.float32)
-                present = [int(c) for c in np.unique(mask) if c > 0]
-                label[[c - 1 for c in present]] = 1.0
-                labels[image_id] = label
+            ids = [f"synth_{split}_{i:05d}" for i in range(split_sizes[split])]
+            for i, image_id in enumerate(ids):
+                image, mask = draw(split_code, split, i)
+                present = _write_sample(root, image_id, image, mask)
+                labels[image_id] = np.zeros(num_fg, dtype=np.float32)
+                labels[image_id][[c - 1 for c in present]] = 1.0
                 for c in present:
                     counts[split][cs.classes[c]] += 1
-                ids.append(image_id)
                 bar.update(1)
-            storage.write_text(storage.join(list_dir, f"{split}.txt"), "\n".join(ids) + "\n")
+            storage.write_text(storage.join(root, "ImageSets", "Segmentation", f"{split}.txt"), "\n".join(ids) + "\n")
 
     save_cls_labels(storage.join(root, "cls_labels.npy"), labels)
     class_counts = {name: counts["train"][name] + counts["val"][name] for name in cs.foreground}

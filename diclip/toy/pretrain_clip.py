@@ -252,13 +252,62 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+def step_losses(model, heads: Heads, tokenizer, word_tokens: torch.Tensor, b: dict, args, mean, std
+                ) -> dict[str, torch.Tensor]:
+    """The enabled objectives on one world batch ``b`` (caption and class BCE on the pooled embedding, the
+    class token's BCE, MIL over patch tokens, the prompts' separation), unweighted."""
+    pix = world.to_tensor(b["images"], mean, std)
+    tgt = targets_for(b["labels"], b["backgrounds"])
+    # unique captions; positives share the image's class set
+    caps = sorted(set(b["captions"]))
+    cap_sets = [frozenset(n for n in world.FG if n in re.findall(r"[a-z]+", c)) for c in caps]
+    img_sets = [frozenset(world.FG[j] for j in np.nonzero(l)[0]) for l in b["labels"]]
+    cap_tgt = torch.tensor([[float(s == c) for c in cap_sets] for s in img_sets])
+    text = model.encode_text(torch.cat([word_tokens, tokenizer(caps)]))
+    text = F.normalize(text, dim=-1)
+    wtext, ctext = text[: len(TEXT_WORDS)], text[len(TEXT_WORDS):]
+    losses = {}
+    need_tokens = args.w_mil > 0 or args.w_cls_token > 0
+    if need_tokens:
+        sur, ori = surgery_forward(model.visual, pix, args.surgery_blocks if args.mil_path == "surgery" else 0)
+        if args.mil_path == "standard":
+            sur = ori
+        v = model.visual
+        if v.pool_type == "avg":
+            pooled = ori[:, 1:].mean(1) if v.final_ln_after_pool is False else None
+        else:
+            pooled = ori[:, 0]
+    else:
+        sur = None
+        pooled = model.encode_image(pix)
+    pooled = F.normalize(pooled, dim=-1)
+    if args.w_caption > 0:
+        lg = pooled @ ctext.t() * heads.cap[0].exp() + heads.cap[1]
+        losses["caption"] = F.binary_cross_entropy_with_logits(lg, cap_tgt)
+    if args.w_cls > 0:
+        lg = pooled @ wtext.t() * heads.cls[0].exp() + heads.cls[1]
+        losses["cls"] = F.binary_cross_entropy_with_logits(lg, tgt)
+    if args.w_cls_token > 0:
+        lg = F.normalize(ori[:, 0], dim=-1) @ wtext.t() * heads.cls[0].exp() + heads.cls[1]
+        losses["cls_token"] = F.binary_cross_entropy_with_logits(lg, tgt)
+    if args.w_mil > 0:
+        f = token_norm(sur) if args.mil_norm == "token" else F.normalize(sur, dim=-1)
+        tok = f[:, 1:] @ wtext.t() * heads.mil_scale.exp() + heads.mil_bias  # [B, N, T]
+        lg = topk_pool(tok, args.mil_k)
+        losses["mil"] = F.binary_cross_entropy_with_logits(lg, tgt)
+    if args.w_text_sep > 0:
+        # "a photo of X." differ by one token: at init their embeddings have cosine ~0.95, and the
+        # towers sit at a symmetric saddle (no class structure on either side for the other to
+        # align to; the v1 world needed a colour curriculum to leave it). Pushing the prompts apart
+        # gives the image side distinct targets from the first steps.
+        cos = wtext @ wtext.t()
+        off = cos[~torch.eye(len(TEXT_WORDS), dtype=torch.bool)]
+        losses["text_sep"] = off.clamp_min(0).pow(2).mean()
+    return losses
 
-    os.makedirs(args.out, exist_ok=True)
-    wcfg = world.WorldConfig(size=args.size)
-    model, tokenizer, name, cfg = build_model(args.config, args.pool, args.seed)
-    heads = Heads(len(TEXT_WORDS))
+
+def _optimizer(model, heads: Heads, args):
+    """(trainable params, AdamW without decay on biases and norms, warm-up then cosine schedule)."""
     params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -266,18 +315,44 @@ def main(argv=None) -> None:
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    return params, opt, sched
+
+
+def _resume(out: str, model, heads: Heads, opt, sched, log: MetricsLog) -> int:
+    """The step of the latest checkpoint in ``out`` (its state loaded, the log cut back to it), else 0."""
+    ck = latest_checkpoint(out)
+    if not ck:
+        return 0
+    state = torch.load(ck, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    heads.load_state_dict(state["heads"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    step = int(state["step"])
+    log.truncate_after(step)
+    print(f"resumed from {ck} at step {step}", flush=True)
+    return step
+
+
+def _log_train(log: MetricsLog, step: int, loss, losses: dict, lr: float, since: float, every: int) -> float:
+    """The step's losses to the log and the console; returns the time this log was written."""
+    dt = (time.time() - since) / every
+    log.write("train", step, loss=loss.item(), lr=lr, s_per_step=dt, **{k: v.item() for k, v in losses.items()})
+    print(f"step {step} loss {loss.item():.4f} " + " ".join(f"{k}={v.item():.4f}" for k, v in losses.items())
+          + f" {dt:.2f}s/step", flush=True)
+    return time.time()
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+
+    os.makedirs(args.out, exist_ok=True)
+    wcfg = world.WorldConfig(size=args.size)
+    model, tokenizer, name, cfg = build_model(args.config, args.pool, args.seed)
+    heads = Heads(len(TEXT_WORDS))
+    params, opt, sched = _optimizer(model, heads, args)
     log = MetricsLog(args.out)
-    step = 0
-    ck = latest_checkpoint(args.out)
-    if ck:
-        state = torch.load(ck, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = int(state["step"])
-        log.truncate_after(step)
-        print(f"resumed from {ck} at step {step}", flush=True)
+    step = _resume(args.out, model, heads, opt, sched, log)
     with open(os.path.join(args.out, "args.json"), "w") as f:  # the settings of the latest (resumed) run
         json.dump({**vars(args), "model_name": name, "model_cfg": cfg}, f, indent=1)
     n_params = sum(p.numel() for p in model.parameters())
@@ -300,53 +375,7 @@ def main(argv=None) -> None:
     stop = min(args.steps, args.stop_at) if args.stop_at > 0 else args.steps
     while step < stop:
         b = world.batch(args.seed, step * args.batch, args.batch, wcfg)
-        pix = world.to_tensor(b["images"], mean, std)
-        tgt = targets_for(b["labels"], b["backgrounds"])
-        # unique captions; positives share the image's class set
-        caps = sorted(set(b["captions"]))
-        cap_sets = [frozenset(n for n in world.FG if n in re.findall(r"[a-z]+", c)) for c in caps]
-        img_sets = [frozenset(world.FG[j] for j in np.nonzero(l)[0]) for l in b["labels"]]
-        cap_tgt = torch.tensor([[float(s == c) for c in cap_sets] for s in img_sets])
-        text = model.encode_text(torch.cat([word_tokens, tokenizer(caps)]))
-        text = F.normalize(text, dim=-1)
-        wtext, ctext = text[: len(TEXT_WORDS)], text[len(TEXT_WORDS):]
-        losses = {}
-        need_tokens = args.w_mil > 0 or args.w_cls_token > 0
-        if need_tokens:
-            sur, ori = surgery_forward(model.visual, pix, args.surgery_blocks if args.mil_path == "surgery" else 0)
-            if args.mil_path == "standard":
-                sur = ori
-            v = model.visual
-            if v.pool_type == "avg":
-                pooled = ori[:, 1:].mean(1) if v.final_ln_after_pool is False else None
-            else:
-                pooled = ori[:, 0]
-        else:
-            sur = None
-            pooled = model.encode_image(pix)
-        pooled = F.normalize(pooled, dim=-1)
-        if args.w_caption > 0:
-            lg = pooled @ ctext.t() * heads.cap[0].exp() + heads.cap[1]
-            losses["caption"] = F.binary_cross_entropy_with_logits(lg, cap_tgt)
-        if args.w_cls > 0:
-            lg = pooled @ wtext.t() * heads.cls[0].exp() + heads.cls[1]
-            losses["cls"] = F.binary_cross_entropy_with_logits(lg, tgt)
-        if args.w_cls_token > 0:
-            lg = F.normalize(ori[:, 0], dim=-1) @ wtext.t() * heads.cls[0].exp() + heads.cls[1]
-            losses["cls_token"] = F.binary_cross_entropy_with_logits(lg, tgt)
-        if args.w_mil > 0:
-            f = token_norm(sur) if args.mil_norm == "token" else F.normalize(sur, dim=-1)
-            tok = f[:, 1:] @ wtext.t() * heads.mil_scale.exp() + heads.mil_bias  # [B, N, T]
-            lg = topk_pool(tok, args.mil_k)
-            losses["mil"] = F.binary_cross_entropy_with_logits(lg, tgt)
-        if args.w_text_sep > 0:
-            # "a photo of X." differ by one token: at init their embeddings have cosine ~0.95, and the
-            # towers sit at a symmetric saddle (no class structure on either side for the other to
-            # align to; the v1 world needed a colour curriculum to leave it). Pushing the prompts apart
-            # gives the image side distinct targets from the first steps.
-            cos = wtext @ wtext.t()
-            off = cos[~torch.eye(len(TEXT_WORDS), dtype=torch.bool)]
-            losses["text_sep"] = off.clamp_min(0).pow(2).mean()
+        losses = step_losses(model, heads, tokenizer, word_tokens, b, args, mean, std)
         w = {"caption": args.w_caption, "cls": args.w_cls, "mil": args.w_mil, "cls_token": args.w_cls_token,
              "text_sep": args.w_text_sep}
         loss = sum(w[k] * v for k, v in losses.items())
@@ -357,12 +386,7 @@ def main(argv=None) -> None:
         sched.step()
         step += 1
         if step % args.log_every == 0:
-            dt = (time.time() - tl) / args.log_every
-            tl = time.time()
-            log.write("train", step, loss=loss.item(), lr=sched.get_last_lr()[0], s_per_step=dt,
-                      **{k: v.item() for k, v in losses.items()})
-            print(f"step {step} loss {loss.item():.4f} " + " ".join(f"{k}={v.item():.4f}" for k, v in losses.items())
-                  + f" {dt:.2f}s/step", flush=True)
+            tl = _log_train(log, step, loss, losses, sched.get_last_lr()[0], tl, args.log_every)
         if step % args.ckpt_every == 0 or step == stop:
             save_checkpoint(args.out, step, {"model": model.state_dict(), "heads": heads.state_dict(),
                                              "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step})

@@ -271,9 +271,56 @@ def log_eval(pipe, args, log: MetricsLog, at: int, label: str, colour: bool = Fa
     return res
 
 
+def vae_losses(vae, args, vstep: int, wcfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction MSE, KL per pixel) of VAE step ``vstep`` on its world batch."""
+    b = world.batch(args.seed + 1, vstep * args.vae_batch, args.vae_batch, wcfg)
+    x = to_pm1(b["images"])
+    post = vae.encode(x).latent_dist
+    # a generator per step, seeded by (seed, step): seeded and bit-exact across resume (the global RNG
+    # is neither checkpointed nor seeded here)
+    z = post.sample(generator=torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000 + vstep))
+    rec = vae.decode(z).sample
+    return F.mse_loss(rec, x), post.kl().mean() / x[0].numel()
+
+
+def set_scaling_factor(vae, args, wcfg, log: MetricsLog, vstep: int) -> None:
+    """The latent scaling that gives unit variance on 256 held-out world images (as SD's 0.18215 does)."""
+    with torch.no_grad():
+        vae.eval()
+        b = world.batch(args.seed + 2, 0, 256, wcfg)
+        z = vae.encode(to_pm1(b["images"])).latent_dist.mean
+        sf = float(1.0 / z.std())
+        vae.register_to_config(scaling_factor=sf)
+        print(f"VAE scaling_factor {sf:.4f}", flush=True)
+        log.write("vae", vstep, scaling_factor=sf)
+
+
+def noise_prediction(comps: dict, args, b: dict, g: torch.Generator):
+    """The UNet's noise prediction on world batch ``b``: latents noised at random timesteps, captions dropped
+    with ``cfg_drop`` (classifier-free guidance), every draw from ``g``. Returns (prediction, noise, latents,
+    timesteps); phase 3 (:mod:`diclip.toy.pretrain_grouping`) adds its objective on the same pass."""
+    vae, unet, te, tok, sched = comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"]
+    with torch.no_grad():
+        z = vae.encode(to_pm1(b["images"])).latent_dist.sample(generator=g) * vae.config.scaling_factor
+    caps = [("" if torch.rand((), generator=g).item() < args.cfg_drop else c) for c in b["captions"]]
+    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ctx = te(ids)[0]
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
+    return unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=ctx).sample, noise, z, t
+
+
+def epsilon_loss(comps: dict, args, step: int, wcfg) -> torch.Tensor:
+    """UNet step ``step``'s noise-prediction MSE on its world batch, from a generator seeded by (seed, step):
+    bit-exact on resume."""
+    b = world.batch(args.seed, step * args.batch, args.batch, wcfg)
+    pred, noise, _, _ = noise_prediction(comps, args, b, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+    return F.mse_loss(pred, noise)
+
+
 def train_base(args, comps: dict, log: MetricsLog):
     """Phases 1 (VAE) and 2 (UNet + text encoder on the epsilon loss), resumable; returns the pipeline."""
-    vae, unet, te, tok, sched = comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"]
+    vae, unet, te, tok = comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"]
     wcfg = world.WorldConfig(size=args.size)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     params = list(unet.parameters()) + list(te.parameters())
@@ -302,15 +349,7 @@ def train_base(args, comps: dict, log: MetricsLog):
     vae.train()
     tl = time.time()
     while vstep < args.vae_steps:
-        b = world.batch(args.seed + 1, vstep * args.vae_batch, args.vae_batch, wcfg)
-        x = to_pm1(b["images"])
-        post = vae.encode(x).latent_dist
-        # a generator per step, seeded by (seed, step): seeded and bit-exact across resume (the global RNG
-        # is neither checkpointed nor seeded here)
-        z = post.sample(generator=torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000 + vstep))
-        rec = vae.decode(z).sample
-        l_rec = F.mse_loss(rec, x)
-        l_kl = post.kl().mean() / x[0].numel()
+        l_rec, l_kl = vae_losses(vae, args, vstep, wcfg)
         loss = l_rec + 1e-3 * l_kl
         vae_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -323,14 +362,7 @@ def train_base(args, comps: dict, log: MetricsLog):
             log.write("vae", vstep, rec=l_rec.item(), kl=l_kl.item(), s_per_step=dt)
             print(f"vae {vstep} rec {l_rec.item():.5f} kl {l_kl.item():.4f} {dt:.2f}s/step", flush=True)
         if vstep == args.vae_steps:
-            with torch.no_grad():
-                vae.eval()
-                b = world.batch(args.seed + 2, 0, 256, wcfg)
-                z = vae.encode(to_pm1(b["images"])).latent_dist.mean
-                sf = float(1.0 / z.std())
-                vae.register_to_config(scaling_factor=sf)
-                print(f"VAE scaling_factor {sf:.4f}", flush=True)
-                log.write("vae", vstep, scaling_factor=sf)
+            set_scaling_factor(vae, args, wcfg, log, vstep)
         if vstep % args.ckpt_every == 0 or vstep == args.vae_steps:
             save_checkpoint(args.out, vstep + step, state())
     vae.eval().requires_grad_(False)
@@ -346,18 +378,7 @@ def train_base(args, comps: dict, log: MetricsLog):
     empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     tl = time.time()
     while step < args.steps:
-        b = world.batch(args.seed, step * args.batch, args.batch, wcfg)
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        with torch.no_grad():
-            z = vae.encode(to_pm1(b["images"])).latent_dist.sample(generator=g) * vae.config.scaling_factor
-        caps = [("" if torch.rand((), generator=g).item() < args.cfg_drop else c) for c in b["captions"]]
-        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        ctx = te(ids)[0]
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
-        noisy = sched.add_noise(z, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(pred, noise)
+        loss = epsilon_loss(comps, args, step, wcfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

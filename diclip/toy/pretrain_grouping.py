@@ -21,22 +21,14 @@ from diclip.data import toy_world as world
 from diclip.models.attention_capture import layer_grid
 from diclip.toy.common import MetricsLog, latest_checkpoint, save_checkpoint
 from diclip.toy.grouping_objective import grouping_loss, install_logits, same_instance_target
-from diclip.toy.pretrain_diffusion import log_eval, to_pm1  # it imports this module only inside main()
+from diclip.toy.pretrain_diffusion import log_eval, noise_prediction  # it imports this module only inside main()
 
 
 def _step_loss(pipe, args, b: dict, step: int, store: dict, layers: list[str]) -> tuple[torch.Tensor, ...]:
     """(total, epsilon, grouping) losses of one batch."""
-    vae, unet, te, tok, sched = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + 7_000_000 + step)
-    x = to_pm1(b["images"])
-    with torch.no_grad():
-        z = vae.encode(x).latent_dist.sample(generator=g) * vae.config.scaling_factor
-    caps = [("" if torch.rand((), generator=g).item() < args.cfg_drop else c) for c in b["captions"]]
-    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    noise = torch.randn(z.shape, generator=g)
-    t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
-    store.clear()
-    pred = unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=te(ids)[0]).sample
+    store.clear()  # the capture processors fill it during the UNet pass
+    pred, noise, z, t = noise_prediction(pipe.components, args, b, g)
     eps = F.mse_loss(pred, noise)
     inst = torch.from_numpy(b["instances"].astype("int64"))
     near = (t < args.group_tmax).float()

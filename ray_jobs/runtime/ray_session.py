@@ -3,6 +3,8 @@ workers get, Ray Data's context, the device an actor runs on, and what the clust
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from diclip import storage
@@ -109,6 +111,19 @@ def configure_data_context(spec: JobSpec) -> None:
     ctx.enable_progress_bars = spec.ray.show_progress()
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+
+
+@contextmanager
+def data_context_kept() -> Iterator[None]:
+    """Ray Data's context is process state a stage sets (progress bars, ``preserve_order`` for training, the
+    shuffle strategy): the block works on a copy (``DataContext.current``), so the next stage - or a
+    notebook's own Ray Data code - starts from what the process had before."""
+    import copy
+
+    import ray.data
+
+    with ray.data.DataContext.current(copy.deepcopy(ray.data.DataContext.get_current())):
+        yield
 
 
 def setup_process(spec: JobSpec) -> None:

@@ -59,7 +59,12 @@ def test_training_rides_out_a_store_restart_after_a_checkpoint(ray_session, seaw
     save_cache(spec.cache.output, random_cache(64, list(get_class_set("synthetic").classes)))
     restart = store_restart(seaweed, checkpoint_registered(spec))
     restart.start()
+    import ray.data
+
+    ordered = ray.data.DataContext.get_current().execution_options.preserve_order
     summary = pipeline.run_stage(spec, "train")
+    # training orders its datasets; the process's Ray Data context is left as it was (issue 23, item 7)
+    assert ray.data.DataContext.get_current().execution_options.preserve_order == ordered
     ended = time.monotonic()
     restart.join()
     assert restart.error is None and restart.hit_at is not None, "the store was never restarted mid-training"
