@@ -260,10 +260,7 @@ def generate_synthetic(
     meta = existing_summary(root, params)
     if meta is not None:
         log.info("synthetic dataset at %s is up to date; nothing to do", root)
-        return {
-            "root": root, "num_train": meta["num_train"], "num_val": meta["num_val"],
-            "class_counts": meta["class_counts"], "skipped": True,
-        }
+        return {"root": root, **{k: meta[k] for k in ("num_train", "num_val", "class_counts")}, "skipped": True}
 
     labels: dict[str, np.ndarray] = {}
     counts = {split: {name: 0 for name in cs.foreground} for split in SPLITS}

@@ -60,6 +60,7 @@ from diclip.models.attention_capture import DiffusionAttention  # noqa: E402
 from diclip.models.diffusion import SD21_BASE_SCHEDULER, tiny_tokenizer  # noqa: E402
 from diclip.data import toy_world as world  # noqa: E402
 from diclip.toy.common import MetricsLog, latest_checkpoint, plot_metrics, save_checkpoint  # noqa: E402
+from diclip.toy.diffusion_objectives import epsilon_loss, set_scaling_factor, vae_losses  # noqa: E402
 
 VAL_OFFSET = 10_000_000
 
@@ -104,10 +105,6 @@ def make_pipe(comps: dict):
     pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def to_pm1(images: np.ndarray) -> torch.Tensor:
-    return world.to_tensor(images, normalise=False) * 2 - 1
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -271,130 +268,104 @@ def log_eval(pipe, args, log: MetricsLog, at: int, label: str, colour: bool = Fa
     return res
 
 
-def vae_losses(vae, args, vstep: int, wcfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction MSE, KL per pixel) of VAE step ``vstep`` on its world batch."""
-    b = world.batch(args.seed + 1, vstep * args.vae_batch, args.vae_batch, wcfg)
-    x = to_pm1(b["images"])
-    post = vae.encode(x).latent_dist
-    # a generator per step, seeded by (seed, step): seeded and bit-exact across resume (the global RNG
-    # is neither checkpointed nor seeded here)
-    z = post.sample(generator=torch.Generator().manual_seed(args.seed * 1_000_003 + 500_000 + vstep))
-    rec = vae.decode(z).sample
-    return F.mse_loss(rec, x), post.kl().mean() / x[0].numel()
+class BaseTraining:
+    """Phases 1 and 2 with their optimizers and step counters (``vstep``: VAE, ``step``: UNet), one
+    checkpoint for both, so a run resumes in either phase."""
 
+    def __init__(self, args, comps: dict, log: MetricsLog):
+        self.args, self.comps, self.log = args, comps, log
+        self.wcfg = world.WorldConfig(size=args.size)
+        self.vae_opt = torch.optim.AdamW(comps["vae"].parameters(), lr=args.vae_lr, weight_decay=0.0)
+        self.params = list(comps["unet"].parameters()) + list(comps["text_encoder"].parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt,
+            lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        self.vstep, self.step = 0, 0
 
-def set_scaling_factor(vae, args, wcfg, log: MetricsLog, vstep: int) -> None:
-    """The latent scaling that gives unit variance on 256 held-out world images (as SD's 0.18215 does)."""
-    with torch.no_grad():
-        vae.eval()
-        b = world.batch(args.seed + 2, 0, 256, wcfg)
-        z = vae.encode(to_pm1(b["images"])).latent_dist.mean
-        sf = float(1.0 / z.std())
-        vae.register_to_config(scaling_factor=sf)
-        print(f"VAE scaling_factor {sf:.4f}", flush=True)
-        log.write("vae", vstep, scaling_factor=sf)
+    def resume(self) -> None:
+        c = self.comps
+        ck = latest_checkpoint(self.args.out)
+        if not ck:
+            return
+        st = torch.load(ck, map_location="cpu", weights_only=True)
+        for key, module in (("vae", c["vae"]), ("unet", c["unet"]), ("te", c["text_encoder"]),
+                            ("vae_opt", self.vae_opt), ("opt", self.opt), ("sched", self.lr_sched)):
+            module.load_state_dict(st[key])
+        self.vstep, self.step = int(st["vstep"]), int(st["step"])
+        c["vae"].register_to_config(scaling_factor=float(st["scaling_factor"]))
+        self.log.truncate_after(self.vstep + self.step)
+        print(f"resumed from {ck}: vae step {self.vstep}, unet step {self.step}", flush=True)
 
+    def save(self) -> None:
+        c = self.comps
+        save_checkpoint(self.args.out, self.vstep + self.step, {
+            "vae": c["vae"].state_dict(), "unet": c["unet"].state_dict(), "te": c["text_encoder"].state_dict(),
+            "vae_opt": self.vae_opt.state_dict(), "opt": self.opt.state_dict(), "sched": self.lr_sched.state_dict(),
+            "vstep": self.vstep, "step": self.step, "scaling_factor": float(c["vae"].config.scaling_factor)})
 
-def noise_prediction(comps: dict, args, b: dict, g: torch.Generator):
-    """The UNet's noise prediction on world batch ``b``: latents noised at random timesteps, captions dropped
-    with ``cfg_drop`` (classifier-free guidance), every draw from ``g``. Returns (prediction, noise, latents,
-    timesteps); phase 3 (:mod:`diclip.toy.pretrain_grouping`) adds its objective on the same pass."""
-    vae, unet, te, tok, sched = comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"]
-    with torch.no_grad():
-        z = vae.encode(to_pm1(b["images"])).latent_dist.sample(generator=g) * vae.config.scaling_factor
-    caps = [("" if torch.rand((), generator=g).item() < args.cfg_drop else c) for c in b["captions"]]
-    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    ctx = te(ids)[0]
-    noise = torch.randn(z.shape, generator=g)
-    t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
-    return unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=ctx).sample, noise, z, t
+    def train_vae(self) -> None:
+        """Phase 1: reconstruction + a little KL; the latent scaling factor is measured at the end."""
+        args, vae = self.args, self.comps["vae"]
+        vae.train()
+        tl = time.time()
+        while self.vstep < args.vae_steps:
+            l_rec, l_kl = vae_losses(vae, args, self.vstep, self.wcfg)
+            loss = l_rec + 1e-3 * l_kl
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            self.vae_opt.step()
+            self.vstep += 1
+            if self.vstep % args.log_every == 0:
+                dt = (time.time() - tl) / args.log_every
+                tl = time.time()
+                self.log.write("vae", self.vstep, rec=l_rec.item(), kl=l_kl.item(), s_per_step=dt)
+                print(f"vae {self.vstep} rec {l_rec.item():.5f} kl {l_kl.item():.4f} {dt:.2f}s/step", flush=True)
+            if self.vstep == args.vae_steps:
+                set_scaling_factor(vae, args, self.wcfg, self.log, self.vstep)
+            if self.vstep % args.ckpt_every == 0 or self.vstep == args.vae_steps:
+                self.save()
+        vae.eval().requires_grad_(False)
 
-
-def epsilon_loss(comps: dict, args, step: int, wcfg) -> torch.Tensor:
-    """UNet step ``step``'s noise-prediction MSE on its world batch, from a generator seeded by (seed, step):
-    bit-exact on resume."""
-    b = world.batch(args.seed, step * args.batch, args.batch, wcfg)
-    pred, noise, _, _ = noise_prediction(comps, args, b, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
-    return F.mse_loss(pred, noise)
+    def train_unet(self, pipe) -> None:
+        """Phase 2: UNet + text encoder on the epsilon loss, evaluated every ``eval_every`` steps."""
+        args = self.args
+        self.comps["unet"].train()
+        self.comps["text_encoder"].train()
+        tl = time.time()
+        while self.step < args.steps:
+            loss = epsilon_loss(self.comps, args, self.step, self.wcfg)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.lr_sched.step()
+            self.step += 1
+            if self.step % args.log_every == 0:
+                dt = (time.time() - tl) / args.log_every
+                tl = time.time()
+                self.log.write("train", self.vstep + self.step, unet_step=self.step, loss=loss.item(),
+                               lr=self.lr_sched.get_last_lr()[0], s_per_step=dt)
+                print(f"unet {self.step} loss {loss.item():.4f} {dt:.2f}s/step", flush=True)
+            if self.step % args.ckpt_every == 0 or self.step == args.steps:
+                self.save()
+            if self.step % args.eval_every == 0 or self.step == args.steps:
+                log_eval(pipe, args, self.log, self.vstep + self.step, f"unet step {self.step}",
+                         self.step == args.steps)
 
 
 def train_base(args, comps: dict, log: MetricsLog):
     """Phases 1 (VAE) and 2 (UNet + text encoder on the epsilon loss), resumable; returns the pipeline."""
-    vae, unet, te, tok = comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"]
-    wcfg = world.WorldConfig(size=args.size)
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
-    vstep, step = 0, 0
-    ck = latest_checkpoint(args.out)
-    if ck:
-        st = torch.load(ck, map_location="cpu", weights_only=True)
-        vae.load_state_dict(st["vae"]); unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])  # noqa: E702
-        vae_opt.load_state_dict(st["vae_opt"]); opt.load_state_dict(st["opt"]); lr_sched.load_state_dict(st["sched"])  # noqa: E702
-        vstep, step = int(st["vstep"]), int(st["step"])
-        vae.register_to_config(scaling_factor=float(st["scaling_factor"]))
-        log.truncate_after(vstep + step)
-        print(f"resumed from {ck}: vae step {vstep}, unet step {step}", flush=True)
-    print("params: unet %.2fM vae %.2fM text %.2fM" % tuple(sum(p.numel() for p in m.parameters()) / 1e6
-                                                           for m in (unet, vae, te)), flush=True)
-
-    def state():
-        return {"vae": vae.state_dict(), "unet": unet.state_dict(), "te": te.state_dict(),
-                "vae_opt": vae_opt.state_dict(), "opt": opt.state_dict(), "sched": lr_sched.state_dict(),
-                "vstep": vstep, "step": step, "scaling_factor": float(vae.config.scaling_factor)}
-
-    # ---- phase 1: VAE
-    vae.train()
-    tl = time.time()
-    while vstep < args.vae_steps:
-        l_rec, l_kl = vae_losses(vae, args, vstep, wcfg)
-        loss = l_rec + 1e-3 * l_kl
-        vae_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        vae_opt.step()
-        vstep += 1
-        if vstep % args.log_every == 0:
-            dt = (time.time() - tl) / args.log_every
-            tl = time.time()
-            log.write("vae", vstep, rec=l_rec.item(), kl=l_kl.item(), s_per_step=dt)
-            print(f"vae {vstep} rec {l_rec.item():.5f} kl {l_kl.item():.4f} {dt:.2f}s/step", flush=True)
-        if vstep == args.vae_steps:
-            set_scaling_factor(vae, args, wcfg, log, vstep)
-        if vstep % args.ckpt_every == 0 or vstep == args.vae_steps:
-            save_checkpoint(args.out, vstep + step, state())
-    vae.eval().requires_grad_(False)
+    run = BaseTraining(args, comps, log)
+    run.resume()
+    print("params: unet %.2fM vae %.2fM text %.2fM" % tuple(sum(p.numel() for p in comps[m].parameters()) / 1e6
+                                                           for m in ("unet", "vae", "text_encoder")), flush=True)
+    run.train_vae()
     pipe = make_pipe(comps)
-
-    def do_eval(at: int, colour: bool = False) -> None:
-        log_eval(pipe, args, log, at, f"unet step {step}", colour)
-
-    if step == 0:
-        do_eval(vstep, colour=True)  # untrained UNet + colour-kernel reference
-    # ---- phase 2: UNet + text encoder
-    unet.train(); te.train()  # noqa: E702
-    empty_ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    tl = time.time()
-    while step < args.steps:
-        loss = epsilon_loss(comps, args, step, wcfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
-        step += 1
-        if step % args.log_every == 0:
-            dt = (time.time() - tl) / args.log_every
-            tl = time.time()
-            log.write("train", vstep + step, unet_step=step, loss=loss.item(), lr=lr_sched.get_last_lr()[0], s_per_step=dt)
-            print(f"unet {step} loss {loss.item():.4f} {dt:.2f}s/step", flush=True)
-        if step % args.ckpt_every == 0 or step == args.steps:
-            save_checkpoint(args.out, vstep + step, state())
-        if step % args.eval_every == 0 or step == args.steps:
-            do_eval(vstep + step, colour=step == args.steps)
-    del empty_ids
+    if run.step == 0:
+        log_eval(pipe, args, log, run.vstep, f"unet step {run.step}", True)  # untrained UNet + colour reference
+    run.train_unet(pipe)
     return pipe
 
 

@@ -21,7 +21,8 @@ from diclip.data import toy_world as world
 from diclip.models.attention_capture import layer_grid
 from diclip.toy.common import MetricsLog, latest_checkpoint, save_checkpoint
 from diclip.toy.grouping_objective import grouping_loss, install_logits, same_instance_target
-from diclip.toy.pretrain_diffusion import log_eval, noise_prediction  # it imports this module only inside main()
+from diclip.toy.diffusion_objectives import noise_prediction
+from diclip.toy.pretrain_diffusion import log_eval  # it imports this module only inside main()
 
 
 def _step_loss(pipe, args, b: dict, step: int, store: dict, layers: list[str]) -> tuple[torch.Tensor, ...]:

@@ -23,7 +23,8 @@ from diclip.method.cam import surgery_cam  # noqa: E402
 from diclip.models.vce import VCEVisionEncoder  # noqa: E402
 from diclip.data import toy_world as world  # noqa: E402
 from diclip.toy.common import latest_checkpoint  # noqa: E402
-from diclip.toy.pretrain_clip import DEFAULT_CONFIG, TEXT_WORDS, VAL_OFFSET, build_model, encode_words  # noqa: E402
+from diclip.toy.clip_objectives import TEXT_WORDS  # noqa: E402
+from diclip.toy.pretrain_clip import DEFAULT_CONFIG, VAL_OFFSET, build_model, encode_words  # noqa: E402
 
 
 def load_run(run: str):
