@@ -347,7 +347,9 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
     from tests.helpers import process_tree
 
     root = str(tmp_path / "run")
-    args = ["train.max_iters=6", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
+    # 16 steps: the SIGTERM lands while the resumed run still has steps to go (at 6, a 0.25 s controller poll
+    # let it reach its last checkpoint first, and the third run had nothing left to train)
+    args = ["train.max_iters=16", "train.eval_every=2", "train.log_every=1", "train.val_limit=2",
             "train.warmup_iters=1", "train.mode=online",  # online maps: no correlate stage to prepare
             "ray.dashboard=false", "train.num_workers=1"]  # one worker: three runs' start-up is the cost
     spec = tiny_spec(root, *TRAIN, *args)
@@ -398,7 +400,7 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
     assert "resuming from" in again.stdout + again.stderr
     m = _metrics(spec)
     last = m[max(i for i, r in enumerate(m) if r["kind"] == "resume"):]
-    assert last[0]["step"] >= 2 and last[1]["step"] > 1 and last[-1]["step"] == 6  # continued past step 1, finished
+    assert last[0]["step"] >= 2 and last[1]["step"] > 1 and last[-1]["step"] == 16  # continued past step 1, finished
     logged = [(r["kind"], r["step"]) for r in m if r["kind"] in ("train", "eval")]
     assert len(logged) == len(set(logged))  # each step once after two resumes
     assert storage.is_complete(spec.train.output)
