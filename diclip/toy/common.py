@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import time
@@ -48,6 +49,12 @@ class MetricsLog:
         with open(self.path, "w") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
+
+
+def warmup_cosine(steps: int, warmup: int):
+    """The toy trainers' LR multiplier at step ``s``: linear warm-up over ``warmup`` steps, then a cosine to 0
+    at ``steps``."""
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
 
 
 def latest_checkpoint(out: str) -> str | None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import time
 from importlib import resources
@@ -54,7 +53,7 @@ from diclip.method.metrics import confusion_matrix, iou_per_class  # noqa: E402
 from diclip.models.vce import VCEVisionEncoder  # noqa: E402
 from diclip.data import toy_world as world  # noqa: E402
 from diclip.toy.clip_objectives import TEXT_WORDS, Heads, step_losses  # noqa: E402
-from diclip.toy.common import (MetricsLog, average_precision, latest_checkpoint, plot_metrics,  # noqa: E402
+from diclip.toy.common import (MetricsLog, average_precision, latest_checkpoint, plot_metrics, warmup_cosine,  # noqa: E402
                                save_checkpoint)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -193,7 +192,7 @@ def _optimizer(model, heads: Heads, args):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        opt, warmup_cosine(args.steps, args.warmup))
     return params, opt, sched
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -59,7 +58,7 @@ from diclip.method.acr import chain_heads, normalize_attention, refine_correlati
 from diclip.models.attention_capture import DiffusionAttention  # noqa: E402
 from diclip.models.diffusion import SD21_BASE_SCHEDULER, tiny_tokenizer  # noqa: E402
 from diclip.data import toy_world as world  # noqa: E402
-from diclip.toy.common import MetricsLog, latest_checkpoint, plot_metrics, save_checkpoint  # noqa: E402
+from diclip.toy.common import MetricsLog, latest_checkpoint, plot_metrics, save_checkpoint, warmup_cosine  # noqa: E402
 from diclip.toy.diffusion_objectives import epsilon_loss, set_scaling_factor, vae_losses  # noqa: E402
 
 VAL_OFFSET = 10_000_000
@@ -280,7 +279,7 @@ class BaseTraining:
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=0.01)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
-            lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+            warmup_cosine(args.steps, args.warmup))
         self.vstep, self.step = 0, 0
 
     def resume(self) -> None:

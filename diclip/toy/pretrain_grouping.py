@@ -9,7 +9,6 @@ warm-up, cosine), checkpoints in ``<out>/group`` every ``--ckpt-every`` steps, r
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from diclip.config import DiffusionConfig
 from diclip.data import toy_world as world
 from diclip.models.attention_capture import layer_grid
-from diclip.toy.common import MetricsLog, latest_checkpoint, save_checkpoint
+from diclip.toy.common import MetricsLog, latest_checkpoint, save_checkpoint, warmup_cosine
 from diclip.toy.grouping_objective import grouping_loss, install_logits, same_instance_target
 from diclip.toy.diffusion_objectives import noise_prediction
 from diclip.toy.pretrain_diffusion import log_eval  # it imports this module only inside main()
@@ -46,7 +45,7 @@ def train_grouping(pipe, args, log: MetricsLog) -> None:
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.group_lr, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.group_steps))))
+        opt, warmup_cosine(args.group_steps, 50))
     base = args.vae_steps + args.steps  # phase 3's steps continue the metrics log's step axis
     start = f"{args.init_from or 'phase 2'} at unet step {args.steps}"  # what phase 3 continues from
     gstep = 0

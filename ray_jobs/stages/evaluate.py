@@ -49,7 +49,7 @@ from ray_jobs.runtime.ray_session import setup_process, start_actor
 from ray_jobs.runtime.shards import write_shard
 from ray_jobs.stages.evaluate_crf import EMPTY_PAYLOAD, ROW_FORMAT, SCHEMA, crf_payload, crf_task, make_row, seg_row
 from ray_jobs.stages.evaluate_report import (
-    METRICS_VERSION, PSEUDO_DIR, _pct, backfill_pseudo_labels, committed_rows, metrics_version, pseudo_label_export,
+    METRICS_VERSION, PSEUDO_DIR, pct, backfill_pseudo_labels, committed_rows, metrics_version, pseudo_label_export,
     require_complete_export, write_metrics, write_pictures,
 )
 
@@ -380,7 +380,7 @@ def run(spec: JobSpec) -> dict:
                           before_commit=(lambda: require_complete_export(export)) if export else None)
     rate = stats.counts["seg"] / run.result.seconds if run.result.seconds > 0 else 0.0
     log.info("evaluate: seg mIoU %s (%d images), CAM mIoU %s (%d images), %d failed; %.2f seg images/s this run",
-             _pct(seg_s["miou"]), seg_s["images"], _pct(cam_s["miou"]) if cam_s else "-",
+             pct(seg_s["miou"]), seg_s["images"], pct(cam_s["miou"]) if cam_s else "-",
              cam_s["images"] if cam_s else 0, manifest.num_failed, rate)
     return {"seg_miou": seg_s["miou"], "cam_miou": cam_s["miou"] if cam_s else None,
             "seg_images": seg_s["images"], "cam_images": cam_s["images"] if cam_s else 0,

@@ -176,7 +176,7 @@ def all_background_miou(spec: JobSpec, split: str) -> float:
     return float(metriclib.summarize(cm, ds.class_set.classes)["miou"])
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.2f}"
 
 
@@ -188,7 +188,7 @@ def report_markdown(spec: JobSpec, metrics: dict) -> str:
         f"- segmentation: split `{c.split}`, {seg['images']} images ({seg['images_with_gt']} with ground truth); "
         f"scales {list(c.scales)} x {metrics['base_size']} px, flip {c.flip}"
         f"{' (VOC quirk: no flip at 1.0)' if c.voc_flip_quirk else ''}, CRF {c.crf}"
-        + (f" (mIoU before CRF: {_pct(seg['before_crf']['miou'])}%)" if seg.get("before_crf") else ""),
+        + (f" (mIoU before CRF: {pct(seg['before_crf']['miou'])}%)" if seg.get("before_crf") else ""),
     ]
     if cam is not None:
         lines.append(f"- CAM pseudo-labels: split `{c.cam_split}`, {cam['images']} images ({cam['images_with_gt']} "
@@ -204,10 +204,10 @@ def report_markdown(spec: JobSpec, metrics: dict) -> str:
               "| class | segmentation IoU (%) |" + (" CAM IoU (%) |" if cam else ""),
               "|---|---:|" + ("---:|" if cam else "")]
     for name, v in seg["per_class_iou"].items():
-        lines.append(f"| {name} | {_pct(v)} |" + (f" {_pct(cam['per_class_iou'][name])} |" if cam else ""))
-    lines.append(f"| **mIoU** | **{_pct(seg['miou'])}** |" + (f" **{_pct(cam['miou'])}** |" if cam else ""))
-    lines.append(f"| pixel accuracy | {_pct(seg['pixel_accuracy'])} |"
-                 + (f" {_pct(cam['pixel_accuracy'])} |" if cam else ""))
+        lines.append(f"| {name} | {pct(v)} |" + (f" {pct(cam['per_class_iou'][name])} |" if cam else ""))
+    lines.append(f"| **mIoU** | **{pct(seg['miou'])}** |" + (f" **{pct(cam['miou'])}** |" if cam else ""))
+    lines.append(f"| pixel accuracy | {pct(seg['pixel_accuracy'])} |"
+                 + (f" {pct(cam['pixel_accuracy'])} |" if cam else ""))
     return "\n".join(lines) + "\n"
 
 

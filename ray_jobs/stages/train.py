@@ -11,7 +11,7 @@
 Determinism: sample ``pos`` and its crop are functions of (seed, pos); a resumed run restarts from the
 checkpoint's step with the same LR (scheduler state), optimizer state and per-rank RNG, so the next
 step's loss matches the uninterrupted run. The datasets are factories, rebuilt by Ray Train after a
-worker failure, starting at the last reported step (``progress.json``).
+worker failure, starting at the last registered checkpoint's step (Ray Train's run snapshot).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from ray_jobs.runtime.lineage import claim_settings
 from ray_jobs.runtime.ray_session import configure_data_context, free_and_total, init_ray, setup_process
 from ray_jobs.stages.train_runs import (  # noqa: F401  (is_complete, stale: what the registry asks a stage)
     checkpoint_uri, clear_other_run, interrupted_checkpoint, is_complete, note_recoveries, read_checkpoint_step,
-    run_settings, snapshot_uri, stale, write_curves,
+    registered_step, run_settings, snapshot_uri, stale, write_curves,
 )
 
 log = get_logger("ray_jobs.stages.train")
@@ -73,14 +73,12 @@ def checkpoint_from_uri(uri: str):
 def resume_step(spec: JobSpec) -> int:
     """The step the workers will resume from: Ray Train's latest registered checkpoint of this run
     (its snapshot file, read in the controller right before workers start), else ``resume_from``."""
-    snapshot = snapshot_uri(spec)
     try:
-        if storage.exists(snapshot):
-            latest = storage.read_json(snapshot).get("latest_checkpoint_result")
-            if latest and "step" in (latest.get("metrics") or {}):
-                return int(latest["metrics"]["step"])
+        step = registered_step(spec)
+        if step is not None:
+            return step
     except (DiclipError, ValueError, TypeError, KeyError):
-        log.warning("could not read %s; starting the data at the resume step", snapshot)
+        log.warning("could not read %s; starting the data at the resume step", snapshot_uri(spec))
     return read_checkpoint_step(spec.train.resume_from) if spec.train.resume_from else 0
 
 

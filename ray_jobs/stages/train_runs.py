@@ -102,6 +102,17 @@ RUN_OUTPUTS = (EXPORT, TENSORBOARD)
 RUN_FILES = ("manifest.json", "failures.parquet", METRICS, PROGRESS, "curves.png", RUN_FILE)
 
 
+def registered_step(spec: JobSpec) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered for this run (its snapshot), None when none."""
+    snapshot = snapshot_uri(spec)
+    if not storage.exists(snapshot):
+        return None
+    latest = storage.read_json(snapshot).get("latest_checkpoint_result")
+    if latest and "step" in (latest.get("metrics") or {}):
+        return int(latest["metrics"]["step"])
+    return None
+
+
 def checkpoint_uri(spec: JobSpec, path: str | None) -> str | None:
     """A checkpoint path as Ray Train reports it, as a URI: with a storage filesystem Ray Train drops the
     ``s3://``, and a printed ``bucket/key`` reads like a local folder."""
