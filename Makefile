@@ -50,12 +50,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/diclip run configs/demo.yaml
 
+# pytest workers (pytest-xdist; tests/conftest.py hands out whole test files): the suite's stage runs leave
+# a CPU idle while they wait (a store restart, a lost node, a poll), which a second worker's tests use.
+# Each worker has a Ray of its own (2 CPUs), so more workers than cores only oversubscribe them.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25
 
 # the edit loop (~3 min): everything but the tests that start Ray, DeepSpeed, the object store or CLI runs
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --durations=10
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" --durations=10
 
 bench: $(STAMP)
 	for b in bench/[a-z]*.py; do case $$b in *fullsize_check.py|*gpu_check.py) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done

@@ -137,5 +137,41 @@ def pytest_collection_modifyitems(config, items) -> None:
     # The multi-node ``cluster`` tests run before any test of the shared local Ray (``ray_session``): after
     # that instance is shut down, a driver joining the multi-node cluster in the same process could not
     # start actors (seen 2026-12-05: ActorDiedError "cancelled before it started"; cause not yet found).
-    # Until it is, the order that passes is made explicit instead of resting on file names.
-    items.sort(key=lambda item: 0 if "cluster" in getattr(item, "fixturenames", ()) else 1)
+    # Until it is, the order that passes is made explicit instead of resting on file names. Then the files
+    # that take longest (measured) go first, so that with several pytest workers no long file starts last.
+    items.sort(key=lambda item: (0 if "cluster" in getattr(item, "fixturenames", ()) else 1,
+                                 _file_rank(item.nodeid)))
+
+
+# Files that start Ray clusters of their own with ``ray start`` (fixed loopback addresses 127.0.0.x and Ray's
+# default worker port range): two of them at once on one host would share ports, so under pytest-xdist they
+# are one unit of work, run by one worker, first there (the order above).
+OWN_CLUSTER_FILES = ("tests/cluster/test_chaos.py", "tests/cluster/test_cluster.py")
+# The longest files of ``make test`` (2 CPUs, 2026-12-06), longest first; the rest keep their order.
+LONGEST_FILES = ("tests/stages/test_train.py", "tests/stages/test_kv_cache.py", "tests/stages/test_weather.py",
+                 "tests/stages/test_quality.py", "tests/stages/test_pipeline.py", "tests/stages/test_evaluate.py",
+                 "tests/stages/test_correlate.py", "tests/toy/test_pretrain.py", "tests/storage/test_outages.py",
+                 "tests/stages/test_fallback.py")
+
+
+def _file_rank(nodeid: str) -> int:
+    path = nodeid.split("::", 1)[0]
+    if path in OWN_CLUSTER_FILES:
+        return -1
+    return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` runs on several pytest workers (pytest-xdist): a test file is one unit of work (its
+    module-scoped fixtures - prepared stage outputs, a cluster - are built once), the own-cluster files one
+    unit together, handed out in the collection's order (above) rather than xdist's by-test-count order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "own-ray-clusters" if path in OWN_CLUSTER_FILES else path
+
+    config.option.loadscopereorder = False
+    return FileScheduling(config, log)

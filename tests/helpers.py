@@ -45,6 +45,9 @@ generation_words: [red ball, blue box]
 """A user's own 3-class list (``data.classes_file``) drawn on the synthetic shapes."""
 
 
+POOL_STAGES = ("generate", "mask", "cache", "correlate", "evaluate", "infer")
+
+
 def tiny_spec(output_uri: str, *overrides: str, endpoint_url: str | None = None):
     """``configs/tiny.yaml`` (random tiny models) shrunk further for tests, writing under ``output_uri``."""
     from diclip.config import load_spec
@@ -63,6 +66,10 @@ def tiny_overrides(output_uri: str, *overrides: str, endpoint_url: str | None = 
         "synthesize.image_size=[64,80]",
         "correlate.max_side=80",
         "correlate.resources.batch_size=3",
+        # one actor per pool stage: each actor process spends ~6 s of CPU importing torch, diffusers and
+        # open_clip before its first item, and the suite's stage runs are CPU-bound; a test of several
+        # actors says so (concurrency=2)
+        *(f"{s}.resources.concurrency=1" for s in POOL_STAGES),
     ]
     if endpoint_url:
         base.append(f"storage.endpoint_url={endpoint_url}")

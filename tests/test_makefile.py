@@ -39,7 +39,8 @@ def test_default_is_cpu_and_uses_a_configured_local_wheel_folder(tmp_path: Path)
     r = dry_run(tmp_path, "test")
     assert r.returncode == 0, r.stderr
     assert "--index-url" not in torch_line(r.stdout)  # offline CI: torch comes from the local folder, as before
-    assert r.stdout.splitlines()[-1].endswith("-m pytest -q --durations=25")  # CI prints the 25 slowest tests
+    # CI prints the 25 slowest tests; two pytest workers (pytest-xdist)
+    assert r.stdout.splitlines()[-1].endswith("-m pytest -q -n 2 --durations=25")
 
 
 def test_cuda_uses_the_default_index_and_a_gpu_deepspeed(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def _prepare(root, *overrides, endpoint_url=None):
 def test_correlate_two_actors_and_roundtrip_local(ray_session, tmp_path):
     """Whole images with the aspect kept (``whole_image: aspect``; the square default is tested against
     online maps in test_crop_bank)."""
-    spec = _prepare(str(tmp_path / "run"), "correlate.whole_image=aspect")
+    spec = _prepare(str(tmp_path / "run"), "correlate.whole_image=aspect", "correlate.resources.concurrency=2")
     out = correlate.run(spec)
     assert out["images"] == 10 and out["failed"] == 0
     manifest = storage.read_manifest(spec.correlate.output)

@@ -23,10 +23,7 @@ FAST = [
     "generate.images_per_class=2", "generate.num_inference_steps=2", "cache.allow_missing_classes=true",
     "train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4",
     "evaluate.scales=[1.0]", "evaluate.num_pictures=2", "evaluate.export_pseudo_labels=true",
-    # one actor per stage: on a small CI machine actor start-up (a model load each) is most of the time;
-    # several actors per pool are covered by the correlate and evaluate tests
-    *(f"{s}.resources.concurrency=1" for s in ("generate", "mask", "cache", "correlate", "evaluate", "infer")),
-]
+]  # (one actor per pool stage: tiny_spec's default)
 
 
 def test_a_stage_run_will_recompute_makes_the_stages_reading_its_output_stale(tmp_path):
