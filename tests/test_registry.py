@@ -115,7 +115,7 @@ def test_the_python_api_runs_what_the_cli_runs(tmp_path) -> None:
         pipeline.run(spec, [], before_stages=lambda: calls.append("ready"))
     assert not (tmp_path / "run").exists()  # refused before anything ran
     crowded = tiny_spec(str(tmp_path / "run"), "ray.num_cpus=2", "correlate.resources.num_cpus=1",
-                        "pipeline.stages=[synthesize,correlate]")
+                        "correlate.resources.concurrency=2", "pipeline.stages=[synthesize,correlate]")
     with pytest.raises(ConfigError, match="correlate: its pool of 2 actors x 1 CPUs = 2 CPUs leaves 0"):
         pipeline.run(crowded, before_stages=lambda: calls.append("ready"))
     assert calls == []

@@ -3,7 +3,7 @@
     map:    kept masks -> Ray Dataset -> map_batches(KeyExtractor) -> shards/part-*.parquet
             (per image: one foreground key, the mean CAM-space feature over the tokens inside its mask,
              and one background key from the tokens outside)
-    reduce: ray.data.read_parquet(shards) -> one row per key (group = class id, 0 for background)
+    reduce: feature shards read in Ray Data tasks -> one row per key (group = class id, 0 for background)
             -> groupby(group).map_groups(k-means) -> centroids -> kv_cache.safetensors + kv_cache.json
     commit: manifest.json (last)
 
@@ -36,7 +36,7 @@ from diclip.logging import get_logger
 from diclip.models.kv_cache import CACHE_FILE, KVCache, save_cache
 from diclip.storage.manifest import config_hash
 from diclip.storage.commit_index import ID
-from ray_jobs.runtime.ray_session import start_actor, init_ray
+from ray_jobs.runtime.ray_session import init_ray, setup_process, start_actor
 from ray_jobs.runtime.shards import list_shards, write_shard
 from ray_jobs.runtime.item_reports import item_error, report_row, short_error
 from ray_jobs.runtime import pool_stage
@@ -224,25 +224,36 @@ def kmeans_group(df: pd.DataFrame, clusters_per_class: int, background_clusters:
                          "centroid": list(cents), "members": members, "points": [len(x)] * len(cents)})
 
 
+KEY_COLUMNS = [ID, "class_id", "fg_key", "bg_key"]
+
+
+def read_keys(batch: pd.DataFrame, spec: JobSpec, keep: list[str] | None = None) -> pd.DataFrame:
+    """Ray Data task: the batch's feature shards (``shard``: URIs), read through :mod:`diclip.storage` (which
+    waits out store outages), one row per key (:func:`explode_keys`)."""
+    setup_process(spec)
+    frames = [explode_keys(storage.read_parquet(uri, columns=KEY_COLUMNS).to_pandas(), keep)
+              for uri in batch["shard"]]
+    return pd.concat(frames, ignore_index=True) if frames else explode_keys(pd.DataFrame(columns=KEY_COLUMNS))
+
+
 def reduce_to_centroids(spec: JobSpec, shards: list[str], keep: list[str], num_groups: int) -> list[dict]:
-    """The distributed reduce: read feature shards, explode keys, groupby group, k-means per group."""
+    """The distributed reduce: read feature shards, explode keys, groupby group, k-means per group.
+
+    The shards are listed in the manifest, so tasks read them by URI: Ray Data's Parquet reader would list
+    and footer-scan them first (a fleet of up to 32 footer-reader actors, each a new process, per read) -
+    seconds of a small run's reduce, for files whose names and rows the stage already knows."""
     import ray.data
     from ray.data.context import ShuffleStrategy
 
     c = spec.cache
-    from diclip.storage.retrying_fs import retrying
-
-    fs = retrying(storage.resolve(shards[0])[0])  # Ray Data's reads wait out store outages too
-    paths = [storage.resolve(s)[1] for s in shards]
     ctx = ray.data.DataContext.get_current()
     previous = ctx.shuffle_strategy
     # the Dataset copies the current context when created, so set the strategy around the whole plan
     ctx.shuffle_strategy = (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if c.reduce_shuffle == "sort"
                             else ShuffleStrategy.HASH_SHUFFLE)
     try:
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=[ID, "class_id", "fg_key", "bg_key"],
-                                   partitioning=None)
-        ds = ds.map_batches(explode_keys, batch_format="pandas", fn_kwargs={"keep": keep})
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=min(len(shards), 256))
+        ds = ds.map_batches(read_keys, batch_format="pandas", batch_size=1, fn_kwargs={"spec": spec, "keep": keep})
         parts = c.reduce_partitions or max(1, min(64, num_groups))
         out = ds.groupby("group", num_partitions=parts).map_groups(
             kmeans_group, batch_format="pandas",

@@ -23,6 +23,7 @@ FAST = [
     "generate.images_per_class=2", "generate.num_inference_steps=2", "cache.allow_missing_classes=true",
     "train.max_iters=4", "train.eval_every=2", "train.log_every=1", "train.val_limit=4",
     "evaluate.scales=[1.0]", "evaluate.num_pictures=2", "evaluate.export_pseudo_labels=true",
+    "train.num_workers=1",  # two workers through S3: test_train's s3_run
 ]  # (one actor per pool stage: tiny_spec's default)
 
 

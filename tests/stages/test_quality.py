@@ -28,6 +28,8 @@ QUICK = [
     "train.max_iters=120", "train.eval_every=120", "train.log_every=20", "train.val_limit=16",
     "evaluate.num_pictures=2", "infer.input=",
     "pipeline.stages=[synthesize,generate,mask,cache,correlate,train,evaluate]",
+    # one actor per pool stage (each actor's start costs ~6 s of CPU; outputs are per item, so the same)
+    *(f"{s}.resources.concurrency=1" for s in ("generate", "mask", "cache", "correlate", "evaluate")),
 ]
 # Measured on this spec with the shipped models by ``bench/quality_gate.py --seeds 0,1,2`` (2026-12-05, 2 CPUs):
 # CAM 0.545 for every seed (CAMs are training-free: fixed maps give fixed CAMs), segmentation 0.480 / 0.601 /
