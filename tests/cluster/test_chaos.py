@@ -65,10 +65,16 @@ def test_worker_nodes_share_no_disk_with_the_driver(cluster, tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     ray.init(address=cluster.gcs, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1)(look)
-        seen = ray.get([remote.options(scheduling_strategy="SPREAD").remote(str(marker)) for _ in range(4)])
+        # one task pinned to each worker node (SPREAD is best effort: on a loaded host the node whose worker
+        # started first took every task)
+        workers = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        seen = ray.get([remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                        .remote(str(marker)) for node in workers])
     finally:
         ray.shutdown()
     assert len({node for _, _, node in seen}) == 2  # both worker nodes answered
