@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from diclip import storage
 from ray_jobs import pipeline
-from ray_jobs.stages import train
+from ray_jobs.stages import train_runs
 from ray_jobs.runtime.shards import list_shards
 
 CORRELATE = ["synthesize.num_train=12", "synthesize.num_val=4", "correlate.resources.batch_size=2",
@@ -101,8 +101,7 @@ def driver_until(cmd: list[str], env: dict[str, str], ready: Callable[[], bool],
 
 
 def checkpoint_registered(spec) -> Callable[[], bool]:
-    snapshot = train.snapshot_uri(spec)
-    return lambda: storage.exists(snapshot) and bool(storage.read_json(snapshot).get("latest_checkpoint_result"))
+    return lambda: train_runs.registered_step(spec) is not None
 
 
 def logged_steps(spec) -> list[tuple[str, int]]:

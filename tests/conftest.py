@@ -154,8 +154,12 @@ LONGEST_FILES = ("tests/stages/test_train.py", "tests/stages/test_kv_cache.py", 
                  "tests/stages/test_fallback.py")
 
 
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def _file_rank(nodeid: str) -> int:
-    path = nodeid.split("::", 1)[0]
+    path = _file_of(nodeid)
     if path in OWN_CLUSTER_FILES:
         return -1
     return LONGEST_FILES.index(path) if path in LONGEST_FILES else len(LONGEST_FILES)
@@ -170,7 +174,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
+            path = _file_of(nodeid)
             return "own-ray-clusters" if path in OWN_CLUSTER_FILES else path
 
     config.option.loadscopereorder = False

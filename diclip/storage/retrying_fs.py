@@ -1,7 +1,8 @@
 """A pyarrow filesystem that waits out object-store outages, for code that takes a filesystem.
 
 diclip's own reads and writes go through :mod:`diclip.storage.fs`, which retries. Ray Train (checkpoint
-uploads, its run snapshot) and Ray Data's readers take a ``pyarrow.fs.FileSystem`` and call it directly;
+uploads, its run snapshot) takes a ``pyarrow.fs.FileSystem`` and calls it directly (as would Ray Data's
+readers, which no stage uses: the cache reduce reads its shards through :mod:`diclip.storage`);
 with the bare S3 filesystem a store restart fails the checkpoint upload, and Ray Train's retry of the
 worker group starts at once and fails again while the store is still down. Wrapped in this handler,
 every call they make (opening a stream, listing, creating, deleting) is retried the same way, and errors

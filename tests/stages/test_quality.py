@@ -18,6 +18,7 @@ from diclip.config import load_spec
 from diclip.toy import cam_with_maps
 from ray_jobs.stages.evaluate_report import all_background_miou
 from ray_jobs.pipeline import run_pipeline
+from tests.helpers import POOL_STAGES
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -29,7 +30,7 @@ QUICK = [
     "evaluate.num_pictures=2", "infer.input=",
     "pipeline.stages=[synthesize,generate,mask,cache,correlate,train,evaluate]",
     # one actor per pool stage (each actor's start costs ~6 s of CPU; outputs are per item, so the same)
-    *(f"{s}.resources.concurrency=1" for s in ("generate", "mask", "cache", "correlate", "evaluate")),
+    *(f"{s}.resources.concurrency=1" for s in POOL_STAGES),
 ]
 # Measured on this spec with the shipped models by ``bench/quality_gate.py --seeds 0,1,2`` (2026-12-05, 2 CPUs):
 # CAM 0.545 for every seed (CAMs are training-free: fixed maps give fixed CAMs), segmentation 0.480 / 0.601 /

@@ -357,13 +357,9 @@ def test_ctrl_c_and_sigterm_stop_training_within_seconds_and_the_rerun_resumes(r
            "ray.progress_bars=false", "synthesize.num_train=6", "synthesize.num_val=4",
            "synthesize.image_size=[64,80]", "correlate.max_side=80", "correlate.resources.batch_size=3", *args]
     env = dict(os.environ, DICLIP_LOG_LEVEL="INFO")
-    snapshot = storage.join(spec.train.output, "ray", f"{spec.name}-train", "checkpoint_manager_snapshot.json")
 
     def registered() -> bool:  # committed = a checkpoint Ray Train has registered, not merely logged
-        try:
-            return bool(storage.read_json(snapshot).get("latest_checkpoint_result"))
-        except Exception:
-            return False
+        return _registered_step(spec) > 0
 
     def setups() -> int:  # each worker-group start logs one setup (or, from a checkpoint, resume) record
         return sum(r["kind"] in ("setup", "resume") for r in _metrics_or_none(spec))
